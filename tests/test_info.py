@@ -1,0 +1,51 @@
+"""`kiln info` on the real models, and its errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from kiln.cli import main
+
+
+def test_info_stories(stories_model, capsys):
+    assert main(["info", str(stories_model)]) == 0
+    out = capsys.readouterr().out
+    assert "architecture   llama" in out
+    assert "292.80 K" in out
+    assert "SentencePiece (llama), vocab 512" in out
+    assert "context        2048" in out
+    assert "F32        48 tensors" in out
+
+
+def test_info_demo_by_name(demo_model, capsys):
+    assert main(["info", "smollm2-135m"]) == 0
+    out = capsys.readouterr().out
+    assert "Smollm2 135M" in out
+    assert "134.52 M" in out
+    assert "BPE (gpt2), pre-tokenizer smollm, vocab 49152" in out
+    assert "bits/weight    5.74" in out
+    for line in ("Q4_1      210 tensors", "Q8_0        1 tensors", "F32        61 tensors"):
+        assert line in out
+    assert "tied to token_embd" in out
+
+
+@pytest.mark.parametrize(
+    ("arg", "words"),
+    [
+        ("no-such-model", "neither a GGUF file nor a known model name"),
+        ("missing.gguf", "missing.gguf: no such file"),
+    ],
+)
+def test_info_errors(arg, words, capsys):
+    assert main(["info", arg]) == 1
+    err = capsys.readouterr().err
+    assert words in err
+    assert "Traceback" not in err
+
+
+def test_info_not_gguf(tmp_path, capsys):
+    bad = tmp_path / "notes.gguf"
+    bad.write_bytes(b"hello, this is not a model" * 10)
+    assert main(["info", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "notes.gguf" in err and "Traceback" not in err

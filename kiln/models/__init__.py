@@ -1,0 +1,44 @@
+"""Architecture registry: each architecture file registers a BlockStyle for its name."""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from kiln.errors import UnsupportedError
+from kiln.gguf.model import GGUFModel
+from kiln.models.common import BlockStyle, DecoderModel
+from kiln.ops import Weight, get_ops
+
+STYLES: dict[str, BlockStyle] = {}
+
+_ARCH_MODULES = ("llama", "qwen2", "qwen3", "qwen3_moe")
+
+
+def register_model(arch: str, style: BlockStyle) -> BlockStyle:
+    STYLES[arch] = style
+    return style
+
+
+def build_model(
+    model: GGUFModel,
+    device: torch.device | str = "cpu",
+    backend: str = "torch",
+    keep_dense: bool | None = None,
+) -> DecoderModel:
+    """Put a GGUF model's weights on `device` and build its decoder.
+
+    keep_dense (default: True on CPU) keeps float32 copies of the weights for the reference ops.
+    """
+    for name in _ARCH_MODULES:
+        importlib.import_module(f"kiln.models.{name}")
+    config = model.config
+    style = STYLES.get(config.arch)
+    if style is None:
+        raise UnsupportedError(f"{model.source}: no model implementation for {config.arch!r}")
+    device = torch.device(device)
+    if keep_dense is None:
+        keep_dense = device.type == "cpu"
+    weights = {name: Weight.from_raw(t, device, keep_dense) for name, t in model.tensors.items()}
+    return DecoderModel(config, weights, get_ops(backend), style)

@@ -1,0 +1,66 @@
+"""Engine: a built model plus its KV caches; prompt processing in micro-batches and the decode
+step. One Engine serves one sequence at a time (a fresh cache per request)."""
+
+from __future__ import annotations
+
+import torch
+
+from kiln.errors import UsageError
+from kiln.models.common import DecoderModel
+from kiln.runtime.kv_cache import KVCache
+
+
+class Engine:
+    def __init__(self, model: DecoderModel, n_ctx: int, ubatch: int = 512):
+        if n_ctx <= 0:
+            raise UsageError(f"the context size must be > 0, got {n_ctx}")
+        if ubatch <= 0:
+            raise UsageError(f"the micro-batch size (--ubatch) must be > 0, got {ubatch}")
+        self.model, self.n_ctx, self.ubatch = model, n_ctx, ubatch
+        self.config = model.config
+        self.device = model.device
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.config, self.n_ctx, self.device)
+
+    @torch.inference_mode()
+    def prefill(self, ids: list[int], cache: KVCache, all_logits: bool = False) -> torch.Tensor:
+        """Append ids to the cache in micro-batches of `ubatch` tokens.
+
+        -> logits float32 [1, n_vocab] of the last token, or [len(ids), n_vocab] if all_logits.
+        """
+        if not ids:
+            raise UsageError("the prompt is empty: give at least one token")
+        self.check_room(cache, len(ids))
+        self.check_ids(ids)
+        out = []
+        for s in range(0, len(ids), self.ubatch):
+            chunk = torch.tensor(ids[s : s + self.ubatch], device=self.device)
+            last = s + self.ubatch >= len(ids)
+            if all_logits or last:
+                out.append(self.model.forward(chunk, cache, all_logits=all_logits))
+            else:
+                self.model.forward(chunk, cache, all_logits=False)
+        return torch.cat(out)
+
+    @torch.inference_mode()
+    def decode(self, token: int, cache: KVCache) -> torch.Tensor:
+        """One token -> logits float32 [1, n_vocab]."""
+        self.check_room(cache, 1)
+        return self.model.forward(torch.tensor([token], device=self.device), cache)
+
+    def check_room(self, cache: KVCache, n: int) -> None:
+        if cache.length + n > self.n_ctx:
+            raise UsageError(
+                f"{cache.length + n} tokens do not fit the context of {self.n_ctx} "
+                f"({cache.length} already in the cache, {n} new): shorten the prompt, raise the "
+                f"context size (n_ctx / --ctx-size, at most {self.config.n_ctx_train}), "
+                f"or allow truncation (truncate=True / --truncate)"
+            )
+
+    def check_ids(self, ids: list[int]) -> None:
+        bad = [i for i in ids if not 0 <= i < self.config.n_vocab]
+        if bad:
+            raise UsageError(
+                f"token id {bad[0]} is outside the vocabulary (0..{self.config.n_vocab - 1})"
+            )

@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import importlib
 
-MODULES = ("info", "run", "chat", "make_model", "quantize", "ppl")
+MODULES = (
+    "info",
+    "run",
+    "chat",
+    "make_model",
+    "quantize",
+    "ppl",
+    "sweep",
+    "bench",
+    "ab",
+    "history",
+)
 
 
 def load_all() -> None:

@@ -7,7 +7,11 @@ import argparse
 from kiln.runtime.sampler import SamplingParams
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(
+    p: argparse.ArgumentParser,
+    ctx_help: str = "context size in tokens (default: min(4096, the model's))",
+    ubatch_help: str = "prompt tokens per forward pass (default 512)",
+) -> None:
     p.add_argument(
         "-m",
         "--model",
@@ -20,14 +24,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "--ctx-size",
         type=int,
         default=None,
-        help="context size in tokens (default: min(4096, the model's))",
+        help=ctx_help,
     )
     p.add_argument(
         "-ub",
         "--ubatch",
         type=int,
         default=512,
-        help="prompt tokens per forward pass (default 512)",
+        help=ubatch_help,
     )
     p.add_argument("--backend", default="torch", help="op backend (default: torch reference)")
 

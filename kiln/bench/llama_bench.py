@@ -1,0 +1,714 @@
+"""`kiln bench`: throughput measured the way llama.cpp's llama-bench measures it
+(tools/llama-bench/llama-bench.cpp), with its flags, test names, columns and field names, so the
+numbers and the tables compare one to one.
+
+The method, per test (one combination of the list flags):
+- an Engine whose context holds exactly n_depth + n_prompt + n_gen tokens, its KV cache allocated
+  up front (llama-bench creates its context the same way);
+- the depth fill: n_depth random tokens prefilled once, not timed; each repetition starts from
+  the cache cut back to n_depth (llama-bench restores the state it saved at that depth);
+- a warm-up, not counted: the whole prompt for a pp test, one generated token for a tg test;
+- r repetitions, each timed from the clock read to the clock read after the device finished:
+  pp = the prompt prefilled in batches of n_batch tokens (each split by the engine into
+  micro-batches of min(n_batch, n_ubatch)), logits of each batch's last token only; tg = n_gen
+  single-token decode steps, the device synchronized after each (as a generating loop must);
+  pp+tg = both, one after the other;
+- token ids are random (the first is BOS when the model adds BOS), t/s = tokens / time per
+  repetition, reported as mean and sample standard deviation over the repetitions.
+
+Beyond llama-bench: for tg tests the weight bytes read per token x t/s (GB/s) and its share of
+the copy bandwidth measured in the same run (see kiln.bench.memory), and the peak GPU memory.
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import io
+import json
+import random
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import IO, Any
+
+import torch
+
+from kiln.bench import env, memory
+from kiln.bench import models as M
+from kiln.errors import UsageError
+
+FORMATS = ("md", "csv", "json", "jsonl")
+DEFAULT_N_PROMPT = (512,)
+DEFAULT_N_GEN = (128,)
+DEFAULT_N_DEPTH = (0,)
+DEFAULT_N_BATCH = (2048,)
+DEFAULT_N_UBATCH = (512,)
+DEFAULT_REPS = 5
+SEED = 1234  # token ids are random but the same from run to run
+
+
+# -- parameters ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BenchParams:
+    models: tuple[str, ...]
+    n_prompt: tuple[int, ...] = DEFAULT_N_PROMPT
+    n_gen: tuple[int, ...] = DEFAULT_N_GEN
+    n_pg: tuple[tuple[int, int], ...] = ()
+    n_depth: tuple[int, ...] = DEFAULT_N_DEPTH
+    n_batch: tuple[int, ...] = DEFAULT_N_BATCH
+    n_ubatch: tuple[int, ...] = DEFAULT_N_UBATCH
+    reps: int = DEFAULT_REPS
+    output: str = "md"
+    device: str = "auto"
+    backend: str = "torch"
+    warmup: bool = True
+
+
+@dataclass(frozen=True)
+class TestInstance:
+    model: str  # the -m value
+    n_prompt: int
+    n_gen: int
+    n_depth: int
+    n_batch: int
+    n_ubatch: int
+
+    @property
+    def name(self) -> str:
+        return test_name(self.n_prompt, self.n_gen, self.n_depth)
+
+    @property
+    def n_ctx(self) -> int:
+        return max(1, self.n_depth + self.n_prompt + self.n_gen)
+
+
+def test_name(n_prompt: int, n_gen: int, n_depth: int = 0) -> str:
+    """llama-bench's test names: pp512, tg128, pp512+tg128, each with ' @ d4096' at a depth."""
+    if n_prompt > 0 and n_gen == 0:
+        name = f"pp{n_prompt}"
+    elif n_gen > 0 and n_prompt == 0:
+        name = f"tg{n_gen}"
+    else:
+        name = f"pp{n_prompt}+tg{n_gen}"
+    return name + (f" @ d{n_depth}" if n_depth > 0 else "")
+
+
+_RANGE = re.compile(r"^(\d+)(?:-(\d+)(?:([+*])(\d+))?)?$")
+
+
+def parse_int_list(
+    values: Iterable[str] | None, flag: str, default: tuple[int, ...], minimum: int = 0
+) -> tuple[int, ...]:
+    """Repeated and comma-separated values of a list flag; llama-bench's ranges too:
+    `first-last` (step 1), `first-last+step`, `first-last*factor`."""
+    if not values:
+        return default
+    out: list[int] = []
+    for value in values:
+        for item in str(value).split(","):
+            item = item.strip()
+            m = _RANGE.match(item)
+            if not m:
+                if re.fullmatch(r"-\d+", item):
+                    raise UsageError(f"{flag} must be >= {minimum}, got {item}")
+                raise UsageError(
+                    f"bad value {item!r} for {flag}: give integers separated by commas, or a "
+                    f"range first-last[+step|*factor]"
+                )
+            first = int(m.group(1))
+            last = int(m.group(2)) if m.group(2) is not None else first
+            op, step = m.group(3) or "+", int(m.group(4) or 1)
+            if last < first or (op == "+" and step < 1) or (op == "*" and (step < 2 or first < 1)):
+                raise UsageError(f"bad range {item!r} for {flag}")
+            i = first
+            while i <= last:
+                out.append(i)
+                i = i + step if op == "+" else i * step
+    bad = [v for v in out if v < minimum]
+    if bad:
+        raise UsageError(f"{flag} must be >= {minimum}, got {bad[0]}")
+    return tuple(out)
+
+
+def parse_pairs(values: Iterable[str] | None) -> tuple[tuple[int, int], ...]:
+    """-pg PP,TG (repeatable)."""
+    out = []
+    for value in values or ():
+        parts = str(value).split(",")
+        if len(parts) != 2 or not all(re.fullmatch(r"-?\d+", p.strip()) for p in parts):
+            raise UsageError(f"bad value {value!r} for -pg: give PP,TG, e.g. -pg 512,128")
+        pp, tg = (int(p) for p in parts)
+        if pp < 0 or tg < 0:
+            raise UsageError(f"-pg sizes must be >= 0, got {value}")
+        out.append((pp, tg))
+    return tuple(out)
+
+
+def parse_reps(value: str | int | None, flag: str = "-r") -> int:
+    if value is None:
+        return DEFAULT_REPS
+    try:
+        reps = int(value)
+    except ValueError:
+        raise UsageError(f"bad value {value!r} for {flag}: give an integer >= 1") from None
+    if reps < 1:
+        raise UsageError(f"{flag} (repetitions) must be >= 1, got {reps}")
+    return reps
+
+
+def parse_output(value: str | None) -> str:
+    value = "md" if value is None else value
+    if value not in FORMATS:
+        raise UsageError(f"unknown output format {value!r} for -o; formats: {', '.join(FORMATS)}")
+    return value
+
+
+def parse_models(values: Iterable[str] | None, default: str) -> tuple[str, ...]:
+    out = [m.strip() for v in (values or [default]) for m in str(v).split(",") if m.strip()]
+    if not out:
+        raise UsageError("-m needs a model: a GGUF path, a known name or synthetic:PRESET:TYPE")
+    for m in out:
+        M.check_model_value(m)
+    return tuple(out)
+
+
+def instances(params: BenchParams) -> list[TestInstance]:
+    """Every combination of the list values, in llama-bench's order (each model's tests
+    together, so it loads once): model, batch, ubatch, depth, then the pp, tg and pg tests;
+    sizes of 0 are skipped."""
+    out = []
+    for m in params.models:
+        for nb in params.n_batch:
+            for nub in params.n_ubatch:
+                for nd in params.n_depth:
+                    tests = [(p, 0) for p in params.n_prompt if p > 0]
+                    tests += [(0, n) for n in params.n_gen if n > 0]
+                    tests += [(p, n) for p, n in params.n_pg if p > 0 or n > 0]
+                    out += [TestInstance(m, p, n, nd, nb, nub) for p, n in tests]
+    return out
+
+
+def pick_device(device: str) -> torch.device:
+    from kiln.llm import pick_device as _pick
+
+    return _pick(device)
+
+
+# -- results -------------------------------------------------------------------------------------
+@dataclass
+class TestResult:
+    inst: TestInstance
+    model_filename: str
+    model_type: str
+    model_size: int
+    model_n_params: int
+    backend: str
+    device: str  # "cpu", "cuda:0"
+    device_name: str
+    bytes_per_token: int
+    copy_bandwidth: float  # bytes/s, measured in the same run
+    samples_ns: list[int] = field(default_factory=list)
+    peak_memory: int | None = None  # bytes; None on the CPU
+    test_time: str = ""
+    build_commit: str = env.UNKNOWN
+    build_number: int = 0
+    n_threads: int = 0
+
+    @property
+    def test(self) -> str:
+        return self.inst.name
+
+    @property
+    def n_tokens(self) -> int:
+        return self.inst.n_prompt + self.inst.n_gen
+
+    @property
+    def samples_ts(self) -> list[float]:
+        return [1e9 * self.n_tokens / t for t in self.samples_ns]
+
+    @property
+    def avg_ts(self) -> float:
+        return statistics.fmean(self.samples_ts) if self.samples_ns else 0.0
+
+    @property
+    def stddev_ts(self) -> float:
+        return _stdev(self.samples_ts)
+
+    @property
+    def avg_ns(self) -> int:
+        return int(statistics.fmean(self.samples_ns)) if self.samples_ns else 0
+
+    @property
+    def stddev_ns(self) -> int:
+        return int(_stdev([float(s) for s in self.samples_ns]))
+
+    @property
+    def is_tg(self) -> bool:
+        return self.inst.n_prompt == 0 and self.inst.n_gen > 0
+
+    @property
+    def gbps(self) -> float | None:
+        """Weight bytes read per second while generating (tg tests only), GB/s."""
+        return self.bytes_per_token * self.avg_ts / 1e9 if self.is_tg else None
+
+    @property
+    def floor_pct(self) -> float | None:
+        """Achieved GB/s as a percentage of the measured copy bandwidth (tg tests only)."""
+        if not self.is_tg or self.copy_bandwidth <= 0:
+            return None
+        return 100 * self.bytes_per_token * self.avg_ts / self.copy_bandwidth
+
+    def fields(self, samples: bool = False) -> dict[str, Any]:
+        """llama-bench's fields (names and order) where they exist, then Kiln's."""
+        i = self.inst
+        out: dict[str, Any] = {
+            "build_commit": self.build_commit,
+            "build_number": self.build_number,
+            "cpu_info": env.cpu_name(),
+            "gpu_info": env.gpu_names(),
+            "backends": self.backend,
+            "model_filename": self.model_filename,
+            "model_type": self.model_type,
+            "model_size": self.model_size,
+            "model_n_params": self.model_n_params,
+            "n_batch": i.n_batch,
+            "n_ubatch": i.n_ubatch,
+            "n_threads": self.n_threads,
+            "n_prompt": i.n_prompt,
+            "n_gen": i.n_gen,
+            "n_depth": i.n_depth,
+            "test_time": self.test_time,
+            "avg_ns": self.avg_ns,
+            "stddev_ns": self.stddev_ns,
+            "avg_ts": self.avg_ts,
+            "stddev_ts": self.stddev_ts,
+            # Kiln's own
+            "test": self.test,
+            "device": self.device,
+            "device_name": self.device_name,
+            **env.versions(),
+            "bytes_per_token": self.bytes_per_token,
+            "copy_gbps": self.copy_bandwidth / 1e9,
+            "gbps": self.gbps,
+            "floor_pct": self.floor_pct,
+            "peak_memory": self.peak_memory,
+        }
+        if samples:
+            out["samples_ns"] = list(self.samples_ns)
+            out["samples_ts"] = self.samples_ts
+        return out
+
+
+def _stdev(values: list[float]) -> float:
+    """Sample standard deviation (n - 1), 0 for fewer than 2 values: llama-bench's stdev."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+# -- running -------------------------------------------------------------------------------------
+@dataclass
+class LoadedModel:
+    value: str  # the -m value
+    filename: str
+    model: Any  # DecoderModel
+    model_type: str
+    size: int
+    n_params: int
+    bytes_per_token: int
+    n_vocab: int
+    bos_id: int | None  # the prompt's first token when the model adds BOS
+
+
+def load_model(value: str, device: torch.device, backend: str) -> LoadedModel:
+    gguf, filename = M.load_gguf(value, device)
+    return build_loaded(value, gguf, filename, device, backend)
+
+
+def build_loaded(
+    value: str, gguf: Any, filename: str, device: torch.device, backend: str
+) -> LoadedModel:
+    """A GGUFModel built for `device` with its bench facts (two builds of one GGUFModel share
+    its raw weights)."""
+    from kiln.models import build_model
+
+    meta = gguf.metadata
+    add_bos = meta.get("tokenizer.ggml.add_bos_token", meta.get("tokenizer.ggml.model") == "llama")
+    bos = meta.get("tokenizer.ggml.bos_token_id")
+    return LoadedModel(
+        value=value,
+        filename=filename,
+        model=build_model(gguf, device, backend=backend),
+        model_type=M.describe(gguf),
+        size=gguf.tensor_bytes,
+        n_params=gguf.n_params,
+        bytes_per_token=memory.model_bytes_per_token(gguf),
+        n_vocab=gguf.config.n_vocab,
+        bos_id=int(bos) if add_bos and bos is not None else None,
+    )
+
+
+class Runner:
+    """Runs tests on one device; `on_timed(inst, cache)` (for tests) is called right before
+    each repetition's clock starts."""
+
+    def __init__(
+        self,
+        device: torch.device,
+        backend: str = "torch",
+        reps: int = DEFAULT_REPS,
+        warmup: bool = True,
+        progress: Progress | None = None,
+        on_timed: Callable[[TestInstance, Any], None] | None = None,
+    ):
+        self.device, self.backend, self.reps, self.warmup = device, backend, reps, warmup
+        self.progress = progress or Progress(quiet=True)
+        self.on_timed = on_timed
+        self.rng = random.Random(SEED)
+        self._copy_bandwidth: float | None = None
+        self._git: env.GitState | None = None
+
+    @property
+    def copy_bandwidth(self) -> float:
+        if self._copy_bandwidth is None:
+            self.progress.status("measuring the copy bandwidth", keep=True)
+            self._copy_bandwidth = memory.copy_bandwidth(self.device)
+        return self._copy_bandwidth
+
+    @property
+    def git(self) -> env.GitState:
+        if self._git is None:
+            self._git = env.git_state()
+        return self._git
+
+    def load(self, value: str) -> LoadedModel:
+        self.progress.status(f"loading {value}", keep=True)
+        return load_model(value, self.device, self.backend)
+
+    def new_result(self, lm: LoadedModel, inst: TestInstance) -> TestResult:
+        dev = self.device
+        return TestResult(
+            inst=inst,
+            model_filename=lm.filename,
+            model_type=lm.model_type,
+            model_size=lm.size,
+            model_n_params=lm.n_params,
+            backend=self.backend,
+            device=str(dev),
+            device_name=env.device_name(dev),
+            bytes_per_token=lm.bytes_per_token,
+            copy_bandwidth=self.copy_bandwidth,
+            test_time=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            build_commit=self.git.short,
+            build_number=self.git.number,
+            n_threads=env.threads(),
+        )
+
+    def session(self, lm: LoadedModel, inst: TestInstance, what: str = "") -> Session:
+        """A test made ready to be timed: engine, KV cache, depth fill and warm-up done."""
+        return Session(self, lm, inst, what or f"{lm.value} {inst.name}")
+
+    def run(self, lm: LoadedModel, inst: TestInstance, label: str = "") -> TestResult:
+        """One test: its session, then `reps` timed repetitions."""
+        result = self.new_result(lm, inst)
+        memory.reset_peak_memory(self.device)
+        what = f"{label}{lm.value} {inst.name}"
+        session = self.session(lm, inst, what)
+        for r in range(self.reps):
+            self.progress.status(f"{what}: run {r + 1}/{self.reps}")
+            result.samples_ns.append(session.time_once())
+        result.peak_memory = memory.peak_memory(self.device)
+        return result
+
+
+class Session:
+    """One test on one model, ready to time: an Engine whose context holds exactly the test's
+    tokens, the KV cache allocated up front, the depth filled (untimed) and the warm-up run."""
+
+    def __init__(self, runner: Runner, lm: LoadedModel, inst: TestInstance, what: str):
+        from kiln.runtime.engine import Engine
+
+        self.runner, self.lm, self.inst = runner, lm, inst
+        self.device = runner.device
+        self.rng = runner.rng
+        self.engine = Engine(lm.model, n_ctx=inst.n_ctx, ubatch=min(inst.n_batch, inst.n_ubatch))
+        self.cache = self.engine.new_cache()
+        self.cache.reserve(inst.n_ctx)  # the whole context now: no allocation in a timed run
+        if inst.n_depth:
+            runner.progress.status(f"{what}: depth fill of {inst.n_depth} tokens")
+            self.prompt(inst.n_depth)
+        if runner.warmup:
+            runner.progress.status(f"{what}: warm-up")
+            if inst.n_prompt:
+                self.prompt(inst.n_prompt)
+            if inst.n_gen:
+                self.gen(1)
+
+    def time_once(self) -> int:
+        """One timed repetition from depth n_depth -> nanoseconds."""
+        inst = self.inst
+        self.cache.truncate(inst.n_depth)  # llama-bench restores the state saved at the depth
+        if self.runner.on_timed is not None:
+            self.runner.on_timed(inst, self.cache)
+        memory.synchronize(self.device)
+        t0 = time.perf_counter_ns()
+        if inst.n_prompt:
+            self.prompt(inst.n_prompt)
+        if inst.n_gen:
+            self.gen(inst.n_gen)
+        memory.synchronize(self.device)
+        return max(time.perf_counter_ns() - t0, 1)
+
+    def prompt(self, n: int) -> None:
+        """n random tokens in batches of n_batch (llama-bench's test_prompt)."""
+        lm, n_batch = self.lm, self.inst.n_batch
+        ids = [self.rng.randrange(lm.n_vocab) for _ in range(n)]
+        if lm.bos_id is not None:
+            ids[0] = lm.bos_id
+        for s in range(0, n, n_batch):
+            self.engine.prefill(ids[s : s + n_batch], self.cache)
+        memory.synchronize(self.device)
+
+    def gen(self, n: int) -> None:
+        """n single-token decode steps, synchronized after each (llama-bench's test_gen)."""
+        lm = self.lm
+        token = lm.bos_id if lm.bos_id is not None else self.rng.randrange(lm.n_vocab)
+        for _ in range(n):
+            self.engine.decode(token, self.cache)
+            memory.synchronize(self.device)
+            token = self.rng.randrange(lm.n_vocab)
+
+
+def run_tests(
+    runner: Runner, tests: list[TestInstance], on_result: Callable[[TestResult], None]
+) -> list[TestResult]:
+    """Run every test, loading each model once for its consecutive tests."""
+    results: list[TestResult] = []
+    lm: LoadedModel | None = None
+    for k, inst in enumerate(tests):
+        if lm is None or lm.value != inst.model:
+            lm = None
+            free_memory(runner.device)
+            lm = runner.load(inst.model)
+        try:
+            result = runner.run(lm, inst, label=f"[{k + 1}/{len(tests)}] ")
+        except torch.cuda.OutOfMemoryError:
+            raise UsageError(
+                f"out of GPU memory in {inst.model} {inst.name}: use a smaller model or fewer "
+                f"tokens (-p, -n, -d)"
+            ) from None
+        results.append(result)
+        runner.progress.clear()
+        on_result(result)
+    return results
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_bench(
+    params: BenchParams,
+    out: IO[str] | None = None,
+    progress: Progress | None = None,
+    on_timed: Callable[[TestInstance, Any], None] | None = None,
+    on_result: Callable[[TestResult], None] | None = None,
+) -> list[TestResult]:
+    """Run every test of `params` and print the results to `out` in params.output as they come;
+    on_result(result) is called after each is printed (e.g. to record it)."""
+    out = out if out is not None else sys.stdout
+    device = pick_device(params.device)
+    tests = instances(params)
+    if not tests:
+        raise UsageError("no test to run: every -p, -n and -pg size is 0")
+    runner = Runner(device, params.backend, params.reps, params.warmup, progress, on_timed)
+    printer = make_printer(params.output, out, md_columns(params, device))
+    printer.header()
+
+    def done(result: TestResult) -> None:
+        printer.row(result)
+        if on_result is not None:
+            on_result(result)
+
+    try:
+        results = run_tests(runner, tests, done)
+    finally:
+        runner.progress.clear()
+    printer.footer(runner)
+    return results
+
+
+# -- progress ------------------------------------------------------------------------------------
+class Progress:
+    """One status line on stderr: rewritten in place (\\r) on a terminal; elsewhere only the
+    lines marked keep=True or a test's first line are printed, one per line."""
+
+    def __init__(self, stream: IO[str] | None = None, quiet: bool = False, prefix: str = "bench"):
+        self.stream = stream if stream is not None else sys.stderr
+        self.quiet, self.prefix = quiet, prefix
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.shown = False
+        self._last_test = ""
+
+    def status(self, text: str, keep: bool = False) -> None:
+        if self.quiet:
+            return
+        line = f"kiln {self.prefix}: {text}"
+        if self.tty:
+            self.stream.write("\r\x1b[K" + line)
+            self.shown = True
+        else:
+            test = text.split(": ", 1)[0]
+            if keep or test != self._last_test:
+                self.stream.write(line + "\n")
+            self._last_test = test
+        self.stream.flush()
+
+    def clear(self) -> None:
+        if self.tty and self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self.shown = False
+
+
+# -- output --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MdColumn:
+    field: str
+    title: str
+    width: int  # negative: left-aligned (llama-bench's convention)
+
+
+# llama-bench's columns and widths, then Kiln's
+_MD_MODEL = [MdColumn("model", "model", -30), MdColumn("size", "size", 10),
+             MdColumn("params", "params", 10), MdColumn("backend", "backend", -10)]  # fmt: skip
+_MD_TAIL = [MdColumn("test", "test", 15), MdColumn("t/s", "t/s", 20),
+            MdColumn("gbps", "GB/s", 8), MdColumn("floor", "% floor", 7),
+            MdColumn("peak", "peak mem", 10)]  # fmt: skip
+
+
+def md_columns(params: BenchParams, device: torch.device) -> list[MdColumn]:
+    """llama-bench's choice: threads on a CPU backend, n_batch / n_ubatch when they are swept
+    or not the default."""
+    cols = list(_MD_MODEL)
+    if device.type == "cpu":
+        cols.append(MdColumn("n_threads", "threads", 7))
+    if params.n_batch != DEFAULT_N_BATCH:
+        cols.append(MdColumn("n_batch", "n_batch", 7))
+    if params.n_ubatch != DEFAULT_N_UBATCH:
+        cols.append(MdColumn("n_ubatch", "n_ubatch", 8))
+    return cols + _MD_TAIL
+
+
+def md_cells(r: TestResult) -> dict[str, str]:
+    gbps, floor = r.gbps, r.floor_pct
+    return {
+        "model": r.model_type,
+        "size": M.size_label(r.model_size),
+        "params": M.params_label(r.model_n_params),
+        "backend": f"{r.backend} {r.device.split(':')[0].upper()}",
+        "n_threads": str(r.n_threads),
+        "n_batch": str(r.inst.n_batch),
+        "n_ubatch": str(r.inst.n_ubatch),
+        "test": r.test,
+        "t/s": f"{r.avg_ts:.2f} ± {r.stddev_ts:.2f}",
+        "gbps": "-" if gbps is None else f"{gbps:.2f}" if gbps < 10 else f"{gbps:.1f}",
+        "floor": f"{floor:.1f}" if floor is not None else "-",
+        "peak": M.size_label(r.peak_memory) if r.peak_memory is not None else "-",
+    }
+
+
+def md_line(cells: list[str], cols: list[MdColumn]) -> str:
+    parts = [f"{c:<{-col.width}}" if col.width < 0 else f"{c:>{col.width}}"
+             for c, col in zip(cells, cols)]  # fmt: skip
+    return "| " + " | ".join(parts) + " |"
+
+
+class Printer:
+    def __init__(self, out: IO[str], columns: list[MdColumn] | None = None):
+        self.out, self.columns = out, columns or []
+
+    def header(self) -> None:
+        pass
+
+    def row(self, r: TestResult) -> None:
+        raise NotImplementedError
+
+    def footer(self, runner: Runner) -> None:
+        pass
+
+    def _write(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()
+
+
+class MarkdownPrinter(Printer):
+    def header(self) -> None:
+        cols = self.columns
+        rule = [("-" * (abs(c.width) - 1)) + (":" if c.width > 0 else "-") for c in cols]
+        self._write(md_line([c.title for c in cols], cols) + "\n" + md_line(rule, cols) + "\n")
+
+    def row(self, r: TestResult) -> None:
+        cells = md_cells(r)
+        self._write(md_line([cells[c.field] for c in self.columns], self.columns) + "\n")
+
+    def footer(self, runner: Runner) -> None:
+        git = runner.git
+        dirty = ", dirty" if git.dirty else ""
+        bw = runner._copy_bandwidth
+        lines = [f"\nbuild: {git.short} ({git.number}{dirty})"]
+        if bw is not None:
+            lines.append(
+                f"memory floor: copy bandwidth {bw / 1e9:.1f} GB/s measured on "
+                f"{env.device_name(runner.device)}; GB/s = weight bytes per token x t/s"
+            )
+        self._write("\n".join(lines) + "\n")
+
+
+class CsvPrinter(Printer):
+    def __init__(self, out: IO[str], columns: list[MdColumn] | None = None):
+        super().__init__(out, columns)
+        self._fields: list[str] | None = None
+
+    def row(self, r: TestResult) -> None:
+        data = r.fields()
+        buf = io.StringIO()
+        writer = csv.writer(buf, quoting=csv.QUOTE_ALL, lineterminator="\n")
+        if self._fields is None:
+            self._fields = list(data)
+            writer.writerow(self._fields)
+        writer.writerow(["" if data[k] is None else data[k] for k in self._fields])
+        self._write(buf.getvalue())
+
+
+class JsonPrinter(Printer):
+    def __init__(self, out: IO[str], columns: list[MdColumn] | None = None):
+        super().__init__(out, columns)
+        self.first = True
+
+    def header(self) -> None:
+        self._write("[\n")
+
+    def row(self, r: TestResult) -> None:
+        body = json.dumps(r.fields(samples=True), indent=2)
+        body = "\n".join("  " + line for line in body.splitlines())
+        self._write(("" if self.first else ",\n") + body)
+        self.first = False
+
+    def footer(self, runner: Runner) -> None:
+        self._write("\n]\n")
+
+
+class JsonlPrinter(Printer):
+    def row(self, r: TestResult) -> None:
+        self._write(json.dumps(r.fields(samples=True)) + "\n")
+
+
+def make_printer(fmt: str, out: IO[str], columns: list[MdColumn] | None = None) -> Printer:
+    cls = {"md": MarkdownPrinter, "csv": CsvPrinter, "json": JsonPrinter, "jsonl": JsonlPrinter}
+    return cls[parse_output(fmt)](out, columns)

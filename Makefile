@@ -16,8 +16,11 @@ $(STAMP): pyproject.toml requirements-cpu.txt
 
 venv: $(STAMP)
 
+DEMO_PROMPT ?= The three primary colors are
+
 demo: $(STAMP)
 	$(VENV)/bin/kiln info smollm2-135m
+	$(VENV)/bin/kiln run -p "$(DEMO_PROMPT)" -n 64 --temp 0
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check kiln tests scripts

@@ -1,8 +1,8 @@
 """Kiln: run GGUF language models fast from Python.
 
-    import kiln
-    llm = kiln.LLM("smollm2-135m")
-    print(llm.generate("Once upon a time", max_tokens=32).text)
+import kiln
+llm = kiln.LLM("smollm2-135m")
+print(llm.generate("Once upon a time", max_tokens=32).text)
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ class LLM:
         self.path = resolve_model(model)
         self.gguf = read_gguf(self.path)
         self.config = self.gguf.config
-        self.device = _pick_device(device)
+        self.device = pick_device(device)
         self.tokenizer = Tokenizer.from_gguf(self.gguf)
         n_ctx = n_ctx if n_ctx is not None else min(DEFAULT_CTX, self.config.n_ctx_train)
         if n_ctx > self.config.n_ctx_train:
@@ -127,7 +127,8 @@ class LLM:
         return generate_stream(self.engine, self.tokenizer, ids, params, result)
 
 
-def _pick_device(device: str) -> torch.device:
+def pick_device(device: str) -> torch.device:
+    """ "auto" (CUDA when available), "cpu", "cuda" or "cuda:N", checked."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -18,10 +18,7 @@ def embedding(weight: Weight, ids: torch.Tensor) -> torch.Tensor:
 
 def linear(x: torch.Tensor, weight: Weight, bias: Weight | None = None) -> torch.Tensor:
     """x: [T, n_in] -> [T, n_out]."""
-    y = x @ weight.dense().T
-    if bias is not None:
-        y = y + bias.dense()
-    return y
+    return F.linear(x, weight.dense(), bias.dense() if bias is not None else None)
 
 
 def rms_norm(x: torch.Tensor, weight: Weight, eps: float) -> torch.Tensor:

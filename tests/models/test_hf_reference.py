@@ -69,3 +69,23 @@ def test_stories_greedy_once_upon_a_time(stories_model, steps):
     tok = Tokenizer.from_gguf(model)
     text = tok.decode(kiln_greedy(engine, [tok.bos_id], steps))
     assert text.strip().startswith("Once upon a time"), text
+
+
+SYNTHETIC = [
+    ("tiny-llama", "q8_0"),
+    ("tiny-llama", "q4_k_m"),
+    ("tiny-qwen2", "q4_0"),
+    ("tiny-qwen2", "f16"),
+    ("tiny-qwen3", "q6_k"),
+    ("tiny-qwen3", "q5_1"),
+    ("tiny-qwen3moe", "q8_0"),
+    ("tiny-qwen3moe", "q4_k_m"),
+]
+
+
+@pytest.mark.parametrize(("preset", "qtype"), SYNTHETIC)
+def test_synthetic_models(tmp_path, preset, qtype):
+    from kiln.gguf.synthetic import make_model_file
+
+    path = make_model_file(preset, qtype, tmp_path / f"{preset}-{qtype}.gguf", progress=False)
+    assert_matches_hf(path, [1, 17, 250, 33, 99, 4, 101, 7])

@@ -33,9 +33,9 @@ def _greedy_and_logits(engine: Engine, steps: int = 32):
      ("tiny-qwen3moe", "q4_0")],
 )  # fmt: skip
 def test_cuda_matches_cpu(preset, qtype):
+    model = build_synthetic(preset, qtype)  # the same bytes on both devices
     results = []
     for device in ("cpu", "cuda"):
-        model = build_synthetic(preset, qtype, device=device)
         results.append(_greedy_and_logits(Engine(build_model(model, device), n_ctx=128)))
     (cpu_logits, cpu_tokens), (gpu_logits, gpu_tokens) = results
     torch.testing.assert_close(gpu_logits, cpu_logits, rtol=1e-3, atol=1e-3)

@@ -18,7 +18,7 @@ def _check_all_tensors(path) -> int:
     for t in ref.tensors:
         ours = model.tensors[t.name].dequantize()
         expected = torch.from_numpy(
-            np.ascontiguousarray(gguf_dequantize(t.data, t.tensor_type), dtype=np.float32)
+            np.array(gguf_dequantize(t.data, t.tensor_type), dtype=np.float32, copy=True)
         )
         assert ours.shape == expected.shape, t.name
         same = ours.view(torch.int32) == expected.view(torch.int32)

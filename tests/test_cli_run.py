@@ -47,10 +47,26 @@ def test_run_prompt_longer_than_context(stories_model, capsys):
 
 
 def test_chat_keeps_the_conversation(demo_model, capsys, monkeypatch):
-    monkeypatch.setattr(sys, "stdin", io.StringIO("My name is Ada.\nWhat is my name?\n/exit\n"))
-    assert main(["chat", "-n", "24", "--temp", "0", "-c", "512"]) == 0
+    from kiln.llm import LLM
+
+    seen: list[list[dict]] = []
+    encode_chat = LLM.encode_chat
+
+    def spy(self, messages, options=None):
+        seen.append([dict(m) for m in messages])
+        return encode_chat(self, messages, options)
+
+    monkeypatch.setattr(LLM, "encode_chat", spy)
+    lines = "My name is Ada.\n/reset\nHi.\nWhat is my name?\n/exit\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(lines))
+    assert main(["chat", "-n", "16", "--temp", "0", "-c", "512", "--system", "Be brief."]) == 0
+    turns = seen[1:]  # seen[0] is the start-up check of the template
+    assert [m["role"] for m in turns[0]] == ["system", "user"]
+    assert [m["role"] for m in turns[1]] == ["system", "user"]  # /reset forgot the first turn
+    assert [m["role"] for m in turns[2]] == ["system", "user", "assistant", "user"]
+    assert turns[2][1]["content"] == "Hi." and turns[2][2]["content"].strip()
     out = capsys.readouterr().out
-    assert "Ada" in out.split("\n", 1)[1] or "Ada" in out
+    assert turns[2][2]["content"] in out  # what the model said is what the user saw
 
 
 def test_chat_without_template_is_a_clear_error(stories_model, capsys, monkeypatch):

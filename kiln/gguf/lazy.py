@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from kiln import quant
+from kiln.gguf.model import TensorMethods
 
 
 def raw_row_bytes(qtype: GGMLQuantizationType, n: int) -> int:
@@ -34,7 +34,7 @@ def raw_nbytes(qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> int:
 
 
 @dataclass(frozen=True, slots=True)
-class LazyRawTensor:
+class LazyRawTensor(TensorMethods):
     name: str
     qtype: GGMLQuantizationType
     shape: tuple[int, ...]  # torch order, as RawTensor
@@ -45,17 +45,5 @@ class LazyRawTensor:
         return self.make()
 
     @property
-    def n_elements(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
-    @property
     def nbytes(self) -> int:
         return raw_nbytes(self.qtype, self.shape)
-
-    def dequantize(self, device: torch.device | str | None = None) -> torch.Tensor:
-        """float32 [*shape]."""
-        data = self.data if device is None else self.data.to(device)
-        return quant.dequantize(data, self.qtype, self.shape[-1]).reshape(self.shape)

@@ -16,12 +16,13 @@ from gguf.constants import GGMLQuantizationType, GGUFValueType
 from kiln import quant
 
 
-@dataclass(frozen=True, slots=True)
-class RawTensor:
-    name: str
+class TensorMethods:
+    """What RawTensor and LazyRawTensor (kiln.gguf.lazy) derive from qtype, shape and data."""
+
+    __slots__ = ()
     qtype: GGMLQuantizationType
-    shape: tuple[int, ...]  # torch order: the reverse of ggml's ne, e.g. [n_out, n_in]
-    data: torch.Tensor  # uint8 [*shape[:-1], row_bytes]: the GGUF blocks, a view of the mmap
+    shape: tuple[int, ...]
+    data: torch.Tensor
 
     @property
     def n_elements(self) -> int:
@@ -30,14 +31,22 @@ class RawTensor:
             n *= d
         return n
 
-    @property
-    def nbytes(self) -> int:
-        return self.data.numel()
-
     def dequantize(self, device: torch.device | str | None = None) -> torch.Tensor:
         """float32 [*shape]."""
         data = self.data if device is None else self.data.to(device)
         return quant.dequantize(data, self.qtype, self.shape[-1]).reshape(self.shape)
+
+
+@dataclass(frozen=True, slots=True)
+class RawTensor(TensorMethods):
+    name: str
+    qtype: GGMLQuantizationType
+    shape: tuple[int, ...]  # torch order: the reverse of ggml's ne, e.g. [n_out, n_in]
+    data: torch.Tensor  # uint8 [*shape[:-1], row_bytes]: the GGUF blocks, a view of the mmap
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel()
 
 
 @dataclass(slots=True)

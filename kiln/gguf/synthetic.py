@@ -38,6 +38,7 @@ from kiln.errors import UsageError
 from kiln.gguf.lazy import LazyRawTensor
 from kiln.gguf.model import GGUFModel, RawTensor
 from kiln.quantize import Mix, MixContext, parse_mix, tensor_type
+from kiln.tokenizer.bpe import byte_to_unicode
 
 V = GGUFValueType
 POOL_CHUNKS = 16384  # distinct quantized chunks per (type, fan_in): 4M values, 2.4 MB of Q4_K
@@ -372,20 +373,6 @@ CHATML_TEMPLATE = (
 TOKEN_NORMAL, TOKEN_CONTROL = 1, 3  # llama.cpp's llama_token_type
 
 
-def gpt2_byte_tokens() -> list[str]:
-    """GPT-2's byte-to-unicode alphabet, in byte order (token i is byte i)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]  # fmt: skip
-    mapping, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            mapping[b] = chr(b)
-        else:
-            mapping[b] = chr(256 + extra)
-            extra += 1
-    return [mapping[b] for b in range(256)]
-
-
 @dataclass(frozen=True)
 class Tokenizer:
     """The tokenizer.* metadata of a GGUF file, with the value type of each key."""
@@ -402,7 +389,7 @@ def builtin_tokenizer(n_vocab: int, add_bos: bool = False) -> Tokenizer:
     """A byte-level BPE tokenizer (llama.cpp's "gpt2" model, pre-tokenizer "default"): the 256
     byte tokens, a few merges, ChatML special tokens, then unused <|extra_N|> control tokens up
     to n_vocab (llama.cpp needs exactly one token per embedding row)."""
-    tokens = gpt2_byte_tokens() + [a + b for a, b in _MERGES]
+    tokens = list(byte_to_unicode()) + [a + b for a, b in _MERGES]
     types = [TOKEN_NORMAL] * len(tokens)
     special = {name: len(tokens) + i for i, name in enumerate(SPECIAL_TOKENS)}
     tokens += SPECIAL_TOKENS

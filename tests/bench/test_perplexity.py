@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import re
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from kiln.bench import perplexity as P
 from kiln.cli import main
 from kiln.errors import UsageError
 from tests.conftest import shared_path
+from tests.peer import llama_perplexity
 
 # TinyStories-like text: stories260K was trained on such stories, so its PPL here is moderate.
 STORY = (
@@ -369,7 +371,7 @@ def test_an_interrupted_base_leaves_no_file(stories, tmp_path, monkeypatch):
 
 def test_cli_is_one_line_without_traceback_as_a_process(stories_model, tmp_path):
     r = subprocess.run(
-        ["kiln", "ppl", "-m", str(stories_model), "-f", str(tmp_path / "missing.txt")],
+        [sys.executable, "-m", "kiln", "ppl", "-m", str(stories_model), "-f", str(tmp_path / "x")],
         capture_output=True,
         text=True,
     )
@@ -388,25 +390,9 @@ def wiki_20k(tmp_path_factory):
     return path
 
 
-def _llama_perplexity(peer_cpu, *args, last_line: str) -> str:
-    """Run llama-perplexity until its output holds last_line: its logger is a thread that can
-    lose the last lines at exit (llama.cpp issue 22142), so a run may end without them."""
-    for _ in range(4):
-        r = subprocess.run(
-            [str(peer_cpu), "llama-perplexity", "-t", "1", *map(str, args)],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert r.returncode == 0, r.stderr[-2000:]
-        if last_line in r.stdout + r.stderr:
-            return r.stdout + r.stderr
-    raise AssertionError(f"llama-perplexity printed no {last_line!r}:\n{r.stderr[-2000:]}")
-
-
 def test_ppl_equals_llama_cpp(stories_model, peer_cpu, wiki_20k, capsys):
     flags = ["-m", stories_model, "-f", wiki_20k, "-c", 128, "--chunks", 4]
-    theirs = _llama_perplexity(peer_cpu, *flags, last_line="Final estimate")
+    theirs = llama_perplexity(peer_cpu, *flags, last_line="Final estimate")
     assert main(["ppl", *map(str, flags)]) == 0
     ours = capsys.readouterr().out
     final = [float(re.search(r"Final estimate: PPL = (\S+)", s).group(1)) for s in (ours, theirs)]
@@ -420,7 +406,7 @@ def test_kld_base_files_are_shared_with_llama_cpp(
     stories, stories_model, peer_cpu, wiki_20k, tmp_path
 ):
     theirs = tmp_path / "llama.kld"
-    _llama_perplexity(
+    llama_perplexity(
         peer_cpu, "-m", stories_model, "-f", wiki_20k, "-c", 128, "--chunks", 4,
         "--kl-divergence-base", theirs, last_line="Final estimate",
     )  # fmt: skip
@@ -429,7 +415,7 @@ def test_kld_base_files_are_shared_with_llama_cpp(
 
     ours = tmp_path / "kiln.kld"
     P.save_kld_base(stories, P.read_text(wiki_20k), ours, n_ctx=128, n_chunks=4)
-    out = _llama_perplexity(
+    out = llama_perplexity(
         peer_cpu, "-m", stories_model, "--kl-divergence-base", ours, "--kl-divergence",
         last_line="Same top p",
     )  # fmt: skip

@@ -41,4 +41,10 @@ def build_model(
     if keep_dense is None:
         keep_dense = device.type == "cpu"
     weights = {name: Weight.from_raw(t, device, keep_dense) for name, t in model.tensors.items()}
+    if keep_dense:
+        # Dequantize at load rather than inside the first request, so that prompt speed is not
+        # charged for it. An untied embedding is only ever read a row at a time.
+        for name, w in weights.items():
+            if name != "token_embd.weight" or config.tied_output:
+                w.dense()
     return DecoderModel(config, weights, get_ops(backend), style)

@@ -23,8 +23,8 @@ demo: $(STAMP)
 	$(VENV)/bin/kiln run -p "$(DEMO_PROMPT)" -n 64 --temp 0
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check kiln tests scripts
-	$(VENV)/bin/ruff format --check kiln tests scripts
+	$(VENV)/bin/ruff check kiln tests scripts benchmarks
+	$(VENV)/bin/ruff format --check kiln tests scripts benchmarks
 
 test: lint
 	$(PY) -m pytest -q

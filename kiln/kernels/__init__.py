@@ -1,0 +1,1 @@
+"""Triton kernel launchers: each asserts layout and dtype, allocates, picks config and grid."""

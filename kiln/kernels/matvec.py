@@ -1,0 +1,111 @@
+"""Launcher of the decode mat-vec kernel (kernels/triton/matvec.py): asserts, allocates, picks a
+config and the grid.
+
+    matvec(x: [M, K] f16/bf16/f32 contiguous, weight: Weight [N, K]) -> [M, N] float32
+
+M is a decode batch (1..8). The weight is read from its GGUF blocks with no float copy; its
+reference is kiln.ops.reference.linear(x.float(), weight).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from kiln.kernels.triton import matvec as _k
+from kiln.ops.weight import Weight
+
+_T = GGMLQuantizationType
+
+# qtype -> (format id of the kernel, values per block); float formats use a typed view of raw.
+FORMAT_IDS: dict[GGMLQuantizationType, int] = {
+    _T.F32: _k.F32.value,
+    _T.F16: _k.F16.value,
+    _T.BF16: _k.BF16.value,
+    _T.Q8_0: _k.Q8_0.value,
+    _T.Q4_0: _k.Q4_0.value,
+    _T.Q4_1: _k.Q4_1.value,
+    _T.Q5_0: _k.Q5_0.value,
+    _T.Q5_1: _k.Q5_1.value,
+    _T.Q4_K: _k.Q4_K.value,
+    _T.Q5_K: _k.Q5_K.value,
+    _T.Q6_K: _k.Q6_K.value,
+}
+SUPPORTED = tuple(FORMAT_IDS)
+_FLOAT_VIEW = {_T.F32: torch.float32, _T.F16: torch.float16, _T.BF16: torch.bfloat16}
+_X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_M = 8
+# Under TRITON_INTERPRET=1 (CPU tests) @triton.jit gives an InterpretedFunction.
+_INTERPRETED = type(_k._matvec_kernel).__name__ == "InterpretedFunction"
+
+
+@dataclass(frozen=True)
+class MatvecConfig:
+    block_n: int  # output rows per program
+    tile_values: int  # values of K per loop step (floats, legacy); K-quants always use 256
+    num_warps: int
+
+
+def default_config(qtype: GGMLQuantizationType, n: int, k: int, m: int) -> MatvecConfig:
+    """Untuned per-family defaults, the fastest of benchmarks/matvec.py --sweep on an H100 for a
+    4096 x 4096 weight at M = 1 (e.g. Q8_0 22.8 us with 4/512/4 against 34.7 us with 8/256/4;
+    Q4_K 23.4 us with 16/256/4 against 36.0 us with 8/256/4)."""
+    if qtype in _FLOAT_VIEW or GGML_QUANT_SIZES[qtype][0] == 32:
+        return MatvecConfig(block_n=4, tile_values=512, num_warps=4)
+    if qtype == _T.Q6_K:
+        return MatvecConfig(block_n=4, tile_values=256, num_warps=4)
+    return MatvecConfig(block_n=16, tile_values=256, num_warps=4)
+
+
+def matvec(x: torch.Tensor, weight: Weight, config: MatvecConfig | None = None) -> torch.Tensor:
+    """x: [M, K] -> [M, N] float32 = x @ W.T, W dequantized in registers."""
+    assert x.dim() == 2 and x.is_contiguous(), f"x must be a contiguous [M, K]; got {x.shape}"
+    assert x.dtype in _X_DTYPES, f"x must be f16/bf16/f32; got {x.dtype}"
+    assert len(weight.shape) == 2, f"matvec needs a 2-D weight; got {weight.shape}"
+    assert weight.qtype in FORMAT_IDS, f"matvec does not support {weight.qtype.name}"
+    m, k = x.shape
+    n = weight.shape[0]
+    assert k == weight.shape[1], f"x has K={k}, weight {weight.name} has K={weight.shape[1]}"
+    assert 1 <= m <= MAX_M, f"matvec is for decode batches of 1..{MAX_M} rows; got M={m}"
+    assert x.device == weight.device, f"x on {x.device}, weight on {weight.device}"
+    raw = weight.raw
+    assert raw.dtype == torch.uint8 and raw.dim() == 2 and raw.stride(1) == 1
+    cfg = config or default_config(weight.qtype, n, k, m)
+    block_values, type_size = GGML_QUANT_SIZES[weight.qtype]
+    if weight.qtype in _FLOAT_VIEW:
+        w = raw.view(_FLOAT_VIEW[weight.qtype])  # [N, K] typed view of the same bytes
+        stride_wn = w.stride(0)
+        s, el = 1, cfg.tile_values
+    elif block_values == 32:
+        w, stride_wn = raw, raw.stride(0)
+        s, el = max(1, min(cfg.tile_values // 32, triton.next_power_of_2(k // 32))), 32
+    else:
+        w, stride_wn = raw, raw.stride(0)
+        s, el = 8, 32
+    assert raw.shape[1] == k // block_values * type_size, "raw row size does not match K"
+    out = torch.empty((m, n), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(n, cfg.block_n),)
+    _k._matvec_kernel[grid](
+        x,
+        w,
+        out,
+        m,
+        n,
+        k,
+        x.stride(0),
+        stride_wn,
+        out.stride(0),
+        K_INTERP=k if _INTERPRETED else 0,
+        FMT=FORMAT_IDS[weight.qtype],
+        M_PAD=triton.next_power_of_2(m),
+        BLOCK_N=cfg.block_n,
+        S=s,
+        L=el,
+        TYPE_SIZE=type_size,
+        BLOCK_VALUES=block_values,
+        num_warps=cfg.num_warps,
+    )
+    return out

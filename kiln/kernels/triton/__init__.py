@@ -1,0 +1,1 @@
+"""@triton.jit kernels only; launched from kiln/kernels/<op>.py."""

@@ -1,0 +1,90 @@
+"""kiln.kernels.matvec against kiln.ops.reference.linear on random inputs and real quantization.
+
+On the CPU this runs through Triton's interpreter (tests/kernels/conftest.py) on tiny shapes; on
+a GPU the same cases run on real shapes, including one 4096 x 4096 weight.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gguf.constants import GGMLQuantizationType
+
+from kiln import quant
+from kiln.ops.reference import linear
+from kiln.ops.weight import Weight
+from tests.kernels.tolerances import MATVEC
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+
+FORMATS = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+ACTS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _shapes(block: int) -> list[tuple[int, int, int]]:
+    """(M, N, K): M = 1 and 3, odd N, K as the block size allows; big ones on a GPU only."""
+    k_odd = 511 if block == 1 else 3 * block  # 511 only where the format allows it
+    shapes = [(1, 33, k_odd), (3, 33, k_odd), (8, 5, 2 * block if block > 1 else 64)]
+    if CUDA:
+        shapes += [(1, 4096, 4096), (1, 257, 11008 // block * block), (8, 33, 4096)]
+    return shapes
+
+
+def _weight(fmt: str, n: int, k: int, gen: torch.Generator) -> Weight:
+    qtype = GGMLQuantizationType[fmt]
+    dense = torch.randn(n, k, generator=gen)
+    raw = quant.quantize(dense, qtype).to(DEVICE)
+    return Weight(f"w_{fmt}", qtype, (n, k), raw)
+
+
+def _check(y: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor, what: str) -> None:
+    assert y.shape == ref.shape and y.dtype == torch.float32, f"{what}: {y.shape} {y.dtype}"
+    err = (y - ref).abs()
+    bad = ~(err <= bound)  # NaN in y counts as a mismatch
+    if bad.any():
+        worst = int(torch.nan_to_num(err - bound, nan=float("inf")).argmax())
+        idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), y.shape))
+        nonfinite = int((~torch.isfinite(y)).sum())
+        pytest.fail(
+            f"{what}: {int(bad.sum())} of {y.numel()} mismatch; worst at {idx}: "
+            f"got {y[idx].item()!r}, want {ref[idx].item()!r} (bound {bound[idx].item():.3g}); "
+            f"{nonfinite} NaN/inf in the output"
+        )
+
+
+def _kernel():
+    from kiln.kernels import matvec as launcher
+
+    if not CUDA and not launcher._INTERPRETED:
+        pytest.skip("the kernel was compiled before TRITON_INTERPRET=1 was set (no CUDA here)")
+    return launcher
+
+
+@pytest.mark.parametrize("act", ACTS, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_matvec_matches_reference(fmt: str, act: torch.dtype) -> None:
+    launcher = _kernel()
+    rtol, atol, _reason = MATVEC[(fmt, act)]
+    block = quant.get_format(fmt).block_size
+    gen = torch.Generator().manual_seed(1234)
+    for m, n, k in _shapes(block):
+        w = _weight(fmt, n, k, gen)
+        x = torch.randn(m, k, generator=gen).to(act).to(DEVICE)
+        y = launcher.matvec(x, w)
+        dense = w.dense()
+        ref = linear(x.float(), w)
+        bound = atol + rtol * (x.float().abs() @ dense.abs().T)
+        _check(y, ref, bound, f"{fmt} x:{act} M={m} N={n} K={k}")
+
+
+def test_matvec_rejects_bad_input() -> None:
+    launcher = _kernel()
+    gen = torch.Generator().manual_seed(0)
+    w = _weight("Q8_0", 4, 64, gen)
+    with pytest.raises(AssertionError, match="K=32"):
+        launcher.matvec(torch.zeros(1, 32, device=DEVICE), w)
+    with pytest.raises(AssertionError, match="1..8"):
+        launcher.matvec(torch.zeros(9, 64, device=DEVICE), w)
+    with pytest.raises(AssertionError, match="contiguous"):
+        launcher.matvec(torch.zeros(64, 2, device=DEVICE).T, w)

@@ -2,9 +2,13 @@
 device-to-device copy (the achievable HBM bandwidth). Not run by CI; needs a CUDA device.
 
     python benchmarks/matvec.py [--formats Q4_K,Q8_0] [--shapes 4096x4096,12288x4096] [--sweep]
+                                [--compare]
 
 A shape NxK is a weight of N output rows and K inputs (12288x4096 is an up projection).
 --sweep also times a few launch configs per format on the first shape and uses the best one.
+--no-join reads x strided in the integer-view kernels instead of interleaving values in registers.
+--compare also times the byte kernel (kiln.kernels.matvec.USE_WIDE off) at its default config
+for the formats that have an M = 1 integer-view kernel.
 """
 
 from __future__ import annotations
@@ -32,6 +36,10 @@ SWEEP = [
         (4, 512, 4),
         (8, 512, 8),
         (16, 512, 8),
+        (8, 1024, 4),
+        (16, 1024, 8),
+        (32, 256, 4),
+        (32, 512, 8),
     )
 ]
 
@@ -55,8 +63,11 @@ def main() -> None:
     ap.add_argument("--shapes", default=SHAPES)
     ap.add_argument("--m", type=int, default=1)
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--compare", action="store_true")
+    ap.add_argument("--no-join", action="store_true", help="integer-view kernels: WIDE_JOIN off")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "benchmarks/matvec.py needs a CUDA device"
+    mv.WIDE_JOIN = not args.no_join
     torch.manual_seed(0)
     copy = copy_gbps()
     print(f"{torch.cuda.get_device_name()}: device-to-device copy {copy:.0f} GB/s")
@@ -88,6 +99,17 @@ def main() -> None:
                 f"{fmt:6} {n:>5}x{k:<6} {tag:>14} {ms * 1e3:8.1f} {gbps:7.0f} "
                 f"{100 * gbps / copy:6.1f}%"
             )
+            if args.compare and qtype in mv._WIDE:
+                mv.USE_WIDE = False
+                base = mv.default_config(qtype, n, k, args.m)
+                ms_b = _time_ms(lambda w=w, x=x, base=base: mv.matvec(x, w, base))
+                mv.USE_WIDE = True
+                gbps_b = nbytes / ms_b / 1e6
+                tag = f"{base.block_n}/{base.tile_values}/{base.num_warps}"
+                print(
+                    f"{'  byte':6} {n:>5}x{k:<6} {tag:>14} {ms_b * 1e3:8.1f} {gbps_b:7.0f} "
+                    f"{100 * gbps_b / copy:6.1f}%  (speedup {ms_b / ms:.2f}x)"
+                )
             del w, raw
 
 

@@ -42,17 +42,44 @@ MAX_M = 8
 _INTERPRETED = type(_k._matvec_kernel).__name__ == "InterpretedFunction"
 
 
+# M = 1 kernels reading the blocks through an integer view: qtype -> (kernel, view dtype, values
+# per block). The view needs the row start and stride aligned to the view's item size.
+_WIDE: dict[GGMLQuantizationType, tuple] = {
+    _T.Q8_0: (_k._matvec_q8_0_m1_kernel, torch.int16, 32),
+    _T.Q4_K: (_k._matvec_q4_k_m1_kernel, torch.int32, 256),
+    _T.Q6_K: (_k._matvec_q6_k_m1_kernel, torch.int16, 256),
+}
+USE_WIDE = True  # False: every format on _matvec_kernel (benchmarks/matvec.py --compare)
+WIDE_JOIN = True  # interleave the unpacked values in registers so x is read contiguously
+
+
+def _aligned(raw: torch.Tensor, size: int) -> bool:
+    return raw.data_ptr() % size == 0 and raw.stride(0) % size == 0
+
+
 @dataclass(frozen=True)
 class MatvecConfig:
     block_n: int  # output rows per program
-    tile_values: int  # values of K per loop step (floats, legacy); K-quants always use 256
+    tile_values: int  # values of K per loop step (K-quants: 256 on the byte kernel)
     num_warps: int
+
+
+# Defaults of the M = 1 integer-view kernels (WIDE_JOIN on): the best of benchmarks/matvec.py
+# --sweep on an H100 for 4096 x 4096 (Q8_0 16.7 us, Q4_K 16.0 us, Q6_K 20.0 us; the byte kernel
+# took 22.8, 24.2, 24.1 us). The sweep is noisy (about +-10 %) and ran once; not re-verified.
+_WIDE_DEFAULTS = {
+    _T.Q8_0: MatvecConfig(block_n=8, tile_values=1024, num_warps=4),
+    _T.Q4_K: MatvecConfig(block_n=8, tile_values=1024, num_warps=4),
+    _T.Q6_K: MatvecConfig(block_n=8, tile_values=512, num_warps=8),
+}
 
 
 def default_config(qtype: GGMLQuantizationType, n: int, k: int, m: int) -> MatvecConfig:
     """Untuned per-family defaults, the fastest of benchmarks/matvec.py --sweep on an H100 for a
     4096 x 4096 weight at M = 1 (e.g. Q8_0 22.8 us with 4/512/4 against 34.7 us with 8/256/4;
     Q4_K 23.4 us with 16/256/4 against 36.0 us with 8/256/4)."""
+    if USE_WIDE and m == 1 and qtype in _WIDE:
+        return _WIDE_DEFAULTS[qtype]
     if qtype in _FLOAT_VIEW or GGML_QUANT_SIZES[qtype][0] == 32:
         return MatvecConfig(block_n=4, tile_values=512, num_warps=4)
     if qtype == _T.Q6_K:
@@ -88,6 +115,25 @@ def matvec(x: torch.Tensor, weight: Weight, config: MatvecConfig | None = None) 
     assert raw.shape[1] == k // block_values * type_size, "raw row size does not match K"
     out = torch.empty((m, n), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(n, cfg.block_n),)
+    wide = _WIDE.get(weight.qtype)
+    if USE_WIDE and wide is not None and m == 1 and _aligned(raw, wide[1].itemsize):
+        kernel, view, values_per_step = wide
+        per_step = max(1, cfg.tile_values // values_per_step)
+        per_step = min(per_step, triton.next_power_of_2(k // block_values))
+        kernel[grid](
+            x,
+            raw.view(view),
+            out,
+            n,
+            k,
+            raw.stride(0) // view.itemsize,
+            K_INTERP=k if _INTERPRETED else 0,
+            BLOCK_N=cfg.block_n,
+            JOIN=WIDE_JOIN,
+            **{"S" if block_values == 32 else "NB": per_step},
+            num_warps=cfg.num_warps,
+        )
+        return out
     _k._matvec_kernel[grid](
         x,
         w,

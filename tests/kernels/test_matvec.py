@@ -88,3 +88,31 @@ def test_matvec_rejects_bad_input() -> None:
         launcher.matvec(torch.zeros(9, 64, device=DEVICE), w)
     with pytest.raises(AssertionError, match="contiguous"):
         launcher.matvec(torch.zeros(64, 2, device=DEVICE).T, w)
+
+
+@pytest.mark.parametrize("join", (True, False), ids=("join", "strided"))
+@pytest.mark.parametrize("tile", (32, 256, 512, 1024))
+@pytest.mark.parametrize("fmt", ("Q8_0", "Q4_K", "Q6_K"))
+def test_matvec_wide_kernels(fmt: str, tile: int, join: bool, monkeypatch) -> None:
+    """The M = 1 integer-view kernels over several blocks per step, including a ragged last step
+    (3 blocks), against the reference and against the byte kernel (USE_WIDE off)."""
+    launcher = _kernel()
+    monkeypatch.setattr(launcher, "WIDE_JOIN", join)
+    rtol, atol, _reason = MATVEC[(fmt, torch.float16)]
+    block = quant.get_format(fmt).block_size
+    gen = torch.Generator().manual_seed(7)
+    n, k = 19, 3 * block
+    w = _weight(fmt, n, k, gen)
+    assert launcher._aligned(w.raw, launcher._WIDE[w.qtype][1].itemsize)
+    x = torch.randn(1, k, generator=gen).to(torch.float16).to(DEVICE)
+    cfg = launcher.MatvecConfig(block_n=8, tile_values=tile, num_warps=4)
+    y = launcher.matvec(x, w, cfg)
+    ref = linear(x.float(), w)
+    bound = atol + rtol * (x.float().abs() @ w.dense().abs().T)
+    _check(y, ref, bound, f"{fmt} wide tile={tile}")
+    launcher.USE_WIDE = False
+    try:
+        y_bytes = launcher.matvec(x, w, cfg)
+    finally:
+        launcher.USE_WIDE = True
+    _check(y, y_bytes, bound, f"{fmt} wide vs byte kernel tile={tile}")

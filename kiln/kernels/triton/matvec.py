@@ -168,3 +168,210 @@ def _matvec_kernel(
         acc += tl.sum(tl.sum(acc3, axis=2), axis=1)[:, None]
     out = out_ptr + m_idx[None, :] * stride_om + rows[:, None]
     tl.store(out, acc, mask=row_ok[:, None] & (m_idx[None, :] < M))
+
+
+# M = 1 kernels that read Q8_0, Q4_K and Q6_K through wider integer views of the same bytes (one
+# load per 2 or 4 bytes instead of one per value), extract each quant from a register once, and
+# turn small integers into fp32 with the 2**23 trick (exact; avoids the quarter-rate I2F).
+_MAGIC: tl.constexpr = tl.constexpr(0x4B000000)  # fp32 bits of 2**23
+
+
+@triton.jit
+def _small_int_f32(u, bias: tl.constexpr):
+    """u: int32 in [0, 2**22) -> fp32 u - bias (exact for integers)."""
+    return (u | _MAGIC).to(tl.float32, bitcast=True) - (8388608.0 + bias)
+
+
+@triton.jit
+def _f16_lo(v):
+    """The f16 in the low 16 bits of int32 v, as fp32."""
+    return (v & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _matvec_q8_0_m1_kernel(
+    x_ptr,  # [1, K] f32/f16/bf16
+    w_ptr,  # int16 view [N, row_bytes / 2]: block b of a row at halfword 17 * b
+    out_ptr,  # f32 [1, N]
+    N,
+    K,
+    stride_wn,  # in halfwords
+    K_INTERP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    S: tl.constexpr,  # blocks per loop step
+    JOIN: tl.constexpr,  # interleave the two bytes in registers so x loads are contiguous
+):
+    """Halfword p of a block's quants holds values 2p (low byte) and 2p + 1 (high byte)."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_c = tl.minimum(rows, N - 1).to(tl.int64)
+    row_base = w_ptr + rows_c[:, None, None] * stride_wn
+    s3 = tl.arange(0, S)[None, :, None]
+    p3 = tl.arange(0, 16)[None, None, :]
+    acc_lo = tl.zeros([BLOCK_N, S, 16], dtype=tl.float32)
+    acc_hi = tl.zeros([BLOCK_N, S, 16], dtype=tl.float32)
+    acc32 = tl.zeros([BLOCK_N, S, 32], dtype=tl.float32)
+    j3 = tl.arange(0, 32)[None, None, :]
+    nblk = K // 32
+    for k0 in range(0, K_INTERP if K_INTERP > 0 else K, 32 * S):
+        b = k0 // 32 + s3
+        ok = b < nblk
+        blk = row_base + tl.minimum(b, nblk - 1).to(tl.int64) * 17
+        d = tl.load(blk).to(tl.float16, bitcast=True).to(tl.float32)  # [BLOCK_N, S, 1]
+        h = tl.load(blk + 1 + p3).to(tl.int32)
+        lo = _small_int_f32((h & 0xFF) ^ 0x80, 128.0)
+        hi = _small_int_f32(((h >> 8) & 0xFF) ^ 0x80, 128.0)
+        if JOIN:
+            w = tl.reshape(tl.join(lo * d, hi * d), [BLOCK_N, S, 32])
+            acc32 += w * tl.load(x_ptr + b * 32 + j3, mask=ok, other=0.0).to(tl.float32)
+        else:
+            xk = x_ptr + b * 32 + 2 * p3
+            xe = tl.load(xk, mask=ok, other=0.0).to(tl.float32)
+            xo = tl.load(xk + 1, mask=ok, other=0.0).to(tl.float32)
+            acc_lo += (lo * d) * xe
+            acc_hi += (hi * d) * xo
+    if JOIN:
+        acc = tl.sum(tl.sum(acc32, axis=2), axis=1)
+    else:
+        acc = tl.sum(tl.sum(acc_lo + acc_hi, axis=2), axis=1)
+    tl.store(out_ptr + rows, acc, mask=rows < N)
+
+
+@triton.jit
+def _matvec_q4_k_m1_kernel(
+    x_ptr,  # [1, K] f32/f16/bf16
+    w_ptr,  # int32 view [N, row_bytes / 4]: super-block b of a row at word 36 * b
+    out_ptr,  # f32 [1, N]
+    N,
+    K,
+    stride_wn,  # in words
+    K_INTERP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NB: tl.constexpr,  # super-blocks per loop step
+    JOIN: tl.constexpr,  # interleave the four bytes in registers so x loads are contiguous
+):
+    """Word 0 = d | dmin << 16, words 1..3 = the 12 scale bytes, words 4..35 = qs. The tile is
+    [BLOCK_N, 4 * NB, 8] words: (super-block, c, i) -> qs word 8c + i, whose byte b holds values
+    64c + 4i + b (low nibble, sub-block 2c) and 64c + 32 + 4i + b (high nibble, sub-block
+    2c + 1)."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_c = tl.minimum(rows, N - 1).to(tl.int64)
+    row_base = w_ptr + rows_c[:, None, None] * stride_wn
+    t3 = tl.arange(0, 4 * NB)[None, :, None]
+    i3 = tl.arange(0, 8)[None, None, :]
+    c3 = t3 % 4
+    upper = c3 >= 2  # sub-blocks 4..7
+    acc = tl.zeros([BLOCK_N, 4 * NB, 8], dtype=tl.float32)
+    acc32 = tl.zeros([BLOCK_N, 4 * NB, 32], dtype=tl.float32)
+    l3 = tl.arange(0, 32)[None, None, :]
+    nsb = K // 256
+    for k0 in range(0, K_INTERP if K_INTERP > 0 else K, 256 * NB):
+        sb = k0 // 256 + t3 // 4
+        ok = sb < nsb
+        blk = row_base + tl.minimum(sb, nsb - 1).to(tl.int64) * 36  # [BLOCK_N, 4 * NB, 1]
+        w0 = tl.load(blk)
+        w1 = tl.load(blk + 1)
+        w2 = tl.load(blk + 2)
+        w3 = tl.load(blk + 3)
+        d = _f16_lo(w0)
+        dmin = _f16_lo(w0 >> 16)
+        qw = tl.load(blk + 4 + 8 * c3 + i3)  # [BLOCK_N, 4 * NB, 8]
+        xb = x_ptr + sb * 256 + 64 * c3 + 4 * i3
+        for h in tl.static_range(2):
+            sh = 8 * (2 * (c3 % 2) + h)  # byte r = s % 4 of sub-block s = 2c + h
+            a1 = (w1 >> sh) & 255  # scales[r]
+            a2 = (w2 >> sh) & 255  # scales[r + 4]
+            a3 = (w3 >> sh) & 255  # scales[r + 8]
+            sc = tl.where(upper, (a3 & 15) | ((a1 >> 6) << 4), a1 & 63)
+            mn = tl.where(upper, (a3 >> 4) | ((a2 >> 6) << 4), a2 & 63)
+            dsc = d * sc.to(tl.float32)
+            dmn = dmin * mn.to(tl.float32)
+            if JOIN:
+                v0 = dsc * _small_int_f32((qw >> (4 * h)) & 15, 0.0) - dmn
+                v1 = dsc * _small_int_f32((qw >> (8 + 4 * h)) & 15, 0.0) - dmn
+                v2 = dsc * _small_int_f32((qw >> (16 + 4 * h)) & 15, 0.0) - dmn
+                v3 = dsc * _small_int_f32((qw >> (24 + 4 * h)) & 15, 0.0) - dmn
+                w = tl.reshape(tl.join(tl.join(v0, v2), tl.join(v1, v3)), [BLOCK_N, 4 * NB, 32])
+                xv = tl.load(x_ptr + sb * 256 + 64 * c3 + 32 * h + l3, mask=ok, other=0.0)
+                acc32 += w * xv.to(tl.float32)
+            else:
+                for b in tl.static_range(4):
+                    q = _small_int_f32((qw >> (8 * b + 4 * h)) & 15, 0.0)
+                    xv = tl.load(xb + (32 * h + b), mask=ok, other=0.0).to(tl.float32)
+                    acc += (dsc * q - dmn) * xv
+    if JOIN:
+        out = tl.sum(tl.sum(acc32, axis=2), axis=1)
+    else:
+        out = tl.sum(tl.sum(acc, axis=2), axis=1)
+    tl.store(out_ptr + rows, out, mask=rows < N)
+
+
+@triton.jit
+def _matvec_q6_k_m1_kernel(
+    x_ptr,  # [1, K] f32/f16/bf16
+    w_ptr,  # int16 view [N, row_bytes / 2]: super-block b of a row at halfword 105 * b
+    out_ptr,  # f32 [1, N]
+    N,
+    K,
+    stride_wn,  # in halfwords
+    K_INTERP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NB: tl.constexpr,  # super-blocks per loop step
+    JOIN: tl.constexpr,  # interleave the two bytes in registers so x loads are contiguous
+):
+    """Halfwords 0..63 = ql, 64..95 = qh, 96..103 = scales, 104 = d. The tile is
+    [BLOCK_N, 4 * NB, 8]: (super-block, half hh, g, p') with p = 8g + p' covers the halfwords
+    ql[32hh + p] (A), ql[32hh + 16 + p] (B), qh[16hh + p]; byte e of them holds l = 2p + e, i.e.
+    values 128hh + 32k + l (k = 0..3) with the int8 scale 8hh + 2k + g."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_c = tl.minimum(rows, N - 1).to(tl.int64)
+    row_base = w_ptr + rows_c[:, None, None] * stride_wn
+    t3 = tl.arange(0, 4 * NB)[None, :, None]
+    p3 = tl.arange(0, 8)[None, None, :]
+    hh = (t3 // 2) % 2
+    g = t3 % 2
+    acc = tl.zeros([BLOCK_N, 4 * NB, 8], dtype=tl.float32)
+    acc16 = tl.zeros([BLOCK_N, 4 * NB, 16], dtype=tl.float32)
+    l3 = tl.arange(0, 16)[None, None, :]
+    nsb = K // 256
+    for k0 in range(0, K_INTERP if K_INTERP > 0 else K, 256 * NB):
+        sb = k0 // 256 + t3 // 4
+        ok = sb < nsb
+        blk = row_base + tl.minimum(sb, nsb - 1).to(tl.int64) * 105  # [BLOCK_N, 4 * NB, 1]
+        d = tl.load(blk + 104).to(tl.float16, bitcast=True).to(tl.float32)
+        p = 8 * g + p3
+        qa = tl.load(blk + 32 * hh + p).to(tl.int32)
+        qb = tl.load(blk + 32 * hh + 16 + p).to(tl.int32)
+        qh = tl.load(blk + 64 + 16 * hh + p).to(tl.int32)
+        xb = x_ptr + sb * 256 + 128 * hh + 2 * p
+        for k in tl.static_range(4):
+            scw = tl.load(blk + 96 + 4 * hh + k).to(tl.int32)
+            sc = (scw << (24 - 8 * g)) >> 24  # signed byte g
+            dsc = d * sc.to(tl.float32)
+            if k % 2 == 0:
+                ql = qa
+            else:
+                ql = qb
+            if JOIN:
+                sl = 4 * (k // 2)
+                q0 = ((ql >> sl) & 15) | (((qh >> (2 * k)) & 3) << 4)
+                q1 = ((ql >> (8 + sl)) & 15) | (((qh >> (8 + 2 * k)) & 3) << 4)
+                w0 = dsc * _small_int_f32(q0, 32.0)
+                w1 = dsc * _small_int_f32(q1, 32.0)
+                w = tl.reshape(tl.join(w0, w1), [BLOCK_N, 4 * NB, 16])
+                xv = tl.load(x_ptr + sb * 256 + 128 * hh + 32 * k + 16 * g + l3, mask=ok, other=0.0)
+                acc16 += w * xv.to(tl.float32)
+            else:
+                for e in tl.static_range(2):
+                    q6 = ((ql >> (8 * e + 4 * (k // 2))) & 15) | (
+                        ((qh >> (8 * e + 2 * k)) & 3) << 4
+                    )
+                    xv = tl.load(xb + (32 * k + e), mask=ok, other=0.0).to(tl.float32)
+                    acc += (dsc * _small_int_f32(q6, 32.0)) * xv
+    if JOIN:
+        out = tl.sum(tl.sum(acc16, axis=2), axis=1)
+    else:
+        out = tl.sum(tl.sum(acc, axis=2), axis=1)
+    tl.store(out_ptr + rows, out, mask=rows < N)

@@ -20,20 +20,19 @@ import kiln
 UNKNOWN = "-"
 
 
-def _git(args: list[str], cwd: str | os.PathLike[str]) -> str | None:
-    """stdout of `git ARGS` run in cwd, stripped; None when git fails or is missing."""
+def _output(cmd: list[str], cwd: str | os.PathLike[str] | None = None) -> str | None:
+    """stdout of cmd, stripped; None when it fails, hangs past 30 s or is not installed."""
     try:
         proc = subprocess.run(
-            ["git", *args],
-            cwd=cwd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            timeout=30,
+            cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, timeout=30
         )
     except (OSError, subprocess.SubprocessError):
         return None
     return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def _git(args: list[str], cwd: str | os.PathLike[str]) -> str | None:
+    return _output(["git", *args], cwd)
 
 
 def git_toplevel(cwd: str | os.PathLike[str] | None = None) -> Path | None:
@@ -106,18 +105,8 @@ def gpu_names() -> str:
 
 @functools.lru_cache(maxsize=1)
 def nvidia_driver() -> str | None:
-    try:
-        proc = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            timeout=30,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    lines = proc.stdout.strip().splitlines()
-    return lines[0].strip() if proc.returncode == 0 and lines else None
+    out = _output(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+    return out.splitlines()[0].strip() if out else None
 
 
 def driver(device: torch.device) -> str:

@@ -41,6 +41,7 @@ import torch
 from kiln.bench import env, memory
 from kiln.bench import models as M
 from kiln.errors import UsageError
+from kiln.llm import pick_device
 
 FORMATS = ("md", "csv", "json", "jsonl")
 DEFAULT_N_PROMPT = (512,)
@@ -191,12 +192,6 @@ def instances(params: BenchParams) -> list[TestInstance]:
                     tests += [(p, n) for p, n in params.n_pg if p > 0 or n > 0]
                     out += [TestInstance(m, p, n, nd, nb, nub) for p, n in tests]
     return out
-
-
-def pick_device(device: str) -> torch.device:
-    from kiln.llm import pick_device as _pick
-
-    return _pick(device)
 
 
 # -- results -------------------------------------------------------------------------------------

@@ -22,6 +22,8 @@ class LLM:
     device: "cpu", "cuda", "cuda:1" or "auto" (CUDA when available).
     n_ctx: context size in tokens (default min(4096, the model's trained context)).
     ubatch: prompt tokens processed per forward pass.
+    backend: "auto" (the triton kernels on CUDA, the torch reference elsewhere), "torch", "triton".
+    fusions: {fusion name: on} overrides (see `kiln fusions`; KILN_<NAME> env vars also apply).
     """
 
     def __init__(
@@ -30,7 +32,8 @@ class LLM:
         device: str = "auto",
         n_ctx: int | None = None,
         ubatch: int = 512,
-        backend: str = "torch",
+        backend: str = "auto",
+        fusions: dict[str, bool] | None = None,
     ):
         from kiln.gguf import read_gguf
         from kiln.hub import resolve_model
@@ -49,7 +52,7 @@ class LLM:
                 f"n_ctx {n_ctx} exceeds the {self.config.n_ctx_train} tokens "
                 f"{self.path.name} was trained on"
             )
-        self.model = build_model(self.gguf, self.device, backend=backend)
+        self.model = build_model(self.gguf, self.device, backend=backend, fusions=fusions)
         self.engine = Engine(self.model, n_ctx=n_ctx, ubatch=ubatch)
 
     @property

@@ -1,10 +1,20 @@
-"""Fixtures for real files: ../shared (skip with a reason when absent) and the demo model."""
+"""Fixtures for real files: ../shared (skip with a reason when absent) and the demo model.
+
+Without a CUDA device the Triton kernels run in Triton's interpreter: TRITON_INTERPRET is read
+when a @triton.jit function is decorated (when kiln/kernels/triton/* is first imported), so it is
+set here, before any test imports a kernel.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"

@@ -36,7 +36,9 @@ def test_cuda_matches_cpu(preset, qtype):
     model = build_synthetic(preset, qtype)  # the same bytes on both devices
     results = []
     for device in ("cpu", "cuda"):
-        results.append(_greedy_and_logits(Engine(build_model(model, device), n_ctx=128)))
+        results.append(
+            _greedy_and_logits(Engine(build_model(model, device, backend="torch"), n_ctx=128))
+        )
     (cpu_logits, cpu_tokens), (gpu_logits, gpu_tokens) = results
     torch.testing.assert_close(gpu_logits, cpu_logits, rtol=1e-3, atol=1e-3)
     assert gpu_tokens == cpu_tokens

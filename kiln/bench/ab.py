@@ -1,9 +1,9 @@
 """`kiln ab`: two configurations of the same benchmark, interleaved, and a verdict.
 
 A configuration is a string of bench flags that set *how* the model runs: -m/--model,
--b/--batch-size, -ub/--ubatch-size, --backend, and NAME=VALUE environment assignments (e.g. a
-fusion toggle KILN_<NAME>=0), applied while that configuration's model is built and while it
-runs. *What* is measured (-p, -n, -pg, -d) is set once, for both.
+-b/--batch-size, -ub/--ubatch-size, --backend, --fusion NAME=0|1, and NAME=VALUE environment
+assignments (e.g. a fusion toggle KILN_<NAME>=0), applied while that configuration's model is
+built and while it runs. *What* is measured (-p, -n, -pg, -d) is set once, for both.
 
 The method: each test is made ready for A and for B (model built, KV cache allocated, depth filled,
 warm-up run: kiln.bench.llama_bench.Session), then `rounds` rounds each time one repetition of
@@ -43,6 +43,7 @@ from kiln.bench import llama_bench as B
 from kiln.bench import memory
 from kiln.bench.models import load_gguf
 from kiln.errors import UsageError
+from kiln.fusion import parse_overrides
 
 DEFAULT_ROUNDS = 10
 DEFAULT_CHECK_TOKENS = 128
@@ -74,6 +75,7 @@ class Config:
     n_ubatch: int | None = None
     backend: str | None = None
     env: tuple[tuple[str, str], ...] = ()
+    fusions: tuple[tuple[str, bool], ...] = ()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -86,7 +88,8 @@ _TEST_FLAGS = {"-p", "--n-prompt", "-n", "--n-gen", "-pg", "-d", "--n-depth", "-
 
 
 def parse_config(text: str, label: str) -> Config:
-    """A configuration string: bench flags -m, -b, -ub, --backend and NAME=VALUE assignments."""
+    """A configuration string: bench flags -m, -b, -ub, --backend, --fusion and NAME=VALUE
+    assignments."""
     try:
         tokens = shlex.split(text)
     except ValueError as e:
@@ -103,19 +106,20 @@ def parse_config(text: str, label: str) -> Config:
         if tok.split("=", 1)[0] in _TEST_FLAGS:
             raise UsageError(
                 f"configuration {label} sets {tok.split('=', 1)[0]}: A and B set how the model "
-                f"runs (-m, -b, -ub, --backend, NAME=VALUE); the tests (-p, -n, -pg, -d), -r "
-                f"and --device are given once, outside them"
+                f"runs (-m, -b, -ub, --backend, --fusion, NAME=VALUE); the tests (-p, -n, -pg, "
+                f"-d), -r and --device are given once, outside them"
             )
     p = _Parser(prog=f"configuration {label}", add_help=False)
     p.add_argument("-m", "--model")
     p.add_argument("-b", "--batch-size")
     p.add_argument("-ub", "--ubatch-size")
     p.add_argument("--backend")
+    p.add_argument("--fusion", action="append")
     ns, rest = p.parse_known_args(flags)
     if rest:
         raise UsageError(
             f"configuration {label} {text!r}: {' '.join(rest)} is not a configuration flag "
-            f"(-m, -b, -ub, --backend, NAME=VALUE)"
+            f"(-m, -b, -ub, --backend, --fusion, NAME=VALUE)"
         )
 
     def one_int(value: str | None, flag: str) -> int | None:
@@ -138,6 +142,7 @@ def parse_config(text: str, label: str) -> Config:
         n_ubatch=one_int(ns.ubatch_size, "-ub"),
         backend=ns.backend,
         env=tuple(env),
+        fusions=tuple(parse_overrides(ns.fusion).items()),
     )
 
 
@@ -209,7 +214,7 @@ class ABParams:
     n_depth: tuple[int, ...] = B.DEFAULT_N_DEPTH
     rounds: int = DEFAULT_ROUNDS
     device: str = "auto"
-    backend: str = "torch"
+    backend: str = "auto"
     warmup: bool = True
     check_tokens: int = DEFAULT_CHECK_TOKENS
 
@@ -271,7 +276,7 @@ def run_ab(params: ABParams, progress: B.Progress | None = None) -> ABResult:
                 progress.status(f"loading {value}", keep=True)
                 ggufs[value] = load_gguf(value, device)
             progress.status(f"building {c.label} ({c.text or 'defaults'})", keep=True)
-            loaded[c.label] = B.build_loaded(value, *ggufs[value], device, backend)
+            loaded[c.label] = B.build_loaded(value, *ggufs[value], device, backend, c.fusions)
         runners[c.label] = B.Runner(device, backend, 1, params.warmup, progress)
     rows = [ABRow(inst.name) for inst in tests["A"]]
     sessions: dict[str, list[B.Session]] = {}

@@ -66,8 +66,12 @@ class BenchParams:
     reps: int = DEFAULT_REPS
     output: str = "md"
     device: str = "auto"
-    backend: str = "torch"
+    backend: str = "auto"
     warmup: bool = True
+    fusions: tuple[Fusions, ...] = ((),)  # each a set of --fusion overrides, swept like -ub
+
+
+Fusions = tuple[tuple[str, bool], ...]  # (name, on) overrides, hashable
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,11 @@ class TestInstance:
     n_depth: int
     n_batch: int
     n_ubatch: int
+    fusions: Fusions = ()
+
+    @property
+    def fusion_label(self) -> str:
+        return ",".join(f"{n}={int(on)}" for n, on in self.fusions) or "default"
 
     @property
     def name(self) -> str:
@@ -180,17 +189,18 @@ def parse_models(values: Iterable[str] | None, default: str) -> tuple[str, ...]:
 
 def instances(params: BenchParams) -> list[TestInstance]:
     """Every combination of the list values, in llama-bench's order (each model's tests
-    together, so it loads once): model, batch, ubatch, depth, then the pp, tg and pg tests;
-    sizes of 0 are skipped."""
+    together, so it loads once; then each fusion set's, so it builds once): model, fusions,
+    batch, ubatch, depth, then the pp, tg and pg tests; sizes of 0 are skipped."""
     out = []
     for m in params.models:
-        for nb in params.n_batch:
-            for nub in params.n_ubatch:
-                for nd in params.n_depth:
-                    tests = [(p, 0) for p in params.n_prompt if p > 0]
-                    tests += [(0, n) for n in params.n_gen if n > 0]
-                    tests += [(p, n) for p, n in params.n_pg if p > 0 or n > 0]
-                    out += [TestInstance(m, p, n, nd, nb, nub) for p, n in tests]
+        for fu in params.fusions:
+            for nb in params.n_batch:
+                for nub in params.n_ubatch:
+                    for nd in params.n_depth:
+                        tests = [(p, 0) for p in params.n_prompt if p > 0]
+                        tests += [(0, n) for n in params.n_gen if n > 0]
+                        tests += [(p, n) for p, n in params.n_pg if p > 0 or n > 0]
+                        out += [TestInstance(m, p, n, nd, nb, nub, fu) for p, n in tests]
     return out
 
 
@@ -277,6 +287,7 @@ class TestResult:
             "n_prompt": i.n_prompt,
             "n_gen": i.n_gen,
             "n_depth": i.n_depth,
+            "fusions": i.fusion_label,
             "test_time": self.test_time,
             "avg_ns": self.avg_ns,
             "stddev_ns": self.stddev_ns,
@@ -316,15 +327,23 @@ class LoadedModel:
     bytes_per_token: int
     n_vocab: int
     bos_id: int | None  # the prompt's first token when the model adds BOS
+    fusions: Fusions = ()
 
 
-def load_model(value: str, device: torch.device, backend: str) -> LoadedModel:
+def load_model(
+    value: str, device: torch.device, backend: str, fusions: Fusions = ()
+) -> LoadedModel:
     gguf, filename = M.load_gguf(value, device)
-    return build_loaded(value, gguf, filename, device, backend)
+    return build_loaded(value, gguf, filename, device, backend, fusions)
 
 
 def build_loaded(
-    value: str, gguf: Any, filename: str, device: torch.device, backend: str
+    value: str,
+    gguf: Any,
+    filename: str,
+    device: torch.device,
+    backend: str,
+    fusions: Fusions = (),
 ) -> LoadedModel:
     """A GGUFModel built for `device` with its bench facts (two builds of one GGUFModel share
     its raw weights)."""
@@ -336,7 +355,8 @@ def build_loaded(
     return LoadedModel(
         value=value,
         filename=filename,
-        model=build_model(gguf, device, backend=backend),
+        model=build_model(gguf, device, backend=backend, fusions=dict(fusions)),
+        fusions=fusions,
         model_type=M.describe(gguf),
         size=gguf.tensor_bytes,
         n_params=gguf.n_params,
@@ -353,13 +373,16 @@ class Runner:
     def __init__(
         self,
         device: torch.device,
-        backend: str = "torch",
+        backend: str = "auto",
         reps: int = DEFAULT_REPS,
         warmup: bool = True,
         progress: Progress | None = None,
         on_timed: Callable[[TestInstance, Any], None] | None = None,
     ):
-        self.device, self.backend, self.reps, self.warmup = device, backend, reps, warmup
+        from kiln.ops import resolve_backend
+
+        self.device, self.reps, self.warmup = device, reps, warmup
+        self.backend = resolve_backend(backend, device)
         self.progress = progress or Progress(quiet=True)
         self.on_timed = on_timed
         self.rng = random.Random(SEED)
@@ -379,9 +402,9 @@ class Runner:
             self._git = env.git_state()
         return self._git
 
-    def load(self, value: str) -> LoadedModel:
+    def load(self, value: str, fusions: Fusions = ()) -> LoadedModel:
         self.progress.status(f"loading {value}", keep=True)
-        return load_model(value, self.device, self.backend)
+        return load_model(value, self.device, self.backend, fusions)
 
     def new_result(self, lm: LoadedModel, inst: TestInstance) -> TestResult:
         dev = self.device
@@ -484,10 +507,10 @@ def run_tests(
     results: list[TestResult] = []
     lm: LoadedModel | None = None
     for k, inst in enumerate(tests):
-        if lm is None or lm.value != inst.model:
+        if lm is None or lm.value != inst.model or lm.fusions != inst.fusions:
             lm = None
             free_memory(runner.device)
-            lm = runner.load(inst.model)
+            lm = runner.load(inst.model, inst.fusions)
         try:
             result = runner.run(lm, inst, label=f"[{k + 1}/{len(tests)}] ")
         except torch.cuda.OutOfMemoryError:
@@ -597,6 +620,10 @@ def md_columns(params: BenchParams, device: torch.device) -> list[MdColumn]:
         cols.append(MdColumn("n_batch", "n_batch", 7))
     if params.n_ubatch != DEFAULT_N_UBATCH:
         cols.append(MdColumn("n_ubatch", "n_ubatch", 8))
+    if params.fusions != ((),):
+        width = max(len("fusion"), *(len(TestInstance("", 0, 0, 0, 0, 0, f).fusion_label)
+                                     for f in params.fusions))  # fmt: skip
+        cols.append(MdColumn("fusions", "fusion", -width))
     return cols + _MD_TAIL
 
 
@@ -610,6 +637,7 @@ def md_cells(r: TestResult) -> dict[str, str]:
         "n_threads": str(r.n_threads),
         "n_batch": str(r.inst.n_batch),
         "n_ubatch": str(r.inst.n_ubatch),
+        "fusions": r.inst.fusion_label,
         "test": r.test,
         "t/s": f"{r.avg_ts:.2f} ± {r.stddev_ts:.2f}",
         "gbps": "-" if gbps is None else f"{gbps:.2f}" if gbps < 10 else f"{gbps:.1f}",

@@ -180,9 +180,10 @@ def _expect(cache: KVCache, length: int, when: str) -> None:
 def load_engine(
     spec: str,
     device: str = "auto",
-    backend: str = "torch",
+    backend: str = "auto",
     n_ctx: int | None = None,
     ubatch: int = DEFAULT_UBATCH,
+    fusions: dict[str, bool] | None = None,
 ) -> tuple[Engine, str]:
     """(the Engine a sweep runs on, the model's name) for a -m value: a GGUF path, a known model
     name, or synthetic:PRESET:TYPE[:LAYERS] built on the device (kiln.bench.models, shared with
@@ -200,7 +201,7 @@ def load_engine(
         n_ctx = min(DEFAULT_CTX, n_train)
     elif n_ctx > n_train:
         raise UsageError(f"-c {n_ctx} exceeds the {n_train} tokens {name} was trained on")
-    model = build_model(gguf_model, dev, backend=backend)
+    model = build_model(gguf_model, dev, backend=backend, fusions=fusions)
     return Engine(model, n_ctx=n_ctx, ubatch=ubatch), name
 
 

@@ -15,6 +15,7 @@ MODULES = (
     "bench",
     "ab",
     "history",
+    "fusions",
 )
 
 

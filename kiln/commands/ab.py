@@ -5,7 +5,8 @@ the same greedy tokens.
     kiln ab -m synthetic:tiny-llama:q8_0 -p 64 -n 16 "-ub 32" "-ub 64"
     kiln ab -m synthetic:qwen3-8b:q4_k_m -p 0 -n 128 --a "KILN_SWIGLU=0" --b "KILN_SWIGLU=1"
 
-A and B hold -m, -b, -ub, --backend and NAME=VALUE environment assignments; "" is the defaults.
+A and B hold -m, -b, -ub, --backend, --fusion NAME=0|1 and NAME=VALUE environment assignments;
+"" is the defaults.
 The tests (-p, -n, -pg, -d), the rounds (-r) and the device are given once, for both.
 """
 

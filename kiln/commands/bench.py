@@ -2,6 +2,7 @@
 
     kiln bench -m synthetic:qwen3-8b:q4_k_m -p 512 -n 128 -d 0,4096 --device cuda
     kiln bench -m model.gguf -ub 128,256,512 -o csv
+    kiln bench -m synthetic:qwen3-8b:q4_k_m -n 128 -p 0 --fusion qkv_norm_rope=0,1
     kiln bench -m synthetic:qwen3-0.6b:q8_0 -n 128 -p 0 --record   # append to bench/history.jsonl
 
 Every combination of the list flags' values is one test; the table goes to stdout, progress to
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 
 from kiln.cli import command
+from kiln.commands.common import BACKEND_HELP
 from kiln.hub import DEMO_MODEL
 
 LIST_HELP = "(list: 64,128 or ranges 64-512*2)"
@@ -58,13 +60,19 @@ def add_test_arguments(p: argparse.ArgumentParser, n_prompt: str, n_gen: str) ->
     )
     p.add_argument("-r", "--repetitions", metavar="N", help="repetitions of each test (default 5)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument("--backend", default="torch", help="op backend (default: torch reference)")
+    p.add_argument("--backend", default="auto", help=BACKEND_HELP)
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up run of each test")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress line on stderr")
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     add_test_arguments(p, "512", "128")
+    p.add_argument(
+        "--fusion",
+        action="append",
+        metavar="NAME=0|1",
+        help="set a fusion (repeatable); NAME=0,1 runs both, like a list flag (see kiln fusions)",
+    )
     p.add_argument(
         "-b",
         "--batch-size",
@@ -96,6 +104,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 def bench_params(args: argparse.Namespace):
     """The checked BenchParams of `kiln bench`'s flags (UsageError on a bad one)."""
     from kiln.bench import llama_bench as B
+    from kiln.fusion import parse_sweep
 
     return B.BenchParams(
         models=B.parse_models(args.model, DEMO_MODEL),
@@ -110,6 +119,7 @@ def bench_params(args: argparse.Namespace):
         device=args.device,
         backend=args.backend,
         warmup=not args.no_warmup,
+        fusions=tuple(tuple(c.items()) for c in parse_sweep(args.fusion)),
     )
 
 

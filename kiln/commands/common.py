@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+from kiln.fusion import parse_overrides
 from kiln.runtime.sampler import SamplingParams
+
+BACKEND_HELP = (
+    "op backend: auto (default: the triton kernels on CUDA, else torch), torch (the reference) "
+    "or triton"
+)
 
 
 def add_model_args(
@@ -33,7 +39,17 @@ def add_model_args(
         default=512,
         help=ubatch_help,
     )
-    p.add_argument("--backend", default="torch", help="op backend (default: torch reference)")
+    add_backend_args(p)
+
+
+def add_backend_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="auto", help=BACKEND_HELP)
+    p.add_argument(
+        "--fusion",
+        action="append",
+        metavar="NAME=0|1",
+        help="switch a fusion on or off (repeatable; see `kiln fusions`)",
+    )
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
@@ -89,4 +105,5 @@ def load_llm(args: argparse.Namespace):
         n_ctx=args.ctx_size,
         ubatch=args.ubatch,
         backend=args.backend,
+        fusions=parse_overrides(args.fusion),
     )

@@ -81,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace, n_ctx: int):
+    from kiln.fusion import parse_overrides
     from kiln.llm import LLM
 
     return LLM(
@@ -89,6 +90,7 @@ def _load(args: argparse.Namespace, n_ctx: int):
         n_ctx=n_ctx,
         ubatch=min(args.batch_size, args.ubatch),  # llama.cpp: n_ubatch <= n_batch
         backend=args.backend,
+        fusions=parse_overrides(args.fusion),
     )
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from kiln.cli import command
 from kiln.commands.common import add_model_args
 from kiln.errors import UsageError
+from kiln.fusion import parse_overrides
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -96,7 +97,10 @@ def run(args: argparse.Namespace) -> int:
 
     _info(f"sweep: loading {args.model} ..")
     start = time.perf_counter()
-    engine, name = S.load_engine(args.model, args.device, args.backend, args.ctx_size, args.ubatch)
+    fusions = parse_overrides(args.fusion)
+    engine, name = S.load_engine(
+        args.model, args.device, args.backend, args.ctx_size, args.ubatch, fusions
+    )
     _info(f"sweep: loaded in {time.perf_counter() - start:.1f} s")
     n_gen = args.n_gen if args.n_gen is not None else S.default_n_gen(args.ubatch)
     S.check_sweep_args(engine.n_ctx, args.ubatch, n_gen)

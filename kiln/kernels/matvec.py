@@ -4,7 +4,9 @@ config and the grid.
     matvec(x: [M, K] f16/bf16/f32 contiguous, weight: Weight [N, K]) -> [M, N] float32
 
 M is a decode batch (1..8). The weight is read from its GGUF blocks with no float copy; its
-reference is kiln.ops.reference.linear(x.float(), weight).
+reference is kiln.ops.reference.linear(x.float(), weight). `launch` also serves the MoE decode
+mat-vec of kiln/kernels/moe.py: the same kernels with EXPERTS on, one grid column per selected
+expert.
 """
 
 from __future__ import annotations
@@ -43,18 +45,25 @@ _INTERPRETED = type(_k._matvec_kernel).__name__ == "InterpretedFunction"
 
 
 # M = 1 kernels reading the blocks through an integer view: qtype -> (kernel, view dtype, values
-# per block). The view needs the row start and stride aligned to the view's item size.
+# per block, row alignment). The view needs the row start and stride aligned to the view's item
+# size; the Q4_K kernel also assumes rows 16-byte aligned (whole 144-byte super-blocks).
 _WIDE: dict[GGMLQuantizationType, tuple] = {
-    _T.Q8_0: (_k._matvec_q8_0_m1_kernel, torch.int16, 32),
-    _T.Q4_K: (_k._matvec_q4_k_m1_kernel, torch.int32, 256),
-    _T.Q6_K: (_k._matvec_q6_k_m1_kernel, torch.int16, 256),
+    _T.Q8_0: (_k._matvec_q8_0_m1_kernel, torch.int16, 32, 2),
+    _T.Q4_K: (_k._matvec_q4_k_m1_kernel, torch.int32, 256, 16),
+    _T.Q6_K: (_k._matvec_q6_k_m1_kernel, torch.int16, 256, 2),
 }
 USE_WIDE = True  # False: every format on _matvec_kernel (benchmarks/matvec.py --compare)
 WIDE_JOIN = True  # interleave the unpacked values in registers so x is read contiguously
 
 
-def _aligned(raw: torch.Tensor, size: int) -> bool:
-    return raw.data_ptr() % size == 0 and raw.stride(0) % size == 0
+def _aligned(raw: torch.Tensor, size: int, row_align: int = 1) -> bool:
+    """Whether an integer view of `size` bytes sees every row (and expert) start of raw, and the
+    row stride is a multiple of row_align bytes."""
+    return (
+        raw.data_ptr() % size == 0
+        and all(st % size == 0 for st in raw.stride()[:-1])
+        and raw.stride(-2) % row_align == 0
+    )
 
 
 @dataclass(frozen=True)
@@ -100,40 +109,76 @@ def matvec(x: torch.Tensor, weight: Weight, config: MatvecConfig | None = None) 
     assert x.device == weight.device, f"x on {x.device}, weight on {weight.device}"
     raw = weight.raw
     assert raw.dtype == torch.uint8 and raw.dim() == 2 and raw.stride(1) == 1
-    cfg = config or default_config(weight.qtype, n, k, m)
-    block_values, type_size = GGML_QUANT_SIZES[weight.qtype]
-    if weight.qtype in _FLOAT_VIEW:
-        w = raw.view(_FLOAT_VIEW[weight.qtype])  # [N, K] typed view of the same bytes
-        stride_wn = w.stride(0)
-        s, el = 1, cfg.tile_values
-    elif block_values == 32:
-        w, stride_wn = raw, raw.stride(0)
-        s, el = max(1, min(cfg.tile_values // 32, triton.next_power_of_2(k // 32))), 32
-    else:
-        w, stride_wn = raw, raw.stride(0)
-        s, el = 8, 32
-    assert raw.shape[1] == k // block_values * type_size, "raw row size does not match K"
     out = torch.empty((m, n), dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(n, cfg.block_n),)
-    wide = _WIDE.get(weight.qtype)
-    if USE_WIDE and wide is not None and m == 1 and _aligned(raw, wide[1].itemsize):
-        kernel, view, values_per_step = wide
+    launch(x, weight.qtype, raw, out, config or default_config(weight.qtype, n, k, m))
+    return out
+
+
+def _slot_args(ids: torch.Tensor | None, x: torch.Tensor, w: torch.Tensor, out: torch.Tensor):
+    """(ids_ptr, stride_we, stride_xs, stride_os) of the kernels, in elements of each pointer's
+    type (w: the view the kernel reads). Slot s reads expert ids[s], x row s (row 0 for every
+    slot when x has one row) and writes out row s. Unused when EXPERTS is off."""
+    if ids is None:
+        return None, 0, 0, 0
+    return ids, w.stride(0), x.stride(0) if x.shape[0] > 1 else 0, out.stride(0)
+
+
+def launch(
+    x: torch.Tensor,
+    qtype: GGMLQuantizationType,
+    raw: torch.Tensor,
+    out: torch.Tensor,
+    cfg: MatvecConfig,
+    ids: torch.Tensor | None = None,
+) -> None:
+    """The one launch of the mat-vec kernels, for callers that have checked their inputs.
+
+    Plain (ids None): x [M, K], raw uint8 [N, row_bytes] -> out [M, N].
+    Experts (kiln/kernels/moe.py): ids [k] on the device, raw uint8 [n_expert, N, row_bytes],
+    x [1, K] (shared by every slot) or [k, K] -> out [k, N]: slot s is the M = 1 mat-vec of x row
+    s (or 0) with expert ids[s], in grid column s of the same kernels.
+    """
+    k = x.shape[1]
+    n = raw.shape[-2]
+    experts = ids is not None
+    m = 1 if experts else x.shape[0]
+    slots = ids.shape[0] if experts else 1
+    block_values, type_size = GGML_QUANT_SIZES[qtype]
+    assert raw.shape[-1] == k // block_values * type_size, "raw row size does not match K"
+    grid = (triton.cdiv(n, cfg.block_n), slots)
+    wide = _WIDE.get(qtype)
+    if USE_WIDE and wide is not None and m == 1 and _aligned(raw, wide[1].itemsize, wide[3]):
+        kernel, view, values_per_step, _row_align = wide
         per_step = max(1, cfg.tile_values // values_per_step)
+        # K that is not a power of two (K = 768: 3 super-blocks) pads the last step; the kernels
+        # mask it.
         per_step = min(per_step, triton.next_power_of_2(k // block_values))
+        w = raw.view(view)
         kernel[grid](
             x,
-            raw.view(view),
+            w,
             out,
             n,
             k,
-            raw.stride(0) // view.itemsize,
+            w.stride(-2),
+            *_slot_args(ids, x, w, out),
             K_INTERP=k if _INTERPRETED else 0,
+            EXPERTS=experts,
             BLOCK_N=cfg.block_n,
             JOIN=WIDE_JOIN,
             **{"S" if block_values == 32 else "NB": per_step},
             num_warps=cfg.num_warps,
         )
-        return out
+        return
+    if qtype in _FLOAT_VIEW:
+        w = raw.view(_FLOAT_VIEW[qtype])  # [(n_expert,) N, K] typed view of the same bytes
+        s, el = 1, cfg.tile_values
+    elif block_values == 32:
+        w = raw
+        s, el = max(1, min(cfg.tile_values // 32, triton.next_power_of_2(k // 32))), 32
+    else:
+        w = raw
+        s, el = 8, 32
     _k._matvec_kernel[grid](
         x,
         w,
@@ -142,10 +187,12 @@ def matvec(x: torch.Tensor, weight: Weight, config: MatvecConfig | None = None) 
         n,
         k,
         x.stride(0),
-        stride_wn,
+        w.stride(-2),
         out.stride(0),
+        *_slot_args(ids, x, w, out),
         K_INTERP=k if _INTERPRETED else 0,
-        FMT=FORMAT_IDS[weight.qtype],
+        EXPERTS=experts,
+        FMT=FORMAT_IDS[qtype],
         M_PAD=triton.next_power_of_2(m),
         BLOCK_N=cfg.block_n,
         S=s,
@@ -154,4 +201,3 @@ def matvec(x: torch.Tensor, weight: Weight, config: MatvecConfig | None = None) 
         BLOCK_VALUES=block_values,
         num_warps=cfg.num_warps,
     )
-    return out

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 
 import torch
 
 from kiln.errors import UnsupportedError
+from kiln.fusion import FusionPolicy
 from kiln.gguf.model import GGUFModel
 from kiln.models.common import BlockStyle, DecoderModel
-from kiln.ops import Weight, get_ops
+from kiln.ops import Weight, get_ops, resolve_backend
 
 STYLES: dict[str, BlockStyle] = {}
 
@@ -24,12 +26,16 @@ def register_model(arch: str, style: BlockStyle) -> BlockStyle:
 def build_model(
     model: GGUFModel,
     device: torch.device | str = "cpu",
-    backend: str = "torch",
+    backend: str = "auto",
     keep_dense: bool | None = None,
+    fusions: Mapping[str, bool] | None = None,
 ) -> DecoderModel:
     """Put a GGUF model's weights on `device` and build its decoder.
 
+    backend: "auto" (triton on CUDA, else torch), "torch" (the reference) or "triton".
     keep_dense (default: True on CPU) keeps float32 copies of the weights for the reference ops.
+    fusions: {name: on} overrides of the fusion policy (see kiln.fusion; env and defaults apply
+    to the rest).
     """
     for name in _ARCH_MODULES:
         importlib.import_module(f"kiln.models.{name}")
@@ -38,6 +44,8 @@ def build_model(
     if style is None:
         raise UnsupportedError(f"{model.source}: no model implementation for {config.arch!r}")
     device = torch.device(device)
+    backend = resolve_backend(backend, device)
+    policy = FusionPolicy.resolve(device, backend, fusions)
     if keep_dense is None:
         keep_dense = device.type == "cpu"
     weights = {name: Weight.from_raw(t, device, keep_dense) for name, t in model.tensors.items()}
@@ -47,4 +55,4 @@ def build_model(
         for name, w in weights.items():
             if name != "token_embd.weight" or config.tied_output:
                 w.dense()
-    return DecoderModel(config, weights, get_ops(backend), style)
+    return DecoderModel(config, weights, get_ops(backend, dict(policy.states)), style, policy)

@@ -14,7 +14,9 @@ import torch
 
 from kiln.config import ModelConfig
 from kiln.errors import UnsupportedError
+from kiln.fusion import FusionPolicy
 from kiln.ops import Weight
+from kiln.ops.weight import concat_rows
 from kiln.runtime.kv_cache import KVCache
 
 
@@ -28,16 +30,25 @@ class BlockStyle:
 
 
 class DecoderModel:
+    """One decoder for every architecture; `policy` says which fusions it is built with.
+
+    forward() processes T tokens at the cache's host-side length (prompts, the reference
+    decode); decode_step() is the static decode step of the GPU path: token and position are
+    device tensors and nothing depends on their values on the host, so it can be captured in a
+    CUDA graph and replayed at every position.
+    """
+
     def __init__(
         self,
         config: ModelConfig,
         weights: dict[str, Weight],
         ops: SimpleNamespace,
         style: BlockStyle,
+        policy: FusionPolicy,
     ):
         if config.rope_scaling.kind == "yarn":
             raise UnsupportedError(f"{config.name}: YaRN RoPE scaling is not implemented yet")
-        self.config, self.w, self.ops, self.style = config, weights, ops, style
+        self.config, self.w, self.ops, self.style, self.policy = config, weights, ops, style, policy
         self.device = weights["token_embd.weight"].device
         factors = weights.get("rope_freqs.weight")
         self.freqs = ops.rope_frequencies(
@@ -50,20 +61,69 @@ class DecoderModel:
             self.freqs = self.freqs / config.rope_scaling.factor
         self.scale = 1.0 / math.sqrt(config.head_dim)
         self.lm_head = weights.get("output.weight", weights["token_embd.weight"])
+        # layers whose weights were merged (a fusion can be on yet not apply to every layer)
+        self.merged_qkv = self._merge(_QKV) if policy.merged_qkv else 0
+        gate_up = _GATE_UP_EXPS if style.moe else _GATE_UP
+        self.merged_gate_up = self._merge(gate_up) if policy.merged_gate_up else 0
+
+    def _merge(self, names: tuple[tuple[str, ...], str]) -> int:
+        """Concatenate each layer's (q, k, v) or (gate, up) weights (and biases) into one weight
+        and drop the parts; -> the number of layers merged."""
+        parts, merged_name = names
+        count = 0
+        for i in range(self.config.n_layer):
+            p = f"blk.{i}."
+            for suffix in ("weight", "bias"):
+                keys = [f"{p}{n}.{suffix}" for n in parts]
+                if not all(k in self.w for k in keys):
+                    continue
+                merged = concat_rows(f"{p}{merged_name}.{suffix}", [self.w[k] for k in keys])
+                if merged is None:
+                    break  # the weight parts differ in type: this layer stays unmerged
+                self.w[merged.name] = merged
+                for k in keys:
+                    del self.w[k]
+                count += suffix == "weight"
+        return count
 
     def forward(self, ids: torch.Tensor, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
         """ids: [T] appended to the cache -> logits float32 [T or 1, n_vocab]."""
-        c, ops = self.config, self.ops
         n = ids.shape[0]
         start = cache.length
         cache.reserve(n)
         positions = torch.arange(start, start + n, device=self.device)
+
+        def attend(i: int, q: torch.Tensor) -> torch.Tensor:
+            keys, values = cache.view(i, start + n)
+            return self.ops.attention(q, keys, values, positions, self.scale)
+
+        x = self._layers(ids, positions, cache, attend)
+        cache.length = start + n
+        if not all_logits:
+            x = x[-1:]
+        return self.ops.linear(x, self.lm_head)
+
+    def decode_step(
+        self, token: torch.Tensor, position: torch.Tensor, cache: KVCache
+    ) -> torch.Tensor:
+        """token, position: int64 [1] on the device; the cache must hold position + 1 rows
+        (the caller reserves and advances cache.length) -> logits float32 [1, n_vocab]."""
+        length = position + 1
+
+        def attend(i: int, q: torch.Tensor) -> torch.Tensor:
+            return self.ops.attention_decode(q, cache.k[i], cache.v[i], length, self.scale)
+
+        x = self._layers(token, position, cache, attend)
+        return self.ops.linear(x, self.lm_head)
+
+    def _layers(self, ids, positions, cache: KVCache, attend) -> torch.Tensor:
+        """The decoder stack -> the final-normed hidden states [T, n_embd]."""
+        c, ops = self.config, self.ops
         h = ops.embedding(self.w["token_embd.weight"], ids)
         x = ops.rms_norm(h, self.w["blk.0.attn_norm.weight"], c.rms_eps)
         for i in range(c.n_layer):
-            p = f"blk.{i}."
-            attn = self._attention(i, x, positions, cache, start)
-            h, x = ops.add_rms_norm(attn, h, self.w[p + "ffn_norm.weight"], c.rms_eps)
+            attn = self._attention(i, x, positions, cache, attend)
+            h, x = ops.add_rms_norm(attn, h, self.w[f"blk.{i}.ffn_norm.weight"], c.rms_eps)
             ffn = self._ffn(i, x)
             next_norm = (
                 self.w[f"blk.{i + 1}.attn_norm.weight"]
@@ -71,47 +131,72 @@ class DecoderModel:
                 else self.w["output_norm.weight"]
             )
             h, x = ops.add_rms_norm(ffn, h, next_norm, c.rms_eps)
-        cache.length = start + n
-        if not all_logits:
-            x = x[-1:]
-        return ops.linear(x, self.lm_head)
+        return x
 
-    def _attention(
-        self, i: int, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int
-    ) -> torch.Tensor:
+    def _attention(self, i: int, x, positions, cache: KVCache, attend) -> torch.Tensor:
         c, ops, w, p = self.config, self.ops, self.w, f"blk.{i}."
-        spec = c.spec
         n = x.shape[0]
-        q = ops.linear(x, w[p + "attn_q.weight"], w.get(p + "attn_q.bias"))
-        k = ops.linear(x, w[p + "attn_k.weight"], w.get(p + "attn_k.bias"))
-        v = ops.linear(x, w[p + "attn_v.weight"], w.get(p + "attn_v.bias"))
+        q_size, kv_size = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
+        if p + "attn_qkv.weight" in w:
+            qkv = ops.linear(x, w[p + "attn_qkv.weight"], w.get(p + "attn_qkv.bias"))
+            q = qkv[:, :q_size]
+            k = qkv[:, q_size : q_size + kv_size]
+            v = qkv[:, q_size + kv_size :]
+        else:
+            q = ops.linear(x, w[p + "attn_q.weight"], w.get(p + "attn_q.bias"))
+            k = ops.linear(x, w[p + "attn_k.weight"], w.get(p + "attn_k.bias"))
+            v = ops.linear(x, w[p + "attn_v.weight"], w.get(p + "attn_v.bias"))
         q = q.view(n, c.n_head, c.head_dim)
         k = k.view(n, c.n_head_kv, c.head_dim)
         v = v.view(n, c.n_head_kv, c.head_dim_v)
-        if spec.qk_norm:
-            q = ops.rms_norm(q, w[p + "attn_q_norm.weight"], c.rms_eps)
-            k = ops.rms_norm(k, w[p + "attn_k_norm.weight"], c.rms_eps)
-        q = ops.rope(q, positions, self.freqs, self.style.rope_neox)
-        k = ops.rope(k, positions, self.freqs, self.style.rope_neox)
-        cache.write(i, start, k, v)
-        keys, values = cache.view(i, start + n)
-        out = ops.attention(q, keys, values, positions, self.scale)
+        q = ops.qkv_norm_rope(
+            q,
+            k,
+            v,
+            w.get(p + "attn_q_norm.weight"),
+            w.get(p + "attn_k_norm.weight"),
+            c.rms_eps,
+            positions,
+            self.freqs,
+            self.style.rope_neox,
+            cache.k[i],
+            cache.v[i],
+        )
+        out = attend(i, q)
         return ops.linear(out.reshape(n, c.n_head * c.head_dim_v), w[p + "attn_output.weight"])
 
     def _ffn(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        c, ops, w, p = self.config, self.ops, self.w, f"blk.{i}."
+        ops, w, p = self.ops, self.w, f"blk.{i}."
         if self.style.moe:
-            weights, ids = ops.moe_route(
-                x, w[p + "ffn_gate_inp.weight"], c.n_expert_used, self.style.moe_normalize
-            )
-            return ops.moe_ffn(
-                x,
-                weights,
-                ids,
-                w[p + "ffn_gate_exps.weight"],
-                w[p + "ffn_up_exps.weight"],
-                w[p + "ffn_down_exps.weight"],
-            )
-        gate = ops.linear(x, w[p + "ffn_gate.weight"])
-        up = ops.linear(x, w[p + "ffn_up.weight"])
+            return self._moe(i, x)
+        if p + "ffn_gate_up.weight" in w:
+            gate, up = ops.linear(x, w[p + "ffn_gate_up.weight"]).chunk(2, dim=-1)
+        else:
+            gate = ops.linear(x, w[p + "ffn_gate.weight"])
+            up = ops.linear(x, w[p + "ffn_up.weight"])
         return ops.linear(ops.swiglu(gate, up), w[p + "ffn_down.weight"])
+
+    def _moe(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        c, ops, w, p = self.config, self.ops, self.w, f"blk.{i}."
+        weights, ids = ops.moe_route(
+            x, w[p + "ffn_gate_inp.weight"], c.n_expert_used, self.style.moe_normalize
+        )
+        merged = w.get(p + "ffn_gate_up_exps.weight")
+        if x.shape[0] > 1:  # prompt: experts grouped by token on the host
+            gate = merged if merged is not None else w[p + "ffn_gate_exps.weight"]
+            up = None if merged is not None else w[p + "ffn_up_exps.weight"]
+            return ops.moe_ffn(x, weights, ids, gate, up, w[p + "ffn_down_exps.weight"])
+        # decode: the k selected experts in one launch per weight, ids never leave the device
+        slots = ids[0]
+        if merged is not None:
+            gate, up = ops.expert_linear(x, slots, merged).chunk(2, dim=-1)  # [k, F] each
+        else:
+            gate = ops.expert_linear(x, slots, w[p + "ffn_gate_exps.weight"])
+            up = ops.expert_linear(x, slots, w[p + "ffn_up_exps.weight"])
+        down = ops.expert_linear(ops.swiglu(gate, up), slots, w[p + "ffn_down_exps.weight"])
+        return (down * weights[0, :, None]).sum(0, keepdim=True)  # [1, n_embd]
+
+
+_QKV = (("attn_q", "attn_k", "attn_v"), "attn_qkv")
+_GATE_UP = (("ffn_gate", "ffn_up"), "ffn_gate_up")
+_GATE_UP_EXPS = (("ffn_gate_exps", "ffn_up_exps"), "ffn_gate_up_exps")

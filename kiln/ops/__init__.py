@@ -1,13 +1,21 @@
-"""The public op API. A model holds an OpSet and calls only these ops; a backend ("torch" is the
-reference in reference.py; GPU kernels register their own) provides each of them with the same
-signature, so any op can be checked against its reference."""
+"""The public op API. A model holds an op set and calls only these ops; a backend ("torch": the
+reference in reference.py; "triton": the GPU kernels in triton_backend.py) provides each of them
+with the reference's signature, so any op can be checked against its reference.
+
+Fused ops (add_rms_norm, qk_norm, qkv_norm_rope, swiglu) are ops too. When a fusion is off, the op
+set holds its decomposition into the backend's separate ops instead (decompose.py), so a model
+makes the same calls either way and the two forms can be compared one fusion at a time.
+"""
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
-from kiln.errors import UnsupportedError
-from kiln.ops import reference
+import torch
+
+from kiln.errors import UnsupportedError, UsageError
+from kiln.ops import decompose, reference
 from kiln.ops.weight import Weight
 
 OP_NAMES = (
@@ -15,25 +23,59 @@ OP_NAMES = (
     "linear",
     "rms_norm",
     "add_rms_norm",
+    "qk_norm",
+    "qkv_norm_rope",
     "rope_frequencies",
     "rope",
     "attention",
+    "attention_decode",
     "swiglu",
     "moe_route",
     "moe_ffn",
+    "expert_linear",
 )
-
-BACKENDS: dict[str, SimpleNamespace] = {
-    "torch": SimpleNamespace(name="torch", **{n: getattr(reference, n) for n in OP_NAMES})
-}
+FUSED_OPS = ("add_rms_norm", "qk_norm", "qkv_norm_rope", "swiglu")  # each is also a fusion name
+BACKEND_NAMES = ("torch", "triton")
 
 
-def get_ops(backend: str) -> SimpleNamespace:
-    """The op set of a backend ("torch": the reference, any device)."""
-    if backend not in BACKENDS:
-        known = ", ".join(sorted(BACKENDS))
-        raise UnsupportedError(f"unknown backend {backend!r} (available: {known})")
-    return BACKENDS[backend]
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """ "auto": triton on a CUDA device, torch (the reference) elsewhere; otherwise checked."""
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend not in BACKEND_NAMES:
+        raise UsageError(f"unknown backend {backend!r} (use auto, {', '.join(BACKEND_NAMES)})")
+    if backend == "triton" and device.type != "cuda" and not interpreting():
+        raise UsageError(
+            "the triton backend runs on a CUDA GPU (here: use --backend torch, or set "
+            "TRITON_INTERPRET=1 to run the kernels slowly in Triton's interpreter)"
+        )
+    return backend
 
 
-__all__ = ["BACKENDS", "OP_NAMES", "Weight", "get_ops"]
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def base_ops(backend: str) -> dict:
+    """{op name: function} of a backend with every fusion on."""
+    if backend == "torch":
+        return {n: getattr(reference, n) for n in OP_NAMES}
+    if backend == "triton":
+        from kiln.ops import triton_backend
+
+        return triton_backend.ops()
+    raise UnsupportedError(f"unknown backend {backend!r} (available: {', '.join(BACKEND_NAMES)})")
+
+
+def get_ops(backend: str, fused: dict[str, bool] | None = None) -> SimpleNamespace:
+    """The op set of a backend; fused[name] False puts the decomposition in place of that fused
+    op (default: all fused)."""
+    table = base_ops(backend)
+    ops = SimpleNamespace(name=backend, **table)
+    for name in FUSED_OPS:
+        if fused is not None and not fused.get(name, True):
+            setattr(ops, name, decompose.unfused(name, ops))
+    return ops
+
+
+__all__ = ["BACKEND_NAMES", "OP_NAMES", "Weight", "get_ops", "resolve_backend"]

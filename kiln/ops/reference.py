@@ -86,8 +86,61 @@ def attention(
     return out.transpose(0, 1)
 
 
+def attention_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    length: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One query token over the first `length` entries of a cache of capacity C.
+
+    q: [1, H, D]; k_cache: [C, Hkv, D]; v_cache: [C, Hkv, Dv] (f16/bf16/f32); length: int64 [1]
+    on the device (read there, so one captured CUDA graph serves every position) -> f32 [1, H, Dv].
+    """
+    positions = (length - 1).reshape(1)
+    return attention(q, k_cache, v_cache, positions, scale)
+
+
+def qk_norm(
+    q: torch.Tensor, k: torch.Tensor, q_weight: Weight, k_weight: Weight, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-head Q and K RMSNorms of qwen3: q: [T, H, D], k: [T, Hkv, D] (views of a merged QKV
+    result are fine) -> (q, k) float32, each normalized over D times its weight [D]."""
+    return rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps)
+
+
+def qkv_norm_rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_weight: Weight | None,
+    k_weight: Weight | None,
+    eps: float,
+    positions: torch.Tensor,
+    freqs: torch.Tensor,
+    neox: bool,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+) -> torch.Tensor:
+    """Decode attention input: Q/K head RMSNorm (when the weights are given), RoPE, and K, V
+    written into the cache at `positions` (a device tensor, so no host sync).
+
+    q: [T, H, D], k: [T, Hkv, D], v: [T, Hkv, Dv] (views of a merged QKV result are fine);
+    positions: int64 [T]; k_cache: [C, Hkv, D], v_cache: [C, Hkv, Dv] -> q float32 [T, H, D].
+    """
+    if q_weight is not None:
+        q, k = qk_norm(q, k, q_weight, k_weight, eps)
+    q = rope(q, positions, freqs, neox)
+    k = rope(k, positions, freqs, neox)
+    k_cache.index_copy_(0, positions, k.to(k_cache.dtype))
+    v_cache.index_copy_(0, positions, v.to(v_cache.dtype))
+    return q
+
+
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return F.silu(gate) * up
+    """gate, up: [T, F] (column halves of a merged gate/up result are fine) -> silu(gate) * up."""
+    return F.silu(gate.float()) * up.float()
 
 
 def moe_route(
@@ -101,19 +154,35 @@ def moe_route(
     return weights, ids
 
 
+def expert_linear(x: torch.Tensor, ids: torch.Tensor, weight: Weight) -> torch.Tensor:
+    """The selected experts' mat-vecs of one token: x: [1, K] (every expert reads it) or [k, K]
+    (slot i reads row i); ids: int [k]; weight: [n_expert, N, K] -> f32 [k, N]."""
+    rows = x.float().expand(ids.shape[0], -1) if x.shape[0] == 1 else x.float()
+    w = torch.stack([weight.expert(int(e)) for e in ids.tolist()])  # [k, N, K]
+    return torch.einsum("sk,snk->sn", rows, w)
+
+
 def moe_ffn(
     x: torch.Tensor,
     weights: torch.Tensor,
     ids: torch.Tensor,
     gate: Weight,
-    up: Weight,
+    up: Weight | None,
     down: Weight,
 ) -> torch.Tensor:
-    """Sum over each token's selected experts of weight * down(silu(gate x) * up x)."""
+    """Sum over each token's selected experts of weight * down(silu(gate x) * up x).
+
+    x: [T, n_embd]; weights, ids: [T, k]; gate, up: [n_expert, F, n_embd], or up None and gate the
+    merged [n_expert, 2F, n_embd] (merged_gate_up); down: [n_expert, n_embd, F] -> f32 [T, n_embd].
+    """
     out = torch.zeros_like(x, dtype=torch.float32)
     for e in torch.unique(ids).tolist():
         token, slot = (ids == e).nonzero(as_tuple=True)
-        xe = x[token]
-        h = swiglu(xe @ gate.expert(e).T, xe @ up.expert(e).T)
+        xe = x[token].float()
+        if up is None:
+            g, u = (xe @ gate.expert(e).T).chunk(2, dim=-1)
+        else:
+            g, u = xe @ gate.expert(e).T, xe @ up.expert(e).T
+        h = swiglu(g, u)
         out.index_add_(0, token, (h @ down.expert(e).T) * weights[token, slot, None])
     return out

@@ -53,3 +53,25 @@ class Weight:
         if self._dense is not None:
             return self._dense[e]
         return quant.dequantize(self.raw[e], self.qtype, self.shape[-1])
+
+
+def concat_rows(name: str, parts: list[Weight]) -> Weight | None:
+    """One weight whose output rows are the parts' rows in order (the merged_qkv and
+    merged_gate_up fusions), or None when the parts cannot be merged (different types or input
+    sizes: e.g. llama.cpp's Q4_K_M keeps some attn_v in Q6_K). Stacked expert weights
+    [n_expert, N, K] are merged along N; vectors (biases) are concatenated."""
+    first = parts[0]
+
+    def _key(w: Weight) -> tuple:
+        return (w.qtype, len(w.shape), w.shape[:-2] + w.shape[-1:] if len(w.shape) > 1 else ())
+
+    if any(_key(p) != _key(first) for p in parts):
+        return None
+    dim = -2 if len(first.shape) > 1 else 0
+    shape = list(first.shape)
+    shape[dim] = sum(p.shape[dim] for p in parts)
+    raw = torch.cat([p.raw for p in parts], dim=dim)
+    merged = Weight(name, first.qtype, tuple(shape), raw, first.keep_dense)
+    if all(p._dense is not None for p in parts):
+        merged._dense = torch.cat([p._dense for p in parts], dim=dim)
+    return merged

@@ -1,5 +1,11 @@
 """Engine: a built model plus its KV caches; prompt processing in micro-batches and the decode
-step. One Engine serves one sequence at a time (a fresh cache per request)."""
+step. One Engine serves one sequence at a time (a fresh cache per request).
+
+On the triton backend the engine is static: its one KV cache (f16) is allocated at the full
+context, reused by every request, and decoding runs the model's decode_step, captured as a CUDA
+graph when the cuda_graphs fusion is on. The reference backend grows a float32 cache as needed
+and decodes through forward().
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import torch
 
 from kiln.errors import UsageError
 from kiln.models.common import DecoderModel
+from kiln.runtime.cuda_graph import DecodeGraph
 from kiln.runtime.kv_cache import KVCache
 
 
@@ -19,9 +26,22 @@ class Engine:
         self.model, self.n_ctx, self.ubatch = model, n_ctx, ubatch
         self.config = model.config
         self.device = model.device
+        self.static = model.ops.name == "triton"
+        self.graphs = model.policy.cuda_graphs
+        self._cache: KVCache | None = None
+        self._graph: DecodeGraph | None = None
 
     def new_cache(self) -> KVCache:
-        return KVCache(self.config, self.n_ctx, self.device)
+        """An empty cache; a static engine empties and returns its one cache (captured graphs
+        point at its buffers)."""
+        if not self.static:
+            return KVCache(self.config, self.n_ctx, self.device)
+        if self._cache is None:
+            self._cache = KVCache(
+                self.config, self.n_ctx, self.device, dtype=torch.float16, initial=self.n_ctx
+            )
+        self._cache.length = 0
+        return self._cache
 
     @torch.inference_mode()
     def prefill(self, ids: list[int], cache: KVCache, all_logits: bool = False) -> torch.Tensor:
@@ -45,9 +65,22 @@ class Engine:
 
     @torch.inference_mode()
     def decode(self, token: int, cache: KVCache) -> torch.Tensor:
-        """One token -> logits float32 [1, n_vocab]."""
+        """One token -> logits float32 [1, n_vocab] (on a static engine a buffer that the next
+        decode overwrites)."""
         self.check_room(cache, 1)
-        return self.model.forward(torch.tensor([token], device=self.device), cache)
+        if not self.static:
+            return self.model.forward(torch.tensor([token], device=self.device), cache)
+        position = cache.length
+        if self.graphs:
+            if self._graph is None:
+                self._graph = DecodeGraph(self.model, cache)
+            logits = self._graph(token, position)
+        else:
+            ids = torch.tensor([token], device=self.device)
+            at = torch.tensor([position], device=self.device)
+            logits = self.model.decode_step(ids, at, cache)
+        cache.length = position + 1
+        return logits
 
     def check_room(self, cache: KVCache, n: int) -> None:
         if cache.length + n > self.n_ctx:

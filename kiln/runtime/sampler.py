@@ -63,20 +63,26 @@ def _check(ok: bool, message: str) -> None:
 
 
 class Sampler:
-    def __init__(self, params: SamplingParams, device: torch.device | str = "cpu"):
+    """Selects on the logits' device: only the chosen token id comes back to the host."""
+
+    def __init__(self, params: SamplingParams):
         self.params = params
-        self.generator = torch.Generator(device="cpu")
-        seed = params.seed if params.seed is not None else int(torch.seed() % (2**63))
-        self.generator.manual_seed(seed)
+        self.seed = params.seed if params.seed is not None else int(torch.seed() % (2**63))
+        self.generators: dict[torch.device, torch.Generator] = {}
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        if device not in self.generators:
+            self.generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self.generators[device]
 
     def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
         """logits: [n_vocab] -> the next token id."""
         p = self.params
-        logits = self.penalize(logits.float().cpu(), history)
+        logits = self.penalize(logits.float(), history)
         if p.greedy:
             return int(torch.argmax(logits))
         probs = self.truncated_probs(logits)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        return int(torch.multinomial(probs, 1, generator=self.generator(probs.device)))
 
     def penalize(self, logits: torch.Tensor, history: list[int]) -> torch.Tensor:
         p = self.params
@@ -87,8 +93,8 @@ class Sampler:
             return logits
         logits = logits.clone()
         counts = Counter(recent)
-        ids = torch.tensor(list(counts), dtype=torch.long)
-        n = torch.tensor(list(counts.values()), dtype=torch.float32)
+        ids = torch.tensor(list(counts), dtype=torch.long, device=logits.device)
+        n = torch.tensor(list(counts.values()), dtype=torch.float32, device=logits.device)
         sel = logits[ids]
         sel = torch.where(sel > 0, sel / p.repeat_penalty, sel * p.repeat_penalty)
         sel = sel - n * p.frequency_penalty - p.presence_penalty
@@ -106,8 +112,9 @@ class Sampler:
             probs = torch.softmax(sorted_logits, -1)
             before = torch.cumsum(probs, -1) - probs  # mass of the tokens ranked above
             drop = before >= p.top_p  # keep the smallest prefix reaching top_p
-            logits = logits.clone()
-            logits[order[drop]] = float("-inf")
+            # scattered back to vocabulary order as a mask: no host round trip
+            drop = torch.zeros_like(drop).scatter(0, order, drop)
+            logits = logits.masked_fill(drop, float("-inf"))
         if p.min_p > 0:
             probs = torch.softmax(logits, -1)
             logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))

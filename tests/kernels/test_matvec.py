@@ -6,6 +6,8 @@ a GPU the same cases run on real shapes, including one 4096 x 4096 weight.
 
 from __future__ import annotations
 
+import textwrap
+
 import pytest
 import torch
 from gguf.constants import GGMLQuantizationType
@@ -13,6 +15,7 @@ from gguf.constants import GGMLQuantizationType
 from kiln import quant
 from kiln.ops.reference import linear
 from kiln.ops.weight import Weight
+from tests.kernels.sm90 import run_compile_check
 from tests.kernels.tolerances import MATVEC
 
 CUDA = torch.cuda.is_available()
@@ -116,3 +119,43 @@ def test_matvec_wide_kernels(fmt: str, tile: int, join: bool, monkeypatch) -> No
     finally:
         launcher.USE_WIDE = True
     _check(y, y_bytes, bound, f"{fmt} wide vs byte kernel tile={tile}")
+
+
+# Every plain mat-vec kernel variant for an H100 (sm_90): each format at M = 1 (the integer-view
+# kernels for Q8_0, Q4_K, Q6_K) and on the byte kernel (USE_WIDE off), M = 3 on two formats, a
+# K that is no multiple of 16 super-block words (11008: Q4_K's row stride 1548 words).
+_COMPILE = textwrap.dedent(
+    """
+    import torch
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
+    from kiln.kernels import matvec
+    from kiln.ops.weight import Weight
+    from tests.kernels.sm90 import compile_only
+
+    def weight(q, n, k):
+        bv, ts = GGML_QUANT_SIZES[q]
+        return Weight("w", q, (n, k), torch.empty(n, k // bv * ts, dtype=torch.uint8))
+
+    runs = [(q, True, 1, 4096) for q in matvec.SUPPORTED]
+    runs += [(q, False, 1, 4096) for q in matvec._WIDE]
+    runs += [(T.Q4_K, True, 3, 4096), (T.Q8_0, True, 3, 4096), (T.Q4_K, True, 1, 11008)]
+    with compile_only() as done:
+        for q, wide, m, k in runs:
+            matvec.USE_WIDE = wide
+            matvec.matvec(torch.empty(m, k, dtype=torch.float16), weight(q, 4096, k))
+            print(q.name, wide, m, k, done[-1].kernel)
+    """
+)
+
+
+def test_matvec_compiles_for_sm90() -> None:
+    from kiln.kernels.matvec import SUPPORTED
+
+    out = run_compile_check(_COMPILE)
+    wide = {"Q4_K": "_matvec_q4_k_m1_kernel", "Q6_K": "_matvec_q6_k_m1_kernel"}
+    wide["Q8_0"] = "_matvec_q8_0_m1_kernel"
+    lines = [line.split() for line in out.splitlines()]
+    assert len(lines) == len(SUPPORTED) + 3 + 3, out
+    for fmt, use_wide, m, _k, kernel in lines:
+        want = wide.get(fmt) if use_wide == "True" and m == "1" else None
+        assert kernel == (want or "_matvec_kernel"), f"{fmt} M={m} compiled {kernel}"

@@ -32,3 +32,68 @@ _REASONS = {
 MATVEC: dict[tuple[str, torch.dtype], tuple[float, float, str]] = {
     (fmt, act): (2e-5, 1e-6, reason) for fmt, reason in _REASONS.items() for act in _ACT
 }
+
+# The decode fusions (kiln/kernels/norm.py, rope.py, activation.py): op -> (rtol, atol, reason).
+# rtol is relative to the magnitude of the terms (|reference| where nothing cancels; |a| + |b| for
+# a rotated pair, whose a cos - b sin may cancel to ~0).
+DECODE_FUSIONS: dict[str, tuple[float, float, str]] = {
+    "rms_norm": (
+        2e-5,
+        1e-6,
+        "sum of squares in a tree order (torch: its own), rsqrt.approx and div.full on the GPU "
+        "(a few ulp): ~1e-6 relative measured; nothing cancels",
+    ),
+    "add_rms_norm.h": (0.0, 0.0, "residual + x is one fp32 add of the same two values: exact"),
+    "add_rms_norm": (2e-5, 1e-6, "as rms_norm, on the same h"),
+    "qk_norm": (2e-5, 1e-6, "as rms_norm, over D"),
+    "qkv_norm_rope": (
+        2e-5,
+        1e-6,
+        "norm as rms_norm; cos/sin within ~2 ulp of torch's (libdevice on the GPU, numpy under "
+        "the interpreter) at the same fp32 angle; a cos - b sin may be fused to an FMA",
+    ),
+    "qkv_norm_rope.cache.float32": (2e-5, 1e-6, "the rotated K as qkv_norm_rope, stored as is"),
+    "qkv_norm_rope.cache.float16": (
+        2e-5 + 2**-10,
+        1e-6,
+        "values a few fp32 ulp apart may round to neighbouring f16 values: 1 f16 ulp (2^-10 rel.)",
+    ),
+    "qkv_norm_rope.cache.bfloat16": (
+        2e-5 + 2**-7,
+        1e-6,
+        "values a few fp32 ulp apart may round to neighbouring bf16 values: 1 bf16 ulp (2^-7 rel.)",
+    ),
+    "swiglu": (
+        1e-5,
+        1e-6,
+        "gate / (1 + exp(-gate)) * up as torch's silu; exp is ex2.approx and / is div.full on the "
+        "GPU (a few ulp); nothing cancels",
+    ),
+}
+
+# Decode attention (kiln/kernels/attention.py), by cache dtype: (rtol, atol, reason). An output of
+# head h passes when |y - r| <= atol + rtol * (1 + S_h) * sum_i w_i |v_i| (tests/kernels/
+# test_attention.py): a relative error e in the terms of the scores (S_h: the largest sum of
+# their magnitudes) moves the softmax weights by up to 2 e S_h, and sum_i w_i |v_i| is the
+# magnitude of the weighted sum. Measured on random inputs under the interpreter (normalized
+# error): f32 1.5e-7, f16 1.4e-7, bf16 3.2e-6.
+ATTENTION_DECODE: dict[torch.dtype, tuple[float, float, str]] = {
+    torch.float32: (
+        5e-6,
+        1e-6,
+        "fp32 scores and sums in another order (blocks of keys, slices, the combine over up to "
+        "P slices) and exp2 of log2(e)-prescaled scores (ex2.approx: 2 ulp) against torch's exp",
+    ),
+    torch.float16: (
+        5e-6,
+        1e-6,
+        "as float32: q and the softmax weights enter the f16 MMAs as hi + lo f16 pairs (22 "
+        "significant bits, 2^-23 relative), below the fp32 summation error",
+    ),
+    torch.bfloat16: (
+        2e-5,
+        1e-6,
+        "q and the softmax weights enter the bf16 MMAs as hi + lo bf16 pairs: 16 significant "
+        "bits, 2^-18 relative each; 2 * 2^-18 * S_h + 2^-18 < 8e-6 * (1 + S_h), and a margin",
+    ),
+}

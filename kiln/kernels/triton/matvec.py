@@ -8,6 +8,12 @@ BLOCK_N output rows and walks K one tile of [S, L] values at a time:
 - K-quants (256-value super-blocks): one super-block per tile as [8, 32] (8 sub-blocks of 32).
 Rows past N are clamped to N - 1 so weight loads need no mask; only the store is masked.
 
+Every kernel also serves the MoE decode mat-vec (EXPERTS=True): w_ptr is then a stack of
+[n_expert, N, row] weights and grid axis 1 runs over the k selected slots; the program of slot s
+reads its expert id from ids_ptr[s] on the device (no host sync) and moves w_ptr, x_ptr and
+out_ptr to that expert, x row (s, or 0 when every slot shares x: stride_xs = 0) and output row
+before the K loop, which is the same code in both modes.
+
 Only @triton.jit functions live here; kiln/kernels/matvec.py launches them.
 """
 
@@ -108,9 +114,19 @@ def _dequant_k(blk, s, j, FMT: tl.constexpr):
 
 
 @triton.jit
+def _slot_pointers(w_ptr, x_ptr, out_ptr, ids_ptr, stride_we, stride_xs, stride_os):
+    """The pointers of grid column s = program_id(1) of an expert launch: expert ids_ptr[s]'s
+    weights (64-bit offset: a stack of expert weights can exceed 2**31 elements), x row s (or
+    row 0 when stride_xs = 0) and output row s."""
+    slot = tl.program_id(1)
+    expert = tl.load(ids_ptr + slot).to(tl.int64)
+    return w_ptr + expert * stride_we, x_ptr + slot * stride_xs, out_ptr + slot * stride_os
+
+
+@triton.jit
 def _matvec_kernel(
-    x_ptr,  # [M, K] f32/f16/bf16, row stride stride_xm, unit stride along K
-    w_ptr,  # float formats: typed [N, K]; block formats: uint8 [N, row_bytes]
+    x_ptr,  # [M, K] f32/f16/bf16, row stride stride_xm, unit stride along K (EXPERTS: M = 1)
+    w_ptr,  # float formats: typed [N, K]; block formats: uint8 [N, row_bytes] (EXPERTS: per expert)
     out_ptr,  # f32 [M, N], row stride stride_om
     M,
     N,
@@ -118,7 +134,12 @@ def _matvec_kernel(
     stride_xm,
     stride_wn,  # in elements of w_ptr's type
     stride_om,
+    ids_ptr,  # EXPERTS: int32/int64 [k] expert id of each slot; else unused (None)
+    stride_we,  # EXPERTS: elements of w_ptr's type between experts
+    stride_xs,  # EXPERTS: elements between the x rows of consecutive slots (0: x is shared)
+    stride_os,  # EXPERTS: elements between output rows
     K_INTERP: tl.constexpr,  # K as a constexpr under TRITON_INTERPRET, else 0 (see below)
+    EXPERTS: tl.constexpr,  # w_ptr is [n_expert, N, row]; grid axis 1 = slots (see top)
     FMT: tl.constexpr,
     M_PAD: tl.constexpr,  # next power of two >= M
     BLOCK_N: tl.constexpr,
@@ -127,6 +148,10 @@ def _matvec_kernel(
     TYPE_SIZE: tl.constexpr,  # bytes per block (block formats)
     BLOCK_VALUES: tl.constexpr,  # values per block: 1 (floats), 32 (legacy), 256 (K-quants)
 ):
+    if EXPERTS:
+        w_ptr, x_ptr, out_ptr = _slot_pointers(
+            w_ptr, x_ptr, out_ptr, ids_ptr, stride_we, stride_xs, stride_os
+        )
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -190,18 +215,27 @@ def _f16_lo(v):
 
 @triton.jit
 def _matvec_q8_0_m1_kernel(
-    x_ptr,  # [1, K] f32/f16/bf16
+    x_ptr,  # [1, K] f32/f16/bf16 (EXPERTS: the slot's row)
     w_ptr,  # int16 view [N, row_bytes / 2]: block b of a row at halfword 17 * b
     out_ptr,  # f32 [1, N]
     N,
     K,
     stride_wn,  # in halfwords
+    ids_ptr,  # EXPERTS only, like stride_we, stride_xs, stride_os: see _matvec_kernel
+    stride_we,
+    stride_xs,
+    stride_os,
     K_INTERP: tl.constexpr,
+    EXPERTS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     S: tl.constexpr,  # blocks per loop step
     JOIN: tl.constexpr,  # interleave the two bytes in registers so x loads are contiguous
 ):
     """Halfword p of a block's quants holds values 2p (low byte) and 2p + 1 (high byte)."""
+    if EXPERTS:
+        w_ptr, x_ptr, out_ptr = _slot_pointers(
+            w_ptr, x_ptr, out_ptr, ids_ptr, stride_we, stride_xs, stride_os
+        )
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_c = tl.minimum(rows, N - 1).to(tl.int64)
@@ -239,13 +273,18 @@ def _matvec_q8_0_m1_kernel(
 
 @triton.jit
 def _matvec_q4_k_m1_kernel(
-    x_ptr,  # [1, K] f32/f16/bf16
+    x_ptr,  # [1, K] f32/f16/bf16 (EXPERTS: the slot's row)
     w_ptr,  # int32 view [N, row_bytes / 4]: super-block b of a row at word 36 * b
     out_ptr,  # f32 [1, N]
     N,
     K,
     stride_wn,  # in words
+    ids_ptr,  # EXPERTS only, like stride_we, stride_xs, stride_os: see _matvec_kernel
+    stride_we,
+    stride_xs,
+    stride_os,
     K_INTERP: tl.constexpr,
+    EXPERTS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NB: tl.constexpr,  # super-blocks per loop step
     JOIN: tl.constexpr,  # interleave the four bytes in registers so x loads are contiguous
@@ -254,10 +293,17 @@ def _matvec_q4_k_m1_kernel(
     [BLOCK_N, 4 * NB, 8] words: (super-block, c, i) -> qs word 8c + i, whose byte b holds values
     64c + 4i + b (low nibble, sub-block 2c) and 64c + 32 + 4i + b (high nibble, sub-block
     2c + 1)."""
+    if EXPERTS:
+        w_ptr, x_ptr, out_ptr = _slot_pointers(
+            w_ptr, x_ptr, out_ptr, ids_ptr, stride_we, stride_xs, stride_os
+        )
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_c = tl.minimum(rows, N - 1).to(tl.int64)
-    row_base = w_ptr + rows_c[:, None, None] * stride_wn
+    # A row is whole super-blocks of 36 words, so rows start 16-byte aligned (the launcher checks
+    # the stride): the qs words load 128 bits at a time for any K, also when Triton cannot see
+    # stride_wn % 16 == 0 (K = 768: 108 words, which it loaded one word at a time).
+    row_base = w_ptr + tl.multiple_of(rows_c[:, None, None] * stride_wn, [4, 4, 4])
     t3 = tl.arange(0, 4 * NB)[None, :, None]
     i3 = tl.arange(0, 8)[None, None, :]
     c3 = t3 % 4
@@ -309,13 +355,18 @@ def _matvec_q4_k_m1_kernel(
 
 @triton.jit
 def _matvec_q6_k_m1_kernel(
-    x_ptr,  # [1, K] f32/f16/bf16
+    x_ptr,  # [1, K] f32/f16/bf16 (EXPERTS: the slot's row)
     w_ptr,  # int16 view [N, row_bytes / 2]: super-block b of a row at halfword 105 * b
     out_ptr,  # f32 [1, N]
     N,
     K,
     stride_wn,  # in halfwords
+    ids_ptr,  # EXPERTS only, like stride_we, stride_xs, stride_os: see _matvec_kernel
+    stride_we,
+    stride_xs,
+    stride_os,
     K_INTERP: tl.constexpr,
+    EXPERTS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NB: tl.constexpr,  # super-blocks per loop step
     JOIN: tl.constexpr,  # interleave the two bytes in registers so x loads are contiguous
@@ -324,6 +375,10 @@ def _matvec_q6_k_m1_kernel(
     [BLOCK_N, 4 * NB, 8]: (super-block, half hh, g, p') with p = 8g + p' covers the halfwords
     ql[32hh + p] (A), ql[32hh + 16 + p] (B), qh[16hh + p]; byte e of them holds l = 2p + e, i.e.
     values 128hh + 32k + l (k = 0..3) with the int8 scale 8hh + 2k + g."""
+    if EXPERTS:
+        w_ptr, x_ptr, out_ptr = _slot_pointers(
+            w_ptr, x_ptr, out_ptr, ids_ptr, stride_we, stride_xs, stride_os
+        )
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_c = tl.minimum(rows, N - 1).to(tl.int64)

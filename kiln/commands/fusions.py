@@ -1,0 +1,61 @@
+"""`kiln fusions`: every fusion, its state on this device and where that state came from."""
+
+from __future__ import annotations
+
+import argparse
+
+from kiln.cli import command
+from kiln.commands.common import BACKEND_HELP
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--backend", default="auto", help=BACKEND_HELP)
+    p.add_argument(
+        "--fusion",
+        action="append",
+        metavar="NAME=0|1",
+        help="show the states with these overrides too (repeatable)",
+    )
+
+
+@command("fusions", "List the fusions, their state on this device and its source.", _add_arguments)
+def run(args: argparse.Namespace) -> int:
+    from kiln.fusion import FusionPolicy, parse_overrides
+    from kiln.llm import pick_device
+    from kiln.ops import resolve_backend
+
+    device = pick_device(args.device)
+    backend = resolve_backend(args.backend, device)
+    policy = FusionPolicy.resolve(device, backend, parse_overrides(args.fusion))
+    print(format_table(policy, describe_device(device), backend))
+    return 0
+
+
+def describe_device(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
+def format_table(policy, device: str, backend: str) -> str:
+    from kiln.fusion import FUSIONS
+
+    lines = [f"device: {device}, backend: {backend}"]
+    if backend == "torch":
+        lines.append(
+            "(the torch backend runs each fused op as its reference decomposition: only the "
+            "merged weights change what runs)"
+        )
+    rows = [("fusion", "state", "source", "summary")]
+    rows += [
+        (n, "on" if policy.states[n] else "off", policy.sources[n], f.summary)
+        for n, f in FUSIONS.items()
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3])
+    lines.append("Set one with --fusion NAME=0|1 on any command that runs a model, or KILN_<NAME>.")
+    return "\n".join(lines)

@@ -1,0 +1,55 @@
+"""Launcher of the SwiGLU kernel (kernels/triton/activation.py): a drop-in replacement of
+kiln.ops.reference.swiglu.
+
+    swiglu(gate: [T, F], up: [T, F]) -> f32 [T, F] = silu(gate) * up
+
+gate and up may be the column halves of a merged gate/up result (row stride 2F); one launch,
+launch parameters from shapes only (CUDA-graph safe).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from kiln.kernels.triton import activation as _k
+
+_X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Columns per program: 1024 fp32 over 4 warps is 8 values (two 16-byte loads) per thread; at
+# F = 25600, T = 1 that is 25 programs. Untuned.
+BLOCK = 1024
+# Under TRITON_INTERPRET=1 (CPU tests) @triton.jit gives an InterpretedFunction.
+_INTERPRETED = type(_k._swiglu_kernel).__name__ == "InterpretedFunction"
+
+
+def _check(x: torch.Tensor, what: str) -> None:
+    assert x.dim() == 2, f"{what} must be [T, F]; got {tuple(x.shape)}"
+    assert x.dtype in _X_DTYPES, f"{what} must be f16/bf16/f32; got {x.dtype}"
+    assert x.stride(1) == 1 or x.shape[1] == 1, (
+        f"{what} needs a contiguous last dim (any row stride); got strides {x.stride()}"
+    )
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gate, up: [T, F] -> silu(gate) * up, f32 [T, F]."""
+    _check(gate, "swiglu gate")
+    _check(up, "swiglu up")
+    assert gate.shape == up.shape, f"gate {tuple(gate.shape)} vs up {tuple(up.shape)}"
+    assert gate.device == up.device, f"gate on {gate.device}, up on {up.device}"
+    t, f = gate.shape
+    out = torch.empty((t, f), dtype=torch.float32, device=gate.device)
+    if out.numel() == 0:
+        return out
+    block = min(BLOCK, triton.next_power_of_2(f))
+    grid = (t, triton.cdiv(f, block))
+    _k._swiglu_kernel[grid](
+        gate,
+        up,
+        out,
+        f,
+        gate.stride(0),
+        up.stride(0),
+        BLOCK=block,
+        num_warps=max(1, min(4, block // 256)),
+    )
+    return out

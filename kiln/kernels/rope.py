@@ -1,0 +1,117 @@
+"""Launcher of the fused decode attention-input kernel (kernels/triton/rope.py): a drop-in
+replacement of kiln.ops.reference.qkv_norm_rope.
+
+    qkv_norm_rope(q [T, H, D], k [T, Hkv, D], v [T, Hkv, Dv], q_weight [D] | None,
+                  k_weight [D] | None, eps, positions int64 [T], freqs f32 [rot / 2], neox,
+                  k_cache [C, Hkv, D], v_cache [C, Hkv, Dv]) -> q f32 [T, H, D]
+
+One launch over the T * (H + Hkv) head rows writes the roped q, and the roped K and the V rows
+into the caches at `positions` (read on the device: no host sync, CUDA-graph safe). q, k, v may
+be views of a merged QKV result (any token stride, heads packed).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from kiln.kernels.norm import check_heads, num_warps_for, weight_f32
+from kiln.kernels.triton import rope as _k
+from kiln.ops.weight import Weight
+
+_CACHE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_D = 1024
+# Under TRITON_INTERPRET=1 (CPU tests) @triton.jit gives an InterpretedFunction.
+_INTERPRETED = type(_k._qkv_norm_rope_kernel).__name__ == "InterpretedFunction"
+
+
+def _check_cache(cache: torch.Tensor, n_kv: int, d: int, what: str) -> None:
+    """cache: [C, Hkv, d] of a cache dtype, heads packed, any row stride."""
+    assert cache.dim() == 3, f"{what} must be [C, Hkv, D]; got {tuple(cache.shape)}"
+    assert cache.dtype in _CACHE_DTYPES, f"{what} must be f16/bf16/f32; got {cache.dtype}"
+    assert tuple(cache.shape[1:]) == (n_kv, d), (
+        f"{what} is {tuple(cache.shape)}, the new rows are [T, {n_kv}, {d}]"
+    )
+    assert cache.stride(2) == 1 and cache.stride(1) == d, (
+        f"{what} must have packed heads and a contiguous last dim; strides {cache.stride()}"
+    )
+
+
+def qkv_norm_rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_weight: Weight | None,
+    k_weight: Weight | None,
+    eps: float,
+    positions: torch.Tensor,
+    freqs: torch.Tensor,
+    neox: bool,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+) -> torch.Tensor:
+    """Q/K head RMSNorm (when the weights are given), RoPE at positions, K and V written into the
+    caches at rows positions -> q f32 [T, H, D]."""
+    check_heads(q, "qkv_norm_rope q")
+    check_heads(k, "qkv_norm_rope k")
+    check_heads(v, "qkv_norm_rope v")
+    t, n_head, d = q.shape
+    n_kv, dv = v.shape[1], v.shape[2]
+    assert tuple(k.shape) == (t, n_kv, d), f"k is {tuple(k.shape)}; want {(t, n_kv, d)}"
+    assert v.shape[0] == t, f"v is {tuple(v.shape)}; q has T={t}"
+    assert d <= MAX_D and dv <= MAX_D, f"head sizes D={d}, Dv={dv} > {MAX_D}"
+    dev = q.device
+    assert k.device == dev and v.device == dev, f"q, k, v on {dev}, {k.device}, {v.device}"
+    assert (q_weight is None) == (k_weight is None), "give both Q and K norm weights or neither"
+    assert positions.shape == (t,) and positions.dtype == torch.int64, (
+        f"positions must be int64 [T={t}]; got {positions.dtype} {tuple(positions.shape)}"
+    )
+    assert positions.device == dev, f"positions on {positions.device}, q on {dev}"
+    assert freqs.dim() == 1 and freqs.dtype == torch.float32 and freqs.is_contiguous(), (
+        f"freqs must be a contiguous f32 [rot/2]; got {freqs.dtype} {tuple(freqs.shape)}"
+    )
+    assert freqs.device == dev, f"freqs on {freqs.device}, q on {dev}"
+    rot = 2 * freqs.numel()
+    assert 0 < rot <= d, f"rope rotates {rot} dims of heads of {d}"
+    _check_cache(k_cache, n_kv, d, "k_cache")
+    _check_cache(v_cache, n_kv, dv, "v_cache")
+    assert k_cache.shape[0] == v_cache.shape[0], "k_cache and v_cache differ in capacity"
+    assert k_cache.device == dev and v_cache.device == dev, "caches must be on q's device"
+
+    positions = positions.contiguous()
+    has_norm = q_weight is not None
+    qw = weight_f32(q_weight, d, dev) if has_norm else freqs  # unread without HAS_NORM
+    kw = weight_f32(k_weight, d, dev) if has_norm else freqs
+    q_out = torch.empty((t, n_head, d), dtype=torch.float32, device=dev)
+    if t == 0:
+        return q_out
+    block_d = triton.next_power_of_2(d)
+    _k._qkv_norm_rope_kernel[(t * (n_head + n_kv),)](
+        q,
+        k,
+        v,
+        qw,
+        kw,
+        positions,
+        freqs,
+        q_out,
+        k_cache,
+        v_cache,
+        n_head,
+        n_kv,
+        d,
+        dv,
+        q.stride(0),
+        k.stride(0),
+        v.stride(0),
+        k_cache.stride(0),
+        v_cache.stride(0),
+        eps,
+        ROT=rot,
+        NEOX=bool(neox),
+        HAS_NORM=has_norm,
+        BLOCK_D=block_d,
+        BLOCK_DV=triton.next_power_of_2(dv),
+        num_warps=num_warps_for(max(block_d, triton.next_power_of_2(dv))),
+    )
+    return q_out

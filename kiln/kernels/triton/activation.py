@@ -1,0 +1,30 @@
+"""SwiGLU: out = silu(gate) * up = gate / (1 + exp(-gate)) * up, fp32 arithmetic (the formula of
+torch's silu, which reference.swiglu uses).
+
+Program (row, block) owns BLOCK columns of one token row. Only @triton.jit functions live here;
+kiln/kernels/activation.py launches them.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _swiglu_kernel(
+    g_ptr,  # [T, F] f32/f16/bf16, row stride stride_g, unit stride along F
+    u_ptr,  # [T, F] f32/f16/bf16, row stride stride_u
+    out_ptr,  # f32 [T, F] contiguous
+    F,
+    stride_g,
+    stride_u,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < F
+    g = tl.load(g_ptr + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+    y = g / (1.0 + tl.exp(-g)) * u
+    tl.store(out_ptr + row * F + cols, y, mask=mask)

@@ -1,0 +1,254 @@
+"""Flash-decoding attention of one query token over a KV cache (batch 1, split-K).
+
+Stage 1, `_attention_decode_kernel`, grid (Hkv, P): program (h, p) takes KV head h with ALL of its
+GROUP = H / Hkv query heads (GQA: K/V are read once for the group) over the p-th contiguous slice
+of the first `length` cache rows, in blocks of BLOCK_S keys, with an online softmax in fp32 (base
+2: q is pre-scaled by scale * log2(e)). It writes the slice's normalized output and log2-sum-exp
+per head. Stage 2, `_attention_decode_combine_kernel`, grid (H,), merges the active slices.
+
+`length` is read on the device; the slice size follows from it (see `_slice_of`): P is fixed by
+the launcher from the shapes, so one captured CUDA graph serves every position. Slices that start
+at or past `length` run no iteration and store nothing; the combine reads only active slices.
+
+Both products run on tensor cores with the group padded to G_PAD >= 16 rows (tl.dot's minimum).
+For f16/bf16 caches the fp32 operand (q, then the softmax weights p) is split into hi + lo in the
+cache dtype and both are multiplied: hi + lo carries 16 (bf16) or 22 (f16) significant bits, so
+the result is close to the fp32 reference instead of carrying a bf16 rounding of q and p (2**-9).
+The extra MMAs are free here: decode attention is bound by reading K/V. An f32 cache multiplies
+in fp32 (input_precision "ieee", no TF32).
+
+Only @triton.jit functions live here; kiln/kernels/attention.py launches them.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _slice_of(length, P, BLOCK_S: tl.constexpr, MIN_SLICE: tl.constexpr):
+    """Keys per slice for this length: ceil(length / P) rounded up to BLOCK_S, at least MIN_SLICE
+    (so short contexts use few, whole slices and long ones spread over all P programs)."""
+    # (a + b - 1) // b, not tl.cdiv: a nested @jit call costs ~3 ms each under the interpreter.
+    per = (length + P - 1) // P
+    per = (per + BLOCK_S - 1) // BLOCK_S * BLOCK_S
+    return tl.maximum(per, MIN_SLICE)
+
+
+@triton.jit
+def _attend_block(
+    q_hi,  # [G_PAD, D_PAD] q * scale * log2(e) in the cache dtype (f32: q itself)
+    q_lo,  # [G_PAD, D_PAD] the rest of q (SPLIT only)
+    k_base,  # [D_PAD, 1] pointers to K[0, h, d] (masked past D)
+    v_base,  # [1, DV_PAD] pointers to V[0, h, dv]
+    s0,  # first cache row of the block; s0 < end
+    end,  # rows >= end are masked
+    stride_kc,
+    stride_vc,
+    m_i,  # [G_PAD] running max of the log2 scores
+    l_i,  # [G_PAD] running sum of exp2(score - m_i)
+    acc,  # [G_PAD, DV_PAD] running sum of exp2(score - m_i) * v
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    SPLIT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    INTERP: tl.constexpr,
+):
+    """One online-softmax step over cache rows s0 .. s0 + BLOCK_S - 1 (those < end)."""
+    DT = k_base.dtype.element_ty
+    s = s0 + tl.arange(0, BLOCK_S)  # [BLOCK_S] cache rows
+    s_ok = s < end
+    rows = s.to(tl.int64)
+    d_ok = tl.arange(0, k_base.shape[0]) < D
+    dv_ok = tl.arange(0, v_base.shape[1]) < DV
+    kt = tl.load(
+        k_base + rows[None, :] * stride_kc, mask=d_ok[:, None] & s_ok[None, :], other=0.0
+    )  # [D_PAD, BLOCK_S]
+    v = tl.load(
+        v_base + rows[:, None] * stride_vc, mask=s_ok[:, None] & dv_ok[None, :], other=0.0
+    )  # [BLOCK_S, DV_PAD]
+    if INTERP:  # the interpreter multiplies bf16 as raw uint16 bits: fp32 operands (exact)
+        kt = kt.to(tl.float32)
+        v = v.to(tl.float32)
+    scores = tl.dot(q_hi, kt, input_precision=PRECISION)  # [G_PAD, BLOCK_S]
+    if SPLIT:
+        scores = tl.dot(q_lo, kt, scores, input_precision=PRECISION)
+    scores = tl.where(s_ok[None, :], scores, float("-inf"))
+    # Row s0 < end is valid, so m_new is finite: no -inf - -inf.
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(scores - m_new[:, None])  # [G_PAD, BLOCK_S]
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None]
+    if SPLIT:
+        p_hi = p.to(DT)
+        p_lo = (p - p_hi.to(tl.float32)).to(DT)
+        if INTERP:
+            p_hi = p_hi.to(tl.float32)
+            p_lo = p_lo.to(tl.float32)
+        acc = tl.dot(p_hi, v, acc, input_precision=PRECISION)
+        acc = tl.dot(p_lo, v, acc, input_precision=PRECISION)
+    else:
+        acc = tl.dot(p, v, acc, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _attention_decode_kernel(
+    q_ptr,  # [H, D] f32/f16/bf16 contiguous (q [1, H, D])
+    k_ptr,  # [C, Hkv, D] f32/f16/bf16, row stride stride_kc, unit stride along D
+    v_ptr,  # [C, Hkv, DV] same dtype as k, row stride stride_vc
+    len_ptr,  # int64 [1]: rows 0..length-1 are attended to
+    part_o_ptr,  # f32 [P, H, DV]: each slice's softmax-normalized output
+    part_lse_ptr,  # f32 [P, H]: log2 of each slice's sum of exp2(score), score in log2 units
+    qk_scale,  # scale * log2(e)
+    C,  # cache capacity (length is clamped to it)
+    P,  # slices (grid axis 1)
+    H,
+    stride_kc,
+    stride_vc,
+    GROUP: tl.constexpr,  # H // Hkv
+    G_PAD: tl.constexpr,  # >= 16, power of 2, >= GROUP
+    D: tl.constexpr,
+    D_PAD: tl.constexpr,
+    DV: tl.constexpr,
+    DV_PAD: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    MIN_SLICE: tl.constexpr,  # a multiple of BLOCK_S
+    SPLIT: tl.constexpr,  # f16/bf16 cache: hi/lo split of the fp32 operands (module docstring)
+    PRECISION: tl.constexpr,  # "ieee" for fp32 operands (no TF32); ignored for f16/bf16
+    INTERP_SLICE: tl.constexpr,  # largest slice under TRITON_INTERPRET, else 0 (see below)
+):
+    interp: tl.constexpr = INTERP_SLICE > 0
+    kvh = tl.program_id(0)
+    pid = tl.program_id(1)
+    DT = k_ptr.dtype.element_ty
+    length = tl.minimum(tl.load(len_ptr).to(tl.int32), C)
+    size = _slice_of(length, P, BLOCK_S, MIN_SLICE)
+    start = pid * size
+    end = tl.minimum(start + size, length)  # <= start: an idle slice
+
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, D_PAD)
+    dv = tl.arange(0, DV_PAD)
+    heads = kvh * GROUP + g  # [G_PAD] query heads of this KV head
+    g_ok = g < GROUP
+    q = tl.load(
+        q_ptr + heads[:, None] * D + d[None, :], mask=g_ok[:, None] & (d[None, :] < D), other=0.0
+    )
+    q = q.to(tl.float32) * qk_scale  # [G_PAD, D_PAD]
+    if SPLIT:
+        q_hi = q.to(DT)
+        q_lo = (q - q_hi.to(tl.float32)).to(DT)
+    else:
+        q_hi = q
+        q_lo = q  # unused
+    if interp:  # the interpreter multiplies bf16 as raw uint16 bits: fp32 operands (exact)
+        q_hi = q_hi.to(tl.float32)
+        q_lo = q_lo.to(tl.float32)
+
+    m_i = tl.full([G_PAD], float("-inf"), dtype=tl.float32)  # running max of log2 scores
+    l_i = tl.zeros([G_PAD], dtype=tl.float32)  # running sum of exp2(score - m_i)
+    acc = tl.zeros([G_PAD, DV_PAD], dtype=tl.float32)
+    k_base = k_ptr + kvh * D + d[:, None]  # [D_PAD, 1]: K is read transposed, [D_PAD, BLOCK_S]
+    v_base = v_ptr + kvh * DV + dv[None, :]  # [1, DV_PAD]
+    # Triton 3.6's interpreter holds scalars as 1-element arrays, which numpy >= 2.4 refuses to
+    # turn into a Python int for range(): there the loop runs over the largest slice and skips
+    # the blocks past `end` by a Python `if`. Compiled, it runs over [start, end) only, so an
+    # idle slice costs one load of `length`.
+    if interp:
+        for s0 in range(0, INTERP_SLICE, BLOCK_S):
+            if start + s0 < end:
+                m_i, l_i, acc = _attend_block(
+                    q_hi,
+                    q_lo,
+                    k_base,
+                    v_base,
+                    start + s0,
+                    end,
+                    stride_kc,
+                    stride_vc,
+                    m_i,
+                    l_i,
+                    acc,
+                    D,
+                    DV,
+                    BLOCK_S,
+                    SPLIT,
+                    PRECISION,
+                    interp,
+                )
+    else:
+        for s0 in range(start, end, BLOCK_S):
+            m_i, l_i, acc = _attend_block(
+                q_hi,
+                q_lo,
+                k_base,
+                v_base,
+                s0,
+                end,
+                stride_kc,
+                stride_vc,
+                m_i,
+                l_i,
+                acc,
+                D,
+                DV,
+                BLOCK_S,
+                SPLIT,
+                PRECISION,
+                interp,
+            )
+
+    active = start < end
+    l_safe = tl.where(l_i > 0, l_i, 1.0)  # idle slices and padded heads store nothing
+    o_ptrs = part_o_ptr + (pid * H + heads[:, None]) * DV + dv[None, :]
+    tl.store(o_ptrs, acc / l_safe[:, None], mask=active & g_ok[:, None] & (dv[None, :] < DV))
+    tl.store(part_lse_ptr + pid * H + heads, m_i + tl.log2(l_safe), mask=active & g_ok)
+
+
+@triton.jit
+def _attention_decode_combine_kernel(
+    part_o_ptr,  # f32 [P, H, DV]
+    part_lse_ptr,  # f32 [P, H]
+    out_ptr,  # f32 [H, DV] (out [1, H, DV])
+    len_ptr,  # int64 [1]
+    C,
+    P,
+    H,
+    DV: tl.constexpr,
+    DV_PAD: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    MIN_SLICE: tl.constexpr,
+    CHUNK: tl.constexpr,  # slices merged per step
+    INTERP_P: tl.constexpr,  # P rounded up to CHUNK under TRITON_INTERPRET, else 0
+):
+    h = tl.program_id(0)
+    length = tl.minimum(tl.load(len_ptr).to(tl.int32), C)
+    size = _slice_of(length, P, BLOCK_S, MIN_SLICE)
+    n_active = (length + size - 1) // size  # <= P
+    c = tl.arange(0, CHUNK)
+    dv = tl.arange(0, DV_PAD)
+    dv_ok = dv < DV
+    m = tl.full([1], float("-inf"), dtype=tl.float32)
+    den = tl.zeros([1], dtype=tl.float32)
+    acc = tl.zeros([DV_PAD], dtype=tl.float32)
+    # Same loop-bound split as in the kernel above.
+    for p0 in range(0, INTERP_P if INTERP_P > 0 else n_active, CHUNK):
+        p = p0 + c
+        p_ok = p < n_active
+        lse = tl.load(part_lse_ptr + p * H + h, mask=p_ok, other=float("-inf"))  # [CHUNK]
+        o = tl.load(
+            part_o_ptr + (p[:, None] * H + h) * DV + dv[None, :],
+            mask=p_ok[:, None] & dv_ok[None, :],
+            other=0.0,
+        )  # [CHUNK, DV_PAD]
+        m_new = tl.maximum(m, tl.max(lse, axis=0))  # finite: the first chunk holds slice 0
+        w = tl.exp2(lse - m_new)  # [CHUNK]
+        alpha = tl.exp2(m - m_new)
+        den = den * alpha + tl.sum(w, axis=0)
+        acc = acc * alpha + tl.sum(w[:, None] * o, axis=0)
+        m = m_new
+    tl.store(out_ptr + h * DV + dv, acc / den, mask=dv_ok)

@@ -1,0 +1,60 @@
+"""The unfused form of each fused op, built from the separate ops of the same op set (so on the
+triton backend `add_rms_norm` off means a torch add plus the rms_norm kernel, not the reference).
+
+Each returns what the fused op returns, computed in the order the reference spells out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+
+def unfused(name: str, ops: SimpleNamespace) -> Callable:
+    return _MAKERS[name](ops)
+
+
+def _add_rms_norm(ops):
+    def add_rms_norm(x, residual, weight, eps):
+        h = residual + x
+        return h, ops.rms_norm(h, weight, eps)
+
+    return add_rms_norm
+
+
+def _qk_norm(ops):
+    def qk_norm(q, k, q_weight, k_weight, eps):
+        return ops.rms_norm(q, q_weight, eps), ops.rms_norm(k, k_weight, eps)
+
+    return qk_norm
+
+
+def _qkv_norm_rope(ops):
+    def qkv_norm_rope(q, k, v, q_weight, k_weight, eps, positions, freqs, neox, k_cache, v_cache):
+        if q_weight is not None:
+            q, k = ops.qk_norm(q, k, q_weight, k_weight, eps)
+        q = ops.rope(q, positions, freqs, neox)
+        k = ops.rope(k, positions, freqs, neox)
+        k_cache.index_copy_(0, positions, k.to(k_cache.dtype))
+        v_cache.index_copy_(0, positions, v.to(v_cache.dtype))
+        return q
+
+    return qkv_norm_rope
+
+
+def _swiglu(ops):
+    def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return F.silu(gate.float()) * up.float()
+
+    return swiglu
+
+
+_MAKERS = {
+    "add_rms_norm": _add_rms_norm,
+    "qk_norm": _qk_norm,
+    "qkv_norm_rope": _qkv_norm_rope,
+    "swiglu": _swiglu,
+}

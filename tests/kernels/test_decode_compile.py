@@ -1,0 +1,45 @@
+"""Every kernel of the GPU decode step, as the model launches it at the real shapes of each
+benchmark preset, compiles for an H100 (sm_90) — checked on the CPU (tests/kernels/sm90.py), one
+layer per model, with and without the fusions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.kernels.sm90 import run_compile_check
+
+CODE = """
+import json, torch
+import kiln.ops
+from kiln.fusion import FUSIONS
+from kiln.gguf.synthetic import build_model as synthetic
+from kiln.models import build_model
+from kiln.runtime.kv_cache import KVCache
+from tests.kernels.sm90 import compile_only
+
+kiln.ops.interpreting = lambda: True  # lets the triton backend be built on the CPU: compile_only
+gguf = synthetic({preset!r}, {qtype!r}, layers=1)
+names = set()
+for fused in (True, False):
+    fusions = {{n: fused for n in FUSIONS if n != "cuda_graphs"}}
+    with compile_only() as done:
+        model = build_model(gguf, "cpu", backend="triton", keep_dense=False, fusions=fusions)
+        cache = KVCache(model.config, 64, torch.device("cpu"), dtype=torch.float16, initial=64)
+        model.decode_step(torch.tensor([3]), torch.tensor([5]), cache)
+    names |= {{c.kernel for c in done}}
+print(json.dumps(sorted(names)))
+"""
+
+
+@pytest.mark.parametrize(
+    ("preset", "qtype"),
+    [("qwen3-0.6b", "q8_0"), ("qwen3-8b", "q4_k_m"), ("llama3-8b", "q4_0"),
+     ("qwen3-30b-a3b", "q4_k_m")],
+)  # fmt: skip
+def test_decode_step_compiles_for_sm90(preset, qtype):
+    names = json.loads(run_compile_check(CODE.format(preset=preset, qtype=qtype)).splitlines()[-1])
+    assert any("matvec" in n for n in names), names
+    assert any("attention" in n for n in names), names
+    assert any("norm" in n for n in names), names

@@ -87,6 +87,10 @@ _TEST_FLAGS = {"-p", "--n-prompt", "-n", "--n-gen", "-pg", "-d", "--n-depth", "-
                "--repetitions", "-o", "--output", "--device"}  # fmt: skip
 
 
+_VALUE_FLAGS = {"-m", "--model", "-b", "--batch-size", "-ub", "--ubatch-size", "--backend",
+                "--fusion"}  # fmt: skip
+
+
 def parse_config(text: str, label: str) -> Config:
     """A configuration string: bench flags -m, -b, -ub, --backend, --fusion and NAME=VALUE
     assignments."""
@@ -96,9 +100,10 @@ def parse_config(text: str, label: str) -> Config:
         raise UsageError(f"configuration {label} {text!r}: {e}") from None
     env: list[tuple[str, str]] = []
     flags: list[str] = []
-    for tok in tokens:
+    for i, tok in enumerate(tokens):
         name, eq, value = tok.partition("=")
-        if eq and not tok.startswith("-") and name.replace("_", "").isalnum():
+        takes_value = i > 0 and tokens[i - 1] in _VALUE_FLAGS  # "--fusion swiglu=0"
+        if eq and not takes_value and not tok.startswith("-") and name.replace("_", "").isalnum():
             env.append((name, value))
         else:
             flags.append(tok)

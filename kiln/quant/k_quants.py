@@ -38,6 +38,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import cache
 
 import numpy as np
 import torch
@@ -68,6 +69,12 @@ def _f16_bytes(h: torch.Tensor) -> torch.Tensor:
 
 
 def _shifts(values: list[int], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return _shift_table(tuple(values), shape, device)
+
+
+@cache
+def _shift_table(values: tuple[int, ...], shape: tuple[int, ...], device) -> torch.Tensor:
+    """Made once per device: a host-to-device copy cannot happen inside a CUDA-graph capture."""
     return torch.tensor(values, dtype=torch.uint8, device=device).reshape(shape)
 
 

@@ -80,10 +80,13 @@ def test_configuration_strings():
     assert (c.n_ubatch, c.n_batch, c.backend, c.env) == (32, 64, "torch", (("KILN_SWIGLU", "0"),))
     assert AB.parse_config("", "B") == AB.Config("B", "")
     assert AB.parse_config(f"-m {TINY}", "B").model == TINY
+    assert AB.parse_config("--fusion swiglu=0", "B").fusions == (("swiglu", False),)
     for bad, words in [
         ("-p 64", "the tests (-p, -n, -pg, -d)"),
         ("-r 3", "given once"),
-        ("--fusion swiglu=0", "not a configuration flag"),
+        ("--bogus 1", "not a configuration flag"),
+        ("--fusion swiglu=2", "NAME=0"),
+        ("--fusion nope=1", "unknown fusion"),
         ("-ub 0", ">= 1"),
         ("-ub 32,64", "one value"),
         ("-m synthetic:nope:q8_0", "presets"),

@@ -4,9 +4,11 @@ without a GPU) for tiny synthetic models of each architecture, and on the demo m
 - greedy tokens identical with the fusion on and off (128 steps on a GPU; in the interpreter,
   where a decode step of even a one-layer model takes about 2 s, 3 steps of one-layer "micro"
   qwen3 and qwen3moe models: every fusion applies to one of them);
-- logits bitwise equal where the fusion keeps the arithmetic order: the merged weights (each
-  output row of the mat-vec is computed by the same code), CUDA-graph replay (the same kernels);
-- the others within the kernel tolerance (they reorder fp32 sums or use another exp).
+- logits bitwise equal where the fusion runs the same compiled kernels: CUDA-graph replay;
+- the others within the kernel tolerance. The merged weights compute each output row with the
+  same code, and are bitwise equal in the interpreter, but Triton specializes a kernel on its
+  sizes (N divisible by 16 or not), and on an H100 that compiled variant differed in the last
+  bits of tiny-llama's logits.
 """
 
 from __future__ import annotations
@@ -43,8 +45,8 @@ def preset(name: str):
     )  # fmt: skip
 
 
-# Fusions whose fused and unfused forms run the same arithmetic in the same order.
-BITWISE = {"merged_qkv", "merged_gate_up", "cuda_graphs"}
+# Fusions whose fused and unfused forms give the same bits (see the docstring).
+BITWISE = {"cuda_graphs"} | ({"merged_qkv", "merged_gate_up"} if not CUDA else set())
 SWITCHABLE = [n for n in FUSIONS if n != "cuda_graphs" or CUDA]
 
 

@@ -11,7 +11,10 @@ expert.
 
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import triton
@@ -45,15 +48,22 @@ _INTERPRETED = type(_k._matvec_kernel).__name__ == "InterpretedFunction"
 
 
 # M = 1 kernels reading the blocks through an integer view: qtype -> (kernel, view dtype, values
-# per block, row alignment). The view needs the row start and stride aligned to the view's item
-# size; the Q4_K kernel also assumes rows 16-byte aligned (whole 144-byte super-blocks).
+# per block, row alignment, FMT of _matvec_legacy_m1_kernel or None). The view needs the row start
+# and stride aligned to the view's item size; the Q4_K kernel also assumes rows 16-byte aligned
+# (whole 144-byte super-blocks). The legacy 4/5-bit formats share one kernel; their block sizes
+# allow int16 words (Q4_0: 18 B, Q5_0: 22 B), int32 (Q4_1: 20 B) and int64 (Q5_1: 24 B).
 _WIDE: dict[GGMLQuantizationType, tuple] = {
-    _T.Q8_0: (_k._matvec_q8_0_m1_kernel, torch.int16, 32, 2),
-    _T.Q4_K: (_k._matvec_q4_k_m1_kernel, torch.int32, 256, 16),
-    _T.Q6_K: (_k._matvec_q6_k_m1_kernel, torch.int16, 256, 2),
+    _T.Q8_0: (_k._matvec_q8_0_m1_kernel, torch.int16, 32, 2, None),
+    _T.Q4_0: (_k._matvec_legacy_m1_kernel, torch.int16, 32, 2, _k.Q4_0.value),
+    _T.Q4_1: (_k._matvec_legacy_m1_kernel, torch.int32, 32, 4, _k.Q4_1.value),
+    _T.Q5_0: (_k._matvec_legacy_m1_kernel, torch.int16, 32, 2, _k.Q5_0.value),
+    _T.Q5_1: (_k._matvec_legacy_m1_kernel, torch.int64, 32, 8, _k.Q5_1.value),
+    _T.Q4_K: (_k._matvec_q4_k_m1_kernel, torch.int32, 256, 16, None),
+    _T.Q6_K: (_k._matvec_q6_k_m1_kernel, torch.int16, 256, 2, None),
 }
 USE_WIDE = True  # False: every format on _matvec_kernel (benchmarks/matvec.py --compare)
 WIDE_JOIN = True  # interleave the unpacked values in registers so x is read contiguously
+# (Q8_0, Q4_K, Q6_K; the legacy 4/5-bit kernel reads x once per thread for all its rows)
 
 
 def _aligned(raw: torch.Tensor, size: int, row_align: int = 1) -> bool:
@@ -78,15 +88,57 @@ class MatvecConfig:
 # took 22.8, 24.2, 24.1 us). The sweep is noisy (about +-10 %) and ran once; not re-verified.
 _WIDE_DEFAULTS = {
     _T.Q8_0: MatvecConfig(block_n=8, tile_values=1024, num_warps=4),
+    # Not timed (no GPU at hand): the fewest sm_90 SASS instructions per value in the K loop over
+    # block_n 4..32, tile 512..2048, 2..8 warps (Q4_0 4.6 at 8/2048/4, 5.3 at 8/1024/4), and 64
+    # blocks a step, so K = 4096 is 2 steps with 9 KB of a program's loads in flight each.
+    _T.Q4_0: MatvecConfig(block_n=8, tile_values=2048, num_warps=4),
+    _T.Q4_1: MatvecConfig(block_n=8, tile_values=2048, num_warps=4),
+    _T.Q5_0: MatvecConfig(block_n=8, tile_values=2048, num_warps=4),
+    _T.Q5_1: MatvecConfig(block_n=8, tile_values=2048, num_warps=4),
     _T.Q4_K: MatvecConfig(block_n=8, tile_values=1024, num_warps=4),
     _T.Q6_K: MatvecConfig(block_n=8, tile_values=512, num_warps=8),
 }
 
 
-def default_config(qtype: GGMLQuantizationType, n: int, k: int, m: int) -> MatvecConfig:
-    """Untuned per-family defaults, the fastest of benchmarks/matvec.py --sweep on an H100 for a
-    4096 x 4096 weight at M = 1 (e.g. Q8_0 22.8 us with 4/512/4 against 34.7 us with 8/256/4;
-    Q4_K 23.4 us with 16/256/4 against 36.0 us with 8/256/4)."""
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def tuned_config_name(device_name: str) -> str:
+    """The tuned configs' file name for a GPU model (scripts/tune_matvec.py writes it)."""
+    safe = "".join(c if c.isalnum() or c in "-." else "_" for c in device_name)
+    return f"matvec,device={safe}.json"
+
+
+@functools.cache
+def tuned_configs(device_name: str) -> dict[tuple[str, int, int], MatvecConfig]:
+    """{(format, N, K): config} measured on this GPU model at M = 1, {} if never tuned."""
+    path = CONFIG_DIR / tuned_config_name(device_name)
+    if not path.exists():
+        return {}
+    out = {}
+    for fmt, shapes in json.loads(path.read_text()).items():
+        for shape, c in shapes.items():
+            n, k = (int(v) for v in shape.split("x"))
+            out[(fmt, n, k)] = MatvecConfig(c["block_n"], c["tile_values"], c["num_warps"])
+    return out
+
+
+def default_config(
+    qtype: GGMLQuantizationType,
+    n: int,
+    k: int,
+    m: int,
+    device: torch.device | None = None,
+    tuned: bool = True,
+) -> MatvecConfig:
+    """The config tuned for this (format, N, K) on this GPU (kernels/configs, M = 1), else the
+    per-family defaults: the fastest of benchmarks/matvec.py --sweep on an H100 for a 4096 x 4096
+    weight at M = 1 (e.g. Q8_0 22.8 us with 4/512/4 against 34.7 us with 8/256/4; Q4_K 23.4 us
+    with 16/256/4 against 36.0 us with 8/256/4)."""
+    if tuned and USE_WIDE and m == 1 and device is not None and device.type == "cuda":
+        cfg = tuned_configs(torch.cuda.get_device_name(device)).get((qtype.name, n, k))
+        if cfg is not None:
+            return cfg
     if USE_WIDE and m == 1 and qtype in _WIDE:
         return _WIDE_DEFAULTS[qtype]
     if qtype in _FLOAT_VIEW or GGML_QUANT_SIZES[qtype][0] == 32:
@@ -94,6 +146,23 @@ def default_config(qtype: GGMLQuantizationType, n: int, k: int, m: int) -> Matve
     if qtype == _T.Q6_K:
         return MatvecConfig(block_n=4, tile_values=256, num_warps=4)
     return MatvecConfig(block_n=16, tile_values=256, num_warps=4)
+
+
+def _blocks_per_step(k: int, block_values: int, cfg: MatvecConfig) -> int:
+    """Blocks of the M = 1 integer-view kernels' loop step: cfg.tile_values of K, at most K
+    rounded up to a power of two (K = 768: 3 super-blocks pad the last step; the kernels mask
+    it)."""
+    per_step = max(1, cfg.tile_values // block_values)
+    return min(per_step, triton.next_power_of_2(k // block_values))
+
+
+def _legacy_tiling(k: int, view: torch.dtype, cfg: MatvecConfig) -> dict[str, int | bool]:
+    """S, R, EVEN of _matvec_legacy_m1_kernel: a step of _blocks_per_step blocks is R tiles of S
+    blocks, a tile one lane per thread where it can (a lane reads 4 bytes of a block's 16 bytes
+    of qs; 8 with Q5_1's int64 view); EVEN when no step overruns K."""
+    per_step = _blocks_per_step(k, 32, cfg)
+    s = min(max(1, 32 * cfg.num_warps * max(4, view.itemsize) // 16), per_step)
+    return {"S": s, "R": per_step // s, "EVEN": (k // 32) % per_step == 0}
 
 
 def matvec(x: torch.Tensor, weight: Weight, config: MatvecConfig | None = None) -> torch.Tensor:
@@ -110,7 +179,7 @@ def matvec(x: torch.Tensor, weight: Weight, config: MatvecConfig | None = None) 
     raw = weight.raw
     assert raw.dtype == torch.uint8 and raw.dim() == 2 and raw.stride(1) == 1
     out = torch.empty((m, n), dtype=torch.float32, device=x.device)
-    launch(x, weight.qtype, raw, out, config or default_config(weight.qtype, n, k, m))
+    launch(x, weight.qtype, raw, out, config or default_config(weight.qtype, n, k, m, x.device))
     return out
 
 
@@ -148,12 +217,13 @@ def launch(
     grid = (triton.cdiv(n, cfg.block_n), slots)
     wide = _WIDE.get(qtype)
     if USE_WIDE and wide is not None and m == 1 and _aligned(raw, wide[1].itemsize, wide[3]):
-        kernel, view, values_per_step, _row_align = wide
-        per_step = max(1, cfg.tile_values // values_per_step)
-        # K that is not a power of two (K = 768: 3 super-blocks) pads the last step; the kernels
-        # mask it.
-        per_step = min(per_step, triton.next_power_of_2(k // block_values))
+        kernel, view, values_per_step, _row_align, fmt = wide
         w = raw.view(view)
+        if fmt is None:
+            per_step = _blocks_per_step(k, values_per_step, cfg)
+            args, mode = (), {"JOIN": WIDE_JOIN, "S" if block_values == 32 else "NB": per_step}
+        else:
+            args, mode = (_k._MAGIC.value,), {**_legacy_tiling(k, view, cfg), "FMT": fmt}
         kernel[grid](
             x,
             w,
@@ -162,11 +232,11 @@ def launch(
             k,
             w.stride(-2),
             *_slot_args(ids, x, w, out),
+            *args,
             K_INTERP=k if _INTERPRETED else 0,
             EXPERTS=experts,
             BLOCK_N=cfg.block_n,
-            JOIN=WIDE_JOIN,
-            **{"S" if block_values == 32 else "NB": per_step},
+            **mode,
             num_warps=cfg.num_warps,
         )
         return

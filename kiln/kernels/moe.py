@@ -29,7 +29,7 @@ def default_config(weight: Weight) -> _mv.MatvecConfig:
     """Each slot is an M = 1 mat-vec of one expert, so the mat-vec's M = 1 defaults apply. Not
     tuned for expert shapes (30B-A3B: 768 x 2048 and 2048 x 768 per expert, 8 slots)."""
     _e, n, k = weight.shape
-    return _mv.default_config(weight.qtype, n, k, 1)
+    return _mv.default_config(weight.qtype, n, k, 1, weight.device)
 
 
 def expert_linear(

@@ -18,7 +18,15 @@ from kiln import quant
 from kiln.ops.reference import expert_linear
 from kiln.ops.weight import Weight
 from tests.kernels.sm90 import run_compile_check
-from tests.kernels.test_matvec import ACTS, FORMATS, _check
+from tests.kernels.test_matvec import (
+    ACTS,
+    CAPTURE_PTX,
+    FORMATS,
+    WIDE,
+    _check,
+    check_legacy_loads,
+    record_launches,
+)
 from tests.kernels.tolerances import MATVEC
 
 CUDA = torch.cuda.is_available()
@@ -70,8 +78,9 @@ def _cases(block: int, shared_x: bool) -> list[tuple[int, int, int]]:
 
 @pytest.mark.parametrize("shared_x", (True, False), ids=("x_shared", "x_per_slot"))
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_expert_linear_matches_reference(fmt: str, shared_x: bool) -> None:
+def test_expert_linear_matches_reference(fmt: str, shared_x: bool, monkeypatch) -> None:
     moe = _kernel()
+    launched = record_launches(monkeypatch)
     act = ACTS[FORMATS.index(fmt) % len(ACTS)]  # every activation dtype over the formats
     block = quant.get_format(fmt).block_size
     gen = torch.Generator().manual_seed(99)
@@ -86,20 +95,24 @@ def test_expert_linear_matches_reference(fmt: str, shared_x: bool) -> None:
             x = torch.randn(rows, k, generator=gen).to(act).to(DEVICE)
             what = f"{fmt} x:{tuple(x.shape)} {act} ids={chosen} ({ids.dtype}) E={n_expert} N={n}"
             _compare(moe, x, ids, w, what)
+            want = WIDE.get(fmt, "_matvec_kernel")
+            assert launched[-1][0] == want, f"{what}: ran {launched[-1][0]}, not {want}"
 
 
-@pytest.mark.parametrize("fmt", ("Q8_0", "Q4_K", "Q6_K"))
+@pytest.mark.parametrize("fmt", tuple(WIDE))
 def test_expert_linear_byte_kernel(fmt: str, monkeypatch) -> None:
     """The formats that have M = 1 integer-view kernels, on the byte kernel (USE_WIDE off)."""
     moe = _kernel()
     from kiln.kernels import matvec
 
     monkeypatch.setattr(matvec, "USE_WIDE", False)
+    launched = record_launches(monkeypatch)
     gen = torch.Generator().manual_seed(5)
     w = _experts(fmt, 5, 9, 3 * quant.get_format(fmt).block_size, gen)
     ids = torch.tensor(IDS[2], device=DEVICE)
     x = torch.randn(len(IDS[2]), w.shape[2], generator=gen).to(DEVICE)
     _compare(moe, x, ids, w, f"{fmt} byte kernel")
+    assert launched[-1][0] == "_matvec_kernel", launched[-1][0]
 
 
 def test_expert_linear_merged_gate_up() -> None:
@@ -117,14 +130,15 @@ def test_expert_linear_merged_gate_up() -> None:
     assert torch.equal(y[:, 9:], moe.expert_linear(x, ids, up))
 
 
-def test_expert_linear_slot_is_the_plain_matvec() -> None:
+@pytest.mark.parametrize("fmt", ("Q4_K", "Q4_0"))
+def test_expert_linear_slot_is_the_plain_matvec(fmt: str) -> None:
     """One slot with a non-contiguous stack of experts (every other expert of a larger one) is
     bitwise the plain mat-vec of that expert: the same kernel, the same K loop."""
     moe = _kernel()
     from kiln.kernels import matvec
 
     gen = torch.Generator().manual_seed(3)
-    big = _experts("Q4_K", 6, 9, 512, gen)
+    big = _experts(fmt, 6, 9, 512, gen)
     w = Weight("every_other", big.qtype, (3, 9, 512), big.raw[1::2])
     x = torch.randn(1, 512, generator=gen).to(DEVICE)
     y = moe.expert_linear(x, torch.tensor([2], device=DEVICE), w)
@@ -153,9 +167,10 @@ def test_expert_linear_rejects_bad_input() -> None:
 # Every kernel variant expert_linear launches for Qwen3-30B-A3B (128 experts, top-8; gate/up
 # [128, 768, 2048] with x [1, 2048], merged gate/up N = 1536, down [128, 2048, 768] with x
 # [8, 768]) as the model calls it (x float32, int64 ids from topk) in the formats of its usual
-# GGUFs, the byte kernel for the formats that normally take an integer-view kernel (USE_WIDE
-# off), and the other activation and id dtypes on one wide and one byte-kernel format.
-_COMPILE = textwrap.dedent(
+# GGUFs and the legacy 4/5-bit ones (K = 768: 24 blocks, a step of 32 overruns K), the byte
+# kernel for formats that normally take an integer-view kernel (USE_WIDE off), and the other
+# activation and id dtypes on one wide and one byte-kernel format and on Q4_0.
+_COMPILE = CAPTURE_PTX + textwrap.dedent(
     """
     import torch
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
@@ -168,31 +183,30 @@ _COMPILE = textwrap.dedent(
         return Weight("w", q, (e, n, k), torch.empty(e, n, k // bv * ts, dtype=torch.uint8))
 
     f32, i64 = torch.float32, torch.int64
-    variants = [(q, True, f32, i64) for q in (T.Q4_K, T.Q6_K, T.Q8_0, T.Q4_0, T.Q5_K, T.BF16)]
-    variants += [(q, False, f32, i64) for q in (T.Q4_K, T.Q6_K, T.Q8_0)]
-    variants += [(q, True, torch.float16, torch.int32) for q in (T.Q4_K, T.Q4_0)]
-    variants += [(q, True, torch.bfloat16, i64) for q in (T.Q4_K, T.Q4_0)]
+    formats = (T.Q4_K, T.Q6_K, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q5_K, T.BF16)
+    variants = [(q, True, f32, i64) for q in formats]
+    variants += [(q, False, f32, i64) for q in (T.Q4_K, T.Q6_K, T.Q8_0, T.Q4_0)]
+    variants += [(q, True, torch.float16, torch.int32) for q in (T.Q4_K, T.Q4_0, T.Q8_0)]
+    variants += [(q, True, torch.bfloat16, i64) for q in (T.Q4_K, T.Q4_0, T.Q5_1)]
     with compile_only() as done:
+        capture_ptx()
         for q, wide, act, ids_dtype in variants:
             matvec.USE_WIDE = wide
             ids = torch.zeros(8, dtype=ids_dtype)
             for n, k, rows in ((768, 2048, 1), (1536, 2048, 1), (2048, 768, 8)):
                 x = torch.empty(rows, k, dtype=act)
                 moe.expert_linear(x, ids, weight(q, 128, n, k))
-                print(q.name, wide, act, ids_dtype, n, k, rows, done[-1].kernel)
+                print(q.name, wide, act, ids_dtype, n, k, rows, done[-1].kernel, loads())
     """
 )
 
 
 def test_expert_linear_compiles_for_sm90() -> None:
     out = run_compile_check(_COMPILE)
-    expected = {
-        "Q4_K": "_matvec_q4_k_m1_kernel",
-        "Q6_K": "_matvec_q6_k_m1_kernel",
-        "Q8_0": "_matvec_q8_0_m1_kernel",
-    }
     lines = [line.split() for line in out.splitlines()]
-    assert len(lines) == 13 * 3, out
-    for fmt, wide, *_launch, kernel in lines:
-        want = expected.get(fmt, "_matvec_kernel") if wide == "True" else "_matvec_kernel"
+    assert len(lines) == (9 + 4 + 3 + 3) * 3, out
+    for fmt, wide, *_launch, kernel, loads in lines:
+        want = WIDE.get(fmt, "_matvec_kernel") if wide == "True" else "_matvec_kernel"
         assert kernel == want, f"{fmt} (USE_WIDE={wide}) compiled {kernel}, not {want}"
+        if kernel == "_matvec_legacy_m1_kernel":
+            check_legacy_loads(fmt, loads)

@@ -20,9 +20,11 @@ _REASONS = {
     "F16": "f16 -> f32 is exact; only the fp32 summation order differs",
     "BF16": "bf16 -> f32 is exact; only the fp32 summation order differs",
     "Q8_0": "d * q is one rounding as in the reference; summation order differs",
-    "Q4_0": "d * (q - 8) is one rounding as in the reference; summation order differs",
+    "Q4_0": "the M = 1 kernel sums a lane's (q - 8) * x exactly, then multiplies by d once; "
+    "summation order differs",
     "Q4_1": "d * q + m may be fused to one FMA (the reference rounds twice): 1 ulp per weight",
-    "Q5_0": "d * (q - 16) is one rounding as in the reference; summation order differs",
+    "Q5_0": "the M = 1 kernel sums a lane's (q - 16) * x exactly, then multiplies by d once; "
+    "summation order differs",
     "Q5_1": "d * q + m may be fused to one FMA (the reference rounds twice): 1 ulp per weight",
     "Q4_K": "(d*sc)*q - dmin*m may be fused to one FMA: 1 ulp per weight; summation order",
     "Q5_K": "(d*sc)*q - dmin*m may be fused to one FMA: 1 ulp per weight; summation order",

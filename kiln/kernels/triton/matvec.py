@@ -195,9 +195,10 @@ def _matvec_kernel(
     tl.store(out, acc, mask=row_ok[:, None] & (m_idx[None, :] < M))
 
 
-# M = 1 kernels that read Q8_0, Q4_K and Q6_K through wider integer views of the same bytes (one
-# load per 2 or 4 bytes instead of one per value), extract each quant from a register once, and
-# turn small integers into fp32 with the 2**23 trick (exact; avoids the quarter-rate I2F).
+# M = 1 kernels that read Q8_0, Q4_K, Q6_K (and Q4_0, Q4_1, Q5_0, Q5_1: _matvec_legacy_m1_kernel)
+# through wider integer views of the same bytes (one load per 2, 4 or 8 bytes instead of one per
+# value), extract each quant from a register once, and turn small integers into fp32 with the
+# 2**23 trick (exact; avoids the quarter-rate I2F).
 _MAGIC: tl.constexpr = tl.constexpr(0x4B000000)  # fp32 bits of 2**23
 
 
@@ -429,4 +430,167 @@ def _matvec_q6_k_m1_kernel(
         out = tl.sum(tl.sum(acc16, axis=2), axis=1)
     else:
         out = tl.sum(tl.sum(acc, axis=2), axis=1)
+    tl.store(out_ptr + rows, out, mask=rows < N)
+
+
+# The legacy 4/5-bit formats at M = 1. Counted in the sm_90 SASS of the K loop (not timed: no GPU
+# at hand), instructions per weight value at 8 rows / 2048 values / 4 warps, x f16: Q4_0 4.6 (1
+# LOP3, 1 FADD, 1.1 FFMA, 0.5 LDG, ...), Q4_1 5.3, Q5_0 8.2, Q5_1 7.8. The byte kernel takes
+# 16-29 (Q4_0 21, an 8-bit load per value), a first version in the style of the Q8_0 kernel
+# (join/reshape, shared-memory layout conversions in the loop) 8.7-12.
+
+
+@triton.jit
+def _masked_load(ptr, ok, EVEN: tl.constexpr):
+    """tl.load(ptr), masked by ok (other 0) unless EVEN says no step overruns K."""
+    if EVEN:
+        v = tl.load(ptr)
+    else:
+        v = tl.load(ptr, mask=ok, other=0)
+    return v
+
+
+@triton.jit
+def _legacy_nibble(part, qhs, magic, xb, ok, p, sx, E0: tl.constexpr, NIB: tl.constexpr, EVEN, FMT):
+    """(p + (q - bias) * x, sx + x) for nibble NIB of part, an int32 holding bytes E0, E0 + 1,
+    ... of the lane's qs bytes (NIB // 2 is the byte, NIB % 2 the high nibble); xb points at
+    the x of the lane's byte 0, low nibble; qhs holds the fifth bit of byte e's nibble h at bit
+    e + 16 h (Q5_0, Q5_1).
+
+    Nibble NIB sits at bit 4 NIB and is used in place: (part & 15 << 4 NIB) | 2**23 as fp32 is
+    2**23 + q * 16**NIB exactly, so one LOP3 and one FADD give (q - bias) * 16**NIB, and x
+    scaled by 16**-NIB (exact, shared by the thread's rows) makes the product (q - bias) * x
+    exactly. The nibble, and Q5's fifth bit above it, must stay in the mantissa (below bit 23),
+    so nibbles 5..7 are read from part >> 12, at bit 4 NIB - 12."""
+    NN: tl.constexpr = NIB if NIB < 5 else NIB - 3  # the nibble's place in src
+    E: tl.constexpr = E0 + NIB // 2  # byte of the lane
+    HI: tl.constexpr = NIB % 2
+    BIAS: tl.constexpr = 8.0 if FMT == Q4_0 else (16.0 if FMT == Q5_0 else 0.0)  # q - BIAS
+    if NIB < 5:
+        src = part
+    else:
+        src = part >> 12
+    t = (src & (15 << (4 * NN))) | magic
+    if FMT == Q5_0 or FMT == Q5_1:  # bit E + 16 HI of qhs to bit 4 NN + 4, above the nibble
+        UP: tl.constexpr = 4 * NN + 4 - E - 16 * HI
+        if UP >= 0:
+            t = t | ((qhs << UP) & (16 << (4 * NN)))
+        else:
+            t = t | ((qhs >> -UP) & (16 << (4 * NN)))
+    q = t.to(tl.float32, bitcast=True) - (8388608.0 + BIAS * 16**NN)  # (q - BIAS) * 16**NN
+    xv = _masked_load(xb + (E + 16 * HI), ok, EVEN).to(tl.float32)
+    p += q * (xv * (1.0 / 16**NN))
+    if FMT == Q4_1 or FMT == Q5_1:
+        sx += xv
+    return p, sx
+
+
+@triton.jit
+def _matvec_legacy_m1_kernel(
+    x_ptr,  # [1, K] f32/f16/bf16 (EXPERTS: the slot's row)
+    w_ptr,  # Q4_0, Q5_0: int16; Q4_1: int32; Q5_1: int64 view [N, row_bytes / word]
+    out_ptr,  # f32 [1, N]
+    N,
+    K,
+    stride_wn,  # in words of w_ptr's type
+    ids_ptr,  # EXPERTS only, like stride_we, stride_xs, stride_os: see _matvec_kernel
+    stride_we,
+    stride_xs,
+    stride_os,
+    magic,  # _MAGIC, as a runtime value (see below)
+    K_INTERP: tl.constexpr,
+    EXPERTS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    S: tl.constexpr,  # blocks per tile: S * QW lanes, one per thread where K allows
+    R: tl.constexpr,  # tiles per loop step
+    EVEN: tl.constexpr,  # K // 32 is a multiple of S * R: no step overruns K, no load masks
+    FMT: tl.constexpr,  # Q4_0, Q4_1, Q5_0 or Q5_1
+):
+    """Q4_0, Q4_1, Q5_0, Q5_1 at M = 1. A block is WPB words of BW bytes (the view's item): a
+    header (Q4_0: d; Q5_0: d, qh lo, qh hi; Q4_1: d | m << 16; Q5_1: d | m << 16 | qh << 32),
+    then 16 bytes of qs, whose byte i holds values i (low nibble) and 16 + i (high nibble); bit v
+    of qh is the fifth bit of value v.
+
+    A lane reads LB bytes of qs (Q4_0, Q5_0: two halfwords, 2-byte aligned only; Q4_1: one
+    word; Q5_1: one 8-byte word) and its block's header (the lanes of a block read the same
+    address: one transaction). A tile is [S * QW, BLOCK_N]: lane j % QW of block j // QW, for
+    each row. Lanes run along the blocks of a row (a warp's loads are contiguous) and each
+    thread holds all BLOCK_N rows of its lane, so its x values (a [S * QW, 1] tile) are loaded
+    and converted once for BLOCK_N rows, and no value changes threads in the loop (no layout
+    conversion). The R tiles of a step are constant offsets from pointers carried through the
+    loop: immediates of one address per row.
+
+    The values are used in place (_legacy_nibble): per value one LOP3, one FADD and one FFMA;
+    the lane's sum is multiplied by d once (and m by the lane's sum of x: Q4_1, Q5_1). ptxas
+    gives LOP3 one immediate operand, so `& mask | 2**23` with both immediates takes two
+    instructions; `magic` puts 2**23 in a register."""
+    BW: tl.constexpr = 2 if (FMT == Q4_0 or FMT == Q5_0) else (4 if FMT == Q4_1 else 8)
+    LB: tl.constexpr = 8 if BW == 8 else 4  # qs bytes per lane
+    QW: tl.constexpr = 16 // LB  # lanes per block
+    WPB: tl.constexpr = 9 if FMT == Q4_0 else (11 if FMT == Q5_0 else (5 if FMT == Q4_1 else 3))
+    QOFF: tl.constexpr = 3 if FMT == Q5_0 else 1  # first qs word
+    FIVE: tl.constexpr = FMT == Q5_0 or FMT == Q5_1
+    AFFINE: tl.constexpr = FMT == Q4_1 or FMT == Q5_1  # d * q + m
+    if EXPERTS:
+        w_ptr, x_ptr, out_ptr = _slot_pointers(
+            w_ptr, x_ptr, out_ptr, ids_ptr, stride_we, stride_xs, stride_os
+        )
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_c = tl.minimum(rows, N - 1).to(tl.int64)
+    row_base = w_ptr + rows_c[None, :] * stride_wn  # [1, BLOCK_N]
+    j = tl.arange(0, S * QW)[:, None]  # [S * QW, 1]
+    sb = j // QW  # block of the tile
+    li = j % QW  # lane of the block
+    # Carried through the loop; the R tiles of a step are constant offsets of them.
+    hdr_p = row_base + sb * WPB  # [S * QW, BLOCK_N]
+    qs_p = hdr_p + QOFF + li * (LB // BW)
+    x_p = x_ptr + sb * 32 + LB * li  # [S * QW, 1]: the value of the lane's byte 0, low nibble
+    acc = tl.zeros([S * QW, BLOCK_N], dtype=tl.float32)
+    nblk = K // 32
+    for k0 in range(0, K_INTERP if K_INTERP > 0 else K, 32 * S * R):
+        for r in tl.static_range(R):
+            hp = hdr_p + r * S * WPB
+            qp = qs_p + r * S * WPB
+            xb = x_p + r * S * 32
+            ok = k0 // 32 + r * S + sb < nblk  # [S * QW, 1]; unused when EVEN
+            hdr = _masked_load(hp, ok, EVEN)  # [S * QW, BLOCK_N]
+            qhs = 0
+            m = 0.0
+            if BW == 2:
+                d = hdr.to(tl.float16, bitcast=True).to(tl.float32)
+                if FIVE:
+                    qh_lo = _masked_load(hp + 1, ok, EVEN).to(tl.int32) & 0xFFFF
+                    qh_hi = _masked_load(hp + 2, ok, EVEN).to(tl.int32)
+                    qhs = (qh_lo | (qh_hi << 16)) >> (LB * li)
+            else:
+                h32 = hdr.to(tl.int32)  # low word (Q5_1: d | m << 16)
+                d = _f16_lo(h32)
+                m = _f16_lo(h32 >> 16)
+                if FIVE:
+                    qhs = (hdr >> 32).to(tl.int32) >> (LB * li)
+            p = tl.zeros([S * QW, BLOCK_N], dtype=tl.float32)
+            sx = tl.zeros([S * QW, 1], dtype=tl.float32)
+            if BW == 2:  # two halfwords: bytes 0, 1 and 2, 3 of the lane
+                for h in tl.static_range(2):
+                    part = _masked_load(qp + h, ok, EVEN).to(tl.int32)  # sign-extended
+                    for n in tl.static_range(4):
+                        p, sx = _legacy_nibble(part, qhs, magic, xb, ok, p, sx, 2 * h, n, EVEN, FMT)
+            else:
+                qs = _masked_load(qp, ok, EVEN)
+                for h in tl.static_range(LB // 4):  # 32-bit parts: bytes 4h .. 4h + 3
+                    if BW == 8:
+                        part = (qs >> (32 * h)).to(tl.int32)
+                    else:
+                        part = qs
+                    for n in tl.static_range(8):
+                        p, sx = _legacy_nibble(part, qhs, magic, xb, ok, p, sx, 4 * h, n, EVEN, FMT)
+            if AFFINE:
+                acc += d * p + m * sx
+            else:
+                acc += d * p
+        hdr_p += S * R * WPB
+        qs_p += S * R * WPB
+        x_p += S * R * 32
+    out = tl.sum(acc, axis=0)
     tl.store(out_ptr + rows, out, mask=rows < N)

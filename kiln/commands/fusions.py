@@ -5,18 +5,12 @@ from __future__ import annotations
 import argparse
 
 from kiln.cli import command
-from kiln.commands.common import BACKEND_HELP
+from kiln.commands.common import add_backend_args
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument("--backend", default="auto", help=BACKEND_HELP)
-    p.add_argument(
-        "--fusion",
-        action="append",
-        metavar="NAME=0|1",
-        help="show the states with these overrides too (repeatable)",
-    )
+    add_backend_args(p)
 
 
 @command("fusions", "List the fusions, their state on this device and its source.", _add_arguments)

@@ -132,6 +132,17 @@ def test_run_ab_records_one_sample_per_round():
     assert res.outputs_identical is True and len(res.tokens["A"]) == 4
 
 
+def test_ab_of_a_fusion_on_and_off(capsys):
+    """A fusion toggle as a configuration: the merged Q/K/V weights on (defaults) and off; the
+    merge keeps each output's arithmetic, so the greedy outputs are identical."""
+    code = main(["ab", "-m", TINY, "-p", "0", "-n", "4", "-r", "2", "--device", "cpu",
+                 "--check-tokens", "8", "--a", "", "--b", "--fusion merged_qkv=0"])  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "B: --fusion merged_qkv=0" in out and "| tg4 " in out
+    assert "greedy outputs over 8 tokens: identical" in out
+
+
 def test_report_names_the_first_differing_token():
     params = AB.ABParams(model=TINY, a=AB.Config("A", "X=0"), b=AB.Config("B", "X=1"))
     row = AB.ABRow("tg4", a=[10.0, 10.5], b=[10.2, 10.4])

@@ -70,6 +70,11 @@ class Engine:
         self.check_room(cache, 1)
         if not self.static:
             return self.model.forward(torch.tensor([token], device=self.device), cache)
+        if cache is not self._cache:
+            raise UsageError(
+                "a static (triton) engine decodes into its own KV cache: get it from "
+                "engine.new_cache()"
+            )
         position = cache.length
         if self.graphs:
             if self._graph is None:

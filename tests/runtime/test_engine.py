@@ -72,3 +72,20 @@ def test_bad_engine_settings(stories_engine):
         Engine(stories_engine.model, n_ctx=64, ubatch=0)
     with pytest.raises(UsageError, match="context size"):
         Engine(stories_engine.model, n_ctx=0)
+
+
+def test_static_engine_reuses_its_one_cache(stories_model):
+    """The triton backend's engine (Triton's interpreter here) keeps one f16 cache at the full
+    context, emptied per request; decoding into another cache is refused, not silently wrong
+    (captured graphs point at the engine's own buffers)."""
+    from kiln.runtime.kv_cache import KVCache
+
+    engine = Engine(build_model(read_gguf(stories_model), backend="triton"), n_ctx=32)
+    assert engine.static and not engine.graphs  # no CUDA graphs on a CPU
+    cache = engine.new_cache()
+    assert cache.capacity == 32 and cache.k[0].dtype == torch.float16
+    cache.length = 5
+    assert engine.new_cache() is cache and cache.length == 0
+    other = KVCache(engine.config, 32, engine.device)
+    with pytest.raises(UsageError, match="engine.new_cache"):
+        engine.decode(1, other)

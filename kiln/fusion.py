@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from kiln.errors import ConfigError, UsageError
+from kiln.kernels import CONFIG_DIR, config_name
 
 
 @dataclass(frozen=True)
@@ -65,13 +66,10 @@ register(
     needs_gpu_backend=True,
 )
 
-CONFIG_DIR = Path(__file__).parent / "kernels" / "configs"
-
 
 def device_defaults_path(device_name: str) -> Path:
-    """Where the measured fusion defaults of a GPU model live (the writer uses this name too)."""
-    safe = "".join(c if c.isalnum() or c in "-." else "_" for c in device_name)
-    return CONFIG_DIR / f"fusions,device={safe}.json"
+    """Where the measured fusion defaults of a GPU model live."""
+    return CONFIG_DIR / config_name("fusions", device_name)
 
 
 def device_defaults(device: torch.device) -> dict[str, bool]:

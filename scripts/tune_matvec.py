@@ -5,7 +5,8 @@
 For each (format, N, K) of SHAPES it times the default config and every config of GRID at M = 1
 (triton.testing.do_bench, L2 cleared, median) and keeps the fastest where it beats the default
 by more than 3% (do_bench's run-to-run spread on an H100 is about +-2% for these sizes). The
-result goes to `matvec,device=<gpu name>.json` (kiln.kernels.matvec.tuned_configs reads it):
+result goes to `matvec,device=<gpu name>.json` (named by kiln.kernels.config_name;
+kiln.kernels.matvec.tuned_configs reads it):
 {"Q4_K": {"4096x4096": {"block_n": 8, "tile_values": 1024, "num_warps": 4, "us": ...,
 "default_us": ...}}}. Needs a CUDA GPU; not run by CI.
 """
@@ -24,6 +25,7 @@ import triton  # noqa: E402
 from gguf.constants import GGMLQuantizationType  # noqa: E402
 
 from kiln import quant  # noqa: E402
+from kiln.kernels import config_name  # noqa: E402
 from kiln.kernels import matvec as mv  # noqa: E402
 from kiln.ops.weight import Weight  # noqa: E402
 
@@ -80,7 +82,7 @@ def main() -> int:
                     "num_warps": best.num_warps, "us": round(times[best], 2),
                     "default_us": round(base, 2),
                 }  # fmt: skip
-    path = Path(args.out) / mv.tuned_config_name(name)
+    path = Path(args.out) / config_name("matvec", name)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
     print(f"wrote {path}")

@@ -1,1 +1,17 @@
-"""Triton kernel launchers: each asserts layout and dtype, allocates, picks config and grid."""
+"""Triton kernel launchers: each asserts layout and dtype, allocates, picks config and grid.
+
+Measured per-GPU data (tuned launch configs, fusion defaults) lives in kernels/configs as
+`<what>,device=<gpu>.json`; `config_name` is the one naming function its writers and readers use.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def config_name(what: str, device_name: str) -> str:
+    """e.g. ("matvec", "NVIDIA H100 80GB HBM3") -> "matvec,device=NVIDIA_H100_80GB_HBM3.json"."""
+    safe = "".join(c if c.isalnum() or c in "-." else "_" for c in device_name)
+    return f"{what},device={safe}.json"

@@ -14,12 +14,12 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import triton
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from kiln.kernels import CONFIG_DIR, config_name
 from kiln.kernels.triton import matvec as _k
 from kiln.ops.weight import Weight
 
@@ -100,19 +100,10 @@ _WIDE_DEFAULTS = {
 }
 
 
-CONFIG_DIR = Path(__file__).parent / "configs"
-
-
-def tuned_config_name(device_name: str) -> str:
-    """The tuned configs' file name for a GPU model (scripts/tune_matvec.py writes it)."""
-    safe = "".join(c if c.isalnum() or c in "-." else "_" for c in device_name)
-    return f"matvec,device={safe}.json"
-
-
 @functools.cache
 def tuned_configs(device_name: str) -> dict[tuple[str, int, int], MatvecConfig]:
     """{(format, N, K): config} measured on this GPU model at M = 1, {} if never tuned."""
-    path = CONFIG_DIR / tuned_config_name(device_name)
+    path = CONFIG_DIR / config_name("matvec", device_name)
     if not path.exists():
         return {}
     out = {}

@@ -9,8 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from types import SimpleNamespace
 
-import torch
-import torch.nn.functional as F
+from kiln.ops import reference
 
 
 def unfused(name: str, ops: SimpleNamespace) -> Callable:
@@ -45,16 +44,9 @@ def _qkv_norm_rope(ops):
     return qkv_norm_rope
 
 
-def _swiglu(ops):
-    def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        return F.silu(gate.float()) * up.float()
-
-    return swiglu
-
-
 _MAKERS = {
     "add_rms_norm": _add_rms_norm,
     "qk_norm": _qk_norm,
     "qkv_norm_rope": _qkv_norm_rope,
-    "swiglu": _swiglu,
+    "swiglu": lambda ops: reference.swiglu,  # torch's silu and mul on any backend
 }

@@ -147,7 +147,15 @@ def moe_route(
     x: torch.Tensor, router: Weight, n_used: int, normalize: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x: [T, n_embd] -> (weights [T, k], expert ids [T, k]): softmax over experts, top-k."""
-    probs = torch.softmax(linear(x, router), dim=-1)
+    return moe_select(linear(x, router), n_used, normalize)
+
+
+def moe_select(
+    router_logits: torch.Tensor, n_used: int, normalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits: [T, n_expert] -> the top-k softmax weights (renormalized to sum to 1 when
+    normalize) and their expert ids, [T, k] each. Device ops only: graph-capturable."""
+    probs = torch.softmax(router_logits, dim=-1)
     weights, ids = torch.topk(probs, n_used, dim=-1)
     if normalize:
         weights = weights / weights.sum(-1, keepdim=True)

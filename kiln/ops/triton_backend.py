@@ -30,11 +30,7 @@ def ops() -> dict:
         return reference.linear(x, weight, bias)
 
     def moe_route(x, router, n_used, normalize):
-        probs = torch.softmax(linear(x, router), dim=-1)
-        weights, ids = torch.topk(probs, n_used, dim=-1)
-        if normalize:
-            weights = weights / weights.sum(-1, keepdim=True)
-        return weights, ids
+        return reference.moe_select(linear(x, router), n_used, normalize)
 
     def expert_linear(x, ids, weight):
         if weight.qtype in matvec.SUPPORTED:

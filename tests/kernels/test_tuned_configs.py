@@ -8,6 +8,7 @@ import json
 import torch
 from gguf.constants import GGMLQuantizationType
 
+from kiln.kernels import config_name
 from kiln.kernels import matvec as mv
 from tests.kernels.sm90 import run_compile_check
 
@@ -16,7 +17,7 @@ def test_tuned_configs_apply_to_their_gpu_only(tmp_path, monkeypatch):
     monkeypatch.setattr(mv, "CONFIG_DIR", tmp_path)
     mv.tuned_configs.cache_clear()
     name = "NVIDIA Test GPU"
-    (tmp_path / mv.tuned_config_name(name)).write_text(
+    (tmp_path / config_name("matvec", name)).write_text(
         json.dumps({"Q8_0": {"64x128": {"block_n": 2, "tile_values": 512, "num_warps": 8}}})
     )
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
@@ -37,6 +38,7 @@ CODE = """
 import json, torch
 from gguf.constants import GGMLQuantizationType
 from kiln import quant
+from kiln.kernels import config_name
 from kiln.kernels import matvec as mv
 from kiln.ops.weight import Weight
 from tests.kernels.sm90 import compile_only

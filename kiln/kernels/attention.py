@@ -51,7 +51,7 @@ class AttentionConfig:
     min_slice: int = 256  # fewest keys per program (a multiple of block_s)
     programs: int = 4 * _H100_SMS  # Hkv * P target at long lengths
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 3
 
 
 def default_config(device: torch.device) -> AttentionConfig:

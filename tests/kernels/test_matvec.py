@@ -26,16 +26,17 @@ ACTS = (torch.float32, torch.float16, torch.bfloat16)
 # The M = 1 integer-view kernel of each format that has one (kiln.kernels.matvec._WIDE); every
 # other launch runs _matvec_kernel.
 WIDE = {
-    "Q8_0": "_matvec_q8_0_m1_kernel",
-    "Q4_0": "_matvec_legacy_m1_kernel",
-    "Q4_1": "_matvec_legacy_m1_kernel",
-    "Q5_0": "_matvec_legacy_m1_kernel",
-    "Q5_1": "_matvec_legacy_m1_kernel",
-    "Q4_K": "_matvec_q4_k_m1_kernel",
+    "Q8_0": "_matvec_lanes_m1_kernel",
+    "Q4_0": "_matvec_lanes_m1_kernel",
+    "Q4_1": "_matvec_lanes_m1_kernel",
+    "Q5_0": "_matvec_lanes_m1_kernel",
+    "Q5_1": "_matvec_lanes_m1_kernel",
+    "Q4_K": "_matvec_lanes_m1_kernel",
     "Q6_K": "_matvec_q6_k_m1_kernel",
 }
-LEGACY = ("Q4_0", "Q4_1", "Q5_0", "Q5_1")
-QW = {"Q4_0": 4, "Q4_1": 4, "Q5_0": 4, "Q5_1": 2}  # lanes (threads) of the legacy kernel a block
+# The formats of _matvec_lanes_m1_kernel and its lanes (threads) a block.
+LANES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K")
+QW = {"Q8_0": 8, "Q4_0": 4, "Q4_1": 4, "Q5_0": 4, "Q5_1": 2, "Q4_K": 16}
 
 
 def _shapes(block: int) -> list[tuple[int, int, int]]:
@@ -167,50 +168,59 @@ def test_matvec_wide_kernels(fmt: str, tile: int, join: bool, monkeypatch) -> No
     _wide_vs_byte(launcher, w, x, cfg, launched, f"{fmt} wide tile={tile}")
 
 
-# (N, blocks of K, block_n, tile_values, num_warps): _matvec_legacy_m1_kernel's tilings (see
-# test_matvec_legacy_tilings): a step that overruns K (S = 4 tiles 3 blocks), one block (S = 1),
-# R tiles a step (Q4_x, Q5_0: S = 8 and R = 4; Q5_1: S = 16 and R = 2) over 2 even steps or 2
-# steps whose second overruns K (one tile partly, the others wholly past K), 3 even steps with 16
-# rows a program.
-LEGACY_CASES = [
-    (9, 3, 8, 1024, 4),
-    (5, 1, 4, 1024, 1),
-    (7, 64, 4, 1024, 1),
-    (19, 40, 8, 1024, 1),
-    (33, 24, 16, 256, 2),
-]
+# (N, blocks of K, block_n, tile_values, num_warps): _matvec_lanes_m1_kernel's tilings (see
+# test_matvec_lanes_tilings). 32-value blocks: a step that overruns K (S = 4 tiles 3 blocks), one
+# block (S = 1), R tiles a step (Q4_x, Q5_0: S = 8 and R = 4; Q5_1: S = 16 and R = 2) over 2 even
+# steps or 2 steps whose second overruns K (one tile partly, the others wholly past K), 3 even
+# steps with 16 rows a program. Q4_K (256-value blocks, 16 lanes each): the same situations with
+# S = 2 and R = 2 (one warp, 4 blocks a step) and S = 2, R = 1 (two warps, 2 blocks a step).
+LANES_CASES = {
+    32: [(9, 3, 8, 1024, 4), (5, 1, 4, 1024, 1), (7, 64, 4, 1024, 1), (19, 40, 8, 1024, 1),
+         (33, 24, 16, 256, 2)],
+    256: [(9, 3, 8, 2048, 4), (5, 1, 4, 1024, 1), (7, 16, 4, 1024, 1), (19, 10, 8, 1024, 1),
+          (33, 6, 16, 512, 2)],
+}  # fmt: skip
 
 
-@pytest.mark.parametrize("case", LEGACY_CASES, ids=lambda c: "N{}_B{}_{}_{}_{}".format(*c))
-@pytest.mark.parametrize("fmt", LEGACY)
-def test_matvec_legacy_kernel(fmt: str, case: tuple, monkeypatch) -> None:
-    """_matvec_legacy_m1_kernel (Q4_0, Q4_1, Q5_0, Q5_1 at M = 1) on each tiling of
-    LEGACY_CASES against the reference and the byte kernel; x in every activation dtype over
+def _block(fmt: str) -> int:
+    return quant.get_format(fmt).block_size
+
+
+@pytest.mark.parametrize(
+    "fmt,case",
+    [(f, c) for f in LANES for c in LANES_CASES[_block(f)]],
+    ids=lambda v: v if isinstance(v, str) else "N{}_B{}_{}_{}_{}".format(*v),
+)
+def test_matvec_lanes_kernel(fmt: str, case: tuple, monkeypatch) -> None:
+    """_matvec_lanes_m1_kernel (Q4_0, Q4_1, Q5_0, Q5_1, Q4_K at M = 1) on each tiling of
+    LANES_CASES against the reference and the byte kernel; x in every activation dtype over
     the cases."""
     launcher = _kernel()
     launched = record_launches(monkeypatch)
     n, blocks, block_n, tile, warps = case
+    block = _block(fmt)
     gen = torch.Generator().manual_seed(blocks)
-    w = _weight(fmt, n, 32 * blocks, gen)
-    act = ACTS[LEGACY_CASES.index(case) % len(ACTS)]
-    x = torch.randn(1, 32 * blocks, generator=gen).to(act).to(DEVICE)
+    w = _weight(fmt, n, block * blocks, gen)
+    act = ACTS[LANES_CASES[block].index(case) % len(ACTS)]
+    x = torch.randn(1, block * blocks, generator=gen).to(act).to(DEVICE)
     cfg = launcher.MatvecConfig(block_n=block_n, tile_values=tile, num_warps=warps)
     mode = _wide_vs_byte(launcher, w, x, cfg, launched, f"{fmt} {case} x:{act}")
     view = launcher._WIDE[w.qtype][1]
-    want = launcher._legacy_tiling(32 * blocks, view, cfg)
+    want = launcher._lanes_tiling(block * blocks, w.qtype, view, cfg)
     assert {k: mode[k] for k in want} == want, mode
 
 
-def test_matvec_legacy_tilings() -> None:
-    """LEGACY_CASES reach, on every legacy format: R > 1 tiles a step over several steps with
-    and without a step that overruns K (EVEN), and a single ragged step."""
+def test_matvec_lanes_tilings() -> None:
+    """LANES_CASES reach, on every format of the lanes kernel: R > 1 tiles a step over several
+    steps with and without a step that overruns K (EVEN), and a single ragged step."""
     launcher = _kernel()
-    for fmt in LEGACY:
+    for fmt in LANES:
         seen = set()
+        block = _block(fmt)
         view = launcher._WIDE[GGMLQuantizationType[fmt]][1]
-        for _n, blocks, block_n, tile, warps in LEGACY_CASES:
+        for _n, blocks, block_n, tile, warps in LANES_CASES[block]:
             cfg = launcher.MatvecConfig(block_n=block_n, tile_values=tile, num_warps=warps)
-            t = launcher._legacy_tiling(32 * blocks, view, cfg)
+            t = launcher._lanes_tiling(block * blocks, GGMLQuantizationType[fmt], view, cfg)
             assert t["S"] * QW[fmt] <= 32 * warps, f"{fmt}: more lanes than threads {t}"
             steps = -(-blocks // (t["S"] * t["R"]))
             seen.add((t["R"] > 1, t["EVEN"], steps > 1))
@@ -218,19 +228,20 @@ def test_matvec_legacy_tilings() -> None:
             assert flags in seen, f"{fmt}: no case with (R > 1, EVEN, steps > 1) = {flags}"
 
 
-@pytest.mark.parametrize("fmt", LEGACY)
-def test_matvec_legacy_misaligned_takes_byte_kernel(fmt: str, monkeypatch) -> None:
-    """Blocks whose start is not aligned to the legacy kernel's word (int16, int32, int64) run
+@pytest.mark.parametrize("fmt", LANES)
+def test_matvec_lanes_misaligned_takes_byte_kernel(fmt: str, monkeypatch) -> None:
+    """Blocks whose start is not aligned to the lanes kernel's word (int16, int32, int64) run
     on the byte kernel."""
     launcher = _kernel()
     launched = record_launches(monkeypatch)
     gen = torch.Generator().manual_seed(3)
-    w = _weight(fmt, 5, 64, gen)
+    k = 2 * _block(fmt)
+    w = _weight(fmt, 5, k, gen)
     size = launcher._WIDE[w.qtype][1].itemsize
     flat = torch.zeros(w.raw.numel() + size, dtype=torch.uint8, device=DEVICE)
     raw = flat[size // 2 : size // 2 + w.raw.numel()].view(w.raw.shape)
     raw.copy_(w.raw)
-    x = torch.randn(1, 64, generator=gen).to(DEVICE)
+    x = torch.randn(1, k, generator=gen).to(DEVICE)
     y = launcher.matvec(x, Weight(w.name, w.qtype, w.shape, raw))
     assert launched[-1][0] == "_matvec_kernel", f"{fmt} misaligned: ran {launched[-1][0]}"
     rtol, atol, _reason = MATVEC[(fmt, x.dtype)]
@@ -262,20 +273,28 @@ CAPTURE_PTX = textwrap.dedent(
     """
 )
 
-# The weight loads of the legacy 4/5-bit kernel (x adds b16 or b32 loads): words of 2 bytes for
-# Q4_0 and Q5_0 (18 and 22 B blocks), 4 for Q4_1 (20 B), 8 for Q5_1 (24 B); never bytes.
-LEGACY_LOADS = {"Q4_0": "b16", "Q4_1": "b32", "Q5_0": "b16", "Q5_1": "b64"}
+# The weight loads of the lanes kernel (x adds b16 or b32 loads): words of 2 bytes for
+# Q4_0 and Q5_0 (18 and 22 B blocks), 4 for Q4_1 (20 B), 8 for Q5_1 (24 B) and Q4_K (144 B);
+# never bytes.
+LANES_LOADS = {
+    "Q8_0": "b16",
+    "Q4_0": "b16",
+    "Q4_1": "b32",
+    "Q5_0": "b16",
+    "Q5_1": "b64",
+    "Q4_K": "b64",
+}
 
 
-def check_legacy_loads(fmt: str, loads: str) -> None:
+def check_lanes_loads(fmt: str, loads: str) -> None:
     widths = {ld.rsplit(".", 1)[-1] for ld in loads.split(",")}
-    assert LEGACY_LOADS[fmt] in widths and "b8" not in widths, f"{fmt} loads {loads}"
+    assert LANES_LOADS[fmt] in widths and "b8" not in widths, f"{fmt} loads {loads}"
 
 
 # Every plain mat-vec kernel variant for an H100 (sm_90): each format at M = 1 (the integer-view
 # kernels for Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K) and on the byte kernel (USE_WIDE off),
 # M = 3 on two formats, a K that is no multiple of 16 super-block words (11008: Q4_K's row stride
-# 1548 words), and the legacy kernel at llama3-8b's Q4_0 shapes (4096 x 4096, 14336 x 4096,
+# 1548 words), and the lanes kernel at llama3-8b's Q4_0 shapes (4096 x 4096, 14336 x 4096,
 # 4096 x 14336) with x in each dtype, and on each legacy format with a step that overruns K
 # (K = 11008: 344 blocks, 64 a step).
 _COMPILE = CAPTURE_PTX + textwrap.dedent(
@@ -317,5 +336,5 @@ def test_matvec_compiles_for_sm90() -> None:
     for fmt, use_wide, m, n, k, act, kernel, loads in lines:
         want = WIDE.get(fmt, "_matvec_kernel") if use_wide == "True" and m == "1" else None
         assert kernel == (want or "_matvec_kernel"), f"{fmt} M={m} {n}x{k} {act}: {kernel}"
-        if kernel == "_matvec_legacy_m1_kernel":
-            check_legacy_loads(fmt, loads)
+        if kernel == "_matvec_lanes_m1_kernel":
+            check_lanes_loads(fmt, loads)

@@ -24,7 +24,7 @@ from tests.kernels.test_matvec import (
     FORMATS,
     WIDE,
     _check,
-    check_legacy_loads,
+    check_lanes_loads,
     record_launches,
 )
 from tests.kernels.tolerances import MATVEC
@@ -208,5 +208,5 @@ def test_expert_linear_compiles_for_sm90() -> None:
     for fmt, wide, *_launch, kernel, loads in lines:
         want = WIDE.get(fmt, "_matvec_kernel") if wide == "True" else "_matvec_kernel"
         assert kernel == want, f"{fmt} (USE_WIDE={wide}) compiled {kernel}, not {want}"
-        if kernel == "_matvec_legacy_m1_kernel":
-            check_legacy_loads(fmt, loads)
+        if kernel == "_matvec_lanes_m1_kernel":
+            check_lanes_loads(fmt, loads)

@@ -195,7 +195,7 @@ def _matvec_kernel(
     tl.store(out, acc, mask=row_ok[:, None] & (m_idx[None, :] < M))
 
 
-# M = 1 kernels that read Q8_0, Q4_K, Q6_K (and Q4_0, Q4_1, Q5_0, Q5_1: _matvec_legacy_m1_kernel)
+# M = 1 kernels that read Q6_K (and Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K: _matvec_lanes_m1_kernel)
 # through wider integer views of the same bytes (one load per 2, 4 or 8 bytes instead of one per
 # value), extract each quant from a register once, and turn small integers into fp32 with the
 # 2**23 trick (exact; avoids the quarter-rate I2F).
@@ -212,146 +212,6 @@ def _small_int_f32(u, bias: tl.constexpr):
 def _f16_lo(v):
     """The f16 in the low 16 bits of int32 v, as fp32."""
     return (v & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-
-
-@triton.jit
-def _matvec_q8_0_m1_kernel(
-    x_ptr,  # [1, K] f32/f16/bf16 (EXPERTS: the slot's row)
-    w_ptr,  # int16 view [N, row_bytes / 2]: block b of a row at halfword 17 * b
-    out_ptr,  # f32 [1, N]
-    N,
-    K,
-    stride_wn,  # in halfwords
-    ids_ptr,  # EXPERTS only, like stride_we, stride_xs, stride_os: see _matvec_kernel
-    stride_we,
-    stride_xs,
-    stride_os,
-    K_INTERP: tl.constexpr,
-    EXPERTS: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    S: tl.constexpr,  # blocks per loop step
-    JOIN: tl.constexpr,  # interleave the two bytes in registers so x loads are contiguous
-):
-    """Halfword p of a block's quants holds values 2p (low byte) and 2p + 1 (high byte)."""
-    if EXPERTS:
-        w_ptr, x_ptr, out_ptr = _slot_pointers(
-            w_ptr, x_ptr, out_ptr, ids_ptr, stride_we, stride_xs, stride_os
-        )
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows_c = tl.minimum(rows, N - 1).to(tl.int64)
-    row_base = w_ptr + rows_c[:, None, None] * stride_wn
-    s3 = tl.arange(0, S)[None, :, None]
-    p3 = tl.arange(0, 16)[None, None, :]
-    acc_lo = tl.zeros([BLOCK_N, S, 16], dtype=tl.float32)
-    acc_hi = tl.zeros([BLOCK_N, S, 16], dtype=tl.float32)
-    acc32 = tl.zeros([BLOCK_N, S, 32], dtype=tl.float32)
-    j3 = tl.arange(0, 32)[None, None, :]
-    nblk = K // 32
-    for k0 in range(0, K_INTERP if K_INTERP > 0 else K, 32 * S):
-        b = k0 // 32 + s3
-        ok = b < nblk
-        blk = row_base + tl.minimum(b, nblk - 1).to(tl.int64) * 17
-        d = tl.load(blk).to(tl.float16, bitcast=True).to(tl.float32)  # [BLOCK_N, S, 1]
-        h = tl.load(blk + 1 + p3).to(tl.int32)
-        lo = _small_int_f32((h & 0xFF) ^ 0x80, 128.0)
-        hi = _small_int_f32(((h >> 8) & 0xFF) ^ 0x80, 128.0)
-        if JOIN:
-            w = tl.reshape(tl.join(lo * d, hi * d), [BLOCK_N, S, 32])
-            acc32 += w * tl.load(x_ptr + b * 32 + j3, mask=ok, other=0.0).to(tl.float32)
-        else:
-            xk = x_ptr + b * 32 + 2 * p3
-            xe = tl.load(xk, mask=ok, other=0.0).to(tl.float32)
-            xo = tl.load(xk + 1, mask=ok, other=0.0).to(tl.float32)
-            acc_lo += (lo * d) * xe
-            acc_hi += (hi * d) * xo
-    if JOIN:
-        acc = tl.sum(tl.sum(acc32, axis=2), axis=1)
-    else:
-        acc = tl.sum(tl.sum(acc_lo + acc_hi, axis=2), axis=1)
-    tl.store(out_ptr + rows, acc, mask=rows < N)
-
-
-@triton.jit
-def _matvec_q4_k_m1_kernel(
-    x_ptr,  # [1, K] f32/f16/bf16 (EXPERTS: the slot's row)
-    w_ptr,  # int32 view [N, row_bytes / 4]: super-block b of a row at word 36 * b
-    out_ptr,  # f32 [1, N]
-    N,
-    K,
-    stride_wn,  # in words
-    ids_ptr,  # EXPERTS only, like stride_we, stride_xs, stride_os: see _matvec_kernel
-    stride_we,
-    stride_xs,
-    stride_os,
-    K_INTERP: tl.constexpr,
-    EXPERTS: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    NB: tl.constexpr,  # super-blocks per loop step
-    JOIN: tl.constexpr,  # interleave the four bytes in registers so x loads are contiguous
-):
-    """Word 0 = d | dmin << 16, words 1..3 = the 12 scale bytes, words 4..35 = qs. The tile is
-    [BLOCK_N, 4 * NB, 8] words: (super-block, c, i) -> qs word 8c + i, whose byte b holds values
-    64c + 4i + b (low nibble, sub-block 2c) and 64c + 32 + 4i + b (high nibble, sub-block
-    2c + 1)."""
-    if EXPERTS:
-        w_ptr, x_ptr, out_ptr = _slot_pointers(
-            w_ptr, x_ptr, out_ptr, ids_ptr, stride_we, stride_xs, stride_os
-        )
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows_c = tl.minimum(rows, N - 1).to(tl.int64)
-    # A row is whole super-blocks of 36 words, so rows start 16-byte aligned (the launcher checks
-    # the stride): the qs words load 128 bits at a time for any K, also when Triton cannot see
-    # stride_wn % 16 == 0 (K = 768: 108 words, which it loaded one word at a time).
-    row_base = w_ptr + tl.multiple_of(rows_c[:, None, None] * stride_wn, [4, 4, 4])
-    t3 = tl.arange(0, 4 * NB)[None, :, None]
-    i3 = tl.arange(0, 8)[None, None, :]
-    c3 = t3 % 4
-    upper = c3 >= 2  # sub-blocks 4..7
-    acc = tl.zeros([BLOCK_N, 4 * NB, 8], dtype=tl.float32)
-    acc32 = tl.zeros([BLOCK_N, 4 * NB, 32], dtype=tl.float32)
-    l3 = tl.arange(0, 32)[None, None, :]
-    nsb = K // 256
-    for k0 in range(0, K_INTERP if K_INTERP > 0 else K, 256 * NB):
-        sb = k0 // 256 + t3 // 4
-        ok = sb < nsb
-        blk = row_base + tl.minimum(sb, nsb - 1).to(tl.int64) * 36  # [BLOCK_N, 4 * NB, 1]
-        w0 = tl.load(blk)
-        w1 = tl.load(blk + 1)
-        w2 = tl.load(blk + 2)
-        w3 = tl.load(blk + 3)
-        d = _f16_lo(w0)
-        dmin = _f16_lo(w0 >> 16)
-        qw = tl.load(blk + 4 + 8 * c3 + i3)  # [BLOCK_N, 4 * NB, 8]
-        xb = x_ptr + sb * 256 + 64 * c3 + 4 * i3
-        for h in tl.static_range(2):
-            sh = 8 * (2 * (c3 % 2) + h)  # byte r = s % 4 of sub-block s = 2c + h
-            a1 = (w1 >> sh) & 255  # scales[r]
-            a2 = (w2 >> sh) & 255  # scales[r + 4]
-            a3 = (w3 >> sh) & 255  # scales[r + 8]
-            sc = tl.where(upper, (a3 & 15) | ((a1 >> 6) << 4), a1 & 63)
-            mn = tl.where(upper, (a3 >> 4) | ((a2 >> 6) << 4), a2 & 63)
-            dsc = d * sc.to(tl.float32)
-            dmn = dmin * mn.to(tl.float32)
-            if JOIN:
-                v0 = dsc * _small_int_f32((qw >> (4 * h)) & 15, 0.0) - dmn
-                v1 = dsc * _small_int_f32((qw >> (8 + 4 * h)) & 15, 0.0) - dmn
-                v2 = dsc * _small_int_f32((qw >> (16 + 4 * h)) & 15, 0.0) - dmn
-                v3 = dsc * _small_int_f32((qw >> (24 + 4 * h)) & 15, 0.0) - dmn
-                w = tl.reshape(tl.join(tl.join(v0, v2), tl.join(v1, v3)), [BLOCK_N, 4 * NB, 32])
-                xv = tl.load(x_ptr + sb * 256 + 64 * c3 + 32 * h + l3, mask=ok, other=0.0)
-                acc32 += w * xv.to(tl.float32)
-            else:
-                for b in tl.static_range(4):
-                    q = _small_int_f32((qw >> (8 * b + 4 * h)) & 15, 0.0)
-                    xv = tl.load(xb + (32 * h + b), mask=ok, other=0.0).to(tl.float32)
-                    acc += (dsc * q - dmn) * xv
-    if JOIN:
-        out = tl.sum(tl.sum(acc32, axis=2), axis=1)
-    else:
-        out = tl.sum(tl.sum(acc, axis=2), axis=1)
-    tl.store(out_ptr + rows, out, mask=rows < N)
 
 
 @triton.jit
@@ -433,8 +293,9 @@ def _matvec_q6_k_m1_kernel(
     tl.store(out_ptr + rows, out, mask=rows < N)
 
 
-# The legacy 4/5-bit formats at M = 1. Counted in the sm_90 SASS of the K loop (not timed: no GPU
-# at hand), instructions per weight value at 8 rows / 2048 values / 4 warps, x f16: Q4_0 4.6 (1
+# The 4/5-bit formats at M = 1 on lanes: Q4_0, Q4_1, Q5_0, Q5_1 (32-value blocks) and Q4_K
+# (256-value super-blocks). Counted in the sm_90 SASS of the K loop of the legacy formats (not
+# timed), instructions per weight value at 8 rows / 2048 values / 4 warps, x f16: Q4_0 4.6 (1
 # LOP3, 1 FADD, 1.1 FFMA, 0.5 LDG, ...), Q4_1 5.3, Q5_0 8.2, Q5_1 7.8. The byte kernel takes
 # 16-29 (Q4_0 21, an 8-bit load per value), a first version in the style of the Q8_0 kernel
 # (join/reshape, shared-memory layout conversions in the loop) 8.7-12.
@@ -451,11 +312,15 @@ def _masked_load(ptr, ok, EVEN: tl.constexpr):
 
 
 @triton.jit
-def _legacy_nibble(part, qhs, magic, xb, ok, p, sx, E0: tl.constexpr, NIB: tl.constexpr, EVEN, FMT):
+def _nibble_dot(
+    part, qhs, magic, xb, ok, p, sx, E0: tl.constexpr, NIB: tl.constexpr, HI_X: tl.constexpr,
+    EVEN, FMT,
+):  # fmt: skip
     """(p + (q - bias) * x, sx + x) for nibble NIB of part, an int32 holding bytes E0, E0 + 1,
     ... of the lane's qs bytes (NIB // 2 is the byte, NIB % 2 the high nibble); xb points at
-    the x of the lane's byte 0, low nibble; qhs holds the fifth bit of byte e's nibble h at bit
-    e + 16 h (Q5_0, Q5_1).
+    the x of the lane's byte 0, low nibble, and a high nibble's x is HI_X values further (16 in
+    a legacy block, 32 in a Q4_K one); qhs holds the fifth bit of byte e's nibble h at bit
+    e + 16 h (Q5_0, Q5_1). sx sums x for the formats with an offset (Q4_1, Q5_1, Q4_K).
 
     Nibble NIB sits at bit 4 NIB and is used in place: (part & 15 << 4 NIB) | 2**23 as fp32 is
     2**23 + q * 16**NIB exactly, so one LOP3 and one FADD give (q - bias) * 16**NIB, and x
@@ -478,17 +343,41 @@ def _legacy_nibble(part, qhs, magic, xb, ok, p, sx, E0: tl.constexpr, NIB: tl.co
         else:
             t = t | ((qhs >> -UP) & (16 << (4 * NN)))
     q = t.to(tl.float32, bitcast=True) - (8388608.0 + BIAS * 16**NN)  # (q - BIAS) * 16**NN
-    xv = _masked_load(xb + (E + 16 * HI), ok, EVEN).to(tl.float32)
+    xv = _masked_load(xb + (E + HI_X * HI), ok, EVEN).to(tl.float32)
     p += q * (xv * (1.0 / 16**NN))
-    if FMT == Q4_1 or FMT == Q5_1:
+    if FMT == Q4_1 or FMT == Q5_1 or FMT == Q4_K:
         sx += xv
     return p, sx
 
 
 @triton.jit
-def _matvec_legacy_m1_kernel(
+def _byte_dot(part, magic, xb, ok, p, E0: tl.constexpr, B: tl.constexpr, EVEN):
+    """p + q * x for byte B of part, an int32 holding the lane's bytes E0, E0 + 1 of Q8_0 quants
+    with their sign bits flipped (q + 128, in 0..255): used in place like _nibble_dot's nibbles,
+    (part & 255 << 8 B) | 2**23 as fp32 is 2**23 + (q + 128) * 256**B exactly."""
+    t = (part & (255 << (8 * B))) | magic
+    q = t.to(tl.float32, bitcast=True) - (8388608.0 + 128.0 * 256**B)  # q * 256**B
+    xv = _masked_load(xb + (E0 + B), ok, EVEN).to(tl.float32)
+    return p + q * (xv * (1.0 / 256**B))
+
+
+@triton.jit
+def _q4_k_scale_min(wa, wb, wc, sh, upper):
+    """The 6-bit (scale, min) of sub-block s of a Q4_K super-block as fp32, from its 12 scale
+    bytes as three int32 words wa (bytes 0..3), wb (4..7), wc (8..11); sh = 8 (s % 4), upper =
+    s >= 4 (kiln/quant/k_quants.py documents the packing)."""
+    a = (wa >> sh) & 255  # scales[s % 4]
+    b = (wb >> sh) & 255  # scales[s % 4 + 4]
+    c = (wc >> sh) & 255  # scales[s % 4 + 8]
+    sc = tl.where(upper, (c & 15) | ((a >> 6) << 4), a & 63)
+    mn = tl.where(upper, (c >> 4) | ((b >> 6) << 4), b & 63)
+    return sc.to(tl.float32), mn.to(tl.float32)
+
+
+@triton.jit
+def _matvec_lanes_m1_kernel(
     x_ptr,  # [1, K] f32/f16/bf16 (EXPERTS: the slot's row)
-    w_ptr,  # Q4_0, Q5_0: int16; Q4_1: int32; Q5_1: int64 view [N, row_bytes / word]
+    w_ptr,  # Q4_0, Q5_0: int16; Q4_1: int32; Q5_1, Q4_K: int64 view [N, row_bytes / word]
     out_ptr,  # f32 [1, N]
     N,
     K,
@@ -503,32 +392,46 @@ def _matvec_legacy_m1_kernel(
     BLOCK_N: tl.constexpr,
     S: tl.constexpr,  # blocks per tile: S * QW lanes, one per thread where K allows
     R: tl.constexpr,  # tiles per loop step
-    EVEN: tl.constexpr,  # K // 32 is a multiple of S * R: no step overruns K, no load masks
-    FMT: tl.constexpr,  # Q4_0, Q4_1, Q5_0 or Q5_1
+    EVEN: tl.constexpr,  # the blocks of a row are a multiple of S * R: no step overruns K
+    FMT: tl.constexpr,  # Q4_0, Q4_1, Q5_0, Q5_1 or Q4_K
 ):
-    """Q4_0, Q4_1, Q5_0, Q5_1 at M = 1. A block is WPB words of BW bytes (the view's item): a
-    header (Q4_0: d; Q5_0: d, qh lo, qh hi; Q4_1: d | m << 16; Q5_1: d | m << 16 | qh << 32),
-    then 16 bytes of qs, whose byte i holds values i (low nibble) and 16 + i (high nibble); bit v
-    of qh is the fifth bit of value v.
+    """Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K at M = 1. A block is WPB words of BW bytes (the
+    view's item): a header, then the qs bytes.
+    - Q8_0 (32 values, 17 halfwords): d, then 32 int8 quants (_byte_dot uses them in place).
+    - Legacy (32 values): header Q4_0: d; Q5_0: d, qh lo, qh hi; Q4_1: d | m << 16; Q5_1:
+      d | m << 16 | qh << 32; then 16 bytes of qs, whose byte i holds values i (low nibble) and
+      16 + i (high nibble); bit v of qh is the fifth bit of value v.
+    - Q4_K (256 values, 18 words of 8 bytes): word 0 = d | dmin << 16 | scales[0..3] << 32,
+      word 1 = scales[4..11], words 2..17 = qs, whose byte 32c + i holds values 64c + i (low
+      nibble, sub-block 2c) and 64c + 32 + i (high nibble, sub-block 2c + 1).
 
-    A lane reads LB bytes of qs (Q4_0, Q5_0: two halfwords, 2-byte aligned only; Q4_1: one
-    word; Q5_1: one 8-byte word) and its block's header (the lanes of a block read the same
-    address: one transaction). A tile is [S * QW, BLOCK_N]: lane j % QW of block j // QW, for
-    each row. Lanes run along the blocks of a row (a warp's loads are contiguous) and each
-    thread holds all BLOCK_N rows of its lane, so its x values (a [S * QW, 1] tile) are loaded
-    and converted once for BLOCK_N rows, and no value changes threads in the loop (no layout
-    conversion). The R tiles of a step are constant offsets from pointers carried through the
-    loop: immediates of one address per row.
+    A lane reads LB bytes of qs (Q8_0, Q4_0, Q5_0: two halfwords, 2-byte aligned only; Q4_1: one
+    word; Q5_1, Q4_K: one 8-byte word) and its block's header (the lanes of a block read the
+    same address: one transaction). A Q4_K lane's 8 bytes lie in one 32-byte run, so its low
+    nibbles belong to one sub-block and its high nibbles to the next. A tile is [S * QW,
+    BLOCK_N]: lane j % QW of block j // QW, for each row. Lanes run along the blocks of a row
+    (a warp's loads are contiguous) and each thread holds all BLOCK_N rows of its lane, so its
+    x values (a [S * QW, 1] tile) are loaded and converted once for BLOCK_N rows, and no value
+    changes threads in the loop (no layout conversion). The R tiles of a step are constant
+    offsets from pointers carried through the loop: immediates of one address per row.
 
-    The values are used in place (_legacy_nibble): per value one LOP3, one FADD and one FFMA;
-    the lane's sum is multiplied by d once (and m by the lane's sum of x: Q4_1, Q5_1). ptxas
-    gives LOP3 one immediate operand, so `& mask | 2**23` with both immediates takes two
-    instructions; `magic` puts 2**23 in a register."""
-    BW: tl.constexpr = 2 if (FMT == Q4_0 or FMT == Q5_0) else (4 if FMT == Q4_1 else 8)
+    The values are used in place (_nibble_dot): per value one LOP3, one FADD and one FFMA; the
+    lane's sums are scaled once: by d (and m by the lane's sum of x: Q4_1, Q5_1), for Q4_K by
+    d * scale and dmin * min of each of its two sub-blocks. ptxas gives LOP3 one immediate
+    operand, so `& mask | 2**23` with both immediates takes two instructions; `magic` puts
+    2**23 in a register."""
+    KQ: tl.constexpr = FMT == Q4_K
+    Q8: tl.constexpr = FMT == Q8_0
+    BV: tl.constexpr = 256 if KQ else 32  # values per block
+    BW: tl.constexpr = 2 if (FMT == Q4_0 or FMT == Q5_0 or Q8) else (4 if FMT == Q4_1 else 8)
     LB: tl.constexpr = 8 if BW == 8 else 4  # qs bytes per lane
-    QW: tl.constexpr = 16 // LB  # lanes per block
-    WPB: tl.constexpr = 9 if FMT == Q4_0 else (11 if FMT == Q5_0 else (5 if FMT == Q4_1 else 3))
-    QOFF: tl.constexpr = 3 if FMT == Q5_0 else 1  # first qs word
+    QW: tl.constexpr = (128 if KQ else (32 if Q8 else 16)) // LB  # lanes per block
+    WPB: tl.constexpr = (
+        18 if KQ else (17 if Q8 else (9 if FMT == Q4_0 else (11 if FMT == Q5_0 else (
+            5 if FMT == Q4_1 else 3))))
+    )  # fmt: skip
+    QOFF: tl.constexpr = 2 if KQ else (3 if FMT == Q5_0 else 1)  # first qs word
+    HI_X: tl.constexpr = 32 if KQ else 16  # x of a high nibble, from its low nibble's
     FIVE: tl.constexpr = FMT == Q5_0 or FMT == Q5_1
     AFFINE: tl.constexpr = FMT == Q4_1 or FMT == Q5_1  # d * q + m
     if EXPERTS:
@@ -541,19 +444,33 @@ def _matvec_legacy_m1_kernel(
     row_base = w_ptr + rows_c[None, :] * stride_wn  # [1, BLOCK_N]
     j = tl.arange(0, S * QW)[:, None]  # [S * QW, 1]
     sb = j // QW  # block of the tile
-    li = j % QW  # lane of the block
+    if KQ:
+        # Lane order scrambled (9 is odd: a permutation of 0..15): a warp still reads whole
+        # 128-byte runs of qs, but Triton cannot prove two neighbours' words contiguous, so it
+        # keeps one lane per thread instead of vectorizing the qs load to 16 bytes in another
+        # layout than the header's (a shared-memory conversion of every tile: 4x slower).
+        li = (9 * (j % QW)) % QW
+    else:
+        li = j % QW  # lane of the block
     # Carried through the loop; the R tiles of a step are constant offsets of them.
     hdr_p = row_base + sb * WPB  # [S * QW, BLOCK_N]
     qs_p = hdr_p + QOFF + li * (LB // BW)
-    x_p = x_ptr + sb * 32 + LB * li  # [S * QW, 1]: the value of the lane's byte 0, low nibble
+    if KQ:  # the value of the lane's byte 0, low nibble: [S * QW, 1]
+        x_p = x_ptr + sb * 256 + 64 * (li // 4) + LB * (li % 4)
+        sh = 16 * ((li // 4) % 2)  # byte 2c % 4 of the scale words (sub-block 2c; 2c + 1: +8)
+        upper = li >= 8  # sub-blocks 4..7
+    else:
+        x_p = x_ptr + sb * 32 + LB * li
+        sh = 0
+        upper = False
     acc = tl.zeros([S * QW, BLOCK_N], dtype=tl.float32)
-    nblk = K // 32
-    for k0 in range(0, K_INTERP if K_INTERP > 0 else K, 32 * S * R):
+    nblk = K // BV
+    for k0 in range(0, K_INTERP if K_INTERP > 0 else K, BV * S * R):
         for r in tl.static_range(R):
             hp = hdr_p + r * S * WPB
             qp = qs_p + r * S * WPB
-            xb = x_p + r * S * 32
-            ok = k0 // 32 + r * S + sb < nblk  # [S * QW, 1]; unused when EVEN
+            xb = x_p + r * S * BV
+            ok = k0 // BV + r * S + sb < nblk  # [S * QW, 1]; unused when EVEN
             hdr = _masked_load(hp, ok, EVEN)  # [S * QW, BLOCK_N]
             qhs = 0
             m = 0.0
@@ -564,18 +481,27 @@ def _matvec_legacy_m1_kernel(
                     qh_hi = _masked_load(hp + 2, ok, EVEN).to(tl.int32)
                     qhs = (qh_lo | (qh_hi << 16)) >> (LB * li)
             else:
-                h32 = hdr.to(tl.int32)  # low word (Q5_1: d | m << 16)
+                h32 = hdr.to(tl.int32)  # low word (Q5_1, Q4_K: d | m << 16, d | dmin << 16)
                 d = _f16_lo(h32)
                 m = _f16_lo(h32 >> 16)
                 if FIVE:
                     qhs = (hdr >> 32).to(tl.int32) >> (LB * li)
             p = tl.zeros([S * QW, BLOCK_N], dtype=tl.float32)
             sx = tl.zeros([S * QW, 1], dtype=tl.float32)
-            if BW == 2:  # two halfwords: bytes 0, 1 and 2, 3 of the lane
+            p_hi = tl.zeros([S * QW, BLOCK_N], dtype=tl.float32)  # Q4_K: the high nibbles
+            sx_hi = tl.zeros([S * QW, 1], dtype=tl.float32)
+            if Q8:  # two halfwords: bytes 0, 1 and 2, 3 of the lane, sign bits flipped
+                for h in tl.static_range(2):
+                    part = _masked_load(qp + h, ok, EVEN).to(tl.int32) ^ 0x8080
+                    for b in tl.static_range(2):
+                        p = _byte_dot(part, magic, xb, ok, p, 2 * h, b, EVEN)
+            elif BW == 2:  # two halfwords: bytes 0, 1 and 2, 3 of the lane
                 for h in tl.static_range(2):
                     part = _masked_load(qp + h, ok, EVEN).to(tl.int32)  # sign-extended
                     for n in tl.static_range(4):
-                        p, sx = _legacy_nibble(part, qhs, magic, xb, ok, p, sx, 2 * h, n, EVEN, FMT)
+                        p, sx = _nibble_dot(
+                            part, qhs, magic, xb, ok, p, sx, 2 * h, n, HI_X, EVEN, FMT
+                        )
             else:
                 qs = _masked_load(qp, ok, EVEN)
                 for h in tl.static_range(LB // 4):  # 32-bit parts: bytes 4h .. 4h + 3
@@ -584,13 +510,28 @@ def _matvec_legacy_m1_kernel(
                     else:
                         part = qs
                     for n in tl.static_range(8):
-                        p, sx = _legacy_nibble(part, qhs, magic, xb, ok, p, sx, 4 * h, n, EVEN, FMT)
-            if AFFINE:
+                        if KQ and n % 2 == 1:  # Q4_K: high nibbles are the next sub-block
+                            p_hi, sx_hi = _nibble_dot(
+                                part, qhs, magic, xb, ok, p_hi, sx_hi, 4 * h, n, HI_X, EVEN, FMT
+                            )
+                        else:
+                            p, sx = _nibble_dot(
+                                part, qhs, magic, xb, ok, p, sx, 4 * h, n, HI_X, EVEN, FMT
+                            )
+            if KQ:
+                wa = (hdr >> 32).to(tl.int32)
+                w1 = _masked_load(hp + 1, ok, EVEN)
+                wb = w1.to(tl.int32)
+                wc = (w1 >> 32).to(tl.int32)
+                sc, mn = _q4_k_scale_min(wa, wb, wc, sh, upper)
+                sc_hi, mn_hi = _q4_k_scale_min(wa, wb, wc, sh + 8, upper)
+                acc += d * (sc * p + sc_hi * p_hi) - m * (mn * sx + mn_hi * sx_hi)
+            elif AFFINE:
                 acc += d * p + m * sx
             else:
                 acc += d * p
         hdr_p += S * R * WPB
         qs_p += S * R * WPB
-        x_p += S * R * 32
+        x_p += S * R * BV
     out = tl.sum(acc, axis=0)
     tl.store(out_ptr + rows, out, mask=rows < N)

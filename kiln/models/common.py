@@ -194,7 +194,7 @@ class DecoderModel:
             gate = ops.expert_linear(x, slots, w[p + "ffn_gate_exps.weight"])
             up = ops.expert_linear(x, slots, w[p + "ffn_up_exps.weight"])
         down = ops.expert_linear(ops.swiglu(gate, up), slots, w[p + "ffn_down_exps.weight"])
-        return (down * weights[0, :, None]).sum(0, keepdim=True)  # [1, n_embd]
+        return ops.moe_combine(down, weights)  # [1, n_embd]
 
 
 _QKV = (("attn_q", "attn_k", "attn_v"), "attn_qkv")

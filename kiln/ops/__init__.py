@@ -33,6 +33,7 @@ OP_NAMES = (
     "moe_route",
     "moe_ffn",
     "expert_linear",
+    "moe_combine",
 )
 FUSED_OPS = ("add_rms_norm", "qk_norm", "qkv_norm_rope", "swiglu")  # each is also a fusion name
 BACKEND_NAMES = ("torch", "triton")

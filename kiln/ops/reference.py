@@ -170,6 +170,12 @@ def expert_linear(x: torch.Tensor, ids: torch.Tensor, weight: Weight) -> torch.T
     return torch.einsum("sk,snk->sn", rows, w)
 
 
+def moe_combine(down: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """One token's expert outputs weighted and summed: down: [k, N] (row s: slot s's expert),
+    weights: [1, k] -> [1, N] = sum_s weights[0, s] * down[s]."""
+    return (down * weights[0, :, None]).sum(0, keepdim=True)
+
+
 def moe_ffn(
     x: torch.Tensor,
     weights: torch.Tensor,

@@ -16,6 +16,7 @@ from kiln.ops.weight import Weight
 
 def ops() -> dict:
     from kiln.kernels import activation, attention, matvec, moe, norm, rope
+    from kiln.kernels import router as moe_router
 
     def linear(x: torch.Tensor, weight: Weight, bias: Weight | None = None) -> torch.Tensor:
         """x: [T, n_in] -> [T, n_out]; the mat-vec kernel for decode batches."""
@@ -30,7 +31,25 @@ def ops() -> dict:
         return reference.linear(x, weight, bias)
 
     def moe_route(x, router, n_used, normalize):
-        return reference.moe_select(linear(x, router), n_used, normalize)
+        """Decode (one row): softmax + top-k in one launch; prompts: the reference's selection."""
+        logits = linear(x, router)  # [T, n_expert] f32
+        if (
+            logits.shape[0] == 1
+            and logits.shape[1] <= moe_router.MAX_E
+            and logits.dtype == torch.float32
+        ):
+            return moe_router.route_topk(logits, n_used, normalize)
+        return reference.moe_select(logits, n_used, normalize)
+
+    def moe_combine(down, weights):
+        """down: [k, N] f32 (expert_linear's output), weights: [1, k] -> [1, N] in one launch."""
+        if (
+            down.dim() == 2
+            and tuple(weights.shape) == (1, down.shape[0])
+            and down.dtype == weights.dtype == torch.float32
+        ):
+            return moe_router.combine(down, weights)
+        return reference.moe_combine(down, weights)
 
     def expert_linear(x, ids, weight):
         if weight.qtype in matvec.SUPPORTED:
@@ -52,5 +71,6 @@ def ops() -> dict:
         "moe_route": moe_route,
         "moe_ffn": reference.moe_ffn,
         "expert_linear": expert_linear,
+        "moe_combine": moe_combine,
     }
     return table

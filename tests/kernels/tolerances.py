@@ -99,3 +99,24 @@ ATTENTION_DECODE: dict[torch.dtype, tuple[float, float, str]] = {
         "bits, 2^-18 relative each; 2 * 2^-18 * S_h + 2^-18 < 8e-6 * (1 + S_h), and a margin",
     ),
 }
+
+# MoE decode routing and combine (kiln/kernels/router.py), by output: (rtol, atol, reason). The
+# route_topk ids are compared exactly (the tests keep the probabilities apart: no near-ties).
+# Weights pass when |w - r| <= atol + rtol * |r|; combine when |y - r| <= atol + rtol *
+# sum_s |weights[0, s] * down[s]|.
+ROUTER: dict[str, tuple[float, float, str]] = {
+    "route_topk.weights": (
+        1e-5,
+        1e-7,
+        "exp is ex2.approx of a log2(e)-prescaled argument on the GPU: ~|x - max| * 2^-24 "
+        "relative (< 2e-6 at a logit spread of 30) + 2 ulp; the sum over E in a tree order, "
+        "div.full (2 ulp), and the renormalizing sum of k in another order",
+    ),
+    "combine": (
+        1e-6,
+        0.0,
+        "the same k products summed in the same slot order; the GPU may fuse a product and its "
+        "add into one FMA and torch's CUDA sum may pair the terms otherwise: at most k - 1 "
+        "roundings of 2^-24 of the sum of magnitudes (k = 8: 4.2e-7)",
+    ),
+}

@@ -1,0 +1,230 @@
+"""kiln.kernels.router (route_topk, combine) against kiln.ops.reference (moe_select,
+moe_combine), and the triton backend's dispatch of moe_route / moe_combine to them.
+
+Outputs are allocated poisoned (NaN weights, id -1) so a slot the kernel does not write fails.
+Router logits are drawn with no two probabilities close (torch.topk does not specify the order
+of ties; route_topk takes the lowest index, checked on its own). On the CPU this runs through
+Triton's interpreter; on a GPU the same cases add real expert counts and widths.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from gguf.constants import GGMLQuantizationType
+
+from kiln.ops import reference
+from kiln.ops.weight import Weight
+from tests.kernels.sm90 import run_compile_check
+from tests.kernels.test_matvec import _check
+from tests.kernels.tolerances import ROUTER
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+ROOT = Path(__file__).resolve().parents[2]
+
+# (E, k): qwen3-30b-a3b; qwen1.5-moe-like odd sizes; mixtral; one expert; 256 (deepseek-v3).
+ROUTES = [(128, 8), (60, 4), (8, 2), (1, 1), (256, 8)]
+if CUDA:
+    ROUTES += [(512, 10), (1024, 16)]
+# (k, N): qwen3-30b-a3b's n_embd; odd N with a ragged last block; one slot; one column.
+COMBINES = [(8, 2048), (4, 333), (1, 17), (2, 1)]
+if CUDA:
+    COMBINES += [(8, 4096), (8, 7168), (10, 2880)]
+
+
+def _kernels():
+    from kiln.kernels import router
+
+    if not CUDA and not router._INTERPRETED:
+        pytest.skip("the kernel was compiled before TRITON_INTERPRET=1 was set (no CUDA here)")
+    return router
+
+
+class _PoisonedTorch:
+    """torch, except that torch.empty fills floats with NaN and integers with -1."""
+
+    def __getattr__(self, name: str):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*args, **kwargs) -> torch.Tensor:
+        t = torch.empty(*args, **kwargs)
+        return t.fill_(float("nan") if t.is_floating_point() else -1)
+
+
+@pytest.fixture
+def router(monkeypatch):
+    """The launchers, with their outputs allocated poisoned."""
+    mod = _kernels()
+    monkeypatch.setattr(mod, "torch", _PoisonedTorch())
+    return mod
+
+
+def _logits(t: int, e: int, gen: torch.Generator, offset: float = 0.0) -> torch.Tensor:
+    """[t, e] logits: each row a random permutation of values spread over ~12 (a real router's
+    range), at least 6 / e apart (their probabilities differ by >= 0.6% at e = 1024, far above
+    any rounding), shifted by a random or given offset."""
+    gap = 12.0 / e
+    rows = []
+    for _ in range(t):
+        ranks = torch.randperm(e, generator=gen).float()
+        jitter = torch.rand(e, generator=gen) * (gap / 2)
+        shift = offset or float(torch.randn(1, generator=gen)) * 4
+        rows.append(ranks * gap + jitter + shift - 6.0)
+    return torch.stack(rows).to(DEVICE)
+
+
+def _check_route(router, logits: torch.Tensor, k: int, normalize: bool, what: str) -> None:
+    w, ids = router.route_topk(logits, k, normalize)
+    ref_w, ref_ids = reference.moe_select(logits, k, normalize)
+    assert ids.dtype == torch.int64 and ids.shape == ref_ids.shape and ids.is_contiguous(), what
+    assert w.is_contiguous(), what
+    if not torch.equal(ids, ref_ids):
+        pytest.fail(f"{what}: ids {ids.tolist()} != reference {ref_ids.tolist()}")
+    rtol, atol, _reason = ROUTER["route_topk.weights"]
+    _check(w, ref_w, atol + rtol * ref_w.abs(), f"{what}: weights")
+
+
+@pytest.mark.parametrize("normalize", (True, False), ids=("normalize", "raw"))
+def test_route_topk_matches_reference(router, normalize: bool) -> None:
+    gen = torch.Generator().manual_seed(7)
+    for e, k in ROUTES:
+        for rep in range(3):  # fresh logits each time
+            _check_route(router, _logits(1, e, gen), k, normalize, f"E={e} k={k} #{rep}")
+    # several rows (one program each), and logits far from 0 (the max is subtracted)
+    _check_route(router, _logits(3, 60, gen), 4, normalize, "T=3 E=60 k=4")
+    _check_route(router, _logits(1, 128, gen, offset=1000.0), 8, normalize, "offset 1000")
+    _check_route(router, _logits(1, 128, gen, offset=-1000.0), 8, normalize, "offset -1000")
+
+
+def test_route_topk_row_stride(router) -> None:
+    """Logits as column slices of a wider result (any row stride)."""
+    gen = torch.Generator().manual_seed(8)
+    wide = _logits(2, 256, gen)
+    _check_route(router, wide[:, 64:192], 8, True, "E=128 slice of 256")
+
+
+def test_route_topk_ties_take_the_lowest_index(router) -> None:
+    """Equal probabilities: the lowest expert index first (torch.topk leaves this open)."""
+    logits = torch.tensor([[0.0, 2.0, 1.0, 2.0, 2.0, -1.0, 1.0, 0.0]], device=DEVICE)
+    w, ids = router.route_topk(logits, 5, False)
+    assert ids.tolist() == [[1, 3, 4, 2, 6]]
+    p = torch.softmax(logits, -1)[0]
+    torch.testing.assert_close(w[0], p[[1, 3, 4, 2, 6]], rtol=1e-6, atol=0.0)
+    w, ids = router.route_topk(torch.zeros(1, 60, device=DEVICE), 4, True)  # all equal
+    assert ids.tolist() == [[0, 1, 2, 3]]
+    torch.testing.assert_close(w, torch.full((1, 4), 0.25, device=DEVICE), rtol=1e-6, atol=0.0)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on inf / NaN
+def test_route_topk_degenerate_logits_give_ids_in_range(router) -> None:
+    """-inf logits (probability 0) are still chosen after the others, never twice; NaN logits
+    give NaN weights but ids inside [0, E), since the expert mat-vecs read them unchecked."""
+    ninf = float("-inf")
+    logits = torch.tensor([[ninf, 1.0, ninf, 0.0, ninf, ninf]], device=DEVICE)
+    w, ids = router.route_topk(logits, 4, False)
+    assert ids[0, :2].tolist() == [1, 3]
+    assert sorted(set(ids[0].tolist())) == sorted(ids[0].tolist()), ids  # distinct
+    assert w[0, 2:].tolist() == [0.0, 0.0]
+    w, ids = router.route_topk(torch.full((1, 60), float("nan"), device=DEVICE), 4, True)
+    assert ((ids >= 0) & (ids < 60)).all(), ids
+
+
+def _combine_case(k: int, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """down [k, n] as the left columns of a wider tensor (row stride n + 3), weights [1, k]
+    summing to 1 as a [1, 2k] tensor's even columns (stride 2)."""
+    down = (torch.randn(k, n + 3, generator=gen) * 3).to(DEVICE)[:, :n]
+    w = torch.rand(1, 2 * k, generator=gen)
+    w = (w / w[:, ::2].sum()).to(DEVICE)[:, ::2]
+    return down, w
+
+
+def test_combine_matches_reference(router) -> None:
+    rtol, atol, _reason = ROUTER["combine"]
+    gen = torch.Generator().manual_seed(9)
+    for k, n in COMBINES:
+        for layout in ("strided", "contiguous"):
+            down, w = _combine_case(k, n, gen)
+            if layout == "contiguous":
+                down, w = down.contiguous(), w.contiguous()
+            y = router.combine(down, w)
+            ref = reference.moe_combine(down, w)
+            bound = atol + rtol * (down.abs() * w[0, :, None].abs()).sum(0, keepdim=True)
+            _check(y, ref, bound, f"combine k={k} N={n} {layout}")
+            assert y.is_contiguous()
+
+
+def test_router_rejects_bad_input() -> None:
+    router = _kernels()
+    with pytest.raises(AssertionError, match="k <= n_expert"):
+        router.route_topk(torch.zeros(1, 4, device=DEVICE), 5, True)
+    with pytest.raises(AssertionError, match="float32"):
+        router.route_topk(torch.zeros(1, 8, dtype=torch.float16, device=DEVICE), 2, True)
+    with pytest.raises(AssertionError, match="experts"):
+        router.route_topk(torch.zeros(1, router.MAX_E + 1, device=DEVICE), 2, True)
+    with pytest.raises(AssertionError, match=r"\[1, 8\]"):
+        router.combine(torch.zeros(8, 16, device=DEVICE), torch.zeros(2, 8, device=DEVICE))
+    with pytest.raises(AssertionError, match="contiguous last dim"):
+        router.combine(torch.zeros(16, 8, device=DEVICE).T, torch.zeros(1, 8, device=DEVICE))
+
+
+def test_triton_backend_dispatch(monkeypatch) -> None:
+    """moe_route uses route_topk for one row and the reference's selection for a prompt;
+    moe_combine uses combine; both match the torch backend."""
+    router = _kernels()
+    from kiln import quant
+    from kiln.ops import triton_backend
+
+    calls: list[str] = []
+    for name in ("route_topk", "combine"):
+        fn = getattr(router, name)
+        monkeypatch.setattr(router, name, lambda *a, _f=fn, _n=name: calls.append(_n) or _f(*a))
+    ops = triton_backend.ops()
+    gen = torch.Generator().manual_seed(10)
+    e, dim, k = 60, 64, 4
+    dense = torch.randn(e, dim, generator=gen) / 8  # logits ~ N(0, 1)
+    f32 = GGMLQuantizationType.F32
+    w = Weight("ffn_gate_inp", f32, (e, dim), quant.quantize(dense, f32))
+    w = Weight(w.name, w.qtype, w.shape, w.raw.to(DEVICE))
+    for t in (1, 3):
+        x = torch.randn(t, dim, generator=gen).to(DEVICE)
+        weights, ids = ops["moe_route"](x, w, k, True)
+        ref_w, ref_ids = reference.moe_route(x, w, k, True)
+        assert torch.equal(ids, ref_ids), (ids, ref_ids)
+        rtol, atol, _reason = ROUTER["route_topk.weights"]
+        _check(weights, ref_w, atol + 1e-4 * ref_w.abs(), f"moe_route T={t}")  # + mat-vec error
+    assert calls == ["route_topk"]
+    down, cw = _combine_case(k, 40, gen)
+    torch.testing.assert_close(ops["moe_combine"](down, cw), reference.moe_combine(down, cw))
+    assert calls == ["route_topk", "combine"]
+
+
+_COMPILE = """
+import sys
+sys.path.insert(0, {root!r})
+import torch
+from kiln.kernels import router
+from tests.kernels.sm90 import compile_only
+
+with compile_only() as done:
+    for normalize in (True, False):
+        router.route_topk(torch.zeros(1, 128), 8, normalize)  # qwen3-30b-a3b
+    router.route_topk(torch.zeros(1, 60), 4, True)  # odd E, 4 slots
+    router.route_topk(torch.zeros(1, 1024), 16, True)  # the most experts: 4 warps
+    router.combine(torch.zeros(8, 2048), torch.zeros(1, 8))  # qwen3-30b-a3b's n_embd
+    router.combine(torch.zeros(4, 333), torch.zeros(1, 8)[:, ::2])  # ragged, weights stride 2
+for c in done:
+    print(c.kernel, c.cubin_bytes, c.shared_bytes)
+"""
+
+
+def test_router_kernels_compile_for_sm90() -> None:
+    """Every launched variant compiles for an H100 with the real compiler (no GPU needed)."""
+    out = run_compile_check(_COMPILE.format(root=str(ROOT)))
+    names = [line.split()[0] for line in out.splitlines() if line.strip()]
+    assert names.count("_route_topk_kernel") == 4, out
+    assert names.count("_moe_combine_kernel") == 2, out
+    print(out)

@@ -6,7 +6,6 @@ device-to-device copy (the achievable HBM bandwidth). Not run by CI; needs a CUD
 
 A shape NxK is a weight of N output rows and K inputs (12288x4096 is an up projection).
 --sweep also times a few launch configs per format on the first shape and uses the best one.
---no-join reads x strided in the integer-view kernels instead of interleaving values in registers.
 --compare also times the byte kernel (kiln.kernels.matvec.USE_WIDE off) at its default config
 for the formats that have an M = 1 integer-view kernel.
 """
@@ -64,10 +63,8 @@ def main() -> None:
     ap.add_argument("--m", type=int, default=1)
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--compare", action="store_true")
-    ap.add_argument("--no-join", action="store_true", help="integer-view kernels: WIDE_JOIN off")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "benchmarks/matvec.py needs a CUDA device"
-    mv.WIDE_JOIN = not args.no_join
     torch.manual_seed(0)
     copy = copy_gbps()
     print(f"{torch.cuda.get_device_name()}: device-to-device copy {copy:.0f} GB/s")

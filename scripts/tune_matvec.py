@@ -34,11 +34,11 @@ SHAPES = {
     "Q8_0": ["4096x1024", "1024x2048", "6144x1024", "1024x3072", "6144x4096", "4096x4096",
              "24576x4096", "4096x12288"],
     "Q4_K": ["6144x4096", "4096x4096", "24576x4096", "4096x12288", "1536x2048", "4096x4096"],
-    "Q6_K": ["4096x12288", "2048x768", "151936x4096"],
+    "Q6_K": ["4096x12288", "1024x4096", "2048x768", "151936x4096", "151936x2048"],
     "Q4_0": ["6144x4096", "4096x4096", "28672x4096", "4096x14336"],
     "Q4_1": ["960x576", "576x576", "3072x576", "576x1536"],
 }  # fmt: skip
-GRID = [(bn, tile, warps) for bn in (2, 4, 8, 16) for tile in (256, 512, 1024, 2048)
+GRID = [(bn, tile, warps) for bn in (2, 4, 8, 16) for tile in (512, 1024, 2048)
         for warps in (4, 8)]  # fmt: skip
 
 
@@ -79,6 +79,12 @@ def main() -> int:
     assert torch.cuda.is_available(), "tuning needs a CUDA GPU"
     name = torch.cuda.get_device_name()
     result: dict[str, dict[str, dict]] = {}
+    path = Path(args.out) / config_name("matvec", name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The formats tuned now replace their entries; the others' stay as they were measured.
+    kept = json.loads(path.read_text()) if path.exists() else {}
+    for fmt in args.formats.split(","):
+        kept.pop(fmt, None)
     print(f"{name}\n| format | N x K | default us | best us | best config |")
     print("|---|---|---:|---:|---|")
     for fmt in args.formats.split(","):
@@ -106,13 +112,8 @@ def main() -> int:
                     "num_warps": best.num_warps, "us": round(times[best], 2),
                     "default_us": round(base, 2),
                 }  # fmt: skip
-    path = Path(args.out) / config_name("matvec", name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The formats tuned now replace their entries; the others' stay as they were measured.
-    kept = json.loads(path.read_text()) if path.exists() else {}
-    for fmt in args.formats.split(","):
-        kept.pop(fmt, None)
-    path.write_text(json.dumps({**kept, **result}, indent=1, sort_keys=True) + "\n")
+            # Written after every shape: a run cut short keeps what it measured.
+            path.write_text(json.dumps({**kept, **result}, indent=1, sort_keys=True) + "\n")
     print(f"wrote {path}")
     return 0
 

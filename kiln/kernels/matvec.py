@@ -48,10 +48,9 @@ _INTERPRETED = type(_k._matvec_kernel).__name__ == "InterpretedFunction"
 
 
 # M = 1 kernels reading the blocks through an integer view: qtype -> (kernel, view dtype, values
-# per block, row alignment, FMT of _matvec_lanes_m1_kernel or None). The view needs the row start
-# and stride aligned to the view's item size. The 4/5-bit formats share the lanes kernel; their
-# block sizes allow int16 words (Q4_0: 18 B, Q5_0: 22 B), int32 (Q4_1: 20 B) and int64 (Q5_1:
-# 24 B, Q4_K: 144 B).
+# per block, row alignment, FMT of _matvec_lanes_m1_kernel). The view needs the row start and
+# stride aligned to the view's item size; the block sizes allow int16 words (Q8_0: 34 B, Q4_0:
+# 18 B, Q5_0: 22 B, Q6_K: 210 B), int32 (Q4_1: 20 B) and int64 (Q5_1: 24 B, Q4_K: 144 B).
 _WIDE: dict[GGMLQuantizationType, tuple] = {
     _T.Q8_0: (_k._matvec_lanes_m1_kernel, torch.int16, 32, 2, _k.Q8_0.value),
     _T.Q4_0: (_k._matvec_lanes_m1_kernel, torch.int16, 32, 2, _k.Q4_0.value),
@@ -59,11 +58,13 @@ _WIDE: dict[GGMLQuantizationType, tuple] = {
     _T.Q5_0: (_k._matvec_lanes_m1_kernel, torch.int16, 32, 2, _k.Q5_0.value),
     _T.Q5_1: (_k._matvec_lanes_m1_kernel, torch.int64, 32, 8, _k.Q5_1.value),
     _T.Q4_K: (_k._matvec_lanes_m1_kernel, torch.int64, 256, 8, _k.Q4_K.value),
-    _T.Q6_K: (_k._matvec_q6_k_m1_kernel, torch.int16, 256, 2, None),
+    _T.Q6_K: (_k._matvec_lanes_m1_kernel, torch.int16, 256, 2, _k.Q6_K.value),
 }
+# Lanes (threads) of _matvec_lanes_m1_kernel per block: a lane reads 4 bytes of qs (8 with the
+# int64 view of Q5_1 and Q4_K); Q6_K's lane reads 8 bytes of each of ql's halves and of qh.
+LANES_PER_BLOCK = {_T.Q8_0: 8, _T.Q4_0: 4, _T.Q4_1: 4, _T.Q5_0: 4, _T.Q5_1: 2, _T.Q4_K: 16,
+                   _T.Q6_K: 8}  # fmt: skip
 USE_WIDE = True  # False: every format on _matvec_kernel (benchmarks/matvec.py --compare)
-WIDE_JOIN = True  # Q6_K: interleave the unpacked values in registers so x is read contiguously
-# (the lanes kernel reads x once per thread for all its rows)
 
 
 def _aligned(raw: torch.Tensor, size: int, row_align: int = 1) -> bool:
@@ -83,9 +84,7 @@ class MatvecConfig:
     num_warps: int
 
 
-# Defaults of the M = 1 integer-view kernels where no tuned config applies. Q6_K (WIDE_JOIN on):
-# the best of benchmarks/matvec.py --sweep on an H100 for 4096 x 4096 (20.0 us; the byte kernel
-# 24.1 us; noisy, ran once). The lanes kernel: see below.
+# Defaults of the M = 1 lanes kernel where no tuned config applies.
 _WIDE_DEFAULTS = {
     _T.Q8_0: MatvecConfig(block_n=8, tile_values=2048, num_warps=4),
     # Not timed (no GPU at hand): the fewest sm_90 SASS instructions per value in the K loop over
@@ -96,7 +95,7 @@ _WIDE_DEFAULTS = {
     _T.Q5_0: MatvecConfig(block_n=8, tile_values=2048, num_warps=4),
     _T.Q5_1: MatvecConfig(block_n=8, tile_values=2048, num_warps=4),
     _T.Q4_K: MatvecConfig(block_n=8, tile_values=2048, num_warps=4),
-    _T.Q6_K: MatvecConfig(block_n=8, tile_values=512, num_warps=8),
+    _T.Q6_K: MatvecConfig(block_n=8, tile_values=2048, num_warps=4),
 }
 
 
@@ -147,18 +146,13 @@ def _blocks_per_step(k: int, block_values: int, cfg: MatvecConfig) -> int:
     return min(per_step, triton.next_power_of_2(k // block_values))
 
 
-def _lanes_tiling(
-    k: int, qtype: GGMLQuantizationType, view: torch.dtype, cfg: MatvecConfig
-) -> dict[str, int | bool]:
+def _lanes_tiling(k: int, qtype: GGMLQuantizationType, cfg: MatvecConfig) -> dict[str, int | bool]:
     """S, R, EVEN of _matvec_lanes_m1_kernel: a step of _blocks_per_step blocks is R tiles of S
-    blocks, a tile one lane per thread where it can (a lane reads 4 bytes of a block's qs, 8
-    with the int64 view of Q5_1 and Q4_K; a block has 16 bytes of qs, Q8_0's 32, Q4_K's 128);
-    EVEN when no step overruns K."""
+    blocks, a tile one lane per thread where it can (LANES_PER_BLOCK); EVEN when no step
+    overruns K."""
     block_values = GGML_QUANT_SIZES[qtype][0]
     per_step = _blocks_per_step(k, block_values, cfg)
-    qs_bytes = block_values if qtype == _T.Q8_0 else block_values // 2
-    lanes_per_block = qs_bytes // max(4, view.itemsize)
-    s = min(max(1, 32 * cfg.num_warps // lanes_per_block), per_step)
+    s = min(max(1, 32 * cfg.num_warps // LANES_PER_BLOCK[qtype]), per_step)
     return {"S": s, "R": per_step // s, "EVEN": (k // block_values) % per_step == 0}
 
 
@@ -214,14 +208,9 @@ def launch(
     grid = (triton.cdiv(n, cfg.block_n), slots)
     wide = _WIDE.get(qtype)
     if USE_WIDE and wide is not None and m == 1 and _aligned(raw, wide[1].itemsize, wide[3]):
-        kernel, view, values_per_step, _row_align, fmt = wide
+        kernel, view, _values, _row_align, fmt = wide
         w = raw.view(view)
-        if fmt is None:
-            per_step = _blocks_per_step(k, values_per_step, cfg)
-            args, mode = (), {"JOIN": WIDE_JOIN, "NB": per_step}
-        else:
-            tiling = _lanes_tiling(k, qtype, view, cfg)
-            args, mode = (_k._MAGIC.value,), {**tiling, "FMT": fmt}
+        args, mode = (_k._MAGIC.value,), {**_lanes_tiling(k, qtype, cfg), "FMT": fmt}
         kernel[grid](
             x,
             w,

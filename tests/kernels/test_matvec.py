@@ -32,11 +32,11 @@ WIDE = {
     "Q5_0": "_matvec_lanes_m1_kernel",
     "Q5_1": "_matvec_lanes_m1_kernel",
     "Q4_K": "_matvec_lanes_m1_kernel",
-    "Q6_K": "_matvec_q6_k_m1_kernel",
+    "Q6_K": "_matvec_lanes_m1_kernel",
 }
 # The formats of _matvec_lanes_m1_kernel and its lanes (threads) a block.
-LANES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K")
-QW = {"Q8_0": 8, "Q4_0": 4, "Q4_1": 4, "Q5_0": 4, "Q5_1": 2, "Q4_K": 16}
+LANES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q6_K")
+QW = {"Q8_0": 8, "Q4_0": 4, "Q4_1": 4, "Q5_0": 4, "Q5_1": 2, "Q4_K": 16, "Q6_K": 8}
 
 
 def _shapes(block: int) -> list[tuple[int, int, int]]:
@@ -149,15 +149,13 @@ def _wide_vs_byte(launcher, w: Weight, x: torch.Tensor, cfg, launched: list, wha
     return mode
 
 
-@pytest.mark.parametrize("join", (True, False), ids=("join", "strided"))
 @pytest.mark.parametrize("tile", (32, 256, 512, 1024))
 @pytest.mark.parametrize("fmt", ("Q8_0", "Q4_K", "Q6_K"))
-def test_matvec_wide_kernels(fmt: str, tile: int, join: bool, monkeypatch) -> None:
+def test_matvec_wide_kernels(fmt: str, tile: int, monkeypatch) -> None:
     """The M = 1 integer-view kernels over several blocks per step, including a ragged last step
     (3 blocks), against the reference and against the byte kernel (USE_WIDE off)."""
     launcher = _kernel()
     launched = record_launches(monkeypatch)
-    monkeypatch.setattr(launcher, "WIDE_JOIN", join)
     block = quant.get_format(fmt).block_size
     gen = torch.Generator().manual_seed(7)
     n, k = 19, 3 * block
@@ -172,12 +170,12 @@ def test_matvec_wide_kernels(fmt: str, tile: int, join: bool, monkeypatch) -> No
 # test_matvec_lanes_tilings). 32-value blocks: a step that overruns K (S = 4 tiles 3 blocks), one
 # block (S = 1), R tiles a step (Q4_x, Q5_0: S = 8 and R = 4; Q5_1: S = 16 and R = 2) over 2 even
 # steps or 2 steps whose second overruns K (one tile partly, the others wholly past K), 3 even
-# steps with 16 rows a program. Q4_K (256-value blocks, 16 lanes each): the same situations with
-# S = 2 and R = 2 (one warp, 4 blocks a step) and S = 2, R = 1 (two warps, 2 blocks a step).
+# steps with 16 rows a program. Q4_K and Q6_K (256-value blocks, 16 and 8 lanes each): the same
+# situations with R = 4 and 2 (one warp, 8 blocks a step) and R = 1 (two warps, 2 blocks a step).
 LANES_CASES = {
     32: [(9, 3, 8, 1024, 4), (5, 1, 4, 1024, 1), (7, 64, 4, 1024, 1), (19, 40, 8, 1024, 1),
          (33, 24, 16, 256, 2)],
-    256: [(9, 3, 8, 2048, 4), (5, 1, 4, 1024, 1), (7, 16, 4, 1024, 1), (19, 10, 8, 1024, 1),
+    256: [(9, 3, 8, 2048, 4), (5, 1, 4, 1024, 1), (7, 16, 4, 2048, 1), (19, 10, 8, 2048, 1),
           (33, 6, 16, 512, 2)],
 }  # fmt: skip
 
@@ -205,8 +203,7 @@ def test_matvec_lanes_kernel(fmt: str, case: tuple, monkeypatch) -> None:
     x = torch.randn(1, block * blocks, generator=gen).to(act).to(DEVICE)
     cfg = launcher.MatvecConfig(block_n=block_n, tile_values=tile, num_warps=warps)
     mode = _wide_vs_byte(launcher, w, x, cfg, launched, f"{fmt} {case} x:{act}")
-    view = launcher._WIDE[w.qtype][1]
-    want = launcher._lanes_tiling(block * blocks, w.qtype, view, cfg)
+    want = launcher._lanes_tiling(block * blocks, w.qtype, cfg)
     assert {k: mode[k] for k in want} == want, mode
 
 
@@ -217,10 +214,9 @@ def test_matvec_lanes_tilings() -> None:
     for fmt in LANES:
         seen = set()
         block = _block(fmt)
-        view = launcher._WIDE[GGMLQuantizationType[fmt]][1]
         for _n, blocks, block_n, tile, warps in LANES_CASES[block]:
             cfg = launcher.MatvecConfig(block_n=block_n, tile_values=tile, num_warps=warps)
-            t = launcher._lanes_tiling(block * blocks, GGMLQuantizationType[fmt], view, cfg)
+            t = launcher._lanes_tiling(block * blocks, GGMLQuantizationType[fmt], cfg)
             assert t["S"] * QW[fmt] <= 32 * warps, f"{fmt}: more lanes than threads {t}"
             steps = -(-blocks // (t["S"] * t["R"]))
             seen.add((t["R"] > 1, t["EVEN"], steps > 1))
@@ -273,11 +269,12 @@ CAPTURE_PTX = textwrap.dedent(
     """
 )
 
-# The weight loads of the lanes kernel (x adds b16 or b32 loads): words of 2 bytes for
-# Q4_0 and Q5_0 (18 and 22 B blocks), 4 for Q4_1 (20 B), 8 for Q5_1 (24 B) and Q4_K (144 B);
-# never bytes.
+# The weight loads of the lanes kernel (x adds b16 or b32 loads): words of 2 bytes for Q8_0,
+# Q4_0, Q5_0 and Q6_K (34, 18, 22 and 210 B blocks), 4 for Q4_1 (20 B), 8 for Q5_1 (24 B) and
+# Q4_K (144 B); never bytes.
 LANES_LOADS = {
     "Q8_0": "b16",
+    "Q6_K": "b16",
     "Q4_0": "b16",
     "Q4_1": "b32",
     "Q5_0": "b16",

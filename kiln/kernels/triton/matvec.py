@@ -195,17 +195,11 @@ def _matvec_kernel(
     tl.store(out, acc, mask=row_ok[:, None] & (m_idx[None, :] < M))
 
 
-# M = 1 kernels that read Q6_K (and Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K: _matvec_lanes_m1_kernel)
-# through wider integer views of the same bytes (one load per 2, 4 or 8 bytes instead of one per
-# value), extract each quant from a register once, and turn small integers into fp32 with the
-# 2**23 trick (exact; avoids the quarter-rate I2F).
+# The M = 1 kernel of the block formats, _matvec_lanes_m1_kernel, reads the blocks through wider
+# integer views of the same bytes (one load per 2, 4 or 8 bytes instead of one per value),
+# extracts each quant from a register once, and turns small integers into fp32 with the 2**23
+# trick (exact; avoids the quarter-rate I2F).
 _MAGIC: tl.constexpr = tl.constexpr(0x4B000000)  # fp32 bits of 2**23
-
-
-@triton.jit
-def _small_int_f32(u, bias: tl.constexpr):
-    """u: int32 in [0, 2**22) -> fp32 u - bias (exact for integers)."""
-    return (u | _MAGIC).to(tl.float32, bitcast=True) - (8388608.0 + bias)
 
 
 @triton.jit
@@ -214,87 +208,8 @@ def _f16_lo(v):
     return (v & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
 
 
-@triton.jit
-def _matvec_q6_k_m1_kernel(
-    x_ptr,  # [1, K] f32/f16/bf16 (EXPERTS: the slot's row)
-    w_ptr,  # int16 view [N, row_bytes / 2]: super-block b of a row at halfword 105 * b
-    out_ptr,  # f32 [1, N]
-    N,
-    K,
-    stride_wn,  # in halfwords
-    ids_ptr,  # EXPERTS only, like stride_we, stride_xs, stride_os: see _matvec_kernel
-    stride_we,
-    stride_xs,
-    stride_os,
-    K_INTERP: tl.constexpr,
-    EXPERTS: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    NB: tl.constexpr,  # super-blocks per loop step
-    JOIN: tl.constexpr,  # interleave the two bytes in registers so x loads are contiguous
-):
-    """Halfwords 0..63 = ql, 64..95 = qh, 96..103 = scales, 104 = d. The tile is
-    [BLOCK_N, 4 * NB, 8]: (super-block, half hh, g, p') with p = 8g + p' covers the halfwords
-    ql[32hh + p] (A), ql[32hh + 16 + p] (B), qh[16hh + p]; byte e of them holds l = 2p + e, i.e.
-    values 128hh + 32k + l (k = 0..3) with the int8 scale 8hh + 2k + g."""
-    if EXPERTS:
-        w_ptr, x_ptr, out_ptr = _slot_pointers(
-            w_ptr, x_ptr, out_ptr, ids_ptr, stride_we, stride_xs, stride_os
-        )
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows_c = tl.minimum(rows, N - 1).to(tl.int64)
-    row_base = w_ptr + rows_c[:, None, None] * stride_wn
-    t3 = tl.arange(0, 4 * NB)[None, :, None]
-    p3 = tl.arange(0, 8)[None, None, :]
-    hh = (t3 // 2) % 2
-    g = t3 % 2
-    acc = tl.zeros([BLOCK_N, 4 * NB, 8], dtype=tl.float32)
-    acc16 = tl.zeros([BLOCK_N, 4 * NB, 16], dtype=tl.float32)
-    l3 = tl.arange(0, 16)[None, None, :]
-    nsb = K // 256
-    for k0 in range(0, K_INTERP if K_INTERP > 0 else K, 256 * NB):
-        sb = k0 // 256 + t3 // 4
-        ok = sb < nsb
-        blk = row_base + tl.minimum(sb, nsb - 1).to(tl.int64) * 105  # [BLOCK_N, 4 * NB, 1]
-        d = tl.load(blk + 104).to(tl.float16, bitcast=True).to(tl.float32)
-        p = 8 * g + p3
-        qa = tl.load(blk + 32 * hh + p).to(tl.int32)
-        qb = tl.load(blk + 32 * hh + 16 + p).to(tl.int32)
-        qh = tl.load(blk + 64 + 16 * hh + p).to(tl.int32)
-        xb = x_ptr + sb * 256 + 128 * hh + 2 * p
-        for k in tl.static_range(4):
-            scw = tl.load(blk + 96 + 4 * hh + k).to(tl.int32)
-            sc = (scw << (24 - 8 * g)) >> 24  # signed byte g
-            dsc = d * sc.to(tl.float32)
-            if k % 2 == 0:
-                ql = qa
-            else:
-                ql = qb
-            if JOIN:
-                sl = 4 * (k // 2)
-                q0 = ((ql >> sl) & 15) | (((qh >> (2 * k)) & 3) << 4)
-                q1 = ((ql >> (8 + sl)) & 15) | (((qh >> (8 + 2 * k)) & 3) << 4)
-                w0 = dsc * _small_int_f32(q0, 32.0)
-                w1 = dsc * _small_int_f32(q1, 32.0)
-                w = tl.reshape(tl.join(w0, w1), [BLOCK_N, 4 * NB, 16])
-                xv = tl.load(x_ptr + sb * 256 + 128 * hh + 32 * k + 16 * g + l3, mask=ok, other=0.0)
-                acc16 += w * xv.to(tl.float32)
-            else:
-                for e in tl.static_range(2):
-                    q6 = ((ql >> (8 * e + 4 * (k // 2))) & 15) | (
-                        ((qh >> (8 * e + 2 * k)) & 3) << 4
-                    )
-                    xv = tl.load(xb + (32 * k + e), mask=ok, other=0.0).to(tl.float32)
-                    acc += (dsc * _small_int_f32(q6, 32.0)) * xv
-    if JOIN:
-        out = tl.sum(tl.sum(acc16, axis=2), axis=1)
-    else:
-        out = tl.sum(tl.sum(acc, axis=2), axis=1)
-    tl.store(out_ptr + rows, out, mask=rows < N)
-
-
-# The 4/5-bit formats at M = 1 on lanes: Q4_0, Q4_1, Q5_0, Q5_1 (32-value blocks) and Q4_K
-# (256-value super-blocks). Counted in the sm_90 SASS of the K loop of the legacy formats (not
+# The block formats at M = 1 on lanes: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (32-value blocks), Q4_K and
+# Q6_K (256-value super-blocks). Counted in the sm_90 SASS of the K loop of the legacy formats (not
 # timed), instructions per weight value at 8 rows / 2048 values / 4 warps, x f16: Q4_0 4.6 (1
 # LOP3, 1 FADD, 1.1 FFMA, 0.5 LDG, ...), Q4_1 5.3, Q5_0 8.2, Q5_1 7.8. The byte kernel takes
 # 16-29 (Q4_0 21, an 8-bit load per value), a first version in the style of the Q8_0 kernel
@@ -351,14 +266,51 @@ def _nibble_dot(
 
 
 @triton.jit
-def _byte_dot(part, magic, xb, ok, p, E0: tl.constexpr, B: tl.constexpr, EVEN):
-    """p + q * x for byte B of part, an int32 holding the lane's bytes E0, E0 + 1 of Q8_0 quants
-    with their sign bits flipped (q + 128, in 0..255): used in place like _nibble_dot's nibbles,
-    (part & 255 << 8 B) | 2**23 as fp32 is 2**23 + (q + 128) * 256**B exactly."""
+def _byte_dot(part, magic, xb, ok, p, E0: tl.constexpr, B: tl.constexpr, BIAS: tl.constexpr, EVEN):
+    """p + (u - BIAS) * x for byte B (0 or 1) of part, an int32 whose byte holds u in 0..255 (a
+    Q8_0 quant with its sign bit flipped, BIAS 128; a Q6_K quant, BIAS 32), x at xb + E0 + B:
+    used in place like _nibble_dot's nibbles, (part & 255 << 8 B) | 2**23 as fp32 is
+    2**23 + u * 256**B exactly."""
     t = (part & (255 << (8 * B))) | magic
-    q = t.to(tl.float32, bitcast=True) - (8388608.0 + 128.0 * 256**B)  # q * 256**B
+    q = t.to(tl.float32, bitcast=True) - (8388608.0 + BIAS * 256**B)  # (u - BIAS) * 256**B
     xv = _masked_load(xb + (E0 + B), ok, EVEN).to(tl.float32)
     return p + q * (xv * (1.0 / 256**B))
+
+
+@triton.jit
+def _q6_k_lane(hp, q_off, h_off, s_off, g, xb, ok, magic, EVEN):
+    """One Q6_K lane's share of d * sum_v scale * (q - 32) * x for each row: hp points at the
+    super-blocks (halfwords: ql 0..63, qh 64..95, scales 96..103, d 104). The lane is half hh
+    and l = l0 .. l0 + 7 of it (kiln/quant/k_quants.py): value 128 hh + 32 k + l (k = 0..3) has
+    the low (k < 2) or high nibble of ql[64 hh + 32 (k % 2) + l] and bits 2k, 2k + 1 of
+    qh[32 hh + l], and the int8 scale 8 hh + 2k + g (g = l0 // 16). q_off, h_off, s_off: the
+    halfwords of ql[64 hh + l0], qh[32 hh + l0] and scales[8 hh]; xb: the x of value
+    128 hh + l0. For each halfword i of the lane and each k, one LOP3 pair puts the two bytes'
+    6-bit quants side by side (c_k), used in place by _byte_dot."""
+    p0 = tl.zeros(hp.shape, dtype=tl.float32)
+    p1 = tl.zeros(hp.shape, dtype=tl.float32)
+    p2 = tl.zeros(hp.shape, dtype=tl.float32)
+    p3 = tl.zeros(hp.shape, dtype=tl.float32)
+    for i in tl.static_range(4):  # halfword i: l = l0 + 2i + e, e = 0, 1
+        a = _masked_load(hp + q_off + i, ok, EVEN).to(tl.int32)
+        b = _masked_load(hp + q_off + 16 + i, ok, EVEN).to(tl.int32)
+        h = _masked_load(hp + h_off + i, ok, EVEN).to(tl.int32)
+        c0 = (a & 0x0F0F) | ((h << 4) & 0x3030)
+        c1 = (b & 0x0F0F) | ((h << 2) & 0x3030)
+        c2 = ((a >> 4) & 0x0F0F) | (h & 0x3030)
+        c3 = ((b >> 4) & 0x0F0F) | ((h >> 2) & 0x3030)
+        for e in tl.static_range(2):
+            p0 = _byte_dot(c0, magic, xb, ok, p0, 2 * i, e, 32.0, EVEN)
+            p1 = _byte_dot(c1, magic, xb, ok, p1, 32 + 2 * i, e, 32.0, EVEN)
+            p2 = _byte_dot(c2, magic, xb, ok, p2, 64 + 2 * i, e, 32.0, EVEN)
+            p3 = _byte_dot(c3, magic, xb, ok, p3, 96 + 2 * i, e, 32.0, EVEN)
+    d = _masked_load(hp + 104, ok, EVEN).to(tl.float16, bitcast=True).to(tl.float32)
+    up = 24 - 8 * g  # scale byte g of the halfword to the top, then back down signed
+    s0 = ((_masked_load(hp + s_off, ok, EVEN).to(tl.int32) << up) >> 24).to(tl.float32)
+    s1 = ((_masked_load(hp + s_off + 1, ok, EVEN).to(tl.int32) << up) >> 24).to(tl.float32)
+    s2 = ((_masked_load(hp + s_off + 2, ok, EVEN).to(tl.int32) << up) >> 24).to(tl.float32)
+    s3 = ((_masked_load(hp + s_off + 3, ok, EVEN).to(tl.int32) << up) >> 24).to(tl.float32)
+    return d * (s0 * p0 + s1 * p1 + s2 * p2 + s3 * p3)
 
 
 @triton.jit
@@ -395,8 +347,8 @@ def _matvec_lanes_m1_kernel(
     EVEN: tl.constexpr,  # the blocks of a row are a multiple of S * R: no step overruns K
     FMT: tl.constexpr,  # Q4_0, Q4_1, Q5_0, Q5_1 or Q4_K
 ):
-    """Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K at M = 1. A block is WPB words of BW bytes (the
-    view's item): a header, then the qs bytes.
+    """Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K at M = 1. A block is WPB words of BW bytes (the
+    view's item): a header, then the qs bytes (Q6_K: see _q6_k_lane; its d comes last).
     - Q8_0 (32 values, 17 halfwords): d, then 32 int8 quants (_byte_dot uses them in place).
     - Legacy (32 values): header Q4_0: d; Q5_0: d, qh lo, qh hi; Q4_1: d | m << 16; Q5_1:
       d | m << 16 | qh << 32; then 16 bytes of qs, whose byte i holds values i (low nibble) and
@@ -422,13 +374,14 @@ def _matvec_lanes_m1_kernel(
     2**23 in a register."""
     KQ: tl.constexpr = FMT == Q4_K
     Q8: tl.constexpr = FMT == Q8_0
-    BV: tl.constexpr = 256 if KQ else 32  # values per block
-    BW: tl.constexpr = 2 if (FMT == Q4_0 or FMT == Q5_0 or Q8) else (4 if FMT == Q4_1 else 8)
+    Q6: tl.constexpr = FMT == Q6_K
+    BV: tl.constexpr = 256 if (KQ or Q6) else 32  # values per block
+    BW: tl.constexpr = 2 if (FMT == Q4_0 or FMT == Q5_0 or Q8 or Q6) else (4 if FMT == Q4_1 else 8)
     LB: tl.constexpr = 8 if BW == 8 else 4  # qs bytes per lane
-    QW: tl.constexpr = (128 if KQ else (32 if Q8 else 16)) // LB  # lanes per block
+    QW: tl.constexpr = 8 if Q6 else (128 if KQ else (32 if Q8 else 16)) // LB  # lanes per block
     WPB: tl.constexpr = (
-        18 if KQ else (17 if Q8 else (9 if FMT == Q4_0 else (11 if FMT == Q5_0 else (
-            5 if FMT == Q4_1 else 3))))
+        105 if Q6 else (18 if KQ else (17 if Q8 else (9 if FMT == Q4_0 else (
+            11 if FMT == Q5_0 else (5 if FMT == Q4_1 else 3)))))
     )  # fmt: skip
     QOFF: tl.constexpr = 2 if KQ else (3 if FMT == Q5_0 else 1)  # first qs word
     HI_X: tl.constexpr = 32 if KQ else 16  # x of a high nibble, from its low nibble's
@@ -455,7 +408,16 @@ def _matvec_lanes_m1_kernel(
     # Carried through the loop; the R tiles of a step are constant offsets of them.
     hdr_p = row_base + sb * WPB  # [S * QW, BLOCK_N]
     qs_p = hdr_p + QOFF + li * (LB // BW)
-    if KQ:  # the value of the lane's byte 0, low nibble: [S * QW, 1]
+    # Q6_K lanes (_q6_k_lane): half li // 4, l0 = 8 (li % 4)
+    q6_q = 32 * (li // 4) + 4 * (li % 4)
+    q6_h = 64 + 16 * (li // 4) + 4 * (li % 4)
+    q6_s = 96 + 4 * (li // 4)
+    q6_g = (li % 4) // 2
+    if Q6:
+        x_p = x_ptr + sb * 256 + 128 * (li // 4) + 8 * (li % 4)
+        sh = 0
+        upper = False
+    elif KQ:  # the value of the lane's byte 0, low nibble: [S * QW, 1]
         x_p = x_ptr + sb * 256 + 64 * (li // 4) + LB * (li % 4)
         sh = 16 * ((li // 4) % 2)  # byte 2c % 4 of the scale words (sub-block 2c; 2c + 1: +8)
         upper = li >= 8  # sub-blocks 4..7
@@ -471,65 +433,68 @@ def _matvec_lanes_m1_kernel(
             qp = qs_p + r * S * WPB
             xb = x_p + r * S * BV
             ok = k0 // BV + r * S + sb < nblk  # [S * QW, 1]; unused when EVEN
-            hdr = _masked_load(hp, ok, EVEN)  # [S * QW, BLOCK_N]
-            qhs = 0
-            m = 0.0
-            if BW == 2:
-                d = hdr.to(tl.float16, bitcast=True).to(tl.float32)
-                if FIVE:
-                    qh_lo = _masked_load(hp + 1, ok, EVEN).to(tl.int32) & 0xFFFF
-                    qh_hi = _masked_load(hp + 2, ok, EVEN).to(tl.int32)
-                    qhs = (qh_lo | (qh_hi << 16)) >> (LB * li)
+            if Q6:
+                acc += _q6_k_lane(hp, q6_q, q6_h, q6_s, q6_g, xb, ok, magic, EVEN)
             else:
-                h32 = hdr.to(tl.int32)  # low word (Q5_1, Q4_K: d | m << 16, d | dmin << 16)
-                d = _f16_lo(h32)
-                m = _f16_lo(h32 >> 16)
-                if FIVE:
-                    qhs = (hdr >> 32).to(tl.int32) >> (LB * li)
-            p = tl.zeros([S * QW, BLOCK_N], dtype=tl.float32)
-            sx = tl.zeros([S * QW, 1], dtype=tl.float32)
-            p_hi = tl.zeros([S * QW, BLOCK_N], dtype=tl.float32)  # Q4_K: the high nibbles
-            sx_hi = tl.zeros([S * QW, 1], dtype=tl.float32)
-            if Q8:  # two halfwords: bytes 0, 1 and 2, 3 of the lane, sign bits flipped
-                for h in tl.static_range(2):
-                    part = _masked_load(qp + h, ok, EVEN).to(tl.int32) ^ 0x8080
-                    for b in tl.static_range(2):
-                        p = _byte_dot(part, magic, xb, ok, p, 2 * h, b, EVEN)
-            elif BW == 2:  # two halfwords: bytes 0, 1 and 2, 3 of the lane
-                for h in tl.static_range(2):
-                    part = _masked_load(qp + h, ok, EVEN).to(tl.int32)  # sign-extended
-                    for n in tl.static_range(4):
-                        p, sx = _nibble_dot(
-                            part, qhs, magic, xb, ok, p, sx, 2 * h, n, HI_X, EVEN, FMT
-                        )
-            else:
-                qs = _masked_load(qp, ok, EVEN)
-                for h in tl.static_range(LB // 4):  # 32-bit parts: bytes 4h .. 4h + 3
-                    if BW == 8:
-                        part = (qs >> (32 * h)).to(tl.int32)
-                    else:
-                        part = qs
-                    for n in tl.static_range(8):
-                        if KQ and n % 2 == 1:  # Q4_K: high nibbles are the next sub-block
-                            p_hi, sx_hi = _nibble_dot(
-                                part, qhs, magic, xb, ok, p_hi, sx_hi, 4 * h, n, HI_X, EVEN, FMT
-                            )
-                        else:
+                hdr = _masked_load(hp, ok, EVEN)  # [S * QW, BLOCK_N]
+                qhs = 0
+                m = 0.0
+                if BW == 2:
+                    d = hdr.to(tl.float16, bitcast=True).to(tl.float32)
+                    if FIVE:
+                        qh_lo = _masked_load(hp + 1, ok, EVEN).to(tl.int32) & 0xFFFF
+                        qh_hi = _masked_load(hp + 2, ok, EVEN).to(tl.int32)
+                        qhs = (qh_lo | (qh_hi << 16)) >> (LB * li)
+                else:
+                    h32 = hdr.to(tl.int32)  # low word (Q5_1, Q4_K: d | m << 16, d | dmin << 16)
+                    d = _f16_lo(h32)
+                    m = _f16_lo(h32 >> 16)
+                    if FIVE:
+                        qhs = (hdr >> 32).to(tl.int32) >> (LB * li)
+                p = tl.zeros([S * QW, BLOCK_N], dtype=tl.float32)
+                sx = tl.zeros([S * QW, 1], dtype=tl.float32)
+                p_hi = tl.zeros([S * QW, BLOCK_N], dtype=tl.float32)  # Q4_K: the high nibbles
+                sx_hi = tl.zeros([S * QW, 1], dtype=tl.float32)
+                if Q8:  # two halfwords: bytes 0, 1 and 2, 3 of the lane, sign bits flipped
+                    for h in tl.static_range(2):
+                        part = _masked_load(qp + h, ok, EVEN).to(tl.int32) ^ 0x8080
+                        for b in tl.static_range(2):
+                            p = _byte_dot(part, magic, xb, ok, p, 2 * h, b, 128.0, EVEN)
+                elif BW == 2:  # two halfwords: bytes 0, 1 and 2, 3 of the lane
+                    for h in tl.static_range(2):
+                        part = _masked_load(qp + h, ok, EVEN).to(tl.int32)  # sign-extended
+                        for n in tl.static_range(4):
                             p, sx = _nibble_dot(
-                                part, qhs, magic, xb, ok, p, sx, 4 * h, n, HI_X, EVEN, FMT
+                                part, qhs, magic, xb, ok, p, sx, 2 * h, n, HI_X, EVEN, FMT
                             )
-            if KQ:
-                wa = (hdr >> 32).to(tl.int32)
-                w1 = _masked_load(hp + 1, ok, EVEN)
-                wb = w1.to(tl.int32)
-                wc = (w1 >> 32).to(tl.int32)
-                sc, mn = _q4_k_scale_min(wa, wb, wc, sh, upper)
-                sc_hi, mn_hi = _q4_k_scale_min(wa, wb, wc, sh + 8, upper)
-                acc += d * (sc * p + sc_hi * p_hi) - m * (mn * sx + mn_hi * sx_hi)
-            elif AFFINE:
-                acc += d * p + m * sx
-            else:
-                acc += d * p
+                else:
+                    qs = _masked_load(qp, ok, EVEN)
+                    for h in tl.static_range(LB // 4):  # 32-bit parts: bytes 4h .. 4h + 3
+                        if BW == 8:
+                            part = (qs >> (32 * h)).to(tl.int32)
+                        else:
+                            part = qs
+                        for n in tl.static_range(8):
+                            if KQ and n % 2 == 1:  # Q4_K: high nibbles are the next sub-block
+                                p_hi, sx_hi = _nibble_dot(
+                                    part, qhs, magic, xb, ok, p_hi, sx_hi, 4 * h, n, HI_X, EVEN, FMT
+                                )
+                            else:
+                                p, sx = _nibble_dot(
+                                    part, qhs, magic, xb, ok, p, sx, 4 * h, n, HI_X, EVEN, FMT
+                                )
+                if KQ:
+                    wa = (hdr >> 32).to(tl.int32)
+                    w1 = _masked_load(hp + 1, ok, EVEN)
+                    wb = w1.to(tl.int32)
+                    wc = (w1 >> 32).to(tl.int32)
+                    sc, mn = _q4_k_scale_min(wa, wb, wc, sh, upper)
+                    sc_hi, mn_hi = _q4_k_scale_min(wa, wb, wc, sh + 8, upper)
+                    acc += d * (sc * p + sc_hi * p_hi) - m * (mn * sx + mn_hi * sx_hi)
+                elif AFFINE:
+                    acc += d * p + m * sx
+                else:
+                    acc += d * p
         hdr_p += S * R * WPB
         qs_p += S * R * WPB
         x_p += S * R * BV

@@ -401,7 +401,8 @@ def _matvec_lanes_m1_kernel(
         # Lane order scrambled (9 is odd: a permutation of 0..15): a warp still reads whole
         # 128-byte runs of qs, but Triton cannot prove two neighbours' words contiguous, so it
         # keeps one lane per thread instead of vectorizing the qs load to 16 bytes in another
-        # layout than the header's (a shared-memory conversion of every tile: 4x slower).
+        # layout than the header's (a shared-memory conversion of every tile: LDS/STS/BAR in the
+        # loop's sm_90 SASS, and 57 us for a 4096 x 4096 weight at 8/2048/4).
         li = (9 * (j % QW)) % QW
     else:
         li = j % QW  # lane of the block

@@ -47,34 +47,33 @@ MAX_M = 8
 _INTERPRETED = type(_k._matvec_kernel).__name__ == "InterpretedFunction"
 
 
-# M = 1 kernels reading the blocks through an integer view: qtype -> (kernel, view dtype, values
-# per block, row alignment, FMT of _matvec_lanes_m1_kernel). The view needs the row start and
-# stride aligned to the view's item size; the block sizes allow int16 words (Q8_0: 34 B, Q4_0:
-# 18 B, Q5_0: 22 B, Q6_K: 210 B), int32 (Q4_1: 20 B) and int64 (Q5_1: 24 B, Q4_K: 144 B).
-_WIDE: dict[GGMLQuantizationType, tuple] = {
-    _T.Q8_0: (_k._matvec_lanes_m1_kernel, torch.int16, 32, 2, _k.Q8_0.value),
-    _T.Q4_0: (_k._matvec_lanes_m1_kernel, torch.int16, 32, 2, _k.Q4_0.value),
-    _T.Q4_1: (_k._matvec_lanes_m1_kernel, torch.int32, 32, 4, _k.Q4_1.value),
-    _T.Q5_0: (_k._matvec_lanes_m1_kernel, torch.int16, 32, 2, _k.Q5_0.value),
-    _T.Q5_1: (_k._matvec_lanes_m1_kernel, torch.int64, 32, 8, _k.Q5_1.value),
-    _T.Q4_K: (_k._matvec_lanes_m1_kernel, torch.int64, 256, 8, _k.Q4_K.value),
-    _T.Q6_K: (_k._matvec_lanes_m1_kernel, torch.int16, 256, 2, _k.Q6_K.value),
+@dataclass(frozen=True)
+class LanesFormat:
+    """How _matvec_lanes_m1_kernel (the M = 1 kernel of the block formats) reads a format."""
+
+    view: torch.dtype  # integer view of the blocks; rows and experts must start on its items
+    lanes: int  # lanes (threads) per block
+    fmt: int  # the kernel's FMT
+
+
+# The block sizes allow int16 words (Q8_0: 34 B, Q4_0: 18 B, Q5_0: 22 B, Q6_K: 210 B), int32
+# (Q4_1: 20 B) and int64 (Q5_1: 24 B, Q4_K: 144 B). A lane reads 4 bytes of qs (8 with the int64
+# view); Q6_K's lane reads 8 bytes of each of ql's halves and of qh.
+_WIDE: dict[GGMLQuantizationType, LanesFormat] = {
+    _T.Q8_0: LanesFormat(torch.int16, 8, _k.Q8_0.value),
+    _T.Q4_0: LanesFormat(torch.int16, 4, _k.Q4_0.value),
+    _T.Q4_1: LanesFormat(torch.int32, 4, _k.Q4_1.value),
+    _T.Q5_0: LanesFormat(torch.int16, 4, _k.Q5_0.value),
+    _T.Q5_1: LanesFormat(torch.int64, 2, _k.Q5_1.value),
+    _T.Q4_K: LanesFormat(torch.int64, 16, _k.Q4_K.value),
+    _T.Q6_K: LanesFormat(torch.int16, 8, _k.Q6_K.value),
 }
-# Lanes (threads) of _matvec_lanes_m1_kernel per block: a lane reads 4 bytes of qs (8 with the
-# int64 view of Q5_1 and Q4_K); Q6_K's lane reads 8 bytes of each of ql's halves and of qh.
-LANES_PER_BLOCK = {_T.Q8_0: 8, _T.Q4_0: 4, _T.Q4_1: 4, _T.Q5_0: 4, _T.Q5_1: 2, _T.Q4_K: 16,
-                   _T.Q6_K: 8}  # fmt: skip
 USE_WIDE = True  # False: every format on _matvec_kernel (benchmarks/matvec.py --compare)
 
 
-def _aligned(raw: torch.Tensor, size: int, row_align: int = 1) -> bool:
-    """Whether an integer view of `size` bytes sees every row (and expert) start of raw, and the
-    row stride is a multiple of row_align bytes."""
-    return (
-        raw.data_ptr() % size == 0
-        and all(st % size == 0 for st in raw.stride()[:-1])
-        and raw.stride(-2) % row_align == 0
-    )
+def _aligned(raw: torch.Tensor, size: int) -> bool:
+    """Whether an integer view of `size` bytes sees every row (and expert) start of raw."""
+    return raw.data_ptr() % size == 0 and all(st % size == 0 for st in raw.stride()[:-1])
 
 
 @dataclass(frozen=True)
@@ -84,19 +83,11 @@ class MatvecConfig:
     num_warps: int
 
 
-# Defaults of the M = 1 lanes kernel where no tuned config applies.
-_WIDE_DEFAULTS = {
-    _T.Q8_0: MatvecConfig(block_n=8, tile_values=2048, num_warps=4),
-    # Not timed (no GPU at hand): the fewest sm_90 SASS instructions per value in the K loop over
-    # block_n 4..32, tile 512..2048, 2..8 warps (Q4_0 4.6 at 8/2048/4, 5.3 at 8/1024/4), and 64
-    # blocks a step, so K = 4096 is 2 steps with 9 KB of a program's loads in flight each.
-    _T.Q4_0: MatvecConfig(block_n=8, tile_values=2048, num_warps=4),
-    _T.Q4_1: MatvecConfig(block_n=8, tile_values=2048, num_warps=4),
-    _T.Q5_0: MatvecConfig(block_n=8, tile_values=2048, num_warps=4),
-    _T.Q5_1: MatvecConfig(block_n=8, tile_values=2048, num_warps=4),
-    _T.Q4_K: MatvecConfig(block_n=8, tile_values=2048, num_warps=4),
-    _T.Q6_K: MatvecConfig(block_n=8, tile_values=2048, num_warps=4),
-}
+# The lanes kernel's config where no tuned one applies. Chosen without a GPU at hand: the fewest
+# sm_90 SASS instructions per value in the K loop over block_n 4..32, tile 512..2048, 2..8 warps
+# (Q4_0 4.6 at 8/2048/4, 5.3 at 8/1024/4), and 64 blocks a step, so K = 4096 is 2 steps with 9 KB
+# of a program's loads in flight each.
+_LANES_DEFAULT = MatvecConfig(block_n=8, tile_values=2048, num_warps=4)
 
 
 @functools.cache
@@ -122,15 +113,16 @@ def default_config(
     tuned: bool = True,
 ) -> MatvecConfig:
     """The config tuned for this (format, N, K) on this GPU (kernels/configs, M = 1), else the
-    per-family defaults: the fastest of benchmarks/matvec.py --sweep on an H100 for a 4096 x 4096
-    weight at M = 1 (e.g. Q8_0 22.8 us with 4/512/4 against 34.7 us with 8/256/4; Q4_K 23.4 us
-    with 16/256/4 against 36.0 us with 8/256/4)."""
+    lanes kernel's default, else the byte kernel's per-family defaults: the fastest of
+    benchmarks/matvec.py --sweep on an H100 for a 4096 x 4096 weight at M = 1 (e.g. Q8_0 22.8 us
+    with 4/512/4 against 34.7 us with 8/256/4; Q4_K 23.4 us with 16/256/4 against 36.0 us with
+    8/256/4)."""
     if tuned and USE_WIDE and m == 1 and device is not None and device.type == "cuda":
         cfg = tuned_configs(torch.cuda.get_device_name(device)).get((qtype.name, n, k))
         if cfg is not None:
             return cfg
     if USE_WIDE and m == 1 and qtype in _WIDE:
-        return _WIDE_DEFAULTS[qtype]
+        return _LANES_DEFAULT
     if qtype in _FLOAT_VIEW or GGML_QUANT_SIZES[qtype][0] == 32:
         return MatvecConfig(block_n=4, tile_values=512, num_warps=4)
     if qtype == _T.Q6_K:
@@ -148,11 +140,11 @@ def _blocks_per_step(k: int, block_values: int, cfg: MatvecConfig) -> int:
 
 def _lanes_tiling(k: int, qtype: GGMLQuantizationType, cfg: MatvecConfig) -> dict[str, int | bool]:
     """S, R, EVEN of _matvec_lanes_m1_kernel: a step of _blocks_per_step blocks is R tiles of S
-    blocks, a tile one lane per thread where it can (LANES_PER_BLOCK); EVEN when no step
+    blocks, a tile one lane per thread where it can (LanesFormat.lanes); EVEN when no step
     overruns K."""
     block_values = GGML_QUANT_SIZES[qtype][0]
     per_step = _blocks_per_step(k, block_values, cfg)
-    s = min(max(1, 32 * cfg.num_warps // LANES_PER_BLOCK[qtype]), per_step)
+    s = min(max(1, 32 * cfg.num_warps // _WIDE[qtype].lanes), per_step)
     return {"S": s, "R": per_step // s, "EVEN": (k // block_values) % per_step == 0}
 
 
@@ -206,12 +198,10 @@ def launch(
     block_values, type_size = GGML_QUANT_SIZES[qtype]
     assert raw.shape[-1] == k // block_values * type_size, "raw row size does not match K"
     grid = (triton.cdiv(n, cfg.block_n), slots)
-    wide = _WIDE.get(qtype)
-    if USE_WIDE and wide is not None and m == 1 and _aligned(raw, wide[1].itemsize, wide[3]):
-        kernel, view, _values, _row_align, fmt = wide
-        w = raw.view(view)
-        args, mode = (_k._MAGIC.value,), {**_lanes_tiling(k, qtype, cfg), "FMT": fmt}
-        kernel[grid](
+    lanes = _WIDE.get(qtype)
+    if USE_WIDE and lanes is not None and m == 1 and _aligned(raw, lanes.view.itemsize):
+        w = raw.view(lanes.view)
+        _k._matvec_lanes_m1_kernel[grid](
             x,
             w,
             out,
@@ -219,11 +209,12 @@ def launch(
             k,
             w.stride(-2),
             *_slot_args(ids, x, w, out),
-            *args,
+            _k._MAGIC.value,
             K_INTERP=k if _INTERPRETED else 0,
             EXPERTS=experts,
             BLOCK_N=cfg.block_n,
-            **mode,
+            FMT=lanes.fmt,
+            **_lanes_tiling(k, qtype, cfg),
             num_warps=cfg.num_warps,
         )
         return

@@ -160,7 +160,7 @@ def test_matvec_wide_kernels(fmt: str, tile: int, monkeypatch) -> None:
     gen = torch.Generator().manual_seed(7)
     n, k = 19, 3 * block
     w = _weight(fmt, n, k, gen)
-    assert launcher._aligned(w.raw, launcher._WIDE[w.qtype][1].itemsize)
+    assert launcher._aligned(w.raw, launcher._WIDE[w.qtype].view.itemsize)
     x = torch.randn(1, k, generator=gen).to(torch.float16).to(DEVICE)
     cfg = launcher.MatvecConfig(block_n=8, tile_values=tile, num_warps=4)
     _wide_vs_byte(launcher, w, x, cfg, launched, f"{fmt} wide tile={tile}")
@@ -233,7 +233,7 @@ def test_matvec_lanes_misaligned_takes_byte_kernel(fmt: str, monkeypatch) -> Non
     gen = torch.Generator().manual_seed(3)
     k = 2 * _block(fmt)
     w = _weight(fmt, 5, k, gen)
-    size = launcher._WIDE[w.qtype][1].itemsize
+    size = launcher._WIDE[w.qtype].view.itemsize
     flat = torch.zeros(w.raw.numel() + size, dtype=torch.uint8, device=DEVICE)
     raw = flat[size // 2 : size // 2 + w.raw.numel()].view(w.raw.shape)
     raw.copy_(w.raw)

@@ -409,12 +409,11 @@ def _matvec_lanes_m1_kernel(
     # Carried through the loop; the R tiles of a step are constant offsets of them.
     hdr_p = row_base + sb * WPB  # [S * QW, BLOCK_N]
     qs_p = hdr_p + QOFF + li * (LB // BW)
-    # Q6_K lanes (_q6_k_lane): half li // 4, l0 = 8 (li % 4)
-    q6_q = 32 * (li // 4) + 4 * (li % 4)
-    q6_h = 64 + 16 * (li // 4) + 4 * (li % 4)
-    q6_s = 96 + 4 * (li // 4)
-    q6_g = (li % 4) // 2
-    if Q6:
+    if Q6:  # the lane (_q6_k_lane) is half li // 4, l0 = 8 (li % 4)
+        q6_q = 32 * (li // 4) + 4 * (li % 4)
+        q6_h = 64 + 16 * (li // 4) + 4 * (li % 4)
+        q6_s = 96 + 4 * (li // 4)
+        q6_g = (li % 4) // 2
         x_p = x_ptr + sb * 256 + 128 * (li // 4) + 8 * (li % 4)
         sh = 0
         upper = False

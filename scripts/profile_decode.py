@@ -49,7 +49,8 @@ def kernel_times(model, cache) -> dict[str, list[float]]:
 
 
 def graph_us(model, cache, replays: int = 200) -> float:
-    """Mean device time of one replayed decode step, in us."""
+    """Mean device time of one decode step as the engine replays it (token and position written,
+    graph replayed: DecodeGraph.__call__), in us."""
     with torch.inference_mode():
         graph = DecodeGraph(model, cache)
         for _ in range(10):
@@ -58,8 +59,7 @@ def graph_us(model, cache, replays: int = 200) -> float:
         torch.cuda.synchronize()
         start.record()
         for i in range(replays):
-            graph.position.fill_(5 + i)
-            graph.graph.replay()
+            graph(1, 5 + i)
         end.record()
         torch.cuda.synchronize()
     return 1e3 * start.elapsed_time(end) / replays

@@ -6,8 +6,9 @@ A fusion's state is decided, first match wins, by
   2. the environment (`KILN_<NAME>=0|1`, parsed strictly),
   3. the measured default of this device (kernels/configs/fusions,device=<gpu>.json), then
   4. the builtin default below.
-A fusion that cannot run where the model runs (CUDA graphs without the triton backend on CUDA)
-is off whatever was asked, with that reason as its source. Fused ops that are off are replaced
+A fusion that cannot run where the model runs (CUDA graphs without the triton backend on CUDA,
+programmatic dependent launch before Hopper) is off whatever was asked, with that reason as its
+source. Fused ops that are off are replaced
 by their decomposition in the op set (kiln/ops/decompose.py); the model reads the policy only for
 the merged weights.
 """
@@ -32,6 +33,7 @@ class Fusion:
     summary: str
     builtin: bool
     needs_gpu_backend: bool = False  # CUDA graphs: off unless the triton backend runs on CUDA
+    min_capability: tuple[int, int] | None = None  # the oldest CUDA compute capability it runs on
 
     @property
     def env_var(self) -> str:
@@ -42,9 +44,13 @@ FUSIONS: dict[str, Fusion] = {}
 
 
 def register(
-    name: str, summary: str, builtin: bool = True, needs_gpu_backend: bool = False
+    name: str,
+    summary: str,
+    builtin: bool = True,
+    needs_gpu_backend: bool = False,
+    min_capability: tuple[int, int] | None = None,
 ) -> Fusion:
-    FUSIONS[name] = Fusion(name, summary, builtin, needs_gpu_backend)
+    FUSIONS[name] = Fusion(name, summary, builtin, needs_gpu_backend, min_capability)
     return FUSIONS[name]
 
 
@@ -64,6 +70,16 @@ register(
     "cuda_graphs",
     "the whole decode step captured once per batch size and replayed",
     needs_gpu_backend=True,
+)
+# Off until an A/B on a device turns it on there (its device default): it changes only when
+# kernels start, not what they compute.
+register(
+    "pdl",
+    "programmatic dependent launch: each kernel starts while the one before drains, and waits "
+    "on the device for its inputs",
+    builtin=False,
+    needs_gpu_backend=True,
+    min_capability=(9, 0),
 )
 
 
@@ -171,6 +187,11 @@ class FusionPolicy:
                 state, source = f.builtin, "builtin"
             if f.needs_gpu_backend and (device.type != "cuda" or backend != "triton"):
                 state, source = False, f"n/a: needs the triton backend on CUDA (here {backend})"
+            elif f.min_capability and device.type == "cuda":
+                have = torch.cuda.get_device_capability(device)
+                if have < f.min_capability:
+                    need, here = (".".join(map(str, c)) for c in (f.min_capability, have))
+                    state, source = False, f"n/a: needs compute capability {need} (here {here})"
             states[name], sources[name] = state, source
         return cls(states, sources)
 

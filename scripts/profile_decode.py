@@ -30,8 +30,8 @@ from kiln.runtime.cuda_graph import DecodeGraph  # noqa: E402
 from kiln.runtime.kv_cache import KVCache  # noqa: E402
 
 
-def kernel_times(model, cache) -> dict[str, list[float]]:
-    """{kernel name: [device us of each launch]} of one eager decode step."""
+def kernel_times(model, cache) -> list[tuple[str, float]]:
+    """[(kernel name, device us)] of one eager decode step's launches, in launch order."""
     token = torch.tensor([1], device="cuda")
     position = torch.tensor([cache.capacity - 1], device="cuda")
     with torch.inference_mode():
@@ -41,11 +41,9 @@ def kernel_times(model, cache) -> dict[str, list[float]]:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             model.decode_step(token, position, cache)
             torch.cuda.synchronize()
-    out: dict[str, list[float]] = defaultdict(list)
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            out[e.name[:60]].append(e.device_time)
-    return out
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels.sort(key=lambda e: e.time_range.start)
+    return [(e.name[:60], e.device_time) for e in kernels]
 
 
 def graph_us(model, cache, replays: int = 200) -> float:
@@ -70,6 +68,10 @@ def main() -> int:
     ap.add_argument("--model", action="append", required=True)
     ap.add_argument("--fusion", action="append", default=[])
     ap.add_argument("--n-ctx", type=int, default=512)
+    ap.add_argument(
+        "--trace", type=int, default=0, metavar="N",
+        help="also list the first N launches in order (one layer's shapes, kernel by kernel)",
+    )  # fmt: skip
     args = ap.parse_args()
     fusions = parse_overrides(args.fusion)
     for spec in args.model:
@@ -78,9 +80,12 @@ def main() -> int:
         cache = KVCache(
             model.config, args.n_ctx, model.device, dtype=torch.float16, initial=args.n_ctx
         )
-        times = kernel_times(model, cache)
-        total = sum(sum(v) for v in times.values())
-        launches = sum(len(v) for v in times.values())
+        launched = kernel_times(model, cache)
+        times: dict[str, list[float]] = defaultdict(list)
+        for kernel, us in launched:
+            times[kernel].append(us)
+        total = sum(us for _, us in launched)
+        launches = len(launched)
         step = graph_us(model, cache)
         print(
             f"\n{name}: {launches} kernels, {total:.0f} us of kernel time, graph replay "
@@ -90,6 +95,10 @@ def main() -> int:
         for k, v in sorted(times.items(), key=lambda kv: -sum(kv[1])):
             t = sum(v)
             print(f"| {k} | {len(v)} | {t:.1f} | {t / len(v):.2f} | {100 * t / total:.1f} |")
+        if args.trace:
+            print("\n| # | kernel | us |\n|---:|---|---:|")
+            for i, (kernel, us) in enumerate(launched[: args.trace]):
+                print(f"| {i} | {kernel} | {us:.2f} |")
         del model, gguf, cache
         torch.cuda.empty_cache()
     return 0

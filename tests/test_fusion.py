@@ -21,8 +21,8 @@ def test_builtin_defaults_and_sources_on_a_cpu():
     policy = F.FusionPolicy.resolve("cpu", "torch", env={})
     assert set(policy.states) == set(F.FUSIONS)
     for name, f in F.FUSIONS.items():
-        if name == "cuda_graphs":
-            assert not policy.cuda_graphs and policy.sources[name].startswith("n/a")
+        if f.needs_gpu_backend:  # cuda_graphs, pdl
+            assert not policy.states[name] and policy.sources[name].startswith("n/a")
         else:
             assert policy.states[name] == f.builtin and policy.sources[name] == "builtin"
     assert policy.describe() == "default"
@@ -53,12 +53,39 @@ def test_cuda_graphs_needs_the_triton_backend_on_cuda():
 def test_measured_device_defaults_are_read(tmp_path, monkeypatch):
     monkeypatch.setattr(F, "CONFIG_DIR", tmp_path)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     path = F.device_defaults_path("NVIDIA H100 80GB HBM3")
     assert path.name == "fusions,device=NVIDIA_H100_80GB_HBM3.json"
-    path.write_text(json.dumps({"swiglu": {"on": False, "evidence": "kiln ab ..."}}))
+    entries = {"swiglu": False, "pdl": True}
+    path.write_text(
+        json.dumps({n: {"on": on, "evidence": "kiln ab ..."} for n, on in entries.items()})
+    )
     policy = F.FusionPolicy.resolve("cuda", "triton", env={})
     assert (policy.swiglu, policy.sources["swiglu"]) == (False, "device default")
+    assert (policy.pdl, policy.sources["pdl"]) == (True, "device default")
     assert F.FusionPolicy.resolve("cuda", "triton", env={"KILN_SWIGLU": "1"}).swiglu
+
+
+def test_pdl_needs_hopper(monkeypatch):
+    """Programmatic dependent launch is off before compute capability 9.0, whatever was asked."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    policy = F.FusionPolicy.resolve("cuda", "triton", {"pdl": True}, env={})
+    assert not policy.pdl
+    assert policy.sources["pdl"] == "n/a: needs compute capability 9.0 (here 8.0)"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    policy = F.FusionPolicy.resolve("cuda", "triton", {"pdl": True}, env={})
+    assert (policy.pdl, policy.sources["pdl"]) == (True, "cli")
+
+
+def test_pdl_launch_is_off_in_the_interpreter(monkeypatch):
+    from kiln.kernels import pdl_launch
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert pdl_launch(True) == {"PDL": False, "launch_pdl": False}
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert pdl_launch(True) == {"PDL": True, "launch_pdl": True}
+    assert pdl_launch(False) == {"PDL": False, "launch_pdl": False}
 
 
 def test_overrides_and_sweeps_parse():

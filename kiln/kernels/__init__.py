@@ -6,6 +6,7 @@ Measured per-GPU data (tuned launch configs, fusion defaults) lives in kernels/c
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -15,3 +16,11 @@ def config_name(what: str, device_name: str) -> str:
     """e.g. ("matvec", "NVIDIA H100 80GB HBM3") -> "matvec,device=NVIDIA_H100_80GB_HBM3.json"."""
     safe = "".join(c if c.isalnum() or c in "-." else "_" for c in device_name)
     return f"{what},device={safe}.json"
+
+
+def pdl_launch(pdl: bool) -> dict[str, bool]:
+    """The launch arguments of a kernel with programmatic dependent launch on or off
+    (kiln/kernels/triton/pdl.py): the PDL constexpr (its wait) and Triton's launch_pdl. Always
+    off under TRITON_INTERPRET=1: the interpreter cannot run the griddepcontrol instructions."""
+    on = bool(pdl) and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+    return {"PDL": on, "launch_pdl": on}

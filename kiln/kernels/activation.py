@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from kiln.kernels import pdl_launch
 from kiln.kernels.triton import activation as _k
 
 _X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -30,7 +31,7 @@ def _check(x: torch.Tensor, what: str) -> None:
     )
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def swiglu(gate: torch.Tensor, up: torch.Tensor, pdl: bool = False) -> torch.Tensor:
     """gate, up: [T, F] -> silu(gate) * up, f32 [T, F]."""
     _check(gate, "swiglu gate")
     _check(up, "swiglu up")
@@ -51,5 +52,6 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         up.stride(0),
         BLOCK=block,
         num_warps=max(1, min(4, block // 256)),
+        **pdl_launch(pdl),
     )
     return out

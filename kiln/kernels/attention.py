@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from kiln.kernels import pdl_launch
 from kiln.kernels.triton import attention as _k
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -80,6 +81,7 @@ def attention_decode(
     length: torch.Tensor,
     scale: float,
     config: AttentionConfig | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """q: [1, H, D] attends to k_cache/v_cache rows 0..length-1 -> f32 [1, H, Dv]."""
     assert q.dim() == 3 and q.shape[0] == 1, f"q must be [1, H, D]; got {tuple(q.shape)}"
@@ -155,6 +157,7 @@ def attention_decode(
         INTERP_SLICE=interp_slice,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+        **pdl_launch(pdl),
     )
     _k._attention_decode_combine_kernel[(n_head,)](
         part_o,
@@ -171,5 +174,6 @@ def attention_decode(
         CHUNK=chunk,
         INTERP_P=interp_p,
         num_warps=max(1, min(8, chunk * dv_pad // 1024)),
+        **pdl_launch(pdl),
     )
     return out

@@ -19,7 +19,7 @@ import torch
 import triton
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from kiln.kernels import CONFIG_DIR, config_name
+from kiln.kernels import CONFIG_DIR, config_name, pdl_launch
 from kiln.kernels.triton import matvec as _k
 from kiln.ops.weight import Weight
 
@@ -148,7 +148,9 @@ def _lanes_tiling(k: int, qtype: GGMLQuantizationType, cfg: MatvecConfig) -> dic
     return {"S": s, "R": per_step // s, "EVEN": (k // block_values) % per_step == 0}
 
 
-def matvec(x: torch.Tensor, weight: Weight, config: MatvecConfig | None = None) -> torch.Tensor:
+def matvec(
+    x: torch.Tensor, weight: Weight, config: MatvecConfig | None = None, pdl: bool = False
+) -> torch.Tensor:
     """x: [M, K] -> [M, N] float32 = x @ W.T, W dequantized in registers."""
     assert x.dim() == 2 and x.is_contiguous(), f"x must be a contiguous [M, K]; got {x.shape}"
     assert x.dtype in _X_DTYPES, f"x must be f16/bf16/f32; got {x.dtype}"
@@ -162,7 +164,8 @@ def matvec(x: torch.Tensor, weight: Weight, config: MatvecConfig | None = None) 
     raw = weight.raw
     assert raw.dtype == torch.uint8 and raw.dim() == 2 and raw.stride(1) == 1
     out = torch.empty((m, n), dtype=torch.float32, device=x.device)
-    launch(x, weight.qtype, raw, out, config or default_config(weight.qtype, n, k, m, x.device))
+    cfg = config or default_config(weight.qtype, n, k, m, x.device)
+    launch(x, weight.qtype, raw, out, cfg, pdl=pdl)
     return out
 
 
@@ -182,6 +185,7 @@ def launch(
     out: torch.Tensor,
     cfg: MatvecConfig,
     ids: torch.Tensor | None = None,
+    pdl: bool = False,
 ) -> None:
     """The one launch of the mat-vec kernels, for callers that have checked their inputs.
 
@@ -216,6 +220,7 @@ def launch(
             FMT=lanes.fmt,
             **_lanes_tiling(k, qtype, cfg),
             num_warps=cfg.num_warps,
+            **pdl_launch(pdl),
         )
         return
     if qtype in _FLOAT_VIEW:
@@ -248,4 +253,5 @@ def launch(
         TYPE_SIZE=type_size,
         BLOCK_VALUES=block_values,
         num_warps=cfg.num_warps,
+        **pdl_launch(pdl),
     )

@@ -37,6 +37,7 @@ def expert_linear(
     ids: torch.Tensor,
     weight: Weight,
     config: _mv.MatvecConfig | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """x: [1, K] or [k, K]; ids: [k] -> [k, N] float32, row s = x[s or 0] @ W[ids[s]].T."""
     assert x.dim() == 2 and x.is_contiguous(), f"x must be a contiguous [1 or k, K]; got {x.shape}"
@@ -63,5 +64,5 @@ def expert_linear(
     out = torch.empty((slots, n), dtype=torch.float32, device=x.device)
     if slots == 0:
         return out
-    _mv.launch(x, weight.qtype, raw, out, config or default_config(weight), ids=ids)
+    _mv.launch(x, weight.qtype, raw, out, config or default_config(weight), ids=ids, pdl=pdl)
     return out

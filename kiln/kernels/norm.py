@@ -16,6 +16,7 @@ import torch
 import triton
 from gguf.constants import GGMLQuantizationType
 
+from kiln.kernels import pdl_launch
 from kiln.kernels.triton import norm as _k
 from kiln.ops.weight import Weight
 
@@ -56,7 +57,7 @@ def _rows(x: torch.Tensor, what: str) -> torch.Tensor:
     return x.reshape(-1, n)
 
 
-def rms_norm(x: torch.Tensor, weight: Weight, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: Weight, eps: float, pdl: bool = False) -> torch.Tensor:
     """x: [..., n] normalized over the last dimension, times weight [n] -> f32 [..., n]."""
     x2 = _rows(x, "rms_norm x")
     rows, n = x2.shape
@@ -66,13 +67,22 @@ def rms_norm(x: torch.Tensor, weight: Weight, eps: float) -> torch.Tensor:
         return out
     block = triton.next_power_of_2(n)
     _k._rms_norm_kernel[(rows,)](
-        x2, w, out, n, x2.stride(0), n, eps, BLOCK=block, num_warps=num_warps_for(block)
+        x2,
+        w,
+        out,
+        n,
+        x2.stride(0),
+        n,
+        eps,
+        BLOCK=block,
+        num_warps=num_warps_for(block),
+        **pdl_launch(pdl),
     )
     return out
 
 
 def add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: Weight, eps: float
+    x: torch.Tensor, residual: torch.Tensor, weight: Weight, eps: float, pdl: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(h, rms_norm(h)) with h = residual + x, both f32 [..., n], in one launch."""
     assert x.shape == residual.shape, f"x {tuple(x.shape)} vs residual {tuple(residual.shape)}"
@@ -98,6 +108,7 @@ def add_rms_norm(
         eps,
         BLOCK=block,
         num_warps=num_warps_for(block),
+        **pdl_launch(pdl),
     )
     return h, out
 
@@ -115,7 +126,12 @@ def check_heads(x: torch.Tensor, what: str) -> None:
 
 
 def qk_norm(
-    q: torch.Tensor, k: torch.Tensor, q_weight: Weight, k_weight: Weight, eps: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_weight: Weight,
+    k_weight: Weight,
+    eps: float,
+    pdl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q: [T, H, D], k: [T, Hkv, D] -> (q, k) f32 new tensors, each head row normalized over D
     times its weight [D]; one launch over the T * (H + Hkv) head rows."""
@@ -148,5 +164,6 @@ def qk_norm(
         eps,
         BLOCK_D=block,
         num_warps=num_warps_for(block),
+        **pdl_launch(pdl),
     )
     return q_out, k_out

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from kiln.kernels import pdl_launch
 from kiln.kernels.norm import check_heads, num_warps_for, weight_f32
 from kiln.kernels.triton import rope as _k
 from kiln.ops.weight import Weight
@@ -49,6 +50,7 @@ def qkv_norm_rope(
     neox: bool,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """Q/K head RMSNorm (when the weights are given), RoPE at positions, K and V written into the
     caches at rows positions -> q f32 [T, H, D]."""
@@ -113,5 +115,6 @@ def qkv_norm_rope(
         BLOCK_D=block_d,
         BLOCK_DV=triton.next_power_of_2(dv),
         num_warps=num_warps_for(max(block_d, triton.next_power_of_2(dv))),
+        **pdl_launch(pdl),
     )
     return q_out

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from kiln.kernels import pdl_launch
 from kiln.kernels.triton import router as _k
 
 # One program holds all E logits in registers: 1024 fp32 over 4 warps is 8 per thread. Real MoE
@@ -31,7 +32,9 @@ BLOCK_N = 256
 _INTERPRETED = type(_k._route_topk_kernel).__name__ == "InterpretedFunction"
 
 
-def route_topk(logits: torch.Tensor, k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def route_topk(
+    logits: torch.Tensor, k: int, normalize: bool, pdl: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """logits: f32 [T, E] -> (weights f32 [T, k], ids int64 [T, k]), both contiguous."""
     assert logits.dim() == 2, f"router logits must be [T, n_expert]; got {tuple(logits.shape)}"
     assert logits.dtype == torch.float32, f"router logits must be float32; got {logits.dtype}"
@@ -59,11 +62,12 @@ def route_topk(logits: torch.Tensor, k: int, normalize: bool) -> tuple[torch.Ten
         BLOCK_K=triton.next_power_of_2(k),
         NORMALIZE=bool(normalize),
         num_warps=max(1, block_e // 256),
+        **pdl_launch(pdl),
     )
     return weights, ids
 
 
-def combine(down: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def combine(down: torch.Tensor, weights: torch.Tensor, pdl: bool = False) -> torch.Tensor:
     """down: f32 [k, N] (row s: the output of slot s's expert); weights: f32 [1, k] -> f32 [1, N]
     = sum_s weights[0, s] * down[s]."""
     assert down.dim() == 2 and down.dtype == torch.float32, (
@@ -94,5 +98,6 @@ def combine(down: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         K=k,
         BLOCK_N=block,
         num_warps=max(1, min(2, block // 128)),
+        **pdl_launch(pdl),
     )
     return out

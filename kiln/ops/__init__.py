@@ -57,21 +57,23 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def base_ops(backend: str) -> dict:
-    """{op name: function} of a backend with every fusion on."""
+def base_ops(backend: str, pdl: bool = False) -> dict:
+    """{op name: function} of a backend with every fusion on; pdl: the triton backend's kernels
+    launched with programmatic dependent launch (the `pdl` fusion)."""
     if backend == "torch":
         return {n: getattr(reference, n) for n in OP_NAMES}
     if backend == "triton":
         from kiln.ops import triton_backend
 
-        return triton_backend.ops()
+        return triton_backend.ops(pdl)
     raise UnsupportedError(f"unknown backend {backend!r} (available: {', '.join(BACKEND_NAMES)})")
 
 
 def get_ops(backend: str, fused: dict[str, bool] | None = None) -> SimpleNamespace:
     """The op set of a backend; fused[name] False puts the decomposition in place of that fused
-    op (default: all fused)."""
-    table = base_ops(backend)
+    op (default: all fused); fused["pdl"] True launches the triton kernels with programmatic
+    dependent launch (default: off)."""
+    table = base_ops(backend, pdl=bool(fused and fused.get("pdl", False)))
     ops = SimpleNamespace(name=backend, **table)
     for name in FUSED_OPS:
         if fused is not None and not fused.get(name, True):

@@ -3,10 +3,13 @@ elsewhere (prompt processing: attention, mat-muls of more than matvec.MAX_M rows
 routing; embedding lookups and RoPE of the unfused path).
 
 Every op here keeps the reference's signature and is graph-capturable for a decode step: no
-host synchronization, launch parameters from shapes only.
+host synchronization, launch parameters from shapes only. With `pdl` (the fusion of that name)
+every kernel is launched with programmatic dependent launch (kiln/kernels/triton/pdl.py).
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 
@@ -14,7 +17,7 @@ from kiln.ops import reference
 from kiln.ops.weight import Weight
 
 
-def ops() -> dict:
+def ops(pdl: bool = False) -> dict:
     from kiln.kernels import activation, attention, matvec, moe, norm, rope
     from kiln.kernels import router as moe_router
 
@@ -26,7 +29,7 @@ def ops() -> dict:
             and len(weight.shape) == 2
             and weight.qtype in matvec.SUPPORTED
         ):
-            y = matvec.matvec(x.contiguous(), weight)
+            y = matvec.matvec(x.contiguous(), weight, pdl=pdl)
             return y if bias is None else y + bias.dense()
         return reference.linear(x, weight, bias)
 
@@ -38,7 +41,7 @@ def ops() -> dict:
             and logits.shape[1] <= moe_router.MAX_E
             and logits.dtype == torch.float32
         ):
-            return moe_router.route_topk(logits, n_used, normalize)
+            return moe_router.route_topk(logits, n_used, normalize, pdl=pdl)
         return reference.moe_select(logits, n_used, normalize)
 
     def moe_combine(down, weights):
@@ -48,26 +51,26 @@ def ops() -> dict:
             and tuple(weights.shape) == (1, down.shape[0])
             and down.dtype == weights.dtype == torch.float32
         ):
-            return moe_router.combine(down, weights)
+            return moe_router.combine(down, weights, pdl=pdl)
         return reference.moe_combine(down, weights)
 
     def expert_linear(x, ids, weight):
         if weight.qtype in matvec.SUPPORTED:
-            return moe.expert_linear(x.contiguous(), ids, weight)
+            return moe.expert_linear(x.contiguous(), ids, weight, pdl=pdl)
         return reference.expert_linear(x, ids, weight)
 
     table = {
         "embedding": reference.embedding,
         "linear": linear,
-        "rms_norm": norm.rms_norm,
-        "add_rms_norm": norm.add_rms_norm,
-        "qk_norm": norm.qk_norm,
-        "qkv_norm_rope": rope.qkv_norm_rope,
+        "rms_norm": partial(norm.rms_norm, pdl=pdl),
+        "add_rms_norm": partial(norm.add_rms_norm, pdl=pdl),
+        "qk_norm": partial(norm.qk_norm, pdl=pdl),
+        "qkv_norm_rope": partial(rope.qkv_norm_rope, pdl=pdl),
         "rope_frequencies": reference.rope_frequencies,
         "rope": reference.rope,
         "attention": reference.attention,
-        "attention_decode": attention.attention_decode,
-        "swiglu": activation.swiglu,
+        "attention_decode": partial(attention.attention_decode, pdl=pdl),
+        "swiglu": partial(activation.swiglu, pdl=pdl),
         "moe_route": moe_route,
         "moe_ffn": reference.moe_ffn,
         "expert_linear": expert_linear,

@@ -25,6 +25,8 @@ class Compiled:
     kernel: str
     cubin_bytes: int
     shared_bytes: int
+    launch_pdl: bool  # launched with programmatic dependent launch
+    waits: bool  # its PTX has griddepcontrol.wait (kiln/kernels/triton/pdl.py)
 
 
 class _Sm90Driver:
@@ -60,6 +62,8 @@ def compile_only() -> Iterator[list[Compiled]]:
                 self.fn.__name__,
                 len(kernel.asm["cubin"]),
                 meta.shared,
+                bool(meta.launch_pdl),
+                "griddepcontrol.wait" in kernel.asm["ptx"],
             )
         )
         return kernel

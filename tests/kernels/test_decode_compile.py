@@ -1,6 +1,8 @@
 """Every kernel of the GPU decode step, as the model launches it at the real shapes of each
 benchmark preset, compiles for an H100 (sm_90) — checked on the CPU (tests/kernels/sm90.py), one
-layer per model, with and without the fusions."""
+layer per model, with and without the fusions. With the `pdl` fusion every kernel is launched
+with programmatic dependent launch and waits (griddepcontrol.wait) for its inputs; without it
+none does."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import kiln.ops
 from kiln.fusion import FUSIONS
 from kiln.gguf.synthetic import build_model as synthetic
 from kiln.models import build_model
+from kiln.ops import get_ops
 from kiln.runtime.kv_cache import KVCache
 from tests.kernels.sm90 import compile_only
 
@@ -26,9 +29,12 @@ for fused in (True, False):
     fusions = {{n: fused for n in FUSIONS if n != "cuda_graphs"}}
     with compile_only() as done:
         model = build_model(gguf, "cpu", backend="triton", keep_dense=False, fusions=fusions)
+        model.ops = get_ops("triton", fusions)  # pdl as on an H100 (a CPU's policy turns it off)
         cache = KVCache(model.config, 64, torch.device("cpu"), dtype=torch.float16, initial=64)
         model.decode_step(torch.tensor([3]), torch.tensor([5]), cache)
     names |= {{c.kernel for c in done}}
+    wrong = [c.kernel for c in done if (c.launch_pdl, c.waits) != (fused, fused)]
+    assert not wrong, f"pdl={{fused}}: launch_pdl or the wait differ in {{wrong}}"
 print(json.dumps(sorted(names)))
 """
 

@@ -181,7 +181,9 @@ def test_triton_backend_dispatch(monkeypatch) -> None:
     calls: list[str] = []
     for name in ("route_topk", "combine"):
         fn = getattr(router, name)
-        monkeypatch.setattr(router, name, lambda *a, _f=fn, _n=name: calls.append(_n) or _f(*a))
+        monkeypatch.setattr(
+            router, name, lambda *a, _f=fn, _n=name, **kw: calls.append(_n) or _f(*a, **kw)
+        )
     ops = triton_backend.ops()
     gen = torch.Generator().manual_seed(10)
     e, dim, k = 60, 64, 4

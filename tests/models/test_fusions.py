@@ -4,7 +4,8 @@ without a GPU) for tiny synthetic models of each architecture, and on the demo m
 - greedy tokens identical with the fusion on and off (128 steps on a GPU; in the interpreter,
   where a decode step of even a one-layer model takes about 2 s, 3 steps of one-layer "micro"
   qwen3 and qwen3moe models: every fusion applies to one of them);
-- logits bitwise equal where the fusion runs the same compiled kernels: CUDA-graph replay;
+- logits bitwise equal where the fusion runs the same arithmetic: CUDA-graph replay, programmatic
+  dependent launch (on an H100);
 - the others within the kernel tolerance. The merged weights compute each output row with the
   same code, and are bitwise equal in the interpreter, but Triton specializes a kernel on its
   sizes (N divisible by 16 or not), and on an H100 that compiled variant differed in the last
@@ -46,8 +47,8 @@ def preset(name: str):
 
 
 # Fusions whose fused and unfused forms give the same bits (see the docstring).
-BITWISE = {"cuda_graphs"} | ({"merged_qkv", "merged_gate_up"} if not CUDA else set())
-SWITCHABLE = [n for n in FUSIONS if n != "cuda_graphs" or CUDA]
+BITWISE = {"cuda_graphs", "pdl"} | ({"merged_qkv", "merged_gate_up"} if not CUDA else set())
+SWITCHABLE = [n for n, f in FUSIONS.items() if not f.needs_gpu_backend or CUDA]
 
 
 def greedy(model, steps: int = STEPS, prompt: list[int] = PROMPT):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kiln.kernels.triton.pdl import wait_for_inputs
+
 
 @triton.jit
 def _swiglu_kernel(
@@ -20,7 +22,10 @@ def _swiglu_kernel(
     stride_g,
     stride_u,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr = False,  # programmatic dependent launch (pdl.py)
 ):
+    if PDL:
+        wait_for_inputs()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < F

@@ -25,6 +25,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kiln.kernels.triton.pdl import wait_for_inputs
+
 
 @triton.jit
 def _slice_of(length, P, BLOCK_S: tl.constexpr, MIN_SLICE: tl.constexpr):
@@ -120,7 +122,10 @@ def _attention_decode_kernel(
     SPLIT: tl.constexpr,  # f16/bf16 cache: hi/lo split of the fp32 operands (module docstring)
     PRECISION: tl.constexpr,  # "ieee" for fp32 operands (no TF32); ignored for f16/bf16
     INTERP_SLICE: tl.constexpr,  # largest slice under TRITON_INTERPRET, else 0 (see below)
+    PDL: tl.constexpr = False,  # programmatic dependent launch (pdl.py)
 ):
+    if PDL:
+        wait_for_inputs()
     interp: tl.constexpr = INTERP_SLICE > 0
     kvh = tl.program_id(0)
     pid = tl.program_id(1)
@@ -224,7 +229,10 @@ def _attention_decode_combine_kernel(
     MIN_SLICE: tl.constexpr,
     CHUNK: tl.constexpr,  # slices merged per step
     INTERP_P: tl.constexpr,  # P rounded up to CHUNK under TRITON_INTERPRET, else 0
+    PDL: tl.constexpr = False,  # programmatic dependent launch (pdl.py)
 ):
+    if PDL:
+        wait_for_inputs()
     h = tl.program_id(0)
     length = tl.minimum(tl.load(len_ptr).to(tl.int32), C)
     size = _slice_of(length, P, BLOCK_S, MIN_SLICE)

@@ -22,6 +22,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kiln.kernels.triton.pdl import wait_for_inputs
+
 # Format ids (the FMT constexpr); kiln/kernels/matvec.py maps GGML types onto these.
 F32: tl.constexpr = tl.constexpr(0)
 F16: tl.constexpr = tl.constexpr(1)
@@ -147,7 +149,10 @@ def _matvec_kernel(
     L: tl.constexpr,
     TYPE_SIZE: tl.constexpr,  # bytes per block (block formats)
     BLOCK_VALUES: tl.constexpr,  # values per block: 1 (floats), 32 (legacy), 256 (K-quants)
+    PDL: tl.constexpr = False,  # programmatic dependent launch (pdl.py)
 ):
+    if PDL:
+        wait_for_inputs()
     if EXPERTS:
         w_ptr, x_ptr, out_ptr = _slot_pointers(
             w_ptr, x_ptr, out_ptr, ids_ptr, stride_we, stride_xs, stride_os
@@ -346,6 +351,7 @@ def _matvec_lanes_m1_kernel(
     R: tl.constexpr,  # tiles per loop step
     EVEN: tl.constexpr,  # the blocks of a row are a multiple of S * R: no step overruns K
     FMT: tl.constexpr,  # Q4_0, Q4_1, Q5_0, Q5_1 or Q4_K
+    PDL: tl.constexpr = False,  # programmatic dependent launch (pdl.py)
 ):
     """Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K at M = 1. A block is WPB words of BW bytes (the
     view's item): a header, then the qs bytes (Q6_K: see _q6_k_lane; its d comes last).
@@ -387,6 +393,8 @@ def _matvec_lanes_m1_kernel(
     HI_X: tl.constexpr = 32 if KQ else 16  # x of a high nibble, from its low nibble's
     FIVE: tl.constexpr = FMT == Q5_0 or FMT == Q5_1
     AFFINE: tl.constexpr = FMT == Q4_1 or FMT == Q5_1  # d * q + m
+    if PDL:
+        wait_for_inputs()
     if EXPERTS:
         w_ptr, x_ptr, out_ptr = _slot_pointers(
             w_ptr, x_ptr, out_ptr, ids_ptr, stride_we, stride_xs, stride_os

@@ -13,6 +13,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kiln.kernels.triton.pdl import wait_for_inputs
+
 
 @triton.jit
 def _rms_scale(x, n, eps):
@@ -37,7 +39,10 @@ def _rms_norm_kernel(
     stride_o,
     eps,
     BLOCK: tl.constexpr,  # next power of two >= N
+    PDL: tl.constexpr = False,  # programmatic dependent launch (pdl.py)
 ):
+    if PDL:
+        wait_for_inputs()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -58,7 +63,10 @@ def _add_rms_norm_kernel(
     stride_r,
     eps,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr = False,  # programmatic dependent launch (pdl.py)
 ):
+    if PDL:
+        wait_for_inputs()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -85,9 +93,12 @@ def _qk_norm_kernel(
     stride_kt,
     eps,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr = False,  # programmatic dependent launch (pdl.py)
 ):
     """Program p normalizes head row j = p % (H + HKV) of token t = p // (H + HKV): query head j
     when j < H, else key head j - H (the order of a merged QKV row)."""
+    if PDL:
+        wait_for_inputs()
     pid = tl.program_id(0)
     t = (pid // (H + HKV)).to(tl.int64)
     j = pid % (H + HKV)

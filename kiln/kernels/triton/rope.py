@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from kiln.kernels.triton.norm import _rms_scale
+from kiln.kernels.triton.pdl import wait_for_inputs
 
 
 @triton.jit
@@ -75,7 +76,10 @@ def _qkv_norm_rope_kernel(
     HAS_NORM: tl.constexpr,
     BLOCK_D: tl.constexpr,  # next power of two >= D
     BLOCK_DV: tl.constexpr,  # next power of two >= DV
+    PDL: tl.constexpr = False,  # programmatic dependent launch (pdl.py)
 ):
+    if PDL:
+        wait_for_inputs()
     pid = tl.program_id(0)
     t = (pid // (H + HKV)).to(tl.int64)
     j = pid % (H + HKV)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kiln.kernels.triton.pdl import wait_for_inputs
+
 
 @triton.jit
 def _route_topk_kernel(
@@ -30,7 +32,10 @@ def _route_topk_kernel(
     BLOCK_E: tl.constexpr,  # next power of two >= E
     BLOCK_K: tl.constexpr,  # next power of two >= K
     NORMALIZE: tl.constexpr,
+    PDL: tl.constexpr = False,  # programmatic dependent launch (pdl.py)
 ):
+    if PDL:
+        wait_for_inputs()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_E)
     valid = offs < E
@@ -69,7 +74,10 @@ def _moe_combine_kernel(
     stride_w,
     K: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr = False,  # programmatic dependent launch (pdl.py)
 ):
+    if PDL:
+        wait_for_inputs()
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = cols < N
     # Unrolled over the K slots: the K row loads are independent and issued together; the sum

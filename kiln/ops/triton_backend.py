@@ -1,6 +1,6 @@
 """The "triton" backend: the GPU kernels of kiln/kernels where they apply, the torch reference
 elsewhere (prompt processing: attention, mat-muls of more than matvec.MAX_M rows, MoE with host
-routing; embedding lookups and RoPE of the unfused path).
+routing; embeddings of other formats and RoPE of the unfused path).
 
 Every op here keeps the reference's signature and is graph-capturable for a decode step: no
 host synchronization, launch parameters from shapes only. With `pdl` (the fusion of that name)
@@ -19,7 +19,14 @@ from kiln.ops.weight import Weight
 
 def ops(pdl: bool = False) -> dict:
     from kiln.kernels import activation, attention, matvec, moe, norm, rope
+    from kiln.kernels import embedding as lookup
     from kiln.kernels import router as moe_router
+
+    def embedding(weight: Weight, ids: torch.Tensor) -> torch.Tensor:
+        """ids: [T] -> [T, n_embd] f32: the rows gathered and dequantized in one launch."""
+        if len(weight.shape) == 2 and weight.qtype in lookup.SUPPORTED and ids.dim() == 1:
+            return lookup.embedding(weight, ids.contiguous(), pdl=pdl)
+        return reference.embedding(weight, ids)
 
     def linear(x: torch.Tensor, weight: Weight, bias: Weight | None = None) -> torch.Tensor:
         """x: [T, n_in] -> [T, n_out]; the mat-vec kernel for decode batches."""
@@ -60,7 +67,7 @@ def ops(pdl: bool = False) -> dict:
         return reference.expert_linear(x, ids, weight)
 
     table = {
-        "embedding": reference.embedding,
+        "embedding": embedding,
         "linear": linear,
         "rms_norm": partial(norm.rms_norm, pdl=pdl),
         "add_rms_norm": partial(norm.add_rms_norm, pdl=pdl),

@@ -91,17 +91,25 @@ _LANES_DEFAULT = MatvecConfig(block_n=8, tile_values=2048, num_warps=4)
 
 
 @functools.cache
-def tuned_configs(device_name: str) -> dict[tuple[str, int, int], MatvecConfig]:
-    """{(format, N, K): config} measured on this GPU model at M = 1, {} if never tuned."""
+def tuned_configs(device_name: str) -> dict[tuple[str, int, int, int], MatvecConfig]:
+    """{(format, N, K, slots): config} measured on this GPU model at M = 1, {} if never tuned.
+    A shape is "NxK" (a plain mat-vec: 1 slot) or "NxKxS" (the MoE launch of S selected experts,
+    kiln/kernels/moe.py)."""
     path = CONFIG_DIR / config_name("matvec", device_name)
     if not path.exists():
         return {}
     out = {}
     for fmt, shapes in json.loads(path.read_text()).items():
         for shape, c in shapes.items():
-            n, k = (int(v) for v in shape.split("x"))
-            out[(fmt, n, k)] = MatvecConfig(c["block_n"], c["tile_values"], c["num_warps"])
+            n, k, slots = parse_shape(shape)
+            out[(fmt, n, k, slots)] = MatvecConfig(c["block_n"], c["tile_values"], c["num_warps"])
     return out
+
+
+def parse_shape(shape: str) -> tuple[int, int, int]:
+    """ "NxK" -> (N, K, 1); "NxKxS" -> (N, K, S)."""
+    n, k, *slots = (int(v) for v in shape.split("x"))
+    return n, k, slots[0] if slots else 1
 
 
 def default_config(
@@ -111,14 +119,16 @@ def default_config(
     m: int,
     device: torch.device | None = None,
     tuned: bool = True,
+    slots: int = 1,
 ) -> MatvecConfig:
-    """The config tuned for this (format, N, K) on this GPU (kernels/configs, M = 1), else the
+    """The config tuned for this (format, N, K, slots: experts of one MoE launch) on this GPU
+    (kernels/configs, M = 1), else the
     lanes kernel's default, else the byte kernel's per-family defaults: the fastest of
     benchmarks/matvec.py --sweep on an H100 for a 4096 x 4096 weight at M = 1 (e.g. Q8_0 22.8 us
     with 4/512/4 against 34.7 us with 8/256/4; Q4_K 23.4 us with 16/256/4 against 36.0 us with
     8/256/4)."""
     if tuned and USE_WIDE and m == 1 and device is not None and device.type == "cuda":
-        cfg = tuned_configs(torch.cuda.get_device_name(device)).get((qtype.name, n, k))
+        cfg = tuned_configs(torch.cuda.get_device_name(device)).get((qtype.name, n, k, slots))
         if cfg is not None:
             return cfg
     if USE_WIDE and m == 1 and qtype in _WIDE:

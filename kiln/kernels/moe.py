@@ -25,11 +25,11 @@ SUPPORTED = _mv.SUPPORTED
 _ID_DTYPES = (torch.int32, torch.int64)
 
 
-def default_config(weight: Weight) -> _mv.MatvecConfig:
-    """Each slot is an M = 1 mat-vec of one expert, so the mat-vec's M = 1 defaults apply. Not
-    tuned for expert shapes (30B-A3B: 768 x 2048 and 2048 x 768 per expert, 8 slots)."""
+def default_config(weight: Weight, slots: int) -> _mv.MatvecConfig:
+    """Each slot is an M = 1 mat-vec of one expert: the config tuned for this expert shape and
+    number of slots (scripts/tune_matvec.py, e.g. "1536x2048x8"), else the M = 1 defaults."""
     _e, n, k = weight.shape
-    return _mv.default_config(weight.qtype, n, k, 1, weight.device)
+    return _mv.default_config(weight.qtype, n, k, 1, weight.device, slots=slots)
 
 
 def expert_linear(
@@ -64,5 +64,6 @@ def expert_linear(
     out = torch.empty((slots, n), dtype=torch.float32, device=x.device)
     if slots == 0:
         return out
-    _mv.launch(x, weight.qtype, raw, out, config or default_config(weight), ids=ids, pdl=pdl)
+    cfg = config or default_config(weight, slots)
+    _mv.launch(x, weight.qtype, raw, out, cfg, ids=ids, pdl=pdl)
     return out

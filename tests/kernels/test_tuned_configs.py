@@ -40,6 +40,7 @@ from gguf.constants import GGMLQuantizationType
 from kiln import quant
 from kiln.kernels import config_name
 from kiln.kernels import matvec as mv
+from kiln.kernels import moe
 from kiln.ops.weight import Weight
 from tests.kernels.sm90 import compile_only
 
@@ -48,12 +49,16 @@ for path in sorted(mv.CONFIG_DIR.glob("matvec,device=*.json")):
     for fmt, shapes in json.loads(path.read_text()).items():
         qtype = GGMLQuantizationType[fmt]
         for shape, c in shapes.items():
-            n, k = (int(v) for v in shape.split("x"))
+            n, k, slots = mv.parse_shape(shape)
             raw = quant.quantize(torch.zeros(1, k), qtype).expand(n, -1)  # no n x k quantizing
-            w = Weight(fmt, qtype, (n, k), raw.contiguous())
             cfg = mv.MatvecConfig(c["block_n"], c["tile_values"], c["num_warps"])
             with compile_only() as done:
-                mv.matvec(torch.zeros(1, k), w, cfg)
+                if slots == 1:
+                    mv.matvec(torch.zeros(1, k), Weight(fmt, qtype, (n, k), raw.contiguous()), cfg)
+                else:  # two experts, `slots` of them selected
+                    w = Weight(fmt, qtype, (2, n, k), raw[None].expand(2, n, -1).contiguous())
+                    ids = torch.zeros(slots, dtype=torch.long)
+                    moe.expert_linear(torch.zeros(1, k), ids, w, cfg)
             assert done, (fmt, shape)
             count += 1
 print(count)

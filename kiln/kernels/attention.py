@@ -138,6 +138,7 @@ def attention_decode(
         length,
         part_o,
         part_lse,
+        out,
         scale * math.log2(math.e),
         capacity,
         p,

@@ -4,7 +4,9 @@ Stage 1, `_attention_decode_kernel`, grid (Hkv, P): program (h, p) takes KV head
 GROUP = H / Hkv query heads (GQA: K/V are read once for the group) over the p-th contiguous slice
 of the first `length` cache rows, in blocks of BLOCK_S keys, with an online softmax in fp32 (base
 2: q is pre-scaled by scale * log2(e)). It writes the slice's normalized output and log2-sum-exp
-per head. Stage 2, `_attention_decode_combine_kernel`, grid (H,), merges the active slices.
+per head. Stage 2, `_attention_decode_combine_kernel`, grid (H,), merges the active slices. When
+one slice covers the whole length (short contexts) stage 1 writes the output itself and stage 2
+returns at once: merging one slice would copy it (bit for bit: its weight is exp2(0) = 1).
 
 `length` is read on the device; the slice size follows from it (see `_slice_of`): P is fixed by
 the launcher from the shapes, so one captured CUDA graph serves every position. Slices that start
@@ -105,6 +107,7 @@ def _attention_decode_kernel(
     len_ptr,  # int64 [1]: rows 0..length-1 are attended to
     part_o_ptr,  # f32 [P, H, DV]: each slice's softmax-normalized output
     part_lse_ptr,  # f32 [P, H]: log2 of each slice's sum of exp2(score), score in log2 units
+    out_ptr,  # f32 [H, DV] (out [1, H, DV]): written here when one slice covers the length
     qk_scale,  # scale * log2(e)
     C,  # cache capacity (length is clamped to it)
     P,  # slices (grid axis 1)
@@ -209,9 +212,13 @@ def _attention_decode_kernel(
 
     active = start < end
     l_safe = tl.where(l_i > 0, l_i, 1.0)  # idle slices and padded heads store nothing
-    o_ptrs = part_o_ptr + (pid * H + heads[:, None]) * DV + dv[None, :]
-    tl.store(o_ptrs, acc / l_safe[:, None], mask=active & g_ok[:, None] & (dv[None, :] < DV))
-    tl.store(part_lse_ptr + pid * H + heads, m_i + tl.log2(l_safe), mask=active & g_ok)
+    o_mask = active & g_ok[:, None] & (dv[None, :] < DV)
+    if size >= length:  # the only slice: its result is the output
+        tl.store(out_ptr + heads[:, None] * DV + dv[None, :], acc / l_safe[:, None], mask=o_mask)
+    else:
+        o_ptrs = part_o_ptr + (pid * H + heads[:, None]) * DV + dv[None, :]
+        tl.store(o_ptrs, acc / l_safe[:, None], mask=o_mask)
+        tl.store(part_lse_ptr + pid * H + heads, m_i + tl.log2(l_safe), mask=active & g_ok)
 
 
 @triton.jit
@@ -237,6 +244,8 @@ def _attention_decode_combine_kernel(
     length = tl.minimum(tl.load(len_ptr).to(tl.int32), C)
     size = _slice_of(length, P, BLOCK_S, MIN_SLICE)
     n_active = (length + size - 1) // size  # <= P
+    if n_active <= 1:  # stage 1 wrote the output
+        return
     c = tl.arange(0, CHUNK)
     dv = tl.arange(0, DV_PAD)
     dv_ok = dv < DV

@@ -8,9 +8,9 @@ A fusion's state is decided, first match wins, by
   4. the builtin default below.
 A fusion that cannot run where the model runs (CUDA graphs without the triton backend on CUDA,
 programmatic dependent launch before Hopper) is off whatever was asked, with that reason as its
-source. Fused ops that are off are replaced
-by their decomposition in the op set (kiln/ops/decompose.py); the model reads the policy only for
-the merged weights.
+source. Fused ops that are off are replaced by their decomposition in the op set
+(kiln/ops/decompose.py); `pdl` changes how the triton backend launches its kernels; the model
+reads the policy only for the merged weights.
 """
 
 from __future__ import annotations

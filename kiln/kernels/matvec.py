@@ -122,8 +122,8 @@ def default_config(
     slots: int = 1,
 ) -> MatvecConfig:
     """The config tuned for this (format, N, K, slots: experts of one MoE launch) on this GPU
-    (kernels/configs, M = 1), else the
-    lanes kernel's default, else the byte kernel's per-family defaults: the fastest of
+    (kernels/configs, M = 1), else the lanes kernel's default, else the byte kernel's
+    per-family defaults: the fastest of
     benchmarks/matvec.py --sweep on an H100 for a 4096 x 4096 weight at M = 1 (e.g. Q8_0 22.8 us
     with 4/512/4 against 34.7 us with 8/256/4; Q4_K 23.4 us with 16/256/4 against 36.0 us with
     8/256/4)."""

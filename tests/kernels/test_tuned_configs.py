@@ -18,7 +18,14 @@ def test_tuned_configs_apply_to_their_gpu_only(tmp_path, monkeypatch):
     mv.tuned_configs.cache_clear()
     name = "NVIDIA Test GPU"
     (tmp_path / config_name("matvec", name)).write_text(
-        json.dumps({"Q8_0": {"64x128": {"block_n": 2, "tile_values": 512, "num_warps": 8}}})
+        json.dumps(
+            {
+                "Q8_0": {
+                    "64x128": {"block_n": 2, "tile_values": 512, "num_warps": 8},
+                    "64x128x8": {"block_n": 16, "tile_values": 1024, "num_warps": 4},
+                }
+            }
+        )
     )
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     q8 = GGMLQuantizationType.Q8_0
@@ -30,6 +37,9 @@ def test_tuned_configs_apply_to_their_gpu_only(tmp_path, monkeypatch):
         assert mv.default_config(q8, 64, 256, 1, cuda) == untuned  # another shape
         assert mv.default_config(q8, 64, 128, 1, torch.device("cpu")) == untuned
         assert mv.default_config(q8, 64, 128, 2, cuda) != mv.MatvecConfig(2, 512, 8)  # M > 1
+        # The MoE launch of 8 experts of 64 x 128 has its own entry; 4 experts have none.
+        assert mv.default_config(q8, 64, 128, 1, cuda, slots=8) == mv.MatvecConfig(16, 1024, 4)
+        assert mv.default_config(q8, 64, 128, 1, cuda, slots=4) == untuned
     finally:
         mv.tuned_configs.cache_clear()
 

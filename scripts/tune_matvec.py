@@ -6,7 +6,8 @@ For each (format, N, K) of SHAPES it times the default config and every config o
 (replayed from a CUDA graph over copies of the weight that overflow L2, as a decode step runs
 it; see time_us) and keeps the fastest where it beats the default by more than 3%. A shape
 "NxKxS" is the MoE launch (kiln/kernels/moe.py) of S experts of N x K chosen from 128 (a
-different random choice per launch, like the layers of a step). The
+different random choice per launch, like the layers of a step). Launches use programmatic
+dependent launch where this GPU's fusion policy turns `pdl` on, as the decode step does. The
 result replaces the tuned formats' entries in `matvec,device=<gpu name>.json` (named by
 kiln.kernels.config_name; kiln.kernels.matvec.tuned_configs reads it):
 {"Q4_K": {"4096x4096": {"block_n": 8, "tile_values": 1024, "num_warps": 4, "us": ...,
@@ -26,6 +27,7 @@ import torch  # noqa: E402
 from gguf.constants import GGMLQuantizationType  # noqa: E402
 
 from kiln import quant  # noqa: E402
+from kiln.fusion import FusionPolicy  # noqa: E402
 from kiln.kernels import config_name, moe  # noqa: E402
 from kiln.kernels import matvec as mv  # noqa: E402
 from kiln.ops.weight import Weight  # noqa: E402
@@ -33,8 +35,9 @@ from kiln.ops.weight import Weight  # noqa: E402
 # (N, K) of the mat-vecs of qwen3-0.6b, qwen3-8b / llama3-8b (merged QKV and gate/up) and the
 # experts of qwen3-30b-a3b, per format they come in.
 SHAPES = {
+    "F32": ["128x2048"],  # qwen3-30b-a3b's router
     "Q8_0": ["4096x1024", "1024x2048", "6144x1024", "1024x3072", "6144x4096", "4096x4096",
-             "24576x4096", "4096x12288"],
+             "24576x4096", "4096x12288", "151936x1024"],
     "Q4_K": ["6144x4096", "4096x4096", "24576x4096", "4096x12288", "1536x2048", "4096x4096",
              "5120x2048", "2048x4096", "1536x2048x8", "2048x768x8"],
     "Q6_K": ["4096x12288", "1024x4096", "2048x768", "151936x4096", "151936x2048", "2048x768x8"],
@@ -72,16 +75,16 @@ def time_us(launches: list, cfg: mv.MatvecConfig) -> float:
 TOTAL_BYTES = 200 << 20  # what the launches of one replay read: 4x an H100's 50 MB L2
 
 
-def plain_launches(qtype, n: int, k: int) -> list:
+def plain_launches(qtype, n: int, k: int, pdl: bool) -> list:
     """Mat-vecs of x [1, K] with a weight and its copies (at least TOTAL_BYTES, at most 64)."""
     w = Weight("w", qtype, (n, k), quant.quantize(torch.randn(n, k, device="cuda"), qtype))
     count = max(2, min(64, -(-TOTAL_BYTES // w.raw.numel())))
     weights = [w] + [Weight(w.name, w.qtype, w.shape, w.raw.clone()) for _ in range(count - 1)]
     x = torch.randn(1, k, device="cuda")
-    return [lambda cfg, w=w: mv.matvec(x, w, cfg) for w in weights]
+    return [lambda cfg, w=w: mv.matvec(x, w, cfg, pdl=pdl) for w in weights]
 
 
-def expert_launches(qtype, n: int, k: int, slots: int, n_expert: int = 128) -> list:
+def expert_launches(qtype, n: int, k: int, slots: int, pdl: bool, n_expert: int = 128) -> list:
     """MoE launches of `slots` experts of [n_expert, N, K] (x [1, K]: the gate/up case), each
     with its own random choice of experts, at least TOTAL_BYTES of experts read in all."""
     one = quant.quantize(torch.randn(n, k, device="cuda"), qtype)  # [N, row_bytes]
@@ -90,7 +93,7 @@ def expert_launches(qtype, n: int, k: int, slots: int, n_expert: int = 128) -> l
     count = max(2, min(64, -(-TOTAL_BYTES // (slots * one.numel()))))
     x = torch.randn(1, k, device="cuda")
     ids = [torch.randperm(n_expert, device="cuda")[:slots] for _ in range(count)]
-    return [lambda cfg, i=i: moe.expert_linear(x, i, w, cfg) for i in ids]
+    return [lambda cfg, i=i: moe.expert_linear(x, i, w, cfg, pdl=pdl) for i in ids]
 
 
 def main() -> int:
@@ -104,6 +107,9 @@ def main() -> int:
     args = ap.parse_args()
     assert torch.cuda.is_available(), "tuning needs a CUDA GPU"
     name = torch.cuda.get_device_name()
+    # Launched as the decode step launches them: with programmatic dependent launch where this
+    # GPU's fusion policy turns it on (the next launch's ramp overlaps this one's tail).
+    pdl = FusionPolicy.resolve(torch.device("cuda"), "triton").pdl
     result: dict[str, dict[str, dict]] = {}
     path = Path(args.out) / config_name("matvec", name)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -116,7 +122,7 @@ def main() -> int:
             kept.pop(fmt, None)
         else:
             kept[fmt] = {s: c for s, c in kept.get(fmt, {}).items() if s not in only}
-    print(f"{name}\n| format | N x K | default us | best us | best config |")
+    print(f"{name} (pdl={int(pdl)})\n| format | N x K | default us | best us | best config |")
     print("|---|---|---:|---:|---|")
     for fmt in args.formats.split(","):
         qtype = GGMLQuantizationType[fmt]
@@ -125,9 +131,9 @@ def main() -> int:
                 continue
             n, k, slots = mv.parse_shape(shape)
             if slots == 1:
-                launches = plain_launches(qtype, n, k)
+                launches = plain_launches(qtype, n, k, pdl)
             else:
-                launches = expert_launches(qtype, n, k, slots)
+                launches = expert_launches(qtype, n, k, slots, pdl)
             default = mv.default_config(qtype, n, k, 1, tuned=False)
             base = time_us(launches, default)
             times = {}

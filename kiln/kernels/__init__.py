@@ -6,8 +6,9 @@ Measured per-GPU data (tuned launch configs, fusion defaults) lives in kernels/c
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from kiln.ops import interpreting
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -22,5 +23,5 @@ def pdl_launch(pdl: bool) -> dict[str, bool]:
     """The launch arguments of a kernel with programmatic dependent launch on or off
     (kiln/kernels/triton/pdl.py): the PDL constexpr (its wait) and Triton's launch_pdl. Always
     off under TRITON_INTERPRET=1: the interpreter cannot run the griddepcontrol instructions."""
-    on = bool(pdl) and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+    on = bool(pdl) and not interpreting()
     return {"PDL": on, "launch_pdl": on}

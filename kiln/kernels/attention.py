@@ -21,8 +21,10 @@ KV head up to length 640, where this gives ceil(length / 256). Programs past the
 load `length` and q and store nothing; the combine kernel (grid H) reads only the active slices.
 
 Scratch (the partial outputs, [P, H, Dv] + [P, H] f32) and the output are allocated per call by
-shape, which is fine inside a CUDA-graph capture (the graph's pool). Two launches per call; the
-combine could move into the last program of each head (an atomic counter) to save one.
+shape, which is fine inside a CUDA-graph capture (the graph's pool). Two launches per call:
+merging in the last program of each KV head instead (an atomic counter) was measured slower on
+an H100 (docs/performance.md, "Tried and dropped"); when one slice covers the length, the
+attention kernel writes the output and the merge kernel returns at once.
 """
 
 from __future__ import annotations

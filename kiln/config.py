@@ -37,6 +37,26 @@ register_arch(ArchSpec("qwen3", qk_norm=True))
 register_arch(ArchSpec("qwen3moe", qk_norm=True, moe=True))
 
 
+def is_vocab_only(model: GGUFModel) -> bool:
+    """llama.cpp's vocabulary files (ggml-vocab-*.gguf): a tokenizer and no tensors."""
+    return not model.tensors and "tokenizer.ggml.tokens" in model.metadata
+
+
+def check_has_weights(model: GGUFModel, what: str) -> None:
+    """A GGUF without tensors cannot be run or quantized; a vocabulary-only file is named as
+    such (its metadata also claims layers, which would otherwise be the complaint)."""
+    if model.tensors:
+        return
+    if is_vocab_only(model):
+        n = len(model.metadata["tokenizer.ggml.tokens"])
+        raise ConfigError(
+            f"{model.source} is a vocabulary-only GGUF (a tokenizer of {n} tokens, no weights), "
+            f"like llama.cpp's ggml-vocab-*.gguf test files: there is nothing to {what}; "
+            f"give a model file"
+        )
+    raise ConfigError(f"{model.source} holds no tensors (no weights): there is nothing to {what}")
+
+
 @dataclass(frozen=True)
 class RopeScaling:
     kind: str = "none"  # none | linear | yarn
@@ -81,6 +101,7 @@ class ModelConfig:
 
     @classmethod
     def from_gguf(cls, model: GGUFModel) -> ModelConfig:
+        check_has_weights(model, "run")
         src = model.source
         meta = model.metadata
         arch = meta.get("general.architecture")

@@ -25,3 +25,7 @@ class ModelNotFoundError(KilnError):
 
 class UsageError(KilnError):
     """A bad command-line flag or API argument."""
+
+
+class ModelOutputError(KilnError):
+    """A model that computes NaN or infinite values (corrupt weights, overflow)."""

@@ -3,7 +3,8 @@ with.
 
 A fusion's state is decided, first match wins, by
   1. the command line (`--fusion NAME=0|1`, or `fusions={"name": False}` in the API),
-  2. the environment (`KILN_<NAME>=0|1`, parsed strictly),
+  2. the environment (`KILN_<NAME>=0|1`, parsed strictly; a KILN_ name that is neither a
+     fusion's toggle nor a setting of kiln/settings.py is an error),
   3. the measured default of this device (kernels/configs/fusions,device=<gpu>.json), then
   4. the builtin default below.
 A fusion that cannot run where the model runs (CUDA graphs without the triton backend on CUDA,
@@ -25,6 +26,7 @@ import torch
 
 from kiln.errors import ConfigError, UsageError
 from kiln.kernels import CONFIG_DIR, config_name
+from kiln.settings import SETTINGS
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,24 @@ def device_defaults(device: torch.device) -> dict[str, bool]:
     return {name: bool(entry["on"]) for name, entry in data.items() if name in FUSIONS}
 
 
+def environment_names() -> list[str]:
+    """Every KILN_ variable Kiln reads: the fusion toggles, then the settings (kiln/settings.py)."""
+    return [f.env_var for f in FUSIONS.values()] + sorted(SETTINGS)
+
+
+def check_environment(env: Mapping[str, str] | None = None) -> None:
+    """A KILN_ variable that names no fusion and no setting is an error listing the valid
+    names: a misspelt toggle (KILN_SWIGLUE=0) would otherwise change nothing, silently."""
+    env = os.environ if env is None else env
+    valid = environment_names()
+    unknown = sorted(k for k in env if k.startswith("KILN_") and k not in valid)
+    if unknown:
+        raise ConfigError(
+            f"unknown environment variable {', '.join(unknown)}: unset it or fix its name; "
+            f"Kiln reads {', '.join(valid)} (see `kiln fusions` and the README)"
+        )
+
+
 def parse_env_value(var: str, value: str) -> bool:
     if value not in ("0", "1"):
         raise ConfigError(
@@ -171,6 +191,7 @@ class FusionPolicy:
     ) -> FusionPolicy:
         device = torch.device(device)
         env = os.environ if env is None else env
+        check_environment(env)
         overrides = dict(overrides or {})
         for name in overrides:
             check_name(name)

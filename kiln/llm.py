@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import numbers
 import os
-from collections.abc import Iterator, Sequence
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -22,8 +25,17 @@ class LLM:
     device: "cpu", "cuda", "cuda:1" or "auto" (CUDA when available).
     n_ctx: context size in tokens (default min(4096, the model's trained context)).
     ubatch: prompt tokens processed per forward pass.
-    backend: "auto" (the triton kernels on CUDA, the torch reference elsewhere), "torch", "triton".
+    backend: "auto" (the triton kernels on CUDA, the cpu backend on the CPU: weights kept
+        quantized), "torch" (the float32 reference), "triton", "cpu".
     fusions: {fusion name: on} overrides (see `kiln fusions`; KILN_<NAME> env vars also apply).
+    verbose: print a line on stderr when the model is loaded (which file, where, how long), as
+        llama-cpp-python's verbose=True does by default; False for silence.
+    threads: torch's intra-op threads (CPU work), set for the whole process; default: the
+        physical cores this process may run on.
+
+    chat() keeps the KV cache of the conversation: a call whose messages extend the previous
+    call's (its messages, the reply, then new ones) processes only the new tokens; reset()
+    forgets it.
     """
 
     def __init__(
@@ -34,17 +46,23 @@ class LLM:
         ubatch: int = 512,
         backend: str = "auto",
         fusions: dict[str, bool] | None = None,
+        verbose: bool = True,
+        threads: int | None = None,
     ):
         from kiln.gguf import read_gguf
         from kiln.hub import resolve_model
         from kiln.models import build_model
-        from kiln.runtime.engine import Engine
+        from kiln.ops.cpu import set_threads
+        from kiln.runtime.engine import Engine, PromptCache
         from kiln.tokenizer import Tokenizer
 
+        _check_model_args(model, n_ctx, ubatch, backend, fusions)
+        self.threads = set_threads(threads)
+        self.device = pick_device(device)  # a bad device fails before a model is fetched
         self.path = resolve_model(model)
+        start = time.perf_counter()
         self.gguf = read_gguf(self.path)
         self.config = self.gguf.config
-        self.device = pick_device(device)
         self.tokenizer = Tokenizer.from_gguf(self.gguf)
         n_ctx = n_ctx if n_ctx is not None else min(DEFAULT_CTX, self.config.n_ctx_train)
         if n_ctx > self.config.n_ctx_train:
@@ -54,6 +72,14 @@ class LLM:
             )
         self.model = build_model(self.gguf, self.device, backend=backend, fusions=fusions)
         self.engine = Engine(self.model, n_ctx=n_ctx, ubatch=ubatch)
+        self.prompt_cache = PromptCache(self.engine)  # the conversation of chat()
+        if verbose:
+            size = self.path.stat().st_size / 1e6
+            print(
+                f"kiln: loaded {self.path.name} ({size:.0f} MB, {self.config.n_layer} layers) on "
+                f"{self.device} ({self.model.ops.name}) in {time.perf_counter() - start:.1f} s",
+                file=sys.stderr,
+            )
 
     @property
     def n_ctx(self) -> int:
@@ -76,43 +102,114 @@ class LLM:
 
     def chat(
         self,
-        messages: Sequence[dict[str, str]],
+        messages: Sequence[dict[str, Any]],
         params: SamplingParams | None = None,
         stream: bool = False,
+        *,
+        chat_template: str | os.PathLike[str] | None = None,
+        tools: list[Any] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
         **options: Any,
     ) -> Completion | Iterator[str]:
-        """messages: [{"role": "user", "content": "..."}, ...], rendered with the template."""
-        ids = self.encode_chat(messages, options)
+        """The assistant's reply to a conversation.
+
+        messages: [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...], rendered
+            with the chat template; what they say stays text (a "<|im_end|>" in a message is
+            never the control token).
+        chat_template: the model's template unless given: a template text, a name of the
+            model's (tokenizer.chat_template.NAME) or a built-in one ("chatml", "llama3"), or a
+            file (see kiln.tokenizer.chat_template.resolve_chat_template).
+        tools: the template's `tools` variable (function definitions, as for transformers).
+        template_kwargs: other template variables, e.g. {"enable_thinking": False} (Qwen3), as
+            llama-server's chat_template_kwargs.
+        options: sampling options (temperature=, max_tokens=, seed=, ...; see SamplingParams)
+            and truncate=True.
+        The KV cache of the conversation is kept: the next call with these messages, the reply
+        and a new message processes only the new tokens.
+        """
+        ids = self.encode_chat(
+            messages,
+            options,
+            chat_template=chat_template,
+            tools=tools,
+            template_kwargs=template_kwargs,
+        )
         if stream:
-            return self._stream(ids, params, options, Completion())
+            return self._stream(ids, params, options, Completion(), self.prompt_cache)
         result = Completion()
-        for _ in self._stream(ids, params, options, result):
+        for _ in self._stream(ids, params, options, result, self.prompt_cache):
             pass
         return result
+
+    def reset(self) -> None:
+        """Forget the conversation chat() kept (its KV cache)."""
+        self.prompt_cache.clear()
 
     # -- tokens ------------------------------------------------------------------------------
     def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
         """float32 [len(token_ids), n_vocab]: one forward pass over a fresh cache."""
-        ids = [int(t) for t in token_ids]
+        ids = self._token_ids(token_ids)
         cache = self.engine.new_cache()
         return self.engine.prefill(ids, cache, all_logits=True)
 
     def encode_prompt(self, prompt: str, options: dict[str, Any] | None = None) -> list[int]:
         if not isinstance(prompt, str):
             raise UsageError(f"the prompt must be a string, got {type(prompt).__name__}")
-        if not prompt:
-            raise UsageError("the prompt is empty: give some text to continue")
-        return self._fit(self.tokenizer.encode(prompt, add_special=True), options)
+        ids = self.tokenizer.encode(prompt, add_special=True)
+        if not ids:  # "" on a model that adds BOS starts from BOS, as llama.cpp does
+            raise UsageError(
+                f"the prompt is empty and {self.path.name} adds no BOS token to start from: "
+                f"give some text to continue"
+            )
+        return self._fit(ids, options)
+
+    def _token_ids(self, token_ids: Sequence[int]) -> list[int]:
+        """A list of ints in the vocabulary (a 1-D integer tensor or array too), checked."""
+        if hasattr(token_ids, "tolist") and not isinstance(token_ids, (list, tuple)):
+            token_ids = token_ids.tolist()  # torch / numpy: elements become Python numbers
+        if isinstance(token_ids, (str, bytes)) or not isinstance(token_ids, Sequence):
+            raise UsageError(
+                f"token_ids must be a list of token ids (ints), got {type(token_ids).__name__}; "
+                f"turn text into ids with llm.tokenizer.encode(text)"
+            )
+        n_vocab = self.config.n_vocab
+        for i, t in enumerate(token_ids):
+            if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+                raise UsageError(f"token_ids[{i}] must be an int, got {t!r}")
+            if not 0 <= t < n_vocab:
+                raise UsageError(
+                    f"token_ids[{i}] = {t} is outside the vocabulary (0..{n_vocab - 1})"
+                )
+        return [int(t) for t in token_ids]
 
     def encode_chat(
-        self, messages: Sequence[dict[str, str]], options: dict[str, Any] | None = None
+        self,
+        messages: Sequence[dict[str, Any]],
+        options: dict[str, Any] | None = None,
+        *,
+        chat_template: str | os.PathLike[str] | None = None,
+        tools: list[Any] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
     ) -> list[int]:
-        return self._fit(self.tokenizer.encode_chat(list(messages)), options)
+        """The prompt ids of a conversation (see chat()); options: {"truncate": bool}."""
+        from kiln.tokenizer.chat_template import resolve_chat_template
+
+        check_messages(messages)
+        variables = check_template_kwargs(template_kwargs)
+        if tools is not None:
+            if not isinstance(tools, (list, tuple)):
+                raise UsageError(f"tools must be a list, not {type(tools).__name__}")
+            variables["tools"] = list(tools)
+        if chat_template is not None:
+            variables["chat_template"] = resolve_chat_template(chat_template, self.tokenizer)
+        return self._fit(self.tokenizer.encode_chat(messages, **variables), options)
 
     def _fit(self, ids: list[int], options: dict[str, Any] | None) -> list[int]:
         """Enforce the context limit on a prompt; with truncate=True keep its end instead."""
         options = options if options is not None else {}
         truncate = options.pop("truncate", False)
+        if not isinstance(truncate, bool):
+            raise UsageError(f"truncate must be True or False, got {truncate!r}")
         if len(ids) < self.n_ctx:
             return ids
         if not truncate:
@@ -124,20 +221,114 @@ class LLM:
         keep = max(1, self.n_ctx // 2)
         return ids[-keep:]
 
-    def _stream(self, ids, params, options, result: Completion) -> Iterator[str]:
+    def _stream(self, ids, params, options, result: Completion, prompt_cache=None) -> Iterator[str]:
+        if params is not None and not isinstance(params, SamplingParams):
+            raise UsageError(f"params must be a SamplingParams, got {type(params).__name__}")
         params = (params or SamplingParams()).replace(**options) if options else params
         params = params or SamplingParams()
-        return generate_stream(self.engine, self.tokenizer, ids, params, result)
+        return generate_stream(self.engine, self.tokenizer, ids, params, result, prompt_cache)
 
 
-def pick_device(device: str) -> torch.device:
-    """ "auto" (CUDA when available), "cpu", "cuda" or "cuda:N", checked."""
-    if device == "auto":
+# Template variables that have their own argument (or are the template's input)
+_RESERVED_TEMPLATE_VARIABLES = (
+    "messages",
+    "add_generation_prompt",
+    "tools",
+    "chat_template",
+    "template_name",
+    "protect",
+)
+
+
+def check_template_kwargs(template_kwargs: Any) -> dict[str, Any]:
+    """A copy of template_kwargs ({name: value} template variables), checked."""
+    if template_kwargs is None:
+        return {}
+    if not isinstance(template_kwargs, dict):
+        raise UsageError(
+            f"template_kwargs must be a dict of template variables such as "
+            f"{{'enable_thinking': False}}, not {type(template_kwargs).__name__}"
+        )
+    for key in template_kwargs:
+        if not isinstance(key, str) or not key.isidentifier():
+            raise UsageError(f"template_kwargs: {key!r} is not a variable name")
+        if key in _RESERVED_TEMPLATE_VARIABLES:
+            raise UsageError(
+                f"template_kwargs: {key!r} has its own argument"
+                + (" (tools=, chat_template=)" if key in ("tools", "chat_template") else "")
+            )
+    return dict(template_kwargs)
+
+
+def pick_device(device: str | torch.device) -> torch.device:
+    """ "auto" (CUDA when available), "cpu", "cuda" or "cuda:N", checked: another kind of device
+    (meta, mps, xla, ...) or a GPU this machine does not have is a UsageError."""
+    if isinstance(device, torch.device):
+        device = str(device)
+    if not isinstance(device, str):
+        raise UsageError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}")
+    name = device.strip().lower()
+    if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        dev = torch.device(device)
-    except RuntimeError:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
         raise UsageError(f"unknown device {device!r} (use cpu, cuda, cuda:N or auto)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("device cuda was asked for but this machine has no CUDA GPU; use cpu")
+    if dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index not in (None, 0)):
+        raise UsageError(
+            f"device {device!r}: Kiln runs on the CPU or on NVIDIA GPUs through CUDA; "
+            f"use cpu, cuda, cuda:N or auto"
+        )
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(
+                f"device {device} was asked for but this machine has no CUDA GPU; use cpu"
+            )
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise UsageError(
+                f"device {device}: this machine has {n} CUDA GPU(s), cuda:0..cuda:{n - 1}"
+            )
     return dev
+
+
+def _check_model_args(model, n_ctx, ubatch, backend, fusions) -> None:
+    """The types of LLM(...)'s arguments; their values are checked where they are used."""
+    if not isinstance(model, (str, os.PathLike)):
+        raise UsageError(
+            f"model must be a GGUF path or a known model name, got {type(model).__name__}"
+        )
+    for name, value in (("n_ctx", n_ctx), ("ubatch", ubatch)):
+        if value is None and name == "n_ctx":
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise UsageError(f"{name} must be an integer >= 1, got {value!r}")
+    if not isinstance(backend, str):
+        raise UsageError(f"backend must be 'auto', 'torch', 'triton' or 'cpu', got {backend!r}")
+    if fusions is not None and (
+        not isinstance(fusions, Mapping)
+        or not all(isinstance(k, str) and isinstance(v, bool) for k, v in fusions.items())
+    ):
+        raise UsageError(f"fusions must be a dict of fusion name -> bool, got {fusions!r}")
+
+
+def check_messages(messages: Any) -> None:
+    """A list of dicts whose content is a str (an assistant turn that carries tool_calls may
+    have None). Roles are checked where the conversation is rendered."""
+    if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
+        raise UsageError(
+            f"messages must be a list of {{'role': ..., 'content': ...}} dicts, "
+            f"got {type(messages).__name__}"
+        )
+    if not messages:
+        raise UsageError("messages is empty: give at least one message")
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping):
+            raise UsageError(
+                f"messages[{i}] must be a dict with 'role' and 'content', got {type(m).__name__}"
+            )
+        content = m.get("content")
+        if not isinstance(content, str) and not (content is None and m.get("tool_calls")):
+            raise UsageError(
+                f"messages[{i}]['content'] must be a str, got {type(content).__name__}"
+            )

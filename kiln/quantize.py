@@ -13,8 +13,11 @@
   eighth, and every third layer in between). Q4_K_S: attn_v of layers 0-3 and ffn_down of the
   first eighth get Q5_K. Models with 8 experts: attn_v and attn_k Q8_0, attn_output Q5_K (K mixes).
   70B llama: Q4_K attn_v becomes Q5_K.
-- A row that is not a multiple of the chosen type's block falls back: Q4_K -> Q5_0,
-  Q5_K -> Q5_1, Q6_K -> Q8_0 (then F16 if that still does not fit).
+- A row that is not a multiple of the chosen type's block falls back as llama.cpp's
+  tensor_type_fallback does (TYPE_FALLBACK): Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K/Q3_K
+  -> Q4_0, IQ4_XS -> IQ4_NL, and F16 when even that does not fit or the type has no smaller
+  block (Q8_0, Q4_0, ... : stories260K's 172-wide ffn_down becomes F16 in a q8_0 file), with a
+  warning per tensor like llama-quantize's (`fallbacks`).
 
 A plain tensor type that is not also a llama.cpp file type (q4_k, q5_k, mxfp4, ...) means every
 quantizable tensor of that type, as llama-quantize --pure does; `pure=True` does the same for a
@@ -24,7 +27,8 @@ mix name (e.g. every weight Q5_0 for "q5_0").
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +36,7 @@ import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, LlamaFileType
 
 from kiln import quant
+from kiln.config import check_has_weights
 from kiln.errors import UnsupportedError, UsageError
 from kiln.gguf.lazy import LazyRawTensor, raw_row_bytes
 from kiln.gguf.model import GGUFModel
@@ -67,9 +72,12 @@ _PURE_FILE_TYPES = {
     Q.IQ4_XS: F.MOSTLY_IQ4_XS,
     Q.MXFP4: F.MOSTLY_MXFP4_MOE,
 }
-# llama.cpp's tensor_type_fallback for rows that are not a multiple of 256.
-_FALLBACK = {Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0, Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0,
-             Q.IQ4_XS: Q.IQ4_NL}  # fmt: skip
+# llama.cpp's tensor_type_fallback (src/llama-quant.cpp): the type a tensor gets when its rows
+# are not a multiple of its planned type's block (256 for these). A type not listed, or a
+# fallback that does not fit either, gives F16 ("WARNING: must use F16 due to unusual shape").
+TYPE_FALLBACK = {Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0, Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0,
+                 Q.IQ4_XS: Q.IQ4_NL}  # fmt: skip
+LAST_FALLBACK = Q.F16  # block of 1: stores any row
 _FLOAT_TYPES = {Q.F32, Q.F16, Q.BF16}
 # llama.cpp's tensor_get_category: the first of these found in the name decides.
 _CATEGORY_PARTS = (
@@ -154,15 +162,24 @@ def tensor_type(
     current: GGMLQuantizationType = Q.F32,
 ) -> GGMLQuantizationType:
     """The type llama-quantize gives tensor `name` (torch-order `shape`, now of type `current`)."""
+    return fallback_type(shape, planned_type(mix, name, shape, ctx, current))
+
+
+def planned_type(
+    mix: Mix | str,
+    name: str,
+    shape: tuple[int, ...],
+    ctx: MixContext,
+    current: GGMLQuantizationType = Q.F32,
+) -> GGMLQuantizationType:
+    """tensor_type before the fallback for rows the type cannot store."""
     mix = parse_mix(mix)
     if not allows_quantization(name, shape):
         return current
     new_type = mix.default
-    if not mix.is_quantized:
-        return new_type
-    if not mix.pure:
+    if mix.is_quantized and not mix.pure:
         new_type = _mixed_type(mix, name, shape, ctx, new_type)
-    return _fallback(name, shape, new_type)
+    return new_type
 
 
 def allows_quantization(name: str, shape: tuple[int, ...]) -> bool:
@@ -263,19 +280,37 @@ def _ffn_down_type(
     return new_type
 
 
-def _fallback(
-    name: str, shape: tuple[int, ...], new_type: GGMLQuantizationType
-) -> GGMLQuantizationType:
-    n = shape[-1]
-    if n % GGML_QUANT_SIZES[new_type][0] == 0:
-        return new_type
-    fallback = _FALLBACK.get(new_type)
-    if fallback is None:
-        raise UnsupportedError(
-            f"tensor {name!r} has rows of {n} values, which {new_type.name} cannot store "
-            f"(blocks of {GGML_QUANT_SIZES[new_type][0]}) and llama.cpp has no fallback for"
+def _fits(shape: tuple[int, ...], qtype: GGMLQuantizationType) -> bool:
+    return shape[-1] % GGML_QUANT_SIZES[qtype][0] == 0
+
+
+def fallback_type(shape: tuple[int, ...], qtype: GGMLQuantizationType) -> GGMLQuantizationType:
+    """qtype if it can store rows of shape[-1] values, else its TYPE_FALLBACK, else F16."""
+    if _fits(shape, qtype):
+        return qtype
+    fallback = TYPE_FALLBACK.get(qtype)
+    return fallback if fallback is not None and _fits(shape, fallback) else LAST_FALLBACK
+
+
+def fallbacks(mix: Mix | str, model: GGUFModel) -> list[str]:
+    """llama-quantize's warning for each tensor whose planned type cannot store its rows."""
+    mix, ctx = parse_mix(mix), MixContext.from_model(model)
+    lines = []
+    for name, t in model.tensors.items():
+        shape = tuple(t.shape)
+        planned = planned_type(mix, name, shape, ctx, current=t.qtype)
+        if _fits(shape, planned):
+            continue
+        final, listed = fallback_type(shape, planned), TYPE_FALLBACK.get(planned)
+        why = ""
+        if final != listed:  # llama-quantize: "WARNING: must use F16 due to unusual shape"
+            why = f" ({listed.name} does not fit either)" if listed else " (an unusual shape)"
+        lines.append(
+            f"warning: {name}: rows of {shape[-1]} values are not a multiple of "
+            f"{GGML_QUANT_SIZES[planned][0]} (required by {planned.name}): falling back to "
+            f"{final.name}{why}"
         )
-    return fallback if n % GGML_QUANT_SIZES[fallback][0] == 0 else Q.F16
+    return lines
 
 
 def mix_types(mix: Mix | str, model: GGUFModel) -> dict[str, GGMLQuantizationType]:
@@ -287,13 +322,32 @@ def mix_types(mix: Mix | str, model: GGUFModel) -> dict[str, GGMLQuantizationTyp
     }
 
 
-def quantize_model(model: GGUFModel, mix: Mix | str, pure: bool = False) -> GGUFModel:
+def _stderr_line(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def quantize_model(
+    model: GGUFModel,
+    mix: Mix | str,
+    pure: bool = False,
+    warn: Callable[[str], None] | None = _stderr_line,
+) -> GGUFModel:
     """`model` requantized to `mix`, lazily: each tensor is dequantized and quantized only when
     its data is read (by write_gguf, one tensor at a time), so memory stays bounded. Tensors that
     keep their type are passed through byte for byte. Raises before any work if a tensor's type
-    cannot be read or the target cannot be written by Kiln."""
+    cannot be read or the target cannot be written by Kiln. Each fallback to another type (rows
+    the planned type cannot store) is passed to `warn` (stderr by default; None: silent), with a
+    count at the end, as llama-quantize prints them."""
+    check_has_weights(model, "quantize")
     mix = parse_mix(mix, pure)
     types = mix_types(mix, model)
+    if warn is not None:
+        lines = fallbacks(mix, model)
+        for line in lines:
+            warn(line)
+        if lines:
+            n = len(model.tensors)
+            warn(f"warning: {len(lines)} of {n} tensor(s) required fallback quantization")
     _check_convertible(model, types)
     tensors: dict[str, Any] = {}
     for name, t in model.tensors.items():

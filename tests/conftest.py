@@ -2,11 +2,12 @@
 
 Without a CUDA device the Triton kernels run in Triton's interpreter: TRITON_INTERPRET is read
 when a @triton.jit function is decorated (when kiln/kernels/triton/* is first imported), so it is
-set here, before any test imports a kernel.
+set here, before any test imports a kernel; tests/interpreter.py makes the interpreter faster.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -15,6 +16,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    from tests.interpreter import install
+
+    install()  # the interpreter without its redundant patching (tests/interpreter.py)
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
@@ -45,3 +50,31 @@ def demo_model() -> Path:
 def peer_cpu() -> Path:
     """llama.cpp's CPU tools runner (run-cpu.sh TOOL ARGS)."""
     return shared_path("peer", "run-cpu.sh")
+
+
+@functools.cache
+def synthetic_model(preset: str, qtype: str):
+    """kiln.gguf.synthetic.build_model(preset, qtype) on the CPU, built once per test session (a
+    tiny preset in Q4_K_M takes 5-15 s of K-quant search on 2 cores). Shared: do not modify it."""
+    from kiln.gguf.synthetic import build_model
+
+    return build_model(preset, qtype)
+
+
+@pytest.fixture(scope="session")
+def synthetic_file(tmp_path_factory):
+    """(preset, qtype) -> the path of that synthetic model's GGUF file, written once per test
+    session (the bytes of make_model_file)."""
+    from kiln.gguf.writer import write_gguf
+
+    folder = tmp_path_factory.mktemp("synthetic")
+    made: dict[tuple[str, str], Path] = {}
+
+    def make(preset: str, qtype: str) -> Path:
+        if (preset, qtype) not in made:
+            path = folder / f"{preset}-{qtype}.gguf"
+            write_gguf(synthetic_model(preset, qtype), path, progress=False)
+            made[preset, qtype] = path
+        return made[preset, qtype]
+
+    return make

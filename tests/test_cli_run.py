@@ -27,7 +27,7 @@ def test_run_streams_text_and_prints_speed(stories_model, capsys):
         (["--temp", "-1"], "temperature must be >= 0"),
         (["--top-p", "0"], "top_p must be in (0, 1]"),
         (["--top-p", "1.5"], "top_p must be in (0, 1]"),
-        (["-p", ""], "prompt is empty"),
+        (["--temp", "nan"], "temperature must be a finite number"),
         (["-c", "99999"], "exceeds the 2048 tokens"),
         (["--device", "cuda:7"], "cuda"),
     ],
@@ -46,27 +46,55 @@ def test_run_prompt_longer_than_context(stories_model, capsys):
     assert main([*args, "--truncate"]) == 0
 
 
-def test_chat_keeps_the_conversation(demo_model, capsys, monkeypatch):
+# stories260K has no chat template of its own; this one writes an assistant turn the way its
+# generation prompt begins it, so that each reply is a prefix of the next turn's prompt
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m.role }}:{{ m.content }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def test_chat_keeps_the_conversation(stories_model, tmp_path, capsys, monkeypatch):
+    """The messages of each turn (/reset forgets them), what the user saw, and the KV cache:
+    a turn after the first prefills only its new tokens."""
     from kiln.llm import LLM
+    from kiln.runtime.engine import Engine
 
     seen: list[list[dict]] = []
+    prompts: list[list[int]] = []
     encode_chat = LLM.encode_chat
 
-    def spy(self, messages, options=None):
+    def spy(self, messages, options=None, **template):
         seen.append([dict(m) for m in messages])
-        return encode_chat(self, messages, options)
+        prompts.append(encode_chat(self, messages, options, **template))
+        return prompts[-1]
+
+    prefilled: list[int] = []
+    prefill = Engine.prefill
+
+    def count(self, ids, cache, all_logits=False):
+        prefilled.append(len(ids))
+        return prefill(self, ids, cache, all_logits)
 
     monkeypatch.setattr(LLM, "encode_chat", spy)
+    monkeypatch.setattr(Engine, "prefill", count)
+    template = tmp_path / "chat.jinja"
+    template.write_text(CHAT_TEMPLATE)
     lines = "My name is Ada.\n/reset\nHi.\nWhat is my name?\n/exit\n"
     monkeypatch.setattr(sys, "stdin", io.StringIO(lines))
-    assert main(["chat", "-n", "16", "--temp", "0", "-c", "512", "--system", "Be brief."]) == 0
-    turns = seen[1:]  # seen[0] is the start-up check of the template
+    args = ["chat", "-m", str(stories_model), "--chat-template", str(template), "-n", "6"]
+    assert main([*args, "--temp", "0", "-c", "256", "--system", "Be brief."]) == 0
+    turns, ids = seen[1:], prompts[1:]  # [0] is the start-up check of the template
     assert [m["role"] for m in turns[0]] == ["system", "user"]
     assert [m["role"] for m in turns[1]] == ["system", "user"]  # /reset forgot the first turn
     assert [m["role"] for m in turns[2]] == ["system", "user", "assistant", "user"]
     assert turns[2][1]["content"] == "Hi." and turns[2][2]["content"].strip()
-    out = capsys.readouterr().out
-    assert turns[2][2]["content"] in out  # what the model said is what the user saw
+    captured = capsys.readouterr()
+    assert turns[2][2]["content"] in captured.out  # what the model said is what the user saw
+    # the first two turns (around /reset) start from nothing; the third extends the second
+    assert prefilled[0] == len(ids[0]) and prefilled[1] == len(ids[1])
+    assert prefilled[2] < len(ids[2]) - len(ids[1])
+    assert "cached)" in captured.err.splitlines()[-1]
 
 
 def test_chat_without_template_is_a_clear_error(stories_model, capsys, monkeypatch):

@@ -112,7 +112,9 @@ def test_kiln_fusions_lists_every_fusion(capsys, monkeypatch):
     monkeypatch.setenv("KILN_SWIGLU", "0")
     assert main(["fusions", "--device", "cpu", "--fusion", "qk_norm=0"]) == 0
     out = capsys.readouterr().out
-    rows = {ln.split()[0]: ln.split()[1:3] for ln in out.splitlines()[3:] if ln.split()}
+    lines = out.splitlines()
+    table = lines[next(i for i, ln in enumerate(lines) if ln.startswith("fusion ")) + 1 :]
+    rows = {ln.split()[0]: ln.split()[1:3] for ln in table if ln.split()}
     assert rows["swiglu"] == ["off", "env"] and rows["qk_norm"] == ["off", "cli"]
     assert rows["merged_qkv"] == ["on", "builtin"]
     assert all(name in out for name in F.FUSIONS)

@@ -57,8 +57,7 @@ def test_logits_match_generation(stories):
 
 
 def test_bad_input(stories):
-    with pytest.raises(UsageError, match="empty"):
-        stories.generate("")
+    assert stories.generate("", max_tokens=2).token_ids  # from BOS (tests/test_inputs.py)
     with pytest.raises(UsageError, match="temperature"):
         stories.generate("hi", temperature=-1)
     with pytest.raises(UsageError, match="top_p"):

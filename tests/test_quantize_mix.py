@@ -20,7 +20,10 @@ from kiln.gguf.lazy import LazyRawTensor
 from kiln.gguf.synthetic import PRESETS, build_model, lazy_model, plan_tensors
 from kiln.gguf.writer import write_gguf
 from kiln.quantize import (
+    TYPE_FALLBACK,
     MixContext,
+    fallback_type,
+    fallbacks,
     mix_types,
     parse_mix,
     quantize_model,
@@ -123,9 +126,56 @@ def test_pure_gives_every_weight_the_main_type():
     assert tensor_type(mix, "blk.0.attn_norm.weight", (4096,), CTX) == Q.F32
 
 
-def test_a_row_no_type_can_store_is_an_error():
-    with pytest.raises(UnsupportedError, match="rows of 48 values"):
-        tensor_type("q8_0", "blk.0.attn_q.weight", (48, 48), CTX)
+# rows of 64 (block 32, not 256), 48 (block 16 only) and 172 (4 x 43: no block at all)
+@pytest.mark.parametrize("qtype", sorted(TYPE_FALLBACK, key=lambda q: q.name))
+def test_the_fallback_table(qtype):
+    fallback = TYPE_FALLBACK[qtype]
+    assert fallback_type((8, 512), qtype) == qtype  # rows of 256s: no fallback
+    assert fallback_type((8, 64), qtype) == fallback
+    assert fallback_type((8, 172), qtype) == Q.F16  # the fallback does not fit either
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.IQ4_NL, Q.MXFP4])
+def test_types_with_no_smaller_block_fall_back_to_f16(qtype):
+    assert fallback_type((8, 64), qtype) == qtype
+    assert fallback_type((8, 48), qtype) == Q.F16
+    if qtype.name.lower() in valid_type_names():
+        assert tensor_type(qtype.name.lower(), "blk.0.attn_q.weight", (48, 48), CTX) == Q.F16
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16])
+def test_float_types_store_any_row(qtype):
+    assert fallback_type((3, 7), qtype) == qtype
+
+
+def test_each_fallback_is_warned_once(tiny_f32):
+    odd = _with_rows_of(tiny_f32, "blk.0.ffn_down.weight", 172)
+    assert fallbacks("q8_0", tiny_f32) == []
+    lines = fallbacks("q8_0", odd)
+    assert lines == [
+        "warning: blk.0.ffn_down.weight: rows of 172 values are not a multiple of 32 (required "
+        "by Q8_0): falling back to F16 (an unusual shape)"
+    ]
+    assert fallbacks("q6_k", odd)[0].endswith("falling back to F16 (Q8_0 does not fit either)")
+    warned: list[str] = []
+    quantized = quantize_model(odd, "q8_0", warn=warned.append)
+    n = len(odd.tensors)
+    assert warned == lines + [f"warning: 1 of {n} tensor(s) required fallback quantization"]
+    assert quantized.tensors["blk.0.ffn_down.weight"].qtype == Q.F16
+    assert quantized.tensors["blk.1.ffn_down.weight"].qtype == Q.Q8_0
+    warned.clear()
+    quantize_model(odd, "q8_0", warn=None)
+    assert warned == []
+
+
+def _with_rows_of(model: GGUFModel, name: str, n: int) -> GGUFModel:
+    """model with tensor `name` replaced by a random F32 one whose rows hold n values."""
+    t = model.tensors[name]
+    values = torch.randn(t.shape[0], n)
+    tensors = dict(model.tensors)
+    data = values.contiguous().view(torch.uint8)
+    tensors[name] = RawTensor(name, Q.F32, (t.shape[0], n), data)
+    return GGUFModel(dict(model.metadata), tensors, dict(model.metadata_types))
 
 
 def test_parse_mix():
@@ -298,6 +348,37 @@ def test_mix_types_match_llama_quantize(peer_cpu: Path, tmp_path, variant):
 
 def test_mix_types_match_llama_quantize_on_the_demo_model(peer_cpu: Path, demo_model: Path):
     assert_same_types(peer_cpu, demo_model, ["q4_k_m", "q5_k_m", "q6_k", "q8_0", "q4_0"])
+
+
+_WARNING = re.compile(r"^warning: (\S+)\s+- ncols .* -> falling back to\s+(\w+)$")
+
+
+@pytest.mark.parametrize(
+    "mix", ["q8_0", "q4_0", "q5_1", "q4_k_m", "q5_k_s", "q6_k", "q4_k_m --pure", "q6_k --pure"]
+)
+def test_quantize_falls_back_as_llama_quantize_does(peer_cpu, stories_model, tmp_path, mix, capsys):
+    """stories260K: rows of 64 (not K-quants) and a 172-wide ffn_down (no quantized type):
+    the type of every tensor and the tensors llama-quantize warns about, both as llama.cpp's."""
+    mix, *pure = mix.split()
+    run = subprocess.run(
+        [str(peer_cpu), "llama-quantize", "--dry-run", *pure, str(stories_model), mix.upper()],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = (run.stdout + run.stderr).splitlines()
+    theirs = {m[1]: Q[(m[3] or m[2]).upper()] for m in map(_PLAN_LINE.match, lines) if m}
+    theirs_warned = {m[1]: Q[m[2].upper()] for m in map(_WARNING.match, lines) if m}
+    out = tmp_path / "out.gguf"
+    argv = ["quantize", str(stories_model), str(out), "--type", mix, *pure, "--quiet"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    ours = {n: t.qtype for n, t in read_gguf(out).tensors.items()}
+    assert ours == theirs
+    *per_tensor, count, wrote = err.splitlines()  # nothing else on stderr
+    warned = [line.split(":")[1].strip() for line in per_tensor]
+    assert {name: ours[name] for name in warned} == theirs_warned and warned
+    assert count == f"warning: {len(warned)} of 48 tensor(s) required fallback quantization"
+    assert wrote.startswith("wrote ")
 
 
 def test_llama_cpp_runs_what_kiln_quantize_writes(peer_cpu: Path, demo_model: Path, tmp_path):

@@ -41,6 +41,7 @@ import torch
 
 from kiln.bench import llama_bench as B
 from kiln.bench import memory
+from kiln.bench import models as M
 from kiln.bench.models import load_gguf
 from kiln.errors import UsageError
 from kiln.fusion import parse_overrides
@@ -270,6 +271,7 @@ def run_ab(params: ABParams, progress: B.Progress | None = None) -> ABResult:
     tests = {c.label: _tests(params, c) for c in configs}
     if not tests["A"]:
         raise UsageError("no test to run: every -p, -n and -pg size is 0")
+    check_sizes(params, device, tests)
     ggufs: dict[str, Any] = {}
     loaded: dict[str, B.LoadedModel] = {}
     runners: dict[str, B.Runner] = {}
@@ -312,6 +314,28 @@ def run_ab(params: ABParams, progress: B.Progress | None = None) -> ABResult:
     return ABResult(
         params, device, {c.label: c.model or params.model for c in configs}, rows, tokens
     )
+
+
+def check_sizes(
+    params: ABParams, device: torch.device, tests: dict[str, list[B.TestInstance]]
+) -> None:
+    """Before anything loads: every test of A and B within its model's context and the free
+    memory (llama_bench.check_tests), and the output check's prompt + --check-tokens within the
+    context too."""
+    from kiln.limits import check_context
+
+    for c in (params.a, params.b):
+        B.check_tests(tests[c.label], device, c.backend or params.backend)
+    if params.check_tokens > 0:
+        for value in dict.fromkeys(c.model or params.model for c in (params.a, params.b)):
+            n_ctx_train = M.model_facts(value).config.n_ctx_train
+            check_context(
+                PROMPT_TOKENS + params.check_tokens,
+                n_ctx_train,
+                f"the output check of {value} ({PROMPT_TOKENS} prompt tokens + --check-tokens "
+                f"{params.check_tokens})",
+                f"use --check-tokens {max(0, n_ctx_train - PROMPT_TOKENS)} or fewer",
+            )
 
 
 def fixed_prompt(lm: B.LoadedModel, n: int = PROMPT_TOKENS) -> list[int]:

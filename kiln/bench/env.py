@@ -71,7 +71,8 @@ def git_state(ignore: tuple[str | os.PathLike[str], ...] = ()) -> GitState:
     for line in (tracked + "\n" + untracked).splitlines():
         if not line.strip():
             continue
-        path = line[3:].split(" -> ")[-1].strip('"')
+        # "XY PATH" (or "XY OLD -> NEW"); _output strips the first line's leading space
+        path = line.strip().split(" ", 1)[1].split(" -> ")[-1].strip().strip('"')
         if str((top / path).resolve()) not in ignored:
             dirty = True
             break

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -28,10 +29,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from kiln import settings
 from kiln.bench import env
 from kiln.errors import UsageError
+from kiln.fileio import append_to, atomic_output, check_output_path
 
-ENV_VAR = "KILN_HISTORY"
+ENV_VAR = settings.HISTORY.name
 DEFAULT_RELATIVE = Path("bench") / "history.jsonl"
 
 
@@ -72,12 +75,27 @@ def make_record(
     }
 
 
-def append_records(path: str | os.PathLike[str], records: Iterable[dict[str, Any]]) -> int:
+def check_history_path(path: str | os.PathLike[str]) -> Path:
+    """The history file `--record` appends to, checked before anything runs: a new name or a
+    regular file (its folder is made when missing), never a directory, device, FIFO or link."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps(r, sort_keys=False) + "\n" for r in records]
-    with open(p, "a", encoding="utf-8") as f:
-        f.writelines(lines)
+    if not p.parent.exists():
+        return p  # made by append_records; nothing there to be refused
+    return check_output_path(p, "the history file")
+
+
+def append_records(path: str | os.PathLike[str], records: Iterable[dict[str, Any]]) -> int:
+    """Append records to the history, one JSON line each, in one locked write (two runs
+    recording at once keep both their lines; see kiln.fileio.append_to)."""
+    p = Path(path)
+    lines = [json.dumps(r, sort_keys=False, allow_nan=False) + "\n" for r in records]
+    if not lines:
+        return 0
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot make the folder of the history file {p}: {e.strerror}") from None
+    append_to(p, "".join(lines), "the history file")
     return len(lines)
 
 
@@ -95,27 +113,119 @@ def record_results(
 
 
 # -- reading ---------------------------------------------------------------------------------------
+# Bounds on what is read: a real history line is ~1.5 kB (with its samples), a file of 100k
+# records ~150 MB. A longer line or a larger file is not a history (or needs trimming).
+MAX_LINE_BYTES = 1 << 20
+MAX_FILE_BYTES = 256 << 20
+
+# Fields the history commands read, and what each must hold (None is allowed where listed).
+_STR_FIELDS = ("model_filename", "model_type", "device_name", "backends", "test", "timestamp",
+               "test_time", "fusions")  # fmt: skip
+_INT_FIELDS = ("n_prompt", "n_gen", "n_depth", "n_batch", "n_ubatch")
+
+
 def load_history(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Every record of the history file; a UsageError naming the file and line for anything
+    that is not a history record (bad JSON, a wrong type, a line or file too large)."""
     p = Path(path)
-    if not p.is_file():
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
         raise UsageError(
             f"no history at {p}: record some with kiln bench ... --record (or pass --history PATH)"
+        ) from None
+    except OSError as e:
+        raise UsageError(f"cannot read the history {p}: {e.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        example = p / "history.jsonl"
+        raise UsageError(f"the history {p} is a directory; give the file, e.g. {example}")
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"the history {p} is not a regular file (a device or FIFO?)")
+    if st.st_size > MAX_FILE_BYTES:
+        raise UsageError(
+            f"the history {p} holds {_bytes(st.st_size)}, more than the "
+            f"{_bytes(MAX_FILE_BYTES)} Kiln reads; move old records to another file"
         )
     records = []
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"{p}:{n}: not a JSON line ({e.msg})") from None
-            if not isinstance(rec, dict) or "commit" not in rec or "avg_ts" not in rec:
-                raise UsageError(f"{p}:{n}: not a history record (needs commit and avg_ts)")
-            records.append(rec)
+    try:
+        with open(p, "rb") as f:
+            n = 0
+            while True:
+                raw = f.readline(MAX_LINE_BYTES + 1)
+                if not raw:
+                    break
+                n += 1
+                if len(raw) > MAX_LINE_BYTES:
+                    raise UsageError(
+                        f"{p}:{n}: a line longer than {_bytes(MAX_LINE_BYTES)} is not a history "
+                        f"record; the file is damaged (remove the line)"
+                    )
+                rec = _parse_line(p, n, raw)
+                if rec is not None:
+                    records.append(rec)
+    except OSError as e:
+        raise UsageError(f"cannot read the history {p}: {e.strerror}") from None
     if not records:
         raise UsageError(f"{p} holds no records yet")
     return records
+
+
+def _bytes(n: int) -> str:
+    return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n} bytes"
+
+
+def _parse_line(p: Path, n: int, raw: bytes) -> dict[str, Any] | None:
+    where = f"{p}:{n}"
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{where}: not UTF-8 text (bad byte at column {e.start + 1})") from None
+    if not line.strip():
+        return None
+    cut = "" if raw.endswith(b"\n") else " (the last line has no newline: a write cut short?)"
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{where}: not a JSON line ({e.msg}){cut}") from None
+    except RecursionError:
+        raise UsageError(f"{where}: JSON nested too deeply to be a history record") from None
+    if not isinstance(rec, dict):
+        raise UsageError(f"{where}: not a history record (a JSON object with commit and avg_ts)")
+    problem = _record_problem(rec)
+    if problem:
+        raise UsageError(f"{where}: not a history record: {problem}{cut}")
+    return rec
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _record_problem(rec: dict[str, Any]) -> str | None:
+    """What is wrong with a record's fields (None: nothing)."""
+    if "commit" not in rec or "avg_ts" not in rec:
+        return "needs commit and avg_ts"
+    if not isinstance(rec["commit"], str) or not rec["commit"]:
+        return f"commit must be a non-empty string, not {rec['commit']!r:.40}"
+    if not _is_number(rec["avg_ts"]):
+        return f"avg_ts must be a finite number, not {rec['avg_ts']!r:.40}"
+    if rec.get("stddev_ts") is not None and not _is_number(rec["stddev_ts"]):
+        return f"stddev_ts must be a finite number, not {rec['stddev_ts']!r:.40}"
+    samples = rec.get("samples_ts")
+    if samples is not None and (
+        not isinstance(samples, list) or not all(_is_number(x) for x in samples)
+    ):
+        return "samples_ts must be a list of finite numbers"
+    if "dirty" in rec and not isinstance(rec["dirty"], (bool, type(None))):
+        return f"dirty must be true or false, not {rec['dirty']!r:.40}"
+    for key in _STR_FIELDS:
+        if rec.get(key) is not None and not isinstance(rec[key], str):
+            return f"{key} must be a string, not {rec[key]!r:.40}"
+    for key in _INT_FIELDS:
+        v = rec.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+            return f"{key} must be an integer >= 0, not {v!r:.40}"
+    return None
 
 
 def record_key(rec: dict[str, Any]) -> tuple:
@@ -375,6 +485,7 @@ def plot(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    out, fmt = check_plot_output(out)
     records = [r for r in records if _matches(r, filters or {})]
     if not records:
         raise UsageError("no records match the filters")
@@ -407,11 +518,32 @@ def plot(
         ax.legend(fontsize="small", loc="best")
     axes[-1, 0].set_xlabel("commit (in the order recorded; + = dirty tree)")
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    try:
+        with atomic_output(out, "wb", what="the plot") as f:
+            fig.savefig(f, dpi=100, format=fmt)
+    finally:
+        plt.close(fig)
     return out
+
+
+def check_plot_output(out: str | os.PathLike[str]) -> tuple[Path, str]:
+    """(the plot's path, its format from the suffix: png, svg, pdf, ...), checked before any
+    work; the folder is made when missing."""
+    from matplotlib.figure import Figure
+
+    p = Path(out)
+    formats = Figure().canvas.get_supported_filetypes()
+    fmt = p.suffix.lower().lstrip(".")
+    if fmt not in formats:
+        raise UsageError(
+            f"{p}: the plot format is taken from the file name's suffix; use one of "
+            f"{', '.join('.' + f for f in sorted(formats))}"
+        )
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot make the folder of the plot {p}: {e.strerror}") from None
+    return check_output_path(p, "the plot"), fmt
 
 
 def _test_sort_key(test: str) -> tuple:

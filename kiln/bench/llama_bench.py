@@ -404,7 +404,10 @@ class Runner:
 
     def load(self, value: str, fusions: Fusions = ()) -> LoadedModel:
         self.progress.status(f"loading {value}", keep=True)
-        return load_model(value, self.device, self.backend, fusions)
+        start = time.perf_counter()
+        loaded = load_model(value, self.device, self.backend, fusions)
+        self.progress.status(f"loaded {value} in {time.perf_counter() - start:.1f} s", keep=True)
+        return loaded
 
     def new_result(self, lm: LoadedModel, inst: TestInstance) -> TestResult:
         dev = self.device
@@ -524,6 +527,39 @@ def run_tests(
     return results
 
 
+def check_tests(tests: list[TestInstance], device: torch.device, backend: str = "auto") -> None:
+    """Before anything runs: each model's largest test (depth + prompt + generated tokens) must
+    fit the context the model was trained on, and its weights plus that KV cache the free
+    memory of `device` (kiln.limits; a lower bound of what the test allocates)."""
+    from kiln.limits import check_context, check_memory, gib, kv_cache_bytes
+    from kiln.ops import resolve_backend
+
+    worst: dict[str, TestInstance] = {}
+    for inst in tests:
+        if inst.model not in worst or inst.n_ctx > worst[inst.model].n_ctx:
+            worst[inst.model] = inst
+    # the triton backend keeps an f16 cache, the torch reference a float32 one
+    dtype = torch.float16 if resolve_backend(backend, device) == "triton" else torch.float32
+    for value, inst in worst.items():
+        facts = M.model_facts(value)
+        what = f"{value} {inst.name}"
+        check_context(
+            inst.n_ctx,
+            facts.config.n_ctx_train,
+            what,
+            "lower -d, -p, -n or -pg (a test's context is its depth + prompt + generated tokens)",
+        )
+        kv = kv_cache_bytes(facts.config, inst.n_ctx, dtype)
+        check_memory(
+            facts.weight_bytes + kv,
+            device,
+            f"{what} (weights {gib(facts.weight_bytes)} + a KV cache of {inst.n_ctx} tokens, "
+            f"{gib(kv)})",
+            "lower -d, -p, -n or -pg, or use a smaller model (fewer layers: "
+            "synthetic:PRESET:TYPE:LAYERS)",
+        )
+
+
 def free_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -544,6 +580,7 @@ def run_bench(
     tests = instances(params)
     if not tests:
         raise UsageError("no test to run: every -p, -n and -pg size is 0")
+    check_tests(tests, device, params.backend)
     runner = Runner(device, params.backend, params.reps, params.warmup, progress, on_timed)
     printer = make_printer(params.output, out, md_columns(params, device))
     printer.header()

@@ -7,8 +7,11 @@ Also llama-bench's model description ("llama 8B Q4_K - Medium") and its size/par
 
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from gguf.constants import LlamaFileType
@@ -61,6 +64,13 @@ def parse_synthetic(value: str) -> SyntheticSpec:
             layers = 0
         if layers < 1:
             raise UsageError(f"bad layer count {rest[0]!r} in {value!r}: give an integer >= 1")
+        from kiln.gguf.synthetic import MAX_LAYERS
+
+        if layers > MAX_LAYERS:
+            raise UsageError(
+                f"layer count {layers} in {value!r} is more than {MAX_LAYERS}, the most Kiln "
+                f"builds (the deepest real models have ~126)"
+            )
     return SyntheticSpec(preset.lower(), qtype.lower(), layers)
 
 
@@ -70,9 +80,12 @@ def check_model_value(value: str) -> None:
     if is_synthetic(value):
         parse_synthetic(value)
         return
-    from kiln.hub import KNOWN_MODELS
+    from kiln.hub import KNOWN_MODELS, check_model_file
 
-    if value in KNOWN_MODELS or Path(value).is_file():
+    if value in KNOWN_MODELS:
+        return
+    if os.path.lexists(value):
+        check_model_file(Path(value))  # a directory, FIFO or device file: its own message
         return
     if value.endswith(".gguf") or "/" in value:
         raise UsageError(f"{value}: no such GGUF file")
@@ -96,6 +109,33 @@ def load_gguf(value: str, device: torch.device) -> tuple[GGUFModel, str]:
 
     path = resolve_model(value)
     return read_gguf(path), str(path)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the size checks need of a -m value, known without building the model."""
+
+    config: Any  # ModelConfig
+    weight_bytes: int  # the tensors as stored (quantized)
+
+
+@functools.lru_cache(maxsize=8)
+def model_facts(value: str) -> ModelFacts:
+    """The config and weight bytes of a -m value: a synthetic model's from its plan (no weight
+    is made), a file's from its header and tensor table (memory-mapped, nothing read)."""
+    if is_synthetic(value):
+        from kiln.gguf.lazy import raw_nbytes
+        from kiln.gguf.synthetic import get_preset, plan_tensors, preset_config, with_layers
+
+        spec = parse_synthetic(value)
+        specs = plan_tensors(spec.preset, spec.qtype, layers=spec.layers)
+        config = preset_config(with_layers(get_preset(spec.preset), spec.layers))
+        return ModelFacts(config, sum(raw_nbytes(s.qtype, s.shape) for s in specs))
+    from kiln.gguf import read_gguf
+    from kiln.hub import resolve_model
+
+    model = read_gguf(resolve_model(value))
+    return ModelFacts(model.config, model.tensor_bytes)
 
 
 # -- llama-bench's descriptions -------------------------------------------------------------------

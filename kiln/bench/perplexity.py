@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import struct
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -42,6 +43,7 @@ import numpy as np
 import torch
 
 from kiln.errors import UsageError
+from kiln.fileio import atomic_output
 
 if TYPE_CHECKING:
     from kiln.llm import LLM
@@ -55,18 +57,43 @@ Progress = Callable[[int, int, Any], None]
 
 
 # -- the text -------------------------------------------------------------------------------------
-def read_text(path: str | os.PathLike[str]) -> str:
+# The most text -f reads: wiki.test.raw is 1.3 MB, wiki.train.raw 540 MB. A device such as
+# /dev/zero is refused outright; a pipe is read up to this bound.
+MAX_TEXT_BYTES = 1 << 30
+
+
+def read_text(path: str | os.PathLike[str], max_bytes: int | None = None) -> str:
     """The text of a UTF-8 file, byte for byte (no newline translation), less one trailing
-    newline: what llama.cpp's -f reads."""
+    newline: what llama.cpp's -f reads. At most max_bytes (default MAX_TEXT_BYTES) are read: a
+    longer text, a device or a directory is a UsageError."""
+    max_bytes = MAX_TEXT_BYTES if max_bytes is None else max_bytes
     p = Path(path)
-    if not p.exists():
-        raise UsageError(f"{p}: no such file; give the text to measure with -f FILE")
-    if p.is_dir():
-        raise UsageError(f"{p} is a directory; give a text file with -f FILE")
     try:
-        data = p.read_bytes()
+        st = os.stat(p)
+    except FileNotFoundError:
+        raise UsageError(f"{p}: no such file; give the text to measure with -f FILE") from None
     except OSError as e:
         raise UsageError(f"cannot read {p}: {e.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{p} is a directory; give a text file with -f FILE")
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISFIFO(st.st_mode)):
+        raise UsageError(
+            f"{p} is a device or socket, not a text file; give a text file with -f FILE"
+        )
+    too_long = (
+        f"{p} holds more than {_bytes(max_bytes)} of text, the most perplexity reads "
+        f"(kiln.bench.perplexity.MAX_TEXT_BYTES): measure a part of it (e.g. head -c 100M {p} > "
+        f"part.txt), and --chunks bounds the work"
+    )
+    if stat.S_ISREG(st.st_mode) and st.st_size > max_bytes:
+        raise UsageError(too_long)
+    try:
+        with open(p, "rb") as f:
+            data = f.read(max_bytes + 1)
+    except OSError as e:
+        raise UsageError(f"cannot read {p}: {e.strerror}") from None
+    if len(data) > max_bytes:
+        raise UsageError(too_long)
     if not data:
         raise UsageError(f"{p} is empty: perplexity needs a text of at least 2 x n_ctx tokens")
     try:
@@ -74,6 +101,10 @@ def read_text(path: str | os.PathLike[str]) -> str:
     except UnicodeDecodeError as e:
         raise UsageError(f"{p} is not UTF-8 text (bad byte at offset {e.start})") from None
     return text[:-1] if text.endswith("\n") else text
+
+
+def _bytes(n: int) -> str:
+    return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n} bytes"
 
 
 def tokenize(tokenizer: Any, text: str) -> list[int]:
@@ -243,6 +274,7 @@ def perplexity_of_tokens(
     result = None
     start = time.perf_counter()
     for i, (logits, targets) in enumerate(scored_logits(engine, tokens, n_ctx, n_chunk, bos)):
+        check_finite(logits, f"the logits of chunk {i + 1}")
         nll = token_nll(logits, targets)
         sum_nll += float(nll.sum())
         sum_nll2 += float((nll * nll).sum())
@@ -363,30 +395,68 @@ def read_kld_base(path: str | os.PathLike[str]) -> KLDBase:
     return KLDBase(p, n_ctx, n_vocab, n_chunk, tokens, rows)
 
 
+def _check_rows(p: Path, rows: np.ndarray) -> None:
+    """Every row's scale and min_log_prob finite, the scale >= 0: a base saved from NaN or
+    infinite logits (llama.cpp writes them as they come) would otherwise give NaN log-probs,
+    which the KLD sum leaves out as below its range, and a Mean KLD of 0. Reads only the
+    8-byte head of each row."""
+    for c in range(rows.shape[0]):
+        head = np.ascontiguousarray(rows[c, :, :4]).view("<f4")  # [n_scored, 2]: scale, min
+        bad = ~np.isfinite(head).all(axis=1) | (head[:, 0] < 0)
+        if bad.any():
+            t = int(np.flatnonzero(bad)[0])
+            scale, low = (float(x) for x in head[t])
+            raise UsageError(
+                f"{p}: chunk {c + 1}, scored token {t} has log-probabilities of scale {scale} and "
+                f"minimum {low}: the base model's logits were NaN or infinite ({int(bad.sum())} "
+                f"such tokens in this chunk); write the base again with a working model"
+            )
+
+
 class _BaseWriter:
-    """Writes to PATH.partial and renames it at the end, so an interrupted run leaves no file
-    that looks complete."""
+    """Writes the base through kiln.fileio.atomic_output: a temporary file of its own, renamed
+    over PATH at the end, so an interrupted run leaves no file that looks complete (and no
+    planted link or device at PATH is written through). The disk space for the whole file is
+    checked before the model runs."""
 
     def __init__(self, path: Path, n_ctx: int, n_vocab: int, n_chunk: int, tokens: Sequence[int]):
         self.path, self.n_vocab = path, n_vocab
-        self.partial = path.with_name(path.name + ".partial")
+        size = base_file_size(n_ctx, n_vocab, n_chunk)
+        self._out = atomic_output(path, "wb", what="the KL-divergence base file", size=size)
+        self.f: BinaryIO = self._out.__enter__()
+        self.chunk = 0
         try:
-            self.f: BinaryIO = open(self.partial, "wb")  # noqa: SIM115 (closed in finish/abort)
-        except OSError as e:
-            raise UsageError(f"cannot write the base file {path}: {e.strerror}") from None
-        self.f.write(KLD_MAGIC + _HEADER.pack(n_ctx, n_vocab, n_chunk))
-        self.f.write(np.asarray(tokens[: n_ctx * n_chunk], dtype="<i4").tobytes())
+            self.f.write(KLD_MAGIC + _HEADER.pack(n_ctx, n_vocab, n_chunk))
+            self.f.write(np.asarray(tokens[: n_ctx * n_chunk], dtype="<i4").tobytes())
+        except BaseException as e:
+            self.abort(e)
+            raise
 
     def add(self, logits: torch.Tensor) -> None:
+        check_finite(logits, f"the base model's logits of chunk {self.chunk + 1}")
         self.f.write(quantize_log_probs(logits).tobytes())
+        self.chunk += 1
 
     def finish(self) -> None:
-        self.f.close()
-        os.replace(self.partial, self.path)
+        self._out.__exit__(None, None, None)
 
-    def abort(self) -> None:
-        self.f.close()
-        self.partial.unlink(missing_ok=True)
+    def abort(self, exc: BaseException) -> None:
+        """Remove the temporary file; raises a UsageError if exc was a failed write."""
+        self._out.__exit__(type(exc), exc, exc.__traceback__)
+
+
+def check_finite(logits: torch.Tensor, what: str) -> None:
+    """UsageError when logits hold NaN or an infinity: every statistic made of them would be
+    NaN, or (in the KLD sum, where NaN terms compare as out of range) silently 0."""
+    bad = ~torch.isfinite(logits)
+    if bool(bad.any()):
+        row, col = (int(i) for i in bad.nonzero()[0].tolist()[:2])
+        value = float(logits[row, col])
+        raise UsageError(
+            f"{what} hold {int(bad.sum())} NaN or infinite values (first: {value} at scored token "
+            f"{row}, vocabulary id {col}): the model file is broken or its arithmetic overflows "
+            f"on this backend; check it with kiln run, or try --backend torch"
+        )
 
 
 def save_kld_base(
@@ -418,8 +488,8 @@ def save_kld_base_of_tokens(
     writer = _BaseWriter(Path(path), n_ctx, llm.config.n_vocab, n_chunk, tokens)
     try:
         result = perplexity_of_tokens(llm, tokens, n_ctx, n_chunk, progress, sink=writer.add)
-    except BaseException:
-        writer.abort()
+    except BaseException as e:
+        writer.abort(e)
         raise
     writer.finish()
     return result
@@ -672,6 +742,7 @@ def kl_divergence(
     parts: list[TokenKLD] = []
     stats = None
     for i, (logits, targets) in enumerate(scored_logits(engine, tokens, base.n_ctx, n_chunk, bos)):
+        check_finite(logits, f"the logits of chunk {i + 1}")
         parts.append(kld_token_values(logits, base.chunk_log_probs(i), targets))
         stats = kld_statistics(TokenKLD.concat(parts))
         if progress is not None:
@@ -683,7 +754,8 @@ def kl_divergence(
 def check_kld_base(
     base: KLDBase, llm: LLM, text: str | None = None, n_ctx: int | None = None
 ) -> None:
-    """UsageError unless the base fits llm (vocabulary), n_ctx and text (its tokens)."""
+    """UsageError unless the base fits llm (vocabulary), n_ctx and text (its tokens), and its
+    log-probabilities are finite."""
     if base.n_vocab != llm.config.n_vocab:
         raise UsageError(
             f"{base.path} was written by a model with a vocabulary of {base.n_vocab} tokens, "
@@ -698,6 +770,7 @@ def check_kld_base(
     bad = np.flatnonzero((base.tokens < 0) | (base.tokens >= llm.config.n_vocab))
     if bad.size:
         raise UsageError(f"{base.path}: token {int(base.tokens[bad[0]])} is outside the vocabulary")
+    _check_rows(base.path, base.rows)
     if text is not None:
         tokens = tokenize(llm.tokenizer, text)
         want = base.tokens.tolist()

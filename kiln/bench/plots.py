@@ -11,6 +11,7 @@ from pathlib import Path
 
 from kiln.bench.sweep import SweepRow, read_sweeps
 from kiln.errors import UsageError
+from kiln.fileio import atomic_output, check_output_path
 
 
 @dataclass(frozen=True)
@@ -28,15 +29,12 @@ def require_matplotlib() -> None:
 
 
 def check_plot_path(path: str | os.PathLike[str]) -> Path:
-    """The output file, checked before any work: a .png in a folder that exists."""
+    """The output file, checked before any work: a .png in a folder that exists, a new name or
+    a regular file (kiln.fileio.check_output_path)."""
     p = Path(path)
     if p.suffix.lower() != ".png":
         raise UsageError(f"{p}: the plot is written as PNG; give a file name ending in .png")
-    if not p.parent.is_dir():
-        raise UsageError(f"{p}: the folder {p.parent} does not exist")
-    if p.is_dir():
-        raise UsageError(f"{p} is a directory; give a .png file name")
-    return p
+    return check_output_path(p, "the plot")
 
 
 def split_overlay(spec: str) -> tuple[str | None, Path]:
@@ -95,8 +93,6 @@ def plot_sweeps(
             ax.legend(fontsize="small")
     if title:
         fig.suptitle(title)
-    try:
-        fig.savefig(path, dpi=110, format="png")
-    except OSError as e:
-        raise UsageError(f"cannot write {path}: {e.strerror}") from None
+    with atomic_output(path, "wb", what="the plot") as f:
+        fig.savefig(f, dpi=110, format="png")
     return path

@@ -26,6 +26,7 @@ llama-bench tables whose tests are `ppN @ dD` / `tgN @ dD` (llama-bench -d), for
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -40,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kiln.errors import UsageError
+from kiln.fileio import atomic_output
 
 if TYPE_CHECKING:
     from kiln.runtime.engine import Engine
@@ -188,7 +190,7 @@ def load_engine(
     """(the Engine a sweep runs on, the model's name) for a -m value: a GGUF path, a known model
     name, or synthetic:PRESET:TYPE[:LAYERS] built on the device (kiln.bench.models, shared with
     kiln bench). n_ctx defaults to min(4096, the model's trained context)."""
-    from kiln.bench.models import check_model_value, load_gguf
+    from kiln.bench.models import check_model_value, is_synthetic, load_gguf
     from kiln.llm import pick_device
     from kiln.models import build_model
     from kiln.runtime.engine import Engine
@@ -201,6 +203,20 @@ def load_engine(
         n_ctx = min(DEFAULT_CTX, n_train)
     elif n_ctx > n_train:
         raise UsageError(f"-c {n_ctx} exceeds the {n_train} tokens {name} was trained on")
+    from kiln.limits import check_memory, gib, kv_cache_bytes
+    from kiln.ops import resolve_backend
+
+    # the sweep fills the whole context: its KV cache (f16 on triton, float32 on the reference)
+    dtype = torch.float16 if resolve_backend(backend, dev) == "triton" else torch.float32
+    kv = kv_cache_bytes(gguf_model.config, n_ctx, dtype)
+    # a synthetic model is already in memory; a file's weights are about to be loaded
+    weights = 0 if is_synthetic(spec) else gguf_model.tensor_bytes
+    check_memory(
+        weights + kv,
+        dev,
+        f"a sweep of {name} to -c {n_ctx} (weights {gib(weights)} + a KV cache of {gib(kv)})",
+        "lower -c or use a smaller model",
+    )
     model = build_model(gguf_model, dev, backend=backend, fusions=fusions)
     return Engine(model, n_ctx=n_ctx, ubatch=ubatch), name
 
@@ -466,17 +482,15 @@ def run_and_print(
         print(f"\n{info.header_line()}\n", file=out)
         print(table_header(), file=out, flush=True)
     rows: list[SweepRow] = []
-    saved = open(save, "w", encoding="utf-8") if save else None
-    try:
+    with contextlib.ExitStack() as stack:
+        # the saved file appears whole when the sweep ends (an interrupted sweep leaves none;
+        # its rows are on stdout)
+        saved = stack.enter_context(atomic_output(save, "w", what="the sweep")) if save else None
         for row in run_sweep(engine, n_gen, seed=seed, warmup=warmup):
             rows.append(row)
             print(format_row(row) if output == "md" else row_json(row, info), file=out, flush=True)
             if saved:
                 saved.write(row_json(row, info) + "\n")
-                saved.flush()
             if on_row:
                 on_row(row)
-    finally:
-        if saved:
-            saved.close()
     return rows

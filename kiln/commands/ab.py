@@ -6,7 +6,8 @@ the same greedy tokens.
     kiln ab -m synthetic:qwen3-8b:q4_k_m -p 0 -n 128 --a "KILN_SWIGLU=0" --b "KILN_SWIGLU=1"
 
 A and B hold -m, -b, -ub, --backend, --fusion NAME=0|1 and NAME=VALUE environment assignments;
-"" is the defaults.
+"" is the defaults. A configuration may begin with a short option (`kiln ab "-m a.gguf" "-m
+b.gguf" -n 16`): an argument with a space in it is a configuration, never an option.
 The tests (-p, -n, -pg, -d), the rounds (-r) and the device are given once, for both.
 """
 
@@ -16,6 +17,7 @@ import argparse
 
 from kiln.cli import command
 from kiln.commands.bench import add_test_arguments
+from kiln.commands.common import apply_threads
 from kiln.errors import UsageError
 from kiln.hub import DEMO_MODEL
 
@@ -40,6 +42,22 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         "--check-tokens", type=int, default=128, metavar="N",
         help="greedy tokens each configuration generates for the output check (0: none)",
     )  # fmt: skip
+    p._parse_optional = _configurations_stay_positional(p._parse_optional)  # type: ignore
+
+
+def _configurations_stay_positional(parse_optional):
+    """argparse reads the configuration "-m a.gguf" as -m with the value " a.gguf" (a known
+    short option glued to its value). Here an argument whose first word is an option and which
+    holds more words is a configuration (of A or B, or the value of --a/--b): the parser is told
+    it is positional (None, in every Python from 3.10 on). "--opt=a b" stays an option."""
+
+    def parse(arg_string: str):
+        words = arg_string.split(None, 1)
+        if len(words) == 2 and arg_string[:1] == "-" and "=" not in words[0]:
+            return None
+        return parse_optional(arg_string)
+
+    return parse
 
 
 def ab_params(args: argparse.Namespace):
@@ -89,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
     from kiln.bench import llama_bench as B
 
     params = ab_params(args)
+    apply_threads(args)
     result = AB.run_ab(params, progress=B.Progress(quiet=args.quiet, prefix="ab"))
     AB.print_report(result)
     return 0

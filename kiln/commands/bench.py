@@ -14,7 +14,12 @@ from __future__ import annotations
 import argparse
 
 from kiln.cli import command
-from kiln.commands.common import BACKEND_HELP
+from kiln.commands.common import (
+    BACKEND_HELP,
+    add_llama_cpp_flags,
+    add_threads_arg,
+    apply_threads,
+)
 from kiln.hub import DEMO_MODEL
 
 LIST_HELP = "(list: 64,128 or ranges 64-512*2)"
@@ -63,6 +68,8 @@ def add_test_arguments(p: argparse.ArgumentParser, n_prompt: str, n_gen: str) ->
     p.add_argument("--backend", default="auto", help=BACKEND_HELP)
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up run of each test")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress line on stderr")
+    add_llama_cpp_flags(p)  # -ngl, -fa: accepted with a note
+    add_threads_arg(p)
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -131,9 +138,16 @@ def run(args: argparse.Namespace) -> int:
 
     from kiln.bench import history
     from kiln.bench import llama_bench as B
+    from kiln.errors import UsageError
 
     params = bench_params(args)  # every flag is checked before anything loads
-    path = history.history_path(args.history) if args.record else None
+    apply_threads(args)
+    if args.history and not args.record:
+        raise UsageError(
+            f"--history {args.history} names the file --record appends to: add --record, or "
+            f"leave --history out"
+        )
+    path = history.check_history_path(history.history_path(args.history)) if args.record else None
     recorded = 0
 
     def record(result: B.TestResult) -> None:

@@ -1,4 +1,7 @@
-"""`kiln chat`: an interactive chat that uses the model's template and keeps the conversation."""
+"""`kiln chat`: an interactive chat that uses the model's template and keeps the conversation.
+
+The KV cache is kept between turns: each turn processes only its new tokens (the end of the
+previous reply as the template writes it, the new message and the assistant header)."""
 
 from __future__ import annotations
 
@@ -6,7 +9,14 @@ import argparse
 import sys
 
 from kiln.cli import command
-from kiln.commands.common import add_model_args, add_sampling_args, load_llm, sampling_params
+from kiln.commands.common import (
+    add_chat_template_args,
+    add_model_args,
+    add_sampling_args,
+    chat_template_kwargs,
+    load_llm,
+    sampling_params,
+)
 from kiln.errors import UsageError
 from kiln.runtime.generate import Completion, generate_stream
 
@@ -16,14 +26,18 @@ HELP = "commands: /reset forgets the conversation, /exit (or Ctrl-D) quits"
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.add_argument("--system", default=None, help="a system message to start the conversation")
+    add_chat_template_args(p)
     add_sampling_args(p, max_tokens=512)
 
 
 @command("chat", "Chat with a model interactively (uses its chat template).", _add_arguments)
 def run(args: argparse.Namespace) -> int:
     params = sampling_params(args)
+    template_kwargs = chat_template_kwargs(args)  # bad JSON fails before the model loads
     llm = load_llm(args)
-    llm.encode_chat([{"role": "user", "content": "hi"}])  # no template: fail before the prompt
+    template = {"chat_template": args.chat_template, "template_kwargs": template_kwargs}
+    # no template, a bad one, or one that refuses a user turn: fail before the prompt
+    llm.encode_chat([{"role": "user", "content": "hi"}], **template)
     start = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(start)
     interactive = sys.stdin.isatty()
@@ -40,19 +54,21 @@ def run(args: argparse.Namespace) -> int:
             break
         if text == "/reset":
             messages = list(start)
+            llm.reset()
             print("(conversation cleared)", file=sys.stderr)
             continue
         if not text:
             continue
         messages.append({"role": "user", "content": text})
         try:
-            ids = llm.encode_chat(messages, {"truncate": args.truncate})
+            ids = llm.encode_chat(messages, {"truncate": args.truncate}, **template)
         except UsageError as e:
             messages.pop()
             print(f"kiln chat: {e}", file=sys.stderr)
             continue
         result = Completion()
-        for piece in generate_stream(llm.engine, llm.tokenizer, ids, params, result):
+        pieces = generate_stream(llm.engine, llm.tokenizer, ids, params, result, llm.prompt_cache)
+        for piece in pieces:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")

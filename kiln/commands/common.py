@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from typing import Any
 
+from kiln.errors import UsageError
 from kiln.fusion import parse_overrides
 from kiln.runtime.sampler import SamplingParams
 
 BACKEND_HELP = (
-    "op backend: auto (default: the triton kernels on CUDA, else torch), torch (the reference) "
-    "or triton"
+    "op backend: auto (default: the triton kernels on CUDA, cpu on the CPU), cpu (weights kept "
+    "quantized), torch (the float32 reference) or triton"
 )
 
 
@@ -40,6 +44,107 @@ def add_model_args(
         help=ubatch_help,
     )
     add_backend_args(p)
+    add_threads_arg(p)
+    add_llama_cpp_flags(p)
+
+
+def add_threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-t", "--threads", type=int, default=None, metavar="N",
+        help="CPU threads (torch's intra-op threads; default: the physical cores)",
+    )  # fmt: skip
+
+
+def apply_threads(args: argparse.Namespace) -> int:
+    """Set -t/--threads (default: the physical cores) for this process -> the count."""
+    from kiln.ops.cpu import set_threads
+
+    return set_threads(args.threads)
+
+
+class _GpuLayersNote(argparse.Action):
+    """llama.cpp's -ngl N: accepted, with a note of what Kiln does instead."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        for v in str(values).split(","):
+            try:
+                int(v)
+            except ValueError:
+                parser.error(f"{option_string}: expected a number of layers (e.g. 99), got {v!r}")
+        setattr(namespace, self.dest, values)
+        print(
+            f"kiln: {option_string} {values} is not needed: Kiln puts the whole model on the GPU "
+            "when there is one (--device auto); --device cpu keeps it on the CPU",
+            file=sys.stderr,
+        )
+
+
+FLASH_ATTN_VALUES = ("on", "off", "auto", "1", "0")
+
+
+class _FlashAttnNote(argparse.Action):
+    """llama.cpp's -fa [on|off|auto] (llama-bench: -fa 0,1): accepted, with a note."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        for v in str(values).split(","):
+            if v not in FLASH_ATTN_VALUES:
+                parser.error(
+                    f"{option_string}: expected one of {', '.join(FLASH_ATTN_VALUES)}, got {v!r}"
+                )
+        setattr(namespace, self.dest, values)
+        print(
+            f"kiln: {option_string} changes nothing: Kiln's attention is always fused (flash "
+            "attention over the cache for prompts, flash-decoding for generated tokens)",
+            file=sys.stderr,
+        )
+
+
+def add_llama_cpp_flags(p: argparse.ArgumentParser) -> None:
+    """-ngl and -fa as llama.cpp users type them: accepted, each with a one-line note on stderr
+    of what Kiln does instead."""
+    p.add_argument(
+        "-ngl", "--n-gpu-layers", "--gpu-layers", action=_GpuLayersNote, metavar="N",
+        help="accepted for llama.cpp habits: Kiln puts the whole model on the GPU when there "
+        "is one (see --device)",
+    )  # fmt: skip
+    p.add_argument(
+        "-fa", "--flash-attn", action=_FlashAttnNote, nargs="?", const="on",
+        metavar="on|off|auto",
+        help="accepted for llama.cpp habits: Kiln's attention is always fused",
+    )  # fmt: skip
+
+
+def add_chat_template_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--chat-template", metavar="FILE|NAME",
+        help="the chat template to use instead of the model's: a file, a name of the model's "
+        "(tokenizer.chat_template.NAME) or a built-in one (chatml, llama3); ./NAME for a file "
+        "named like one",
+    )  # fmt: skip
+    p.add_argument(
+        "--chat-template-kwargs", metavar="JSON",
+        help='template variables as a JSON object, e.g. \'{"enable_thinking": false}\'',
+    )  # fmt: skip
+
+
+def chat_template_kwargs(args: argparse.Namespace) -> dict[str, Any] | None:
+    """--chat-template-kwargs parsed (a JSON object), or None."""
+    text = args.chat_template_kwargs
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(
+            f"--chat-template-kwargs is not valid JSON ({e.msg} at character {e.pos}); give an "
+            "object such as '{\"enable_thinking\": false}'"
+        ) from None
+    if not isinstance(value, dict):
+        raise UsageError(
+            f"--chat-template-kwargs must be a JSON object such as "
+            f"'{{\"enable_thinking\": false}}', not a {type(value).__name__}"
+        )
+    return value
 
 
 def add_backend_args(p: argparse.ArgumentParser) -> None:
@@ -79,6 +184,53 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None
     )
 
 
+MAX_PROMPT_BYTES = 64 << 20  # far more than any context holds (a token is ~4 bytes of text)
+
+
+def read_prompt(prompt: str | None, file: str | None) -> str:
+    """The prompt of -p TEXT, -f FILE (- for stdin) or, with neither, a stdin that is not a
+    terminal. A file or stdin loses one final newline (llama.cpp's -f does the same)."""
+    if prompt is not None and file is not None:
+        raise UsageError("give the prompt with -p TEXT or -f FILE, not both")
+    if prompt is not None:
+        return prompt
+    if file is None:
+        if sys.stdin is None or sys.stdin.closed or sys.stdin.isatty():
+            raise UsageError(
+                "no prompt: give -p TEXT, -f FILE, or pipe it in (echo TEXT | kiln run)"
+            )
+        file = "-"
+    if file == "-":
+        stream = getattr(sys.stdin, "buffer", None)
+        try:
+            if stream is not None:
+                data = stream.read(MAX_PROMPT_BYTES + 1)
+            else:  # a text-only stdin (tests, embedding)
+                data = sys.stdin.read(MAX_PROMPT_BYTES + 1).encode("utf-8", "surrogatepass")
+        except (OSError, ValueError) as e:
+            raise UsageError(f"cannot read the prompt from stdin ({e}); give -p TEXT") from None
+        where = "stdin"
+    else:
+        try:
+            with open(file, "rb") as f:
+                data = f.read(MAX_PROMPT_BYTES + 1)
+        except IsADirectoryError:
+            raise UsageError(f"-f {file}: is a directory, not a text file") from None
+        except OSError as e:
+            raise UsageError(f"-f {file}: cannot read it ({e.strerror or e})") from None
+        where = file
+    if len(data) > MAX_PROMPT_BYTES:
+        raise UsageError(
+            f"the prompt in {where} is larger than {MAX_PROMPT_BYTES >> 20} MiB, more than any "
+            "context holds: give a shorter one"
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"the prompt in {where} is not UTF-8 text (byte {e.start})") from None
+    return text[:-1] if text.endswith("\n") else text
+
+
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(
         max_tokens=args.n_predict,
@@ -106,4 +258,5 @@ def load_llm(args: argparse.Namespace):
         ubatch=args.ubatch,
         backend=args.backend,
         fusions=parse_overrides(args.fusion),
+        threads=getattr(args, "threads", None),
     )

@@ -6,6 +6,7 @@ import argparse
 from collections import defaultdict
 
 from kiln.cli import command
+from kiln.config import is_vocab_only
 from kiln.gguf.model import GGUFModel
 
 
@@ -22,8 +23,23 @@ def run(args: argparse.Namespace) -> int:
     from kiln.hub import resolve_model
 
     model = read_gguf(resolve_model(args.model))
-    print(format_info(model))
+    print(format_vocab_only(model) if is_vocab_only(model) else format_info(model))
     return 0
+
+
+def format_vocab_only(model: GGUFModel) -> str:
+    """A vocabulary-only GGUF (llama.cpp's ggml-vocab-*.gguf): what it is and its tokenizer."""
+    meta = model.metadata
+    size = f" ({_bytes(model.file_size)}, GGUF v{model.version})" if model.file_size else ""
+    rows = [
+        ("file", model.source + size),
+        ("contents", "vocabulary only: a tokenizer, no weights (it cannot be run or quantized)"),
+        ("architecture", str(meta.get("general.architecture", "(none)"))),
+        ("tokenizer", _tokenizer(meta, len(meta["tokenizer.ggml.tokens"]))),
+        ("chat template", "yes" if "tokenizer.chat_template" in meta else "no"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
 def format_info(model: GGUFModel) -> str:

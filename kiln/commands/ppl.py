@@ -76,6 +76,10 @@ def run(args: argparse.Namespace) -> int:
         return _kl_divergence(args, P, base, text)
     if not args.file:
         raise UsageError("give the text to measure with -f FILE (e.g. wiki.test.raw)")
+    if args.kl_divergence_base:
+        from kiln.fileio import check_output_path
+
+        check_output_path(args.kl_divergence_base, "the KL-divergence base file")
     text = P.read_text(args.file)
     return _perplexity(args, P, text)
 
@@ -91,6 +95,7 @@ def _load(args: argparse.Namespace, n_ctx: int):
         ubatch=min(args.batch_size, args.ubatch),  # llama.cpp: n_ubatch <= n_batch
         backend=args.backend,
         fusions=parse_overrides(args.fusion),
+        threads=args.threads,
     )
 
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from kiln.cli import command
-from kiln.commands.common import add_model_args
+from kiln.commands.common import add_model_args, apply_threads
 from kiln.errors import UsageError
 from kiln.fusion import parse_overrides
 
@@ -94,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--overlay draws on a plot: give --plot OUT.png too")
     if args.save:
         _check_writable(args.save)
+    apply_threads(args)
 
     _info(f"sweep: loading {args.model} ..")
     start = time.perf_counter()
@@ -143,11 +144,9 @@ def _model_label(model: str) -> str:
 
 
 def _check_writable(path: str) -> None:
-    p = Path(path)
-    if p.is_dir():
-        raise UsageError(f"--save {p} is a directory; give a file name")
-    if not p.parent.is_dir():
-        raise UsageError(f"--save {p}: the folder {p.parent} does not exist")
+    from kiln.fileio import check_output_path
+
+    check_output_path(path, "--save")
 
 
 def _info(line: str) -> None:

@@ -234,9 +234,11 @@ class _Walker:
                     f"tensor name {name!r} appears twice (tensors #{names[name]} and #{i})"
                 )
             names[name] = i
-        data_offset = -(-self.off // alignment) * alignment
+        header_end = self.off
+        data_offset = -(-header_end // alignment) * alignment
         tensors = [self.place(data_offset, *info) for info in infos]
         self.check_overlaps(tensors)
+        self.check_layout(tensors, infos, alignment, data_offset, header_end)
         return GGUFHeader(
             self.path, self.size, version, metadata, value_types, tensors, alignment, data_offset
         )
@@ -440,6 +442,45 @@ class _Walker:
                 f"the file ({self.size} bytes); {_TRUNCATED_HINT}"
             )
         return TensorInfo(name, qtype, tuple(ne), start, nbytes)
+
+    def check_layout(
+        self,
+        tensors: list[TensorInfo],
+        infos: list[_Entry],
+        alignment: int,
+        data_offset: int,
+        header_end: int,
+    ) -> None:
+        """llama.cpp's layout (gguf.cpp): the tensors' data one after another in the order of
+        their infos, each padded to the alignment, the first at the aligned end of the header;
+        after the last one nothing but its padding. gguf-py and llama.cpp both pad the last
+        tensor; gguf-py writes no padding after the header of a file without tensors (the
+        vocabulary files), llama.cpp does: both are accepted, nothing more."""
+        expected = 0
+        for t, (_name, _qtype, _ne, rel, _nbytes) in zip(tensors, infos):
+            if rel != expected:
+                where = "overlaps the tensor before it" if rel < expected else "leaves a gap"
+                raise self.error(
+                    f"tensor {t.name!r} has data offset {rel}, expected {expected}: its data "
+                    f"{where} (tensors are stored one after another in header order, each "
+                    f"padded to the alignment of {alignment}, as llama.cpp requires); the file "
+                    f"is corrupt"
+                )
+            expected = rel + -(-t.nbytes // alignment) * alignment
+        if tensors:
+            last = tensors[-1]
+            end = last.offset + last.nbytes
+            what = f"the end of the last tensor {last.name!r}"
+        else:
+            end = header_end
+            what = "the end of the header (the file has no tensors)"
+        limit = -(-end // alignment) * alignment
+        if self.size > limit:
+            raise self.error(
+                f"{self.size - end} bytes follow {what} at byte {end}, more than the padding to "
+                f"the alignment of {alignment} allows (up to byte {limit}): the file has data "
+                f"that no tensor describes, e.g. two writes spliced together; {_AGAIN}"
+            )
 
     def check_overlaps(self, tensors: list[TensorInfo]) -> None:
         by_start = sorted(tensors, key=lambda t: t.offset)

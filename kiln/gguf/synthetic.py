@@ -67,6 +67,9 @@ class Preset:
     n_expert_used: int = 0
     n_ff_expert: int = 0
     add_bos: bool = False
+    # llama 3.1 RoPE scaling (factor, low_freq_factor, high_freq_factor, original context),
+    # written as the rope_freqs.weight factors llama.cpp's converter makes from it
+    rope_llama3: tuple[float, float, float, int] | None = None
 
     @property
     def writes_head_dim(self) -> bool:
@@ -103,6 +106,12 @@ PRESETS: dict[str, Preset] = {
         Preset("tiny-llama", "llama", n_layer=2, n_embd=256, n_head=4, n_head_kv=2,
                head_dim=64, n_ff=512, n_vocab=320, n_ctx=2048, rope_base=10000.0,
                rms_eps=1e-5, tied_output=False, add_bos=True),
+        # llama 3.1-style rope_freqs factors, the original context scaled down to 256 so that
+        # short prompts reach the scaled dims (all three bands: kept, smoothed, divided by 8)
+        Preset("tiny-llama3", "llama", n_layer=2, n_embd=256, n_head=4, n_head_kv=2,
+               head_dim=64, n_ff=512, n_vocab=320, n_ctx=2048, rope_base=500000.0,
+               rms_eps=1e-5, tied_output=False, add_bos=True,
+               rope_llama3=(8.0, 1.0, 4.0, 256)),
         Preset("tiny-qwen2", "qwen2", n_layer=2, n_embd=256, n_head=4, n_head_kv=2,
                head_dim=64, n_ff=512, n_vocab=320, n_ctx=2048, rope_base=1e6,
                rms_eps=1e-6, tied_output=True),
@@ -135,8 +144,19 @@ def build_model(
     device: torch.device | str = "cpu",
     seed: int = 0,
 ) -> GGUFModel:
-    """A synthetic model in memory: every RawTensor.data is a uint8 tensor on `device`."""
+    """A synthetic model in memory: every RawTensor.data is a uint8 tensor on `device`. Its
+    size is compared with the free memory of `device` before anything is made."""
+    from kiln.gguf.lazy import raw_nbytes
+    from kiln.limits import check_memory
+
     plan = _plan(preset, qtype_or_mix, layers, vocab)
+    check_memory(
+        sum(raw_nbytes(s.qtype, s.shape) for s in plan.specs),
+        device,
+        f"the synthetic model {plan.metadata['general.name']!r} "
+        f"({plan.metadata[plan.metadata['general.architecture'] + '.block_count']} layers)",
+        "use fewer layers (synthetic:PRESET:TYPE:LAYERS) or a smaller preset or type",
+    )
     maker = _TensorMaker(seed, torch.device(device))
     tensors = {s.name: RawTensor(s.name, s.qtype, s.shape, maker.make(s)) for s in plan.specs}
     return GGUFModel(plan.metadata, tensors, plan.metadata_types)
@@ -203,8 +223,9 @@ class TensorSpec:
     name: str
     shape: tuple[int, ...]  # torch order
     qtype: GGMLQuantizationType
-    init: str  # "ones" | "normal"
+    init: str  # "ones" | "normal" | "values"
     std: float = 0.0
+    values: tuple[float, ...] = ()  # init "values": the tensor's values, row-major
 
 
 @dataclass
@@ -221,7 +242,7 @@ class _Plan:
 
 
 def _plan(preset, qtype_or_mix, layers, vocab) -> _Plan:
-    preset = _with_layers(get_preset(preset), layers)
+    preset = with_layers(get_preset(preset), layers)
     mix = parse_mix(qtype_or_mix)
     if vocab is None:
         tokenizer = builtin_tokenizer(preset.n_vocab, preset.add_bos)
@@ -237,14 +258,50 @@ def _plan(preset, qtype_or_mix, layers, vocab) -> _Plan:
     plan.specs = [
         _spec(name, shape, tensor_type(mix, name, shape, ctx)) for name, shape in shapes.items()
     ]
+    if preset.rope_llama3 is not None:
+        factors = llama3_rope_factors(preset.head_dim, preset.rope_base, *preset.rope_llama3)
+        plan.specs = [
+            replace(s, init="values", values=factors) if s.name == "rope_freqs.weight" else s
+            for s in plan.specs
+        ]
     return plan
 
 
-def _with_layers(preset: Preset, layers: int | None) -> Preset:
+def llama3_rope_factors(
+    rope_dim: int, base: float, factor: float, low: float, high: float, original: int
+) -> tuple[float, ...]:
+    """rope_freqs.weight of llama 3.1 RoPE scaling, as llama.cpp's convert_hf_to_gguf.py makes
+    it: 1 for wavelengths under original / high, `factor` over original / low, smoothed between
+    (the model divides each frequency by its factor)."""
+    out = []
+    for i in range(0, rope_dim, 2):
+        wavelen = 2 * math.pi * base ** (i / rope_dim)
+        if wavelen < original / high:
+            out.append(1.0)
+        elif wavelen > original / low:
+            out.append(factor)
+        else:
+            smooth = (original / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return tuple(out)
+
+
+# The deepest real models have ~126 layers (llama 3.1 405B); more is a typo, and a file or a
+# model in memory that size would not fit (qwen3-8b's layers are ~0.12 GB each in Q4_K_M).
+MAX_LAYERS = 512
+
+
+def with_layers(preset: Preset, layers: int | None) -> Preset:
+    """The preset with `layers` layers (None: its own count), 1..MAX_LAYERS."""
     if layers is None:
         return preset
     if layers < 1:
         raise UsageError(f"--layers must be at least 1, got {layers}")
+    if layers > MAX_LAYERS:
+        raise UsageError(
+            f"--layers must be at most {MAX_LAYERS} (the deepest real models have ~126), got "
+            f"{layers}; the same bound applies to :LAYERS of synthetic:PRESET:TYPE:LAYERS"
+        )
     return replace(preset, n_layer=layers)
 
 
@@ -286,7 +343,7 @@ def preset_config(p: Preset) -> ModelConfig:
         n_ff=p.n_ff, n_vocab=p.n_vocab, n_ctx_train=p.n_ctx, rms_eps=p.rms_eps,
         rope_base=p.rope_base, rope_dim=p.head_dim, rope_scaling=RopeScaling(),
         tied_output=p.tied_output, n_expert=p.n_expert, n_expert_used=p.n_expert_used,
-        n_ff_expert=p.n_ff_expert,
+        n_ff_expert=p.n_ff_expert, has_rope_freqs=p.rope_llama3 is not None,
     )  # fmt: skip
 
 
@@ -323,6 +380,9 @@ class _TensorMaker:
         """uint8 [*shape[:-1], row_bytes] on the device."""
         if spec.init == "ones":
             values = torch.ones(spec.shape, device=self.device)
+            return quant.quantize(values, spec.qtype)
+        if spec.init == "values":
+            values = torch.tensor(spec.values, device=self.device).reshape(spec.shape)
             return quant.quantize(values, spec.qtype)
         chunk = _chunk_values(spec.qtype, spec.shape[-1])
         n_chunks = math.prod(spec.shape) // chunk

@@ -8,7 +8,8 @@ _INT32_KEYS), floats as FLOAT32, lists of ints as INT32 arrays (tokenizer.ggml.t
 Tensors are streamed: the header (with every tensor's name, type and shape) is written first,
 then each tensor's bytes are fetched, written and dropped before the next one. With a
 LazyRawTensor (kiln.gguf.lazy) the bytes are made only at that moment, so writing a 5 GB model
-needs one tensor's worth of memory. The file appears under its name only once it is complete.
+needs one tensor's worth of memory. The file appears under its name only once it is complete
+(kiln.fileio.atomic_output: a temporary file of its own, fsync, rename).
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from typing import Any
 import numpy as np
 import torch
 from gguf import GGUFWriter
-from gguf.constants import GGUFEndian, GGUFValueType
+from gguf.constants import GGUF_DEFAULT_ALIGNMENT, GGUFEndian, GGUFValueType
+from gguf.gguf_writer import WriterState
 
 from kiln.errors import UsageError
+from kiln.fileio import atomic_output
 from kiln.gguf.lazy import raw_nbytes
 from kiln.gguf.model import GGUFModel
 
@@ -54,31 +57,44 @@ def write_gguf(
     model: GGUFModel, path: str | os.PathLike[str], progress: bool = True, desc: str = "Writing"
 ) -> None:
     """Write `model` to `path` (GGUF v3). Tensors are written in model.tensors order; `desc`
-    labels the progress bar (on stderr)."""
+    labels the progress bar (on stderr). The path is checked (a new name or a regular file) and
+    the free disk space compared with the file's size before anything is written; the file
+    appears whole or not at all (kiln.fileio.atomic_output)."""
     path = Path(path)
     arch = model.metadata.get("general.architecture")
     if not isinstance(arch, str) or not arch:
         raise UsageError(f"{model.source}: cannot write a model without general.architecture")
-    partial = path.with_name(path.name + ".partial")
-    writer = _StreamingWriter(partial, arch)
-    try:
-        _add_metadata(writer, model)
-        _add_tensor_infos(writer, model)
+    writer = _StreamingWriter(None, arch)
+    _add_metadata(writer, model)
+    _add_tensor_infos(writer, model)
+    size = estimate_size(model)
+    with atomic_output(path, "wb", what="the model", size=size) as f:
+        writer.use_file(f)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         _write_tensor_data(writer, model, progress, desc)
-        writer.close()
-        os.replace(partial, path)
-    except BaseException as e:
-        writer.close()
-        partial.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise UsageError(
-                f"cannot write {path}: {e.strerror or e}; check that its folder exists, is "
-                f"writable and has room"
-            ) from None
-        raise
+        writer.flush()
+        writer.fout = None  # atomic_output closes the file
+
+
+def estimate_size(model: GGUFModel, alignment: int = GGUF_DEFAULT_ALIGNMENT) -> int:
+    """Bytes of the file write_gguf makes of `model`: the tensor data, each padded to the
+    alignment, plus a bound on the header (keys, values, tensor infos)."""
+    align = int(model.metadata.get("general.alignment", alignment) or alignment)
+    data = sum(-(-raw_nbytes(t.qtype, t.shape) // align) * align for t in model.tensors.values())
+    header = 64 + sum(64 + len(name) + 8 * len(t.shape) for name, t in model.tensors.items())
+    for key, value in model.metadata.items():
+        header += 64 + len(key) + _value_bytes(value)
+    return data + header + align
+
+
+def _value_bytes(value: Any) -> int:
+    if isinstance(value, (str, bytes)):
+        return 8 + len(value.encode("utf-8") if isinstance(value, str) else value)
+    if isinstance(value, (list, tuple)):
+        return 12 + sum(_value_bytes(v) for v in value)
+    return 8
 
 
 def metadata_value_type(
@@ -197,7 +213,15 @@ def _tensor_bytes(name: str, t) -> np.ndarray:
 
 class _StreamingWriter(GGUFWriter):
     """GGUFWriter with fast packing of large metadata arrays (a 152k-token vocabulary packs in
-    milliseconds instead of seconds) and support for empty arrays."""
+    milliseconds instead of seconds) and support for empty arrays, writing to a file object it
+    is given (GGUFWriter opens its path itself, with open(path, "wb"), following links)."""
+
+    def use_file(self, f) -> None:
+        """Write to the open binary file `f` (one file: no shards)."""
+        if self.state is not WriterState.NO_FILE or len(self.tensors) != 1:
+            raise ValueError("use_file needs a writer without an output file and one shard")
+        self.fout = [f]
+        self.state = WriterState.EMPTY
 
     def _pack_val(
         self, val: Any, vtype: GGUFValueType, add_vtype: bool, sub_type: GGUFValueType | None = None

@@ -32,8 +32,10 @@ def build_model(
 ) -> DecoderModel:
     """Put a GGUF model's weights on `device` and build its decoder.
 
-    backend: "auto" (triton on CUDA, else torch), "torch" (the reference) or "triton".
-    keep_dense (default: True on CPU) keeps float32 copies of the weights for the reference ops.
+    backend: "auto" (triton on CUDA, cpu on the CPU), "torch" (the reference), "triton" or
+    "cpu" (weights kept quantized: packed at load, kiln/ops/cpu_pack.py).
+    keep_dense (default: True on CPU, except for the cpu backend) keeps float32 copies of the
+    weights for the reference ops.
     fusions: {name: on} overrides of the fusion policy (see kiln.fusion; env and defaults apply
     to the rest).
     """
@@ -47,12 +49,33 @@ def build_model(
     backend = resolve_backend(backend, device)
     policy = FusionPolicy.resolve(device, backend, fusions)
     if keep_dense is None:
-        keep_dense = device.type == "cpu"
+        keep_dense = device.type == "cpu" and backend != "cpu"
     weights = {name: Weight.from_raw(t, device, keep_dense) for name, t in model.tensors.items()}
+    if backend == "cpu":
+        from kiln.ops import cpu
+
+        cpu.prepare(weights, _merge_groups(config, style, policy))  # before the model merges
     if keep_dense:
         # Dequantize at load rather than inside the first request, so that prompt speed is not
         # charged for it. An untied embedding is only ever read a row at a time.
         for name, w in weights.items():
             if name != "token_embd.weight" or config.tied_output:
                 w.dense()
-    return DecoderModel(config, weights, get_ops(backend, dict(policy.states)), style, policy)
+    decoder = DecoderModel(config, weights, get_ops(backend, dict(policy.states)), style, policy)
+    if backend == "cpu":
+        from kiln.ops import cpu_pack
+
+        cpu_pack.trim_heap()  # the load's temporaries
+    return decoder
+
+
+def _merge_groups(config, style: BlockStyle, policy: FusionPolicy) -> list[list[str]]:
+    """The weights DecoderModel merges (merged_qkv, merged_gate_up), each layer's in order."""
+    groups = []
+    for i in range(config.n_layer):
+        p = f"blk.{i}."
+        if policy.merged_qkv:
+            groups.append([p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"])
+        if policy.merged_gate_up and not style.moe:
+            groups.append([p + "ffn_gate.weight", p + "ffn_up.weight"])
+    return groups

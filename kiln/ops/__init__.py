@@ -1,6 +1,7 @@
 """The public op API. A model holds an op set and calls only these ops; a backend ("torch": the
-reference in reference.py; "triton": the GPU kernels in triton_backend.py) provides each of them
-with the reference's signature, so any op can be checked against its reference.
+reference in reference.py; "triton": the GPU kernels in triton_backend.py; "cpu": quantized
+weights on the CPU in cpu.py) provides each of them with the reference's signature, so any op
+can be checked against its reference.
 
 Fused ops (add_rms_norm, qk_norm, qkv_norm_rope, swiglu) are ops too. When a fusion is off, the op
 set holds its decomposition into the backend's separate ops instead (decompose.py), so a model
@@ -36,15 +37,21 @@ OP_NAMES = (
     "moe_combine",
 )
 FUSED_OPS = ("add_rms_norm", "qk_norm", "qkv_norm_rope", "swiglu")  # each is also a fusion name
-BACKEND_NAMES = ("torch", "triton")
+BACKEND_NAMES = ("torch", "triton", "cpu")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """ "auto": triton on a CUDA device, torch (the reference) elsewhere; otherwise checked."""
+    """ "auto": triton on a CUDA device, cpu on the CPU, torch (the reference) elsewhere;
+    otherwise checked."""
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+        return {"cuda": "triton", "cpu": "cpu"}.get(device.type, "torch")
     if backend not in BACKEND_NAMES:
         raise UsageError(f"unknown backend {backend!r} (use auto, {', '.join(BACKEND_NAMES)})")
+    if backend == "cpu" and device.type != "cpu":
+        raise UsageError(
+            f"the cpu backend runs on the CPU, not {device.type}: use --device cpu, or "
+            f"--backend auto"
+        )
     if backend == "triton" and device.type != "cuda" and not interpreting():
         raise UsageError(
             "the triton backend runs on a CUDA GPU (here: use --backend torch, or set "
@@ -66,6 +73,10 @@ def base_ops(backend: str, pdl: bool = False) -> dict:
         from kiln.ops import triton_backend
 
         return triton_backend.ops(pdl)
+    if backend == "cpu":
+        from kiln.ops import cpu
+
+        return cpu.ops()
     raise UnsupportedError(f"unknown backend {backend!r} (available: {', '.join(BACKEND_NAMES)})")
 
 

@@ -1,5 +1,6 @@
 """Engine: a built model plus its KV caches; prompt processing in micro-batches and the decode
-step. One Engine serves one sequence at a time (a fresh cache per request).
+step. One Engine serves one sequence at a time (a fresh cache per request, or a PromptCache's
+kept one when a request extends the previous: a chat's next turn).
 
 On the triton backend the engine is static: its one KV cache (f16) is allocated at the full
 context, reused by every request, and decoding runs the model's decode_step, captured as a CUDA
@@ -29,6 +30,7 @@ class Engine:
         self.static = model.ops.name == "triton"
         self.graphs = model.policy.cuda_graphs
         self._cache: KVCache | None = None
+        self._cache_owner: PromptCache | None = None  # who may reuse the static cache's contents
         self._graph: DecodeGraph | None = None
 
     def new_cache(self) -> KVCache:
@@ -41,6 +43,7 @@ class Engine:
                 self.config, self.n_ctx, self.device, dtype=torch.float16, initial=self.n_ctx
             )
         self._cache.length = 0
+        self._cache_owner = None
         return self._cache
 
     @torch.inference_mode()
@@ -102,3 +105,68 @@ class Engine:
             raise UsageError(
                 f"token id {bad[0]} is outside the vocabulary (0..{self.config.n_vocab - 1})"
             )
+
+
+class PromptCache:
+    """A KV cache kept between requests with the token ids it holds, so that a request that
+    extends the previous one (a chat's next turn: the conversation so far, the reply, the new
+    message) prefills only what follows their longest common prefix.
+
+        cache, n = prompt_cache.take(ids)   # cache holds ids[:n]; prefill ids[n:]
+        ...                                 # prefill, decode
+        prompt_cache.keep(cache, history)   # cache holds history[:cache.length]
+
+    A static engine has one cache: any other request (engine.new_cache()) empties it, and the
+    next take() then starts from nothing. A taken cache not given back (a stream left unread)
+    is not reused either."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._cache: KVCache | None = None
+        self.ids: list[int] = []  # the tokens the kept cache holds, in order
+
+    def take(self, ids: list[int]) -> tuple[KVCache, int]:
+        """A cache holding ids[:n] and n: the longest common prefix of ids with the kept ids,
+        at most len(ids) - 1 (the last token is always run, for its logits)."""
+        engine = self.engine
+        if engine.static:
+            if engine._cache_owner is self and engine._cache is not None:
+                cache = engine._cache
+            else:
+                cache = engine.new_cache()
+                self.ids = []
+            engine._cache_owner = self
+        else:
+            cache, self._cache = self._cache, None
+            if cache is None:
+                cache = engine.new_cache()
+                self.ids = []
+        n = min(common_prefix(self.ids, ids), len(ids) - 1, cache.length)
+        cache.truncate(max(n, 0))
+        self.ids = []  # lent out: nothing is kept until keep()
+        return cache, cache.length
+
+    def keep(self, cache: KVCache, ids: list[int]) -> None:
+        """Keep `cache`, whose first cache.length tokens are ids[:cache.length]."""
+        if self.engine.static:
+            if self.engine._cache_owner is not self or cache is not self.engine._cache:
+                return  # another request has used the engine's one cache since
+        else:
+            self._cache = cache
+        self.ids = list(ids[: cache.length])
+
+    def clear(self) -> None:
+        """Forget the kept tokens (a chat's /reset)."""
+        self._cache = None
+        self.ids = []
+        if self.engine._cache_owner is self:
+            self.engine._cache_owner = None
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two id lists."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n

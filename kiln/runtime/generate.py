@@ -8,28 +8,31 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from kiln.runtime.engine import Engine
+from kiln.runtime.engine import Engine, PromptCache
 from kiln.runtime.sampler import Sampler, SamplingParams
 
 
 @dataclass(slots=True)
 class GenerationStats:
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt's, found in a kept KV cache (not processed again)
     prompt_seconds: float = 0.0
     generated_tokens: int = 0
     generate_seconds: float = 0.0
 
     @property
     def prompt_tps(self) -> float:
-        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
+        processed = self.prompt_tokens - self.cached_tokens
+        return processed / self.prompt_seconds if self.prompt_seconds else 0.0
 
     @property
     def generate_tps(self) -> float:
         return self.generated_tokens / self.generate_seconds if self.generate_seconds else 0.0
 
     def summary(self) -> str:
+        cached = f" ({self.cached_tokens} cached)" if self.cached_tokens else ""
         return (
-            f"prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.1f} t/s | "
+            f"prompt: {self.prompt_tokens} tokens{cached}, {self.prompt_tps:.1f} t/s | "
             f"generation: {self.generated_tokens} tokens, {self.generate_tps:.1f} t/s"
         )
 
@@ -43,17 +46,28 @@ class Completion:
 
 
 def generate_stream(
-    engine: Engine, tokenizer, prompt_ids: list[int], params: SamplingParams, result: Completion
+    engine: Engine,
+    tokenizer,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    result: Completion,
+    prompt_cache: PromptCache | None = None,
 ) -> Iterator[str]:
-    """Yields text pieces; `result` is filled as it goes (text, ids, finish reason, stats)."""
+    """Yields text pieces; `result` is filled as it goes (text, ids, finish reason, stats).
+    prompt_cache: reuse its kept KV cache for the prompt's common prefix and keep the cache
+    (prompt and reply) in it at the end."""
     from kiln.tokenizer import StreamDecoder
 
     sampler = Sampler(params)
-    cache = engine.new_cache()
+    if prompt_cache is None:
+        cache, cached = engine.new_cache(), 0
+    else:
+        cache, cached = prompt_cache.take(prompt_ids)
     stats = result.stats
     stats.prompt_tokens = len(prompt_ids)
+    stats.cached_tokens = cached
     t0 = time.perf_counter()
-    logits = engine.prefill(prompt_ids, cache)
+    logits = engine.prefill(prompt_ids[cached:], cache)
     stats.prompt_seconds = time.perf_counter() - t0
     history = list(prompt_ids)
     stops = frozenset() if params.ignore_eos else tokenizer.eog_ids
@@ -87,6 +101,8 @@ def generate_stream(
             break
         logits = engine.decode(token, cache)
     stats.generate_seconds = time.perf_counter() - t0
+    if prompt_cache is not None:
+        prompt_cache.keep(cache, history)  # before the last yield: a reader may stop there
     if result.finish_reason != "stop":
         pending += decoder.flush()
     if pending:

@@ -7,6 +7,7 @@ import torch
 
 from kiln.config import ModelConfig
 from kiln.errors import UsageError
+from kiln.limits import check_memory, kv_cache_bytes
 
 
 class KVCache:
@@ -27,6 +28,12 @@ class KVCache:
 
     def _grow(self, capacity: int) -> None:
         c = self.config
+        check_memory(
+            kv_cache_bytes(c, capacity, self.dtype),
+            self.device,
+            f"a KV cache of {capacity} tokens ({c.n_layer} layers, {self.dtype})",
+            "use a smaller context (-c / n_ctx) or fewer tokens",
+        )
         k_shape = (capacity, c.n_head_kv, c.head_dim)
         v_shape = (capacity, c.n_head_kv, c.head_dim_v)
         new_k = [

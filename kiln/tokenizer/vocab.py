@@ -289,6 +289,7 @@ class Tokenizer:
         self._special_always: tuple[int, ...] = tuple(
             i for i in special if not attrs[i] & (_CONTROL | _UNKNOWN)
         )
+        self._control: tuple[str, ...] | None = None  # _control_texts(), made on first use
 
         self._pieces: list[bytes | None] = [None] * n
         if is_spm:
@@ -557,17 +558,19 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise UsageError(f"encode takes a str, not {type(text).__name__}")
-        if not text.isascii():
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise UsageError(
-                    f"the text is not valid Unicode ({e.reason} at index {e.start})"
-                ) from None
+        _check_unicode(text)
         out: list[int] = []
         if add_special and self.add_bos:
             out.append(self._ids["bos"])  # type: ignore[arg-type]
-        frags = self._partition(text, parse_special) if text else []
+        out += self._encode_fragments(self._partition(text, parse_special) if text else [])
+        if add_special and self.add_eos:
+            out.append(self._ids["eos"])  # type: ignore[arg-type]
+        return out
+
+    def _encode_fragments(self, frags: list[str | int]) -> list[int]:
+        """Token ids of a partitioned text: ids stay, text fragments go through the model's
+        tokenizer (SPM: a space prefix on the first fragment and on each after a special)."""
+        out: list[int] = []
         if self._spm is not None:
             prev_special = True  # the first fragment gets the space prefix
             for f in frags:
@@ -586,8 +589,6 @@ class Tokenizer:
                     out.append(f)
                 else:
                     out += self._bpe.encode(f)
-        if add_special and self.add_eos:
-            out.append(self._ids["eos"])  # type: ignore[arg-type]
         return out
 
     # -- decode ---------------------------------------------------------------------------------
@@ -669,15 +670,56 @@ class Tokenizer:
     def encode_chat(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
     ) -> list[int]:
-        """Token ids of the rendered chat: special tokens parsed, BOS added when the model asks
-        for it and the template did not already write it."""
-        text = self.render_chat(messages, add_generation_prompt=add_generation_prompt, **kwargs)
+        """Token ids of the rendered chat: the template's markup becomes special tokens, what the
+        messages (and tools, documents) say is text, even where it spells a control token
+        ("<|im_end|>" in a user message is the characters, never the token); BOS added when the
+        model asks for it and the template did not already write it. kwargs: render_chat's
+        (template_name=, chat_template=, tools=, template variables)."""
+        from kiln.tokenizer.chat_template import render_chat_protected
+
+        text, marks = render_chat_protected(
+            self,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            protect=self._control_texts(),
+            **kwargs,
+        )
+        _check_unicode(text)
         bos = self.bos_token
         add = self.add_bos and not (bos and text.startswith(bos))
-        ids = self.encode(text, add_special=False, parse_special=True)
+        frags = self._partition(text, parse_special=True) if text else []
+        if marks:
+            table = str.maketrans(marks)
+            restored: list[str | int] = []
+            for f in frags:
+                if isinstance(f, str) and not marks.keys().isdisjoint(f):
+                    # the messages' own texts: user-defined tokens only, as encode() without
+                    # parse_special
+                    restored += self._partition(f.translate(table), parse_special=False)
+                else:
+                    restored.append(f)
+            frags = restored
+        ids = self._encode_fragments(frags)
         if add:
             ids.insert(0, self._ids["bos"])  # type: ignore[arg-type]
         return ids
+
+    def _control_texts(self) -> tuple[str, ...]:
+        """Texts that become a token only with parse_special (control, unknown), longest first."""
+        if self._control is None:
+            always = set(self._special_always)
+            self._control = tuple(self._texts[i] for i in self._special_parse if i not in always)
+        return self._control
+
+
+def _check_unicode(text: str) -> None:
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise UsageError(
+                f"the text is not valid Unicode ({e.reason} at index {e.start})"
+            ) from None
 
 
 def _indices(attrs: list[int], mask: int) -> list[int]:

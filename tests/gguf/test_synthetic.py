@@ -20,7 +20,7 @@ from kiln.gguf import read_gguf
 from kiln.gguf import synthetic as syn
 from kiln.gguf.synthetic import PRESETS, build_model, make_model_file, preset_config
 from kiln.gguf.writer import write_gguf
-from tests.conftest import shared_path
+from tests.conftest import shared_path, synthetic_model
 from tests.peer import llama_perplexity
 
 Q = GGMLQuantizationType
@@ -28,10 +28,10 @@ TINY = [name for name in PRESETS if name.startswith("tiny-")]
 TYPES = ["f32", "f16", "q8_0", "q4_0", "q4_k_m"]
 
 
-@functools.cache
 def tiny(preset: str, mix: str):
-    """Each tiny model is built once per test session (K-quants cost seconds on 2 cores)."""
-    return build_model(preset, mix)
+    """Each tiny model is built once per test session (K-quants cost seconds on 2 cores), shared
+    with the other tests (tests/conftest.py)."""
+    return synthetic_model(preset, mix)
 
 
 # --------------------------------------------------------------------------------------------

@@ -39,7 +39,10 @@ def _kernels():
     from kiln.kernels import norm
 
     if not CUDA and not norm._INTERPRETED:
-        pytest.skip("the kernel was compiled before TRITON_INTERPRET=1 was set (no CUDA here)")
+        pytest.fail(
+            "no CUDA device, and the kernel was compiled, not interpreted: TRITON_INTERPRET must "
+            "be unset or 1 here (tests/conftest.py sets 1 when unset)"
+        )
     return norm
 
 
@@ -143,6 +146,50 @@ def test_qk_norm_matches_reference(act: torch.dtype) -> None:
         # Same per-row arithmetic as the rms_norm kernel on each head row: bitwise equal.
         assert torch.equal(q_out, norm.rms_norm(q, qw, EPS)), what + ": qk_norm q != rms_norm"
         assert torch.equal(k_out, norm.rms_norm(k, kw, EPS)), what + ": qk_norm k != rms_norm"
+
+
+# (input scale, eps) where eps decides the result, unlike eps 1e-6 on rows of mean square 1-9:
+# rows of mean square ~1e-6 with eps 1e-6 (eps moves the scale by ~1/sqrt(2)), unit rows with
+# eps 1e-2 (0.5%), and all-zero rows (0 * rsqrt(0 + eps) = 0; without eps 0 * inf = NaN).
+EPS_CASES = [(1e-3, 1e-6), (1.0, 1e-2), (0.0, 1e-5)]
+
+
+def _eps_ignored(ref_with_eps: torch.Tensor, ref_without_eps: torch.Tensor, key: str) -> bool:
+    """Whether the reference without eps passes as the reference with it: if so, a case could
+    not catch a kernel that drops eps."""
+    rtol, atol, _ = DECODE_FUSIONS[key]
+    err = (ref_without_eps - ref_with_eps).abs()
+    return bool((err <= atol + rtol * ref_with_eps.abs()).all())
+
+
+@pytest.mark.parametrize(("scale", "eps"), EPS_CASES, ids=("small_x", "large_eps", "zero_rows"))
+def test_norms_where_eps_matters(scale: float, eps: float) -> None:
+    """rms_norm, add_rms_norm and qk_norm (the RMSNorm they share) on inputs where eps is a
+    large part of the mean square."""
+    norm = _kernels()
+    gen = torch.Generator().manual_seed(16)
+    n, t, (h, hkv, d) = 96, 3, (4, 2, 64)
+    w = _norm_weight(n, gen)
+    x = (scale * torch.randn(t, n, generator=gen)).to(DEVICE)
+    ref = reference.rms_norm(x, w, eps)
+    assert torch.isfinite(ref).all()
+    assert scale == 0.0 or not _eps_ignored(ref, reference.rms_norm(x, w, 0.0), "rms_norm")
+    what = f"x scale {scale} eps {eps}"
+    _rel_check(norm.rms_norm(x, w, eps), ref, "rms_norm", "rms_norm " + what)
+
+    r = (scale * torch.randn(t, n, generator=gen)).to(DEVICE)
+    hsum, y = norm.add_rms_norm(x, r, w, eps)
+    h_ref, y_ref = reference.add_rms_norm(x, r, w, eps)
+    _rel_check(hsum, h_ref, "add_rms_norm.h", "add_rms_norm h " + what)
+    _rel_check(y, y_ref, "add_rms_norm", "add_rms_norm " + what)
+
+    qkv = (scale * torch.randn(t, (h + 2 * hkv) * d, generator=gen)).to(DEVICE)
+    q, k = qkv[:, : h * d].view(t, h, d), qkv[:, h * d : (h + hkv) * d].view(t, hkv, d)
+    qw, kw = _norm_weight(d, gen), _norm_weight(d, gen)
+    q_out, k_out = norm.qk_norm(q, k, qw, kw, eps)
+    q_ref, k_ref = reference.qk_norm(q, k, qw, kw, eps)
+    _rel_check(q_out, q_ref, "qk_norm", "qk_norm q " + what)
+    _rel_check(k_out, k_ref, "qk_norm", "qk_norm k " + what)
 
 
 def test_norm_rejects_bad_input() -> None:

@@ -15,7 +15,7 @@ import torch
 from kiln.ops import reference
 from tests.kernels.sm90 import run_compile_check
 from tests.kernels.test_matvec import _check
-from tests.kernels.test_norm import _norm_weight
+from tests.kernels.test_norm import EPS_CASES, _norm_weight
 from tests.kernels.tolerances import DECODE_FUSIONS
 
 CUDA = torch.cuda.is_available()
@@ -47,7 +47,10 @@ def _kernels():
     from kiln.kernels import rope
 
     if not CUDA and not rope._INTERPRETED:
-        pytest.skip("the kernel was compiled before TRITON_INTERPRET=1 was set (no CUDA here)")
+        pytest.fail(
+            "no CUDA device, and the kernel was compiled, not interpreted: TRITON_INTERPRET must "
+            "be unset or 1 here (tests/conftest.py sets 1 when unset)"
+        )
     return rope
 
 
@@ -60,9 +63,9 @@ def _positions(t: int, c: int) -> torch.Tensor:
     return torch.tensor(pos, device=DEVICE)
 
 
-def _merged(t, h, hkv, d, dv, dtype, gen):
+def _merged(t, h, hkv, d, dv, dtype, gen, scale=2.0):
     """q, k, v: views of one merged QKV result [T, H D + Hkv D + Hkv Dv] (token stride = row)."""
-    qkv = (2 * torch.randn(t, h * d + hkv * (d + dv), generator=gen)).to(dtype).to(DEVICE)
+    qkv = (scale * torch.randn(t, h * d + hkv * (d + dv), generator=gen)).to(dtype).to(DEVICE)
     q = qkv[:, : h * d].view(t, h, d)
     k = qkv[:, h * d : (h + hkv) * d].view(t, hkv, d)
     v = qkv[:, (h + hkv) * d :].view(t, hkv, dv)
@@ -83,13 +86,15 @@ def _pair_magnitude(x: torch.Tensor, rot: int, neox: bool) -> torch.Tensor:
     return torch.where(d < rot, mag, x.abs())
 
 
-def _normed(x, weight):
-    return reference.rms_norm(x, weight, EPS) if weight is not None else x.float()
+def _normed(x, weight, eps=EPS):
+    return reference.rms_norm(x, weight, eps) if weight is not None else x.float()
 
 
-def _run_case(rope, shape, cache_dtype, neox, with_norm, act, gen, what_prefix=""):
+def _run_case(
+    rope, shape, cache_dtype, neox, with_norm, act, gen, what_prefix="", eps=EPS, scale=2.0
+):
     t, h, hkv, d, dv, rot, c = shape
-    q, k, v = _merged(t, h, hkv, d, dv, act, gen)
+    q, k, v = _merged(t, h, hkv, d, dv, act, gen, scale)
     qw = _norm_weight(d, gen) if with_norm else None
     kw = _norm_weight(d, gen) if with_norm else None
     freqs = reference.rope_frequencies(rot, 10000.0, None, DEVICE)
@@ -99,18 +104,18 @@ def _run_case(rope, shape, cache_dtype, neox, with_norm, act, gen, what_prefix="
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     k_before, v_before = k_cache.clone(), v_cache.clone()
 
-    out = rope.qkv_norm_rope(q, k, v, qw, kw, EPS, positions, freqs, neox, k_cache, v_cache)
-    ref = reference.qkv_norm_rope(q, k, v, qw, kw, EPS, positions, freqs, neox, k_ref, v_ref)
+    out = rope.qkv_norm_rope(q, k, v, qw, kw, eps, positions, freqs, neox, k_cache, v_cache)
+    ref = reference.qkv_norm_rope(q, k, v, qw, kw, eps, positions, freqs, neox, k_ref, v_ref)
     what = (
         f"{what_prefix}T={t} H={h} Hkv={hkv} D={d} Dv={dv} rot={rot} neox={neox} "
-        f"norm={with_norm} cache:{str(cache_dtype).removeprefix('torch.')} x:{act}"
+        f"norm={with_norm} cache:{str(cache_dtype).removeprefix('torch.')} x:{act} eps={eps}"
     )
     rtol, atol, _ = DECODE_FUSIONS["qkv_norm_rope"]
-    _check(out, ref, atol + rtol * _pair_magnitude(_normed(q, qw), rot, neox), what + " q")
+    _check(out, ref, atol + rtol * _pair_magnitude(_normed(q, qw, eps), rot, neox), what + " q")
 
     rtol, atol, _ = DECODE_FUSIONS[f"qkv_norm_rope.cache.{str(cache_dtype).removeprefix('torch.')}"]
     rows = positions.long()
-    k_mag = _pair_magnitude(_normed(k, kw), rot, neox)
+    k_mag = _pair_magnitude(_normed(k, kw, eps), rot, neox)
     _check(k_cache[rows].float(), k_ref[rows].float(), atol + rtol * k_mag, what + " k_cache")
     # V is only converted to the cache dtype (round to nearest even): exact.
     assert torch.equal(v_cache[rows], v_ref[rows]), what + ": v_cache rows differ"
@@ -138,6 +143,100 @@ def test_qkv_norm_rope_half_inputs(act) -> None:
     for cache_dtype in (torch.float16, torch.bfloat16):
         _run_case(rope, SHAPES[1], cache_dtype, True, True, act, gen)
         _run_case(rope, SHAPES[2], cache_dtype, False, False, act, gen)
+
+
+@pytest.mark.parametrize(("scale", "eps"), EPS_CASES, ids=("small_x", "large_eps", "zero_rows"))
+def test_qkv_norm_rope_where_eps_matters(scale: float, eps: float) -> None:
+    """The Q/K RMSNorm inside the fused kernel on inputs where eps is a large part of the mean
+    square (tests/kernels/test_norm.py's EPS_CASES)."""
+    rope = _kernels()
+    gen = torch.Generator().manual_seed(25)
+    for shape in (SHAPES[0], SHAPES[2]):
+        for cache_dtype in (torch.float32, torch.float16):
+            _run_case(
+                rope, shape, cache_dtype, True, True, torch.float32, gen, eps=eps, scale=scale
+            )
+
+
+def _ties(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 values at, just above and just below the midpoint of two neighbouring f16/bf16
+    values, with what rounding to nearest even makes of them: (values [64], rounded [64])."""
+    u = 2.0**-10 if dtype == torch.float16 else 2.0**-7  # the ulp of 1.0
+    tiny = 2.0**-20  # exact in fp32 next to 1.0
+    pairs = [
+        (1 + u / 2, 1.0),  # tie: down to the even 1.0 (round half up would give 1 + u)
+        (1 + 3 * u / 2, 1 + 2 * u),  # tie: up to the even 1 + 2u (truncation gives 1 + u)
+        (1 + u / 2 + tiny, 1 + u),  # above the midpoint: up (truncation gives 1.0)
+        (1 + u / 2 - tiny, 1.0),  # below the midpoint: down
+        (1 + u + tiny, 1 + u),
+    ]
+    values, rounded = [], []
+    for scale in (2.0**-3, 1.0, 2.0**4):
+        for sign in (1.0, -1.0):
+            for x, r in pairs:
+                values.append(sign * scale * x)
+                rounded.append(sign * scale * r)
+    values += [0.5] * (64 - len(values))
+    rounded += [0.5] * (64 - len(rounded))
+    return torch.tensor(values, dtype=torch.float32), torch.tensor(rounded, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("cache_dtype", (torch.float16, torch.bfloat16), **_ids)
+def test_cache_write_rounds_to_nearest_even(cache_dtype) -> None:
+    """K and V rows of exactly known fp32 values (position 0 rotates by angle 0: cos 1, sin 0,
+    no norm) land in an f16/bf16 cache rounded to nearest, ties to even: the kernel and the
+    reference, against values worked out by hand (the random-input test's bound allows an ulp
+    either way, so only some of its values can tell truncation or ties away from zero from
+    rounding to nearest even)."""
+    rope = _kernels()
+    values, rounded = _ties(cache_dtype)
+    want = rounded.to(cache_dtype).to(DEVICE)
+    assert torch.equal(want.float().cpu(), rounded), "the hand-rounded values are representable"
+    h, hkv, d = 2, 2, 64
+    q = values.expand(1, h, d).clone().to(DEVICE)
+    k = values.expand(1, hkv, d).clone().to(DEVICE)
+    v = (-values).expand(1, hkv, d).clone().to(DEVICE)
+    freqs = reference.rope_frequencies(d, 10000.0, None, DEVICE)
+    pos = torch.tensor([0], device=DEVICE)
+    for name, fn in (("kernel", rope.qkv_norm_rope), ("reference", reference.qkv_norm_rope)):
+        for neox in (False, True):
+            kc = torch.zeros(2, hkv, d, dtype=cache_dtype, device=DEVICE)
+            vc = torch.zeros(2, hkv, d, dtype=cache_dtype, device=DEVICE)
+            out = fn(q, k, v, None, None, EPS, pos, freqs, neox, kc, vc)
+            what = f"{name} neox={neox} {cache_dtype}"
+            assert torch.equal(out.cpu(), q.cpu()), what + ": angle 0 must leave q as it is"
+            rows = ((kc[0, 0], values, want), (kc[0, 1], values, want), (vc[0, 0], -values, -want))
+            for row, x, w in rows:
+                bad = (row != w).nonzero().flatten().tolist()
+                assert not bad, (
+                    f"{what}: {x[bad[0]].item()!r} stored as {row[bad[0]].item()!r}, "
+                    f"want {w[bad[0]].item()!r} (round to nearest even); {len(bad)} such"
+                )
+
+
+@pytest.mark.parametrize("cache_dtype", (torch.float16, torch.bfloat16), **_ids)
+def test_cache_write_is_the_f32_result_rounded_to_nearest_even(cache_dtype) -> None:
+    """At any position and with the norm, the f16/bf16 cache row is exactly the kernel's own fp32
+    row (what it writes into an f32 cache) rounded to nearest even, for K and V."""
+    rope = _kernels()
+    gen = torch.Generator().manual_seed(26)
+    t, h, hkv, d, dv, rot, c = SHAPES[1]
+    for with_norm in (True, False):
+        q, k, v = _merged(t, h, hkv, d, dv, torch.float32, gen)
+        qw = _norm_weight(d, gen) if with_norm else None
+        kw = _norm_weight(d, gen) if with_norm else None
+        freqs = reference.rope_frequencies(rot, 10000.0, None, DEVICE)
+        positions = _positions(t, c)
+        caches = {}
+        for dtype in (torch.float32, cache_dtype):
+            kc = torch.zeros(c, hkv, d, dtype=dtype, device=DEVICE)
+            vc = torch.zeros(c, hkv, dv, dtype=dtype, device=DEVICE)
+            rope.qkv_norm_rope(q, k, v, qw, kw, EPS, positions, freqs, True, kc, vc)
+            caches[dtype] = (kc[positions], vc[positions])
+        (k32, v32), (kh, vh) = caches[torch.float32], caches[cache_dtype]
+        what = f"norm={with_norm} {cache_dtype}"
+        assert torch.equal(kh, k32.to(cache_dtype)), what + ": k_cache is not the f32 row, RNE"
+        assert torch.equal(vh, v32.to(cache_dtype)), what + ": v_cache is not the f32 row, RNE"
 
 
 def test_qkv_norm_rope_rejects_bad_input() -> None:

@@ -112,7 +112,7 @@ def test_hf_environment_features():
     )
     out = render_chat(
         t,
-        [{"role": "user", "content": "é <b>&"}, {"role": "x", "content": ""}],
+        [{"role": "user", "content": "é <b>&"}, {"role": "assistant", "content": ""}],
         tools=[{"a": 1}],
         foo="bar",
     )

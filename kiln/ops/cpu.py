@@ -1,0 +1,339 @@
+"""The "cpu" backend: the default on a CPU. Weights stay quantized (kiln/ops/cpu_pack.py: packed
+at load into torch's int4 CPU kernel's layout, or dequantized per call in chunks), and the
+decode path is made of few torch calls, because a small model's step is bound by their count.
+
+Compared with the reference (which stays the spec and the oracle, `--backend torch`):
+- linear: activations rounded to bfloat16 and results to bfloat16 for the packed formats (the
+  quality gate: mean KL divergence against the reference, docs/performance.md); F32 weights
+  run the same float32 matmul as the reference.
+- attention of one query row (decode): two batched mat-muls over the KV heads and a softmax,
+  without the general scaled_dot_product_attention call (20 ms a call for stories260K's head
+  size of 8 on this machine's torch build) and without repeating K and V per query head.
+  Prompts: the same batched mat-muls with the causal mask, in passes of query rows that keep
+  the scores near 8 MB (scaled_dot_product_attention would map 4 MB more of torch's code).
+- RoPE: cos/sin tables computed once per frequency vector (same formula as the reference),
+  applied as one complex multiply; Q and K rotated in one call when they are adjacent in
+  the merged QKV result.
+- MoE: the reference ops (experts dequantized one at a time per call).
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from gguf.constants import GGMLQuantizationType
+
+from kiln.errors import UsageError
+from kiln.ops import cpu_pack, reference
+from kiln.ops.weight import Weight
+
+
+def prepare(weights: dict[str, Weight], groups: Sequence[Sequence[str]] = ()) -> None:
+    """Give every weight its cpu form, before the model merges any (merged weights then join
+    the parts' forms, never a copy of their blocks). `groups`: the weights the model will merge
+    (Q, K, V; gate, up), packed side by side so that the merge is the group's form as it is.
+    All planes come from one allocation (cpu_pack.Arena). Vectors (norms, biases) get a float32 copy
+    of their values (kilobytes) and their file pages are given back: the kernel maps a file in
+    large folios, and reading one norm weight there once mapped 2 MB (measured: 48 MB for the
+    demo model's 61 norms). F32 matrices are used in place (a view of the file). An untied token
+    embedding is only read a row at a time, from its blocks, so it is not packed."""
+    cpu_pack.scan_file_mappings()
+    tied = "output.weight" not in weights
+    matrices = {}
+    for name, w in weights.items():
+        if w.device.type != "cpu":
+            continue
+        if len(w.shape) == 1:
+            if w._dense is None:
+                w._dense = w.dense().clone()
+                cpu_pack.release_pages(w.raw)
+        elif w.qtype == GGMLQuantizationType.F32 and w._dense is None:
+            w._dense = cpu_pack.f32_view(w)
+        if len(w.shape) == 2 and (name != "token_embd.weight" or tied):
+            matrices[name] = w
+    units = []
+    for names in groups:
+        ws = [matrices.get(n) for n in names]
+        if all(w is not None for w in ws) and _groupable(ws):
+            units.append(ws)
+            for n in names:
+                del matrices[n]
+    singles = list(matrices.values())
+    packed_bytes = sz_values = 0
+    for w in [*[_stacked(ws) for ws in units], *singles]:
+        if w is not None and cpu_pack.packable(w):
+            nb, ns = cpu_pack.plane_bytes(w)
+            planes = cpu_pack.n_planes(w.qtype)
+            packed_bytes, sz_values = packed_bytes + planes * nb, sz_values + planes * ns
+    arena = cpu_pack.Arena(packed_bytes, sz_values)
+    for ws in units:
+        cpu_pack.pack_group(ws, arena)
+    for w in singles:
+        w.packed = cpu_pack.pack(w, arena)
+
+
+def _groupable(ws: list[Weight]) -> bool:
+    """One format and width, all packed as planes, every part but the last whole row blocks."""
+    return (
+        all(cpu_pack.packable(w) for w in ws)
+        and len({(w.qtype, w.shape[1]) for w in ws}) == 1
+        and all(w.shape[0] % cpu_pack.ROW_ALIGN == 0 for w in ws[:-1])
+    )
+
+
+def _stacked(ws: list[Weight]) -> Weight:
+    """A stand-in of a group's shape (for the arena's size)."""
+    n = sum(w.shape[0] for w in ws)
+    return Weight("group", ws[0].qtype, (n, ws[0].shape[1]), None)
+
+
+def linear(x: torch.Tensor, weight: Weight, bias: Weight | None = None) -> torch.Tensor:
+    """x: [T, n_in] -> float32 [T, n_out]."""
+    form = weight.packed
+    if form is None:
+        return reference.linear(x, weight, bias)
+    y = form.linear(x if x.dtype == torch.float32 else x.float())
+    return y if bias is None else y + bias.dense()
+
+
+def rms_norm(x: torch.Tensor, weight: Weight, eps: float) -> torch.Tensor:
+    """The reference's arithmetic (x * rsqrt(mean(x^2) + eps) * weight) in one call."""
+    w = weight.dense()
+    return F.rms_norm(x if x.dtype == torch.float32 else x.float(), (w.shape[-1],), w, eps)
+
+
+def add_rms_norm(x, residual, weight, eps):
+    h = residual + x
+    return h, rms_norm(h, weight, eps)
+
+
+def qk_norm(q, k, q_weight, k_weight, eps):
+    return rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps)
+
+
+class _RopeTable:
+    """exp(i * position * freq) for positions 0..capacity-1 of one frequency vector."""
+
+    __slots__ = ("freqs", "cis")
+
+    def __init__(self, freqs: torch.Tensor):
+        self.freqs = weakref.ref(freqs)
+        self.cis = torch.empty(0, freqs.numel(), dtype=torch.complex64, device=freqs.device)
+
+    def grow(self, freqs: torch.Tensor, need: int) -> None:
+        cap = max(need, 2 * self.cis.shape[0], 256)
+        positions = torch.arange(cap, device=freqs.device)
+        angles = positions.to(torch.float32)[:, None] * freqs[None, :]  # as the reference
+        self.cis = torch.complex(torch.cos(angles), torch.sin(angles))
+
+    def rows(self, freqs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """-> complex64 [T, 1, rot / 2]."""
+        if positions.shape[0] == 1:  # decode: a slice (a view) is cheaper than a gather
+            p = int(positions.item())
+            if p >= self.cis.shape[0]:
+                self.grow(freqs, p + 1)
+            return self.cis[p : p + 1, None]
+        try:
+            return self.cis[positions, None]
+        except IndexError:
+            self.grow(freqs, int(positions.max()) + 1)
+            return self.cis[positions, None]
+
+
+_TABLES: dict[int, _RopeTable] = {}
+
+
+def _table(freqs: torch.Tensor) -> _RopeTable:
+    t = _TABLES.get(id(freqs))
+    if t is None or t.freqs() is not freqs:
+        t = _TABLES[id(freqs)] = _RopeTable(freqs)
+        weakref.finalize(freqs, _TABLES.pop, id(freqs), None)  # the model is gone: so is this
+    return t
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor, neox: bool) -> torch.Tensor:
+    """The reference's rotation (x: [T, heads, D]) as one complex multiply by a cached table."""
+    rot = 2 * freqs.numel()
+    cis = _table(freqs).rows(freqs, positions)  # [T, 1, rot / 2]
+    if x.dtype != torch.float32:
+        x = x.float()
+    xr = x[..., :rot] if rot < x.shape[-1] else x
+    if neox:
+        z = torch.complex(xr[..., : rot // 2], xr[..., rot // 2 :]) * cis
+        out = torch.cat((z.real, z.imag), dim=-1)
+    else:
+        pairs = xr.reshape(*xr.shape[:-1], rot // 2, 2)
+        if not _complex_viewable(pairs):
+            pairs = pairs.contiguous()
+        out = torch.view_as_real(torch.view_as_complex(pairs) * cis).flatten(-2)
+    return torch.cat((out, x[..., rot:]), dim=-1) if rot < x.shape[-1] else out
+
+
+def _complex_viewable(pairs: torch.Tensor) -> bool:
+    """view_as_complex's conditions: the (re, im) pairs adjacent, every other stride and the
+    offset even."""
+    return (
+        pairs.stride(-1) == 1
+        and pairs.storage_offset() % 2 == 0
+        and all(s % 2 == 0 for s in pairs.stride()[:-1])
+    )
+
+
+def qkv_norm_rope(q, k, v, q_weight, k_weight, eps, positions, freqs, neox, k_cache, v_cache):
+    """The reference's op; Q and K rotated in one call when k directly follows q in memory
+    (views of one merged QKV result) and no per-head norm comes first."""
+    if q_weight is not None:
+        q, k = qk_norm(q, k, q_weight, k_weight, eps)
+    both = _adjacent_heads(q, k)
+    if both is not None:
+        qk = rope(both, positions, freqs, neox)
+        q, k = qk[:, : q.shape[1]], qk[:, q.shape[1] :]
+    else:
+        q = rope(q, positions, freqs, neox)
+        k = rope(k, positions, freqs, neox)
+    k_cache.index_copy_(0, positions, k if k.dtype == k_cache.dtype else k.to(k_cache.dtype))
+    v_cache.index_copy_(0, positions, v if v.dtype == v_cache.dtype else v.to(v_cache.dtype))
+    return q
+
+
+def _adjacent_heads(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """[T, H + Hkv, D]: one view of q's heads followed by k's, when memory allows it."""
+    if (
+        q.dtype != k.dtype
+        or q.shape[0] != k.shape[0]
+        or q.shape[2] != k.shape[2]
+        or (q.shape[0] > 1 and q.stride(0) != k.stride(0))
+        or k.stride(1) != q.stride(1)
+        or k.stride(2) != 1
+        or q.stride(2) != 1
+        or q.stride(1) != q.shape[2]
+        or k.data_ptr() != q.data_ptr() + q.shape[1] * q.shape[2] * q.element_size()
+    ):
+        return None
+    try:  # checked against q's storage: k adjacent in memory yet in another one fails here
+        return q.as_strided((q.shape[0], q.shape[1] + k.shape[1], q.shape[2]), q.stride())
+    except RuntimeError:
+        return None
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positions: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """The reference's causal attention (q: [T, H, D]; k: [S, Hkv, D]; v: [S, Hkv, Dv])."""
+    if q.shape[0] == 1:
+        return _one_query(q, k, v, int(q_positions.item()) + 1, scale)
+    t, n_head, d = q.shape
+    n_kv = k.shape[1]
+    g = n_head // n_kv
+    k, v = k.float(), v.float()
+    kt, vt = k.permute(1, 2, 0), v.permute(1, 0, 2)  # [Hkv, D, S], [Hkv, S, Dv]
+    key_pos = torch.arange(k.shape[0], device=q.device)
+    # query rows per pass: the scores [Hkv, G * rows, S] stay near 8 MB
+    rows = max(1, ATTENTION_SCORES // (n_head * k.shape[0]))
+    out = torch.empty(t, n_head, v.shape[2], dtype=torch.float32, device=q.device)
+    for s in range(0, t, rows):
+        qs = q[s : s + rows].float()  # [t', H, D]
+        n = qs.shape[0]
+        qg = qs.permute(1, 0, 2).reshape(n_kv, g * n, d)  # head h = kv * G + j: rows j * t' + i
+        scores = torch.bmm(qg, kt).mul_(scale).view(n_kv, g, n, -1)
+        masked = key_pos[None, :] > q_positions[s : s + rows, None]  # [t', S]
+        scores.masked_fill_(masked, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).view(n_kv, g * n, -1)
+        res = torch.bmm(probs, vt).view(n_kv, g, n, -1)  # [Hkv, G, t', Dv]
+        out[s : s + n] = res.permute(2, 0, 1, 3).reshape(n, n_head, -1)
+    return out
+
+
+ATTENTION_SCORES = 1 << 21  # float32 scores per pass of prompt attention (8 MB)
+
+
+def _one_query(q, k, v, length: int, scale: float) -> torch.Tensor:
+    """q: [1, H, D] over the first `length` keys -> float32 [1, H, Dv]; the H / Hkv query heads
+    of a KV head read it in one mat-mul (head h uses KV head h // (H / Hkv), as the reference)."""
+    n_head, n_kv, d = q.shape[1], k.shape[1], q.shape[2]
+    if length != k.shape[0]:
+        k, v = k[:length], v[:length]
+    q = q.reshape(n_kv, n_head // n_kv, d)
+    if k.dtype != torch.float32:
+        k, v = k.float(), v.float()
+    if q.dtype != torch.float32:
+        q = q.float()
+    scores = torch.bmm(q, k.permute(1, 2, 0)).mul_(scale)  # [Hkv, G, S]
+    out = torch.bmm(torch.softmax(scores, dim=-1), v.permute(1, 0, 2))  # [Hkv, G, Dv]
+    return out.reshape(1, n_head, v.shape[2])
+
+
+def attention_decode(q, k_cache, v_cache, length, scale):
+    """One query over the first `length` (int64 [1]) cache entries -> float32 [1, H, Dv]."""
+    return _one_query(q, k_cache, v_cache, int(length.reshape(-1)[0]), scale)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return (
+        F.silu(gate) * up
+        if gate.dtype == up.dtype == torch.float32
+        else F.silu(gate.float()) * up.float()
+    )
+
+
+def moe_route(x, router, n_used, normalize):
+    return reference.moe_select(linear(x, router), n_used, normalize)
+
+
+def ops() -> dict:
+    return {
+        "embedding": reference.embedding,
+        "linear": linear,
+        "rms_norm": rms_norm,
+        "add_rms_norm": add_rms_norm,
+        "qk_norm": qk_norm,
+        "qkv_norm_rope": qkv_norm_rope,
+        "rope_frequencies": reference.rope_frequencies,
+        "rope": rope,
+        "attention": attention,
+        "attention_decode": attention_decode,
+        "swiglu": swiglu,
+        "moe_route": moe_route,
+        "moe_ffn": reference.moe_ffn,
+        "expert_linear": reference.expert_linear,
+        "moe_combine": reference.moe_combine,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# threads
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on (hyperthreads not counted): distinct (package,
+    core) pairs of the CPUs in its affinity mask, from sysfs; else the CPU count."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux: no affinity mask or sysfs topology to read
+        return max(1, os.cpu_count() or 1)
+    cores = set()
+    for c in cpus:
+        topo = Path(f"/sys/devices/system/cpu/cpu{c}/topology")
+        try:
+            pkg = (topo / "physical_package_id").read_text().strip()
+            core = (topo / "core_id").read_text().strip()
+        except OSError:
+            return max(1, len(cpus))
+        cores.add((pkg, core))
+    return max(1, len(cores))
+
+
+def set_threads(threads: int | None) -> int:
+    """torch's intra-op threads: `threads`, or the physical cores when None -> the count set."""
+    if threads is None:
+        threads = physical_cores()
+    elif isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise UsageError(f"the thread count must be an integer >= 1, got {threads!r}")
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads

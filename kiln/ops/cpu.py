@@ -4,21 +4,24 @@ decode path is made of few torch calls, because a small model's step is bound by
 
 Compared with the reference (which stays the spec and the oracle, `--backend torch`):
 - linear: activations rounded to bfloat16 and results to bfloat16 for the packed formats (the
-  quality gate: mean KL divergence against the reference, docs/performance.md); F32 weights
-  run the same float32 matmul as the reference.
+  quality gate: mean KL divergence against the reference, docs/performance.md); the output
+  projection's largest outputs recomputed in float32; F32 weights run the same float32 matmul
+  as the reference. A tied embedding reads its rows from the output projection's packed form.
 - attention of one query row (decode): two batched mat-muls over the KV heads and a softmax,
   without the general scaled_dot_product_attention call (20 ms a call for stories260K's head
   size of 8 on this machine's torch build) and without repeating K and V per query head.
   Prompts: the same batched mat-muls with the causal mask, in passes of query rows that keep
   the scores near 8 MB (scaled_dot_product_attention would map 4 MB more of torch's code).
-- RoPE: cos/sin tables computed once per frequency vector (same formula as the reference),
-  applied as one complex multiply; Q and K rotated in one call when they are adjacent in
-  the merged QKV result.
+- RoPE: cos/sin tables computed once per frequency vector (same formula as the reference); a
+  decode step rotates by one [D, D] matrix (a small mat-mul a layer), prompts by a complex
+  multiply; Q and K rotated in one call when they are adjacent in the merged QKV result.
+- RMSNorm of one row: a dot product and two multiplies.
 - MoE: the reference ops (experts dequantized one at a time per call).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import weakref
 from collections.abc import Sequence
@@ -64,9 +67,10 @@ def prepare(weights: dict[str, Weight], groups: Sequence[Sequence[str]] = ()) ->
             for n in names:
                 del matrices[n]
     singles = list(matrices.values())
+    head = "token_embd.weight" if tied else "output.weight"
     packed_bytes = sz_values = 0
     for w in [*[_stacked(ws) for ws in units], *singles]:
-        if w is not None and cpu_pack.packable(w):
+        if cpu_pack.packable(w) and not cpu_pack.as_int8_blocks(w, w.name == head):
             nb, ns = cpu_pack.plane_bytes(w)
             planes = cpu_pack.n_planes(w.qtype)
             packed_bytes, sz_values = packed_bytes + planes * nb, sz_values + planes * ns
@@ -74,7 +78,7 @@ def prepare(weights: dict[str, Weight], groups: Sequence[Sequence[str]] = ()) ->
     for ws in units:
         cpu_pack.pack_group(ws, arena)
     for w in singles:
-        w.packed = cpu_pack.pack(w, arena)
+        w.packed = cpu_pack.pack(w, arena, exact=w.name == head)
 
 
 def _groupable(ws: list[Weight]) -> bool:
@@ -92,6 +96,16 @@ def _stacked(ws: list[Weight]) -> Weight:
     return Weight("group", ws[0].qtype, (n, ws[0].shape[1]), None)
 
 
+def embedding(weight: Weight, ids: torch.Tensor) -> torch.Tensor:
+    """ids: [T] -> float32 [T, n_embd]. A tied embedding (the output projection, packed with its
+    exact scales) gives its rows from the packed form: the same values (Q8_0 bit-exact), and
+    the GGUF's pages stay unmapped (each row read there mapped a large folio of the file)."""
+    form = weight.packed
+    if form is not None and getattr(form, "exact", None) is not None and ids.dim() == 1:
+        return form.rows(ids)
+    return reference.embedding(weight, ids)
+
+
 def linear(x: torch.Tensor, weight: Weight, bias: Weight | None = None) -> torch.Tensor:
     """x: [T, n_in] -> float32 [T, n_out]."""
     form = weight.packed
@@ -102,9 +116,15 @@ def linear(x: torch.Tensor, weight: Weight, bias: Weight | None = None) -> torch
 
 
 def rms_norm(x: torch.Tensor, weight: Weight, eps: float) -> torch.Tensor:
-    """The reference's arithmetic (x * rsqrt(mean(x^2) + eps) * weight) in one call."""
+    """The reference's x * rsqrt(mean(x^2) + eps) * weight: one row (decode) as a dot product,
+    the scale on the host and two multiplies (6 us against F.rms_norm's 10 us: 61 norms a
+    token on the demo model); more rows in F.rms_norm."""
     w = weight.dense()
-    return F.rms_norm(x if x.dtype == torch.float32 else x.float(), (w.shape[-1],), w, eps)
+    n = w.shape[-1]
+    if x.dtype == torch.float32 and x.dim() == 2 and x.shape[0] == 1 and x.is_contiguous():
+        v = x.view(-1)
+        return torch.mul(x, w).mul_(1.0 / math.sqrt(torch.dot(v, v).item() / n + eps))
+    return F.rms_norm(x if x.dtype == torch.float32 else x.float(), (n,), w, eps)
 
 
 def add_rms_norm(x, residual, weight, eps):
@@ -117,13 +137,39 @@ def qk_norm(q, k, q_weight, k_weight, eps):
 
 
 class _RopeTable:
-    """exp(i * position * freq) for positions 0..capacity-1 of one frequency vector."""
+    """exp(i * position * freq) for positions 0..capacity-1 of one frequency vector, and the
+    rotation of one position as a [D, D] matrix (decode: every layer of a step rotates by it,
+    one small mat-mul each instead of five calls of the complex form)."""
 
-    __slots__ = ("freqs", "cis")
+    __slots__ = ("freqs", "cis", "last", "where")
 
     def __init__(self, freqs: torch.Tensor):
         self.freqs = weakref.ref(freqs)
         self.cis = torch.empty(0, freqs.numel(), dtype=torch.complex64, device=freqs.device)
+        self.last: tuple[tuple[int, int, bool], torch.Tensor] | None = None
+        self.where: dict[tuple[int, bool], torch.Tensor] = {}
+
+    def matrix(self, freqs: torch.Tensor, p: int, d: int, neox: bool) -> torch.Tensor:
+        """float32 [d, d] M with x @ M = the reference's rope of x at position p: for a pair
+        (a, b) of dims (i, j), out_i = a cos - b sin, out_j = a sin + b cos; the dims past
+        the rotated ones kept."""
+        key = (p, d, neox)
+        if self.last is not None and self.last[0] == key:
+            return self.last[1]
+        if p >= self.cis.shape[0]:
+            self.grow(freqs, p + 1)
+        c = self.cis[p]
+        flat = self.where.get((d, neox))
+        if flat is None:
+            half = c.shape[0]
+            i = torch.arange(half) if neox else 2 * torch.arange(half)
+            j = i + half if neox else i + 1
+            # M[i, i] = cos, M[j, i] = -sin, M[i, j] = sin, M[j, j] = cos
+            flat = self.where[d, neox] = torch.cat([i * d + i, j * d + i, i * d + j, j * d + j])
+        m = torch.eye(d, device=c.device)
+        m.view(-1)[flat] = torch.cat([c.real, -c.imag, c.imag, c.real])
+        self.last = (key, m)
+        return m
 
     def grow(self, freqs: torch.Tensor, need: int) -> None:
         cap = max(need, 2 * self.cis.shape[0], 256)
@@ -157,11 +203,16 @@ def _table(freqs: torch.Tensor) -> _RopeTable:
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor, neox: bool) -> torch.Tensor:
-    """The reference's rotation (x: [T, heads, D]) as one complex multiply by a cached table."""
+    """The reference's rotation (x: [T, heads, D]): one position as a mat-mul by its rotation
+    matrix, several as a complex multiply by rows of the cached table."""
     rot = 2 * freqs.numel()
-    cis = _table(freqs).rows(freqs, positions)  # [T, 1, rot / 2]
+    table = _table(freqs)
     if x.dtype != torch.float32:
         x = x.float()
+    if positions.shape[0] == 1 and x.dim() == 3:
+        m = table.matrix(freqs, int(positions.item()), x.shape[-1], neox)
+        return torch.matmul(x, m)
+    cis = table.rows(freqs, positions)  # [T, 1, rot / 2]
     xr = x[..., :rot] if rot < x.shape[-1] else x
     if neox:
         z = torch.complex(xr[..., : rot // 2], xr[..., rot // 2 :]) * cis
@@ -250,6 +301,7 @@ def attention(
 
 
 ATTENTION_SCORES = 1 << 21  # float32 scores per pass of prompt attention (8 MB)
+_ZERO = torch.zeros(1, 1, 1)  # baddbmm's ignored input (beta = 0): scores and scale in one call
 
 
 def _one_query(q, k, v, length: int, scale: float) -> torch.Tensor:
@@ -263,7 +315,7 @@ def _one_query(q, k, v, length: int, scale: float) -> torch.Tensor:
         k, v = k.float(), v.float()
     if q.dtype != torch.float32:
         q = q.float()
-    scores = torch.bmm(q, k.permute(1, 2, 0)).mul_(scale)  # [Hkv, G, S]
+    scores = torch.baddbmm(_ZERO, q, k.permute(1, 2, 0), beta=0, alpha=scale)  # [Hkv, G, S]
     out = torch.bmm(torch.softmax(scores, dim=-1), v.permute(1, 0, 2))  # [Hkv, G, Dv]
     return out.reshape(1, n_head, v.shape[2])
 
@@ -287,7 +339,7 @@ def moe_route(x, router, n_used, normalize):
 
 def ops() -> dict:
     return {
-        "embedding": reference.embedding,
+        "embedding": embedding,
         "linear": linear,
         "rms_norm": rms_norm,
         "add_rms_norm": add_rms_norm,

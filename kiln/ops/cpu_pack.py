@@ -11,12 +11,18 @@ No float32 copy of a quantized weight is kept. Each 2-D weight gets one of these
   8 s + z). So Q4_0 and Q8_0 keep their exact values up to the rounding of d to bfloat16
   (zeros 0 and 8 s are exact), Q4_1 / Q4_K / Q5_1 / Q5_K also round the zero. Bytes per value:
   0.625 a plane (Q4_1's own size; Q8_0: 1.25 against its 1.0625).
-  Packed layout (torch's, for AVX-512 and AVX2 alike): uint8 [N / 64, K, 32], byte (b, k, j)
-  = v[64 b + j, k] | v[64 b + 32 + j, k] << 4; scale_zeros bfloat16 [K / 32, N, 2]. N is padded
-  to a multiple of 64 (v = 8, scale = zero = 0: the padded rows are zeros, sliced off).
-  Activations go in as bfloat16 and results come out in bfloat16 (the CPU kernel's float32
-  path is a slow fallback: 11 ms against 26 us for a 1536 x 576 mat-vec); results are
-  widened to float32 at once.
+  Packed layout (torch 2.13's, checked against torch's own converter once per process, which
+  is used should they differ): uint8 [N / 64, K, 32], byte (b, k, j) = v[64 b + j, k] |
+  v[64 b + 32 + j, k] << 4; scale_zeros bfloat16 [K / 32, N, 2]. N is padded to a multiple of
+  64 (scale = zero = 0: the padded rows are zeros, sliced off). Activations go in as bfloat16
+  and results come out in bfloat16 (the CPU kernel's float32 path is a slow fallback: 11 ms
+  against 26 us for a 1536 x 576 mat-vec); results are widened to float32 at once. All planes
+  of a model come from one allocation (`Arena`); weights a model merges are packed side by
+  side (`pack_group`), so the merged weight is their form as it is.
+- `Int8Blocks`: the output projection in Q8_0 with a vocabulary's rows (its int8 values by
+  block of 32, `torch._weight_int8pack_mm` per block): 1.06 bytes a value instead of 1.25.
+- The output projection (either form) keeps its exact scales: each row's largest outputs are
+  recomputed in float32 (`_refine`), and a tied embedding reads its rows there.
 - `Dense`: F32 and BF16 weights, a view of the GGUF bytes themselves (no copy).
 - `Dequant`: every other format (F16, Q2_K, Q3_K, Q6_K, IQ4_NL, IQ4_XS, MXFP4) and weights of
   shapes int4pack refuses: dequantized per call in chunks of rows, float32 matmul.
@@ -49,9 +55,22 @@ from kiln.ops.weight import Weight
 from kiln.quant.k_quants import _scale_min_k4
 
 GROUP = 32  # values per (scale, zero) group of the int4 planes
+REFINE_TOP = 32  # outputs of the output projection recomputed exactly per row
+REFINE_VALUES = 1 << 20  # exact weight values made per pass of that (4 MB)
 ROW_ALIGN = 64  # torch's int4 packing interleaves blocks of 64 output rows
-PACK_VALUES = 1 << 20  # values packed per chunk at load: bounds the int32 temporaries (4 MB)
+PACK_VALUES = 1 << 20  # values packed per chunk at load: bounds the temporaries (a few MB)
 DEQUANT_VALUES = 1 << 20  # values dequantized per chunk by Dequant (4 MB of float32)
+
+
+def as_int8_blocks(w: Weight, exact: bool) -> bool:
+    """Whether pack(w, exact=exact) makes Int8Blocks: the output projection in Q8_0 with a
+    vocabulary's rows."""
+    return (
+        exact
+        and w.qtype == Q.Q8_0
+        and w.shape[0] >= INT8_MIN_ROWS
+        and hasattr(torch, "_weight_int8pack_mm")
+    )
 
 
 def int4pack_available() -> bool:
@@ -180,7 +199,7 @@ class Int4Planes:
     (`group`, its first row there), so that merging the parts gives the group's form back
     without a copy."""
 
-    __slots__ = ("n", "k", "planes", "group")
+    __slots__ = ("n", "k", "planes", "group", "exact")
 
     def __init__(
         self,
@@ -192,6 +211,9 @@ class Int4Planes:
         self.n, self.k = n, k
         self.planes = planes  # ((packed uint8 [n_pad, k / 2], scale_zeros bf16 [k/32, n_pad, 2]),)
         self.group = group
+        # the output projection's exact (s, z) of w = s q + z (f16 where that holds them
+        # exactly, z None when 0): its top candidates are recomputed in float32 (linear)
+        self.exact: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -206,7 +228,26 @@ class Int4Planes:
         y = torch._weight_int4pack_mm_for_cpu(xb, packed, GROUP, sz.contiguous()).float()
         for packed, sz in self.planes[1:]:
             y += torch._weight_int4pack_mm_for_cpu(xb, packed, GROUP, sz.contiguous())
-        return y if y.shape[1] == self.n else y[:, : self.n]
+        y = y if y.shape[1] == self.n else y[:, : self.n]
+        if self.exact is not None:
+            _refine(self, x, y)
+        return y
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """float32 [len(idx), k]: rows of the exact weights (s q + z, as the reference up to
+        float32 rounding), q read from the planes."""
+        block, j = idx // ROW_ALIGN, idx % ROW_ALIGN
+        high = (j >= ROW_ALIGN // 2)[:, None]
+        col = j % (ROW_ALIGN // 2)
+        q = None
+        for packed, _ in self.planes:
+            b = packed.view(-1, self.k, ROW_ALIGN // 2)[block, :, col]  # [R, k]
+            v = torch.where(high, b >> 4, b & 0x0F).to(torch.int32) - 8
+            q = v if q is None else q * 16 + (v + 8)  # two planes: 16 h + l
+        s, z = self.exact
+        s = s[idx].float().repeat_interleave(GROUP, 1)
+        out = q.to(torch.float32) * s
+        return out if z is None else out + z[idx].float().repeat_interleave(GROUP, 1)
 
     def dense(self) -> torch.Tensor:
         """float32 [n, k]: the values the planes hold (for tests; the kernel rounds to bf16)."""
@@ -255,6 +296,83 @@ def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
     b = packed.reshape(n_pad // ROW_ALIGN, k, ROW_ALIGN // 2)
     v = torch.cat([b & 0x0F, b >> 4], dim=-1)  # [n_pad / 64, k, 64]
     return v.transpose(1, 2).reshape(n_pad, k)
+
+
+def _refine(form, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Recompute each row's REFINE_TOP largest outputs in float32 from the exact weights
+    (form.rows): the logits that decide and dominate sampling. bfloat16's rounding of a logit
+    of 25 is up to 0.06, which flips near ties; measured on the demo model (512 tokens of
+    wiki.test.raw): mean KLD against the reference 5.5e-4 -> 3.7e-4, as much as recomputing
+    all 49152 (3.6e-4)."""
+    top = min(REFINE_TOP, form.n)
+    step = max(1, REFINE_VALUES // (top * form.k))
+    for r in range(0, x.shape[0], step):
+        xs, ys = x[r : r + step], y[r : r + step]
+        idx = ys.topk(top, dim=1).indices  # [m, top]
+        w = form.rows(idx.flatten()).view(*idx.shape, form.k)  # [m, top, k]
+        ys.scatter_(1, idx, torch.bmm(w, xs[:, :, None]).squeeze(-1))
+
+
+class Int8Blocks:
+    """A Q8_0 weight with many rows (a vocabulary: the output projection, a tied embedding) as
+    its int8 values by block, [k / 32, n, 32], one `torch._weight_int8pack_mm` per block of 32
+    with the block's scales as its per-row scales (bfloat16, as the planes' are), partial sums
+    added in float32. 1.0625 bytes a value plus the exact scales (float16: 0.0625), against
+    1.25 + 0.0625 as two planes; measured on the demo model's 49152 x 576 output projection,
+    one row, two threads: 2.11 ms against 1.83 ms for the planes, so it is used for memory
+    only, on matrices of at least INT8_MIN_ROWS rows (with 1536 rows the 18 calls cost 2.4x
+    the planes). Each row's REFINE_TOP largest outputs are recomputed exactly, as the planes'."""
+
+    __slots__ = ("n", "k", "q", "d", "exact")
+
+    def __init__(self, q: torch.Tensor, d: torch.Tensor, exact: torch.Tensor):
+        self.q, self.d, self.exact = q, d, exact  # int8 [G, n, 32], bf16 [G, n], f16 [n, G]
+        self.n, self.k = q.shape[1], q.shape[0] * GROUP
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.q, self.d, self.exact))
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        xs = x.to(torch.bfloat16).reshape(x.shape[0], -1, GROUP)
+        y = torch._weight_int8pack_mm(xs[:, 0].contiguous(), self.q[0], self.d[0]).float()
+        for g in range(1, self.q.shape[0]):
+            y += torch._weight_int8pack_mm(xs[:, g].contiguous(), self.q[g], self.d[g])
+        _refine(self, x, y)
+        return y
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """float32 [len(idx), k]: d * q as the reference computes it (bit-exact)."""
+        q = self.q[:, idx].permute(1, 0, 2).reshape(idx.shape[0], self.k).to(torch.float32)
+        return q * self.exact[idx].float().repeat_interleave(GROUP, 1)
+
+    def dense(self) -> torch.Tensor:
+        return self.rows(torch.arange(self.n))
+
+    @staticmethod
+    def concat(forms: list) -> object:
+        return Concat(forms)
+
+
+INT8_MIN_ROWS = 16384
+
+
+def pack_int8_blocks(raw: torch.Tensor, n: int, k: int) -> Int8Blocks:
+    """raw: Q8_0 uint8 [n, row_bytes] -> Int8Blocks, in chunks of rows."""
+    g = k // GROUP
+    q = torch.empty(g, n, GROUP, dtype=torch.int8)
+    d = torch.empty(g, n, dtype=torch.bfloat16)
+    exact = torch.empty(n, g, dtype=torch.float16)
+    step = max(1, PACK_VALUES // k)
+    for r in range(0, n, step):
+        blocks = raw[r : r + step].reshape(-1, g, 34)
+        rows = blocks.shape[0]
+        scale = blocks[..., 0:2].contiguous().view(torch.float16).reshape(rows, g)
+        exact[r : r + rows] = scale
+        d[:, r : r + rows] = scale.t().to(torch.bfloat16)
+        q[:, r : r + rows] = blocks[..., 2:].contiguous().view(torch.int8).transpose(0, 1)
+        release_pages(raw[r : r + step])
+    return Int8Blocks(q, d, exact)
 
 
 class Dense:
@@ -345,15 +463,18 @@ def f32_view(w: Weight) -> torch.Tensor:
     return quant.dequantize(w.raw, w.qtype, w.shape[-1]).reshape(w.shape)
 
 
-def pack(w: Weight, arena: Arena | None = None) -> object:
-    """The form of a 2-D weight (see the module docstring)."""
+def pack(w: Weight, arena: Arena | None = None, exact: bool = False) -> object:
+    """The form of a 2-D weight (see the module docstring); exact: keep what recomputing the
+    top outputs exactly takes (the output projection: Int4Planes._refine)."""
     n, k = w.shape
     if w.qtype == Q.F32:
         return Dense(f32_view(w))
     if w.qtype == Q.BF16:
         return Dense(w.raw.contiguous().view(torch.bfloat16).reshape(n, k))
+    if as_int8_blocks(w, exact):
+        return pack_int8_blocks(w.raw, n, k)
     if packable(w):
-        form = pack_planes(w.raw, w.qtype, n, k, arena)
+        form = pack_planes(w.raw, w.qtype, n, k, arena, exact)
         release_pages(w.raw)
         return form
     return Dequant(w)
@@ -430,18 +551,35 @@ def _alloc(qtype: Q, n_pad: int, k: int, arena: Arena | None):
 
 
 def pack_planes(
-    raw: torch.Tensor, qtype: Q, n: int, k: int, arena: Arena | None = None
+    raw: torch.Tensor,
+    qtype: Q,
+    n: int,
+    k: int,
+    arena: Arena | None = None,
+    exact: bool = False,
 ) -> Int4Planes:
-    """raw: uint8 [n, row_bytes] -> Int4Planes, packed in chunks of rows (bounded temporaries)."""
+    """raw: uint8 [n, row_bytes] -> Int4Planes, packed in chunks of rows (bounded temporaries);
+    exact: with the exact scales and zeros (Int4Planes.exact)."""
     n_pad = -(-n // ROW_ALIGN) * ROW_ALIGN
     planes = _alloc(qtype, n_pad, k, arena)
-    _pack_into(raw, qtype, n, k, planes)
-    return Int4Planes(n, k, planes)
+    form = Int4Planes(n, k, planes)
+    scales = _pack_into(raw, qtype, n, k, planes, exact)
+    if scales is not None:
+        s, z = (torch.cat(t)[:n] for t in scales)
+        form.exact = (_narrow(s), None if not z.any() else _narrow(z))
+    return form
 
 
-def _pack_into(raw: torch.Tensor, qtype: Q, n: int, k: int, planes) -> None:
+def _narrow(t: torch.Tensor) -> torch.Tensor:
+    """float16 when that holds every value exactly (Q8_0's d, Q4_1's m), else float32."""
+    h = t.to(torch.float16)
+    return h if torch.equal(h.float(), t) else t
+
+
+def _pack_into(raw: torch.Tensor, qtype: Q, n: int, k: int, planes, exact: bool = False):
     """Fill planes (packed [n_pad, k / 2], scale_zeros [k / 32, n_pad, 2] views) from raw's n
-    rows; rows n..n_pad are zeros."""
+    rows; rows n..n_pad are zeros. -> ([s chunks], [z chunks]) of w = s q + z when exact."""
+    kept = ([], []) if exact else None
     n_planes = _AFFINE[qtype][1]
     packed = [p for p, _ in planes]
     sz = [s for _, s in planes]
@@ -452,11 +590,15 @@ def _pack_into(raw: torch.Tensor, qtype: Q, n: int, k: int, planes) -> None:
         chunk = raw[r : min(r + rows, n)]
         u, offset, s, z = decode(chunk, qtype, k)
         release_pages(chunk)  # read: a large weight's file pages never all mapped at once
+        if kept is not None:
+            kept[0].append(s)
+            kept[1].append(z)  # w = s q + z, q = u - offset as the planes hold it
         if u.shape[0] < rows:  # the padding rows: scale = zero = 0, so they are zeros
             u, s, z = (F.pad(t, (0, 0, 0, rows - t.shape[0])) for t in (u, s, z))
         for i, (v, scale, zero) in enumerate(planes_of(u, offset, s, z, n_planes)):
             packed[i][r : r + rows] = pack_int4(v)
             sz[i][:, r : r + rows] = torch.stack([scale, zero], dim=-1).transpose(0, 1)
+    return kept
 
 
 def pack_int4(v: torch.Tensor) -> torch.Tensor:

@@ -194,6 +194,9 @@ class Sampler:
             logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
         # The temperature divides (logits - max) <= 0 in float64: a tiny temperature (1e-45,
         # below float32's range) gives 0 for the top token and -inf for the rest (greedy)
-        # instead of inf/inf = NaN, and a huge one (1e300) gives a flat distribution.
-        scaled = (logits - logits.max()).double() / p.temperature
+        # instead of inf/inf = NaN, and a huge one (1e300) gives a flat distribution. The top
+        # tokens (difference 0) are set to 0 apart: CUDA divides by multiplying with 1/t, which
+        # is inf for a denormal t (5e-324), and 0 * inf = NaN (seen on an H100).
+        diff = (logits - logits.max()).double()
+        scaled = torch.where(diff < 0, diff / p.temperature, torch.zeros_like(diff))
         return torch.softmax(scaled, -1).float()

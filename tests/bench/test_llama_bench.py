@@ -163,7 +163,7 @@ def test_markdown_lines_up_with_llama_benchs_header(capsys):
         assert [m.start() for m in re.finditer(r"\|", line)] == bars
     rows = [dict(zip(names, _cells(r))) for r in rows]
     assert [r["test"] for r in rows] == ["pp8", "tg4"]
-    assert rows[0]["model"] == "llama 1M Q8_0" and rows[0]["backend"] == "torch CPU"
+    assert rows[0]["model"] == "llama 1M Q8_0" and rows[0]["backend"] == "cpu CPU"
     assert rows[0]["size"].endswith(" MiB") and rows[0]["params"].endswith(" M")
     assert re.fullmatch(r"\d+\.\d\d ± \d+\.\d\d", rows[1]["t/s"])
     assert rows[0]["GB/s"] == "-" and rows[1]["GB/s"] != "-" and rows[1]["peak mem"] == "-"

@@ -353,3 +353,62 @@ def test_release_pages_touches_only_file_mappings(tmp_path):
     if sys.platform.startswith("linux"):
         assert cpu_pack.release_pages(mapped)
     assert torch.equal(mapped, data)  # read again from the file
+
+
+@pytest.mark.parametrize("qtype", PLANE_FORMATS, ids=lambda q: q.name)
+def test_output_projection_top_outputs_are_exact(qtype, monkeypatch):
+    """The output projection keeps its exact scales: each row's REFINE_TOP largest outputs are
+    float32 sums of the reference's weights (2e-5 of A, as the float32 formats), the rest stay
+    within the packed bound; its exact rows are the reference's rows."""
+    monkeypatch.setattr(cpu_pack, "REFINE_VALUES", 4 * 8 * 256)  # several passes over the rows
+    n, k = _shapes(qtype)[-1]
+    w = _weight(qtype, n, k, seed=11)
+    form = cpu_pack.pack(w, exact=True)
+    assert form.exact is not None
+    idx = torch.tensor([0, n - 1, n // 2, 63 % n])
+    ref_rows = quant.dequantize(w.raw, qtype, k)[idx]
+    _assert_within(form.rows(idx), ref_rows, 2**-22 * ref_rows.abs() + 1e-7, "exact rows")
+    x = torch.randn(5, k, generator=torch.Generator().manual_seed(12))
+    exact, form.exact = form.exact, None
+    top = form.linear(x).topk(min(cpu_pack.REFINE_TOP, n), dim=1).indices  # the candidates
+    form.exact = exact
+    y, r = form.linear(x), reference.linear(x, w)
+    a = x.abs() @ w.dense().abs().t()
+    _assert_within(y.gather(1, top), r.gather(1, top), F32_RTOL * a.gather(1, top) + 1e-6, "top")
+    _assert_within(y, r, PACKED_RTOL * _magnitudes(x, w) + 1e-6, "all outputs")
+    if qtype in (Q.Q8_0, Q.Q4_0, Q.Q5_0):  # d in float16 and no zero: 2 bytes per 32 values
+        assert form.exact[0].dtype == torch.float16 and form.exact[1] is None
+
+
+@pytest.mark.parametrize("m", [1, 4])
+def test_q8_0_output_projection_as_int8_blocks(m, monkeypatch):
+    """A Q8_0 output projection with a vocabulary's rows keeps its int8 values by block of 32
+    (Int8Blocks): the same bound as the planes, exact top outputs, bit-exact rows."""
+    monkeypatch.setattr(cpu_pack, "INT8_MIN_ROWS", 100)
+    monkeypatch.setattr(cpu_pack, "PACK_VALUES", 40 * 96)  # packed in several chunks of rows
+    w = _weight(Q.Q8_0, 130, 96, seed=13)
+    form = cpu_pack.pack(w, exact=True)
+    assert isinstance(form, cpu_pack.Int8Blocks)
+    assert form.nbytes == 130 * 96 + 130 * 3 * 2 * 2  # int8 values, bf16 + f16 scales
+    assert torch.equal(form.dense(), w.dense())
+    x = torch.randn(m, 96, generator=torch.Generator().manual_seed(14))
+    y, r = form.linear(x), reference.linear(x, w)
+    _assert_within(y, r, PACKED_RTOL * _magnitudes(x, w) + 1e-6, "Int8Blocks")
+    top = r.topk(3, dim=1).indices  # far inside the refined 32
+    a = x.abs() @ w.dense().abs().t()
+    _assert_within(y.gather(1, top), r.gather(1, top), F32_RTOL * a.gather(1, top), "top")
+    assert cpu_pack.pack(w, exact=False).__class__ is cpu_pack.Int4Planes  # not the head
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_1], ids=lambda q: q.name)
+def test_tied_embedding_rows_come_from_the_packed_form(qtype, monkeypatch):
+    """A tied embedding reads its rows from the output projection's packed form and exact
+    scales (the file's pages stay unmapped): Q8_0 bit-exact, Q4_1 within float32 rounding."""
+    monkeypatch.setattr(cpu_pack, "INT8_MIN_ROWS", 100)
+    w = _weight(qtype, 130, 96, seed=15)
+    w.packed = cpu_pack.pack(w, exact=True)
+    ids = torch.tensor([0, 129, 64, 63, 7, 7])
+    ours, ref = cpu.embedding(w, ids), reference.embedding(w, ids)
+    if qtype == Q.Q8_0:
+        assert torch.equal(ours, ref)
+    _assert_within(ours, ref, 2**-22 * (ref.abs() + 1), "embedding rows")

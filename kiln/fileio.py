@@ -270,3 +270,48 @@ def append_to(path: str | os.PathLike[str], data: str | bytes, what: str = "outp
     finally:
         os.close(fd)  # releases the lock
     return p
+
+
+def read_input_text(
+    path: str | os.PathLike[str],
+    what: str,
+    max_bytes: int,
+    *,
+    hint: str = "",
+    errors: str = "strict",
+) -> str:
+    """The UTF-8 text of a file a user names (a prompt, a perplexity text, a chat template, a
+    sweep file): a regular file or a FIFO (`<(...)`), at most max_bytes read, so /dev/zero or an
+    endless pipe ends in an error instead of a hang. A missing file, a directory, a device or
+    socket, a longer text or bytes that are not UTF-8 (with errors="strict") are a UsageError
+    naming `what` and the file; `hint` is added to the too-long message (how to shorten)."""
+    p = Path(path)
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        raise UsageError(f"{what} {p}: no such file") from None
+    except OSError as e:
+        raise UsageError(f"cannot read {what} {p}: {e.strerror or e}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{what} {p} is a directory, not a regular file: give a text file")
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISFIFO(st.st_mode)):
+        raise UsageError(f"{what} {p} is a device or socket, not a text file: give a text file")
+    too_long = f"{what} {p} holds more than {_binary_size(max_bytes)} of text, the most Kiln reads"
+    too_long += f": {hint}" if hint else ""
+    if stat.S_ISREG(st.st_mode) and st.st_size > max_bytes:
+        raise UsageError(too_long)
+    try:
+        with open(p, "rb") as f:
+            data = f.read(max_bytes + 1)
+    except OSError as e:
+        raise UsageError(f"cannot read {what} {p}: {e.strerror or e}") from None
+    if len(data) > max_bytes:
+        raise UsageError(too_long)
+    try:
+        return data.decode("utf-8", errors=errors)
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{what} {p} is not UTF-8 text (bad byte at offset {e.start})") from None
+
+
+def _binary_size(n: int) -> str:
+    return f"{n >> 20} MiB" if n >= 1 << 20 and n % (1 << 20) == 0 else f"{n} bytes"

@@ -384,8 +384,8 @@ MUTATIONS: list[Mutation] = [
                 "        if p.top_k and p.top_k < logits.numel():",
             ),
             (
-                "scaled = (logits - logits.max()).double() / p.temperature",
-                "scaled = (logits - logits.max()).double()",
+                "torch.where(diff < 0, diff / p.temperature, torch.zeros_like(diff))",
+                "torch.where(diff < 0, diff, torch.zeros_like(diff))",
             ),
         ),
         SAMPLER_TESTS,

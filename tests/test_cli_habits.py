@@ -120,7 +120,7 @@ class _Terminal(io.StringIO):
     "setup, words",
     [
         ("both", "not both"),
-        ("missing", "cannot read it"),
+        ("missing", "no such file"),
         ("directory", "is a directory"),
         ("binary", "not UTF-8"),
         ("terminal", "no prompt: give -p TEXT, -f FILE"),
@@ -229,7 +229,7 @@ def test_resolve_chat_template_kinds(tmp_path, monkeypatch):
     "value, words",
     [
         ("dir", "not a regular file"),
-        ("big", "larger than 1024 KiB"),
+        ("big", "holds more than 1 MiB of text"),
         ("latin1", "not UTF-8"),
         (3, "must be a template text, a template name or a file path, not int"),
     ],

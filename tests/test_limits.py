@@ -409,3 +409,30 @@ def test_a_sound_base_still_gives_a_kld_of_zero_against_itself(stories_llm, base
     stats = P.kl_divergence(stories_llm, base_file)
     assert stats.n_tokens == 2 * P.n_scored(64)
     assert 0 <= stats.kld < 1e-3 and np.isfinite(stats.kld)
+
+
+@pytest.mark.parametrize("kind", ["/dev/zero", "directory", "too long", "missing"])
+def test_sweep_files_are_read_with_the_same_bounds(kind, tmp_path):
+    """kiln sweep --overlay / read_sweeps reads through kiln.fileio.read_input_text like -f and
+    templates: a device ends at once instead of reading without end."""
+    from kiln.bench import sweep
+
+    path = {
+        "/dev/zero": "/dev/zero",
+        "directory": str(tmp_path),
+        "too long": str(tmp_path / "big.jsonl"),
+        "missing": str(tmp_path / "nope.jsonl"),
+    }[kind]
+    words = {
+        "/dev/zero": "is a device",
+        "directory": "is a directory",
+        "too long": "holds more than",
+        "missing": "no such file",
+    }[kind]
+    if kind == "/dev/zero" and not os.path.exists(path):
+        pytest.skip("no /dev/zero here")
+    if kind == "too long":
+        with open(path, "wb") as f:
+            f.truncate(sweep.MAX_SWEEP_BYTES + 1)
+    with pytest.raises(UsageError, match=words):
+        sweep.read_sweeps(path)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import math
 import os
-import stat
 import struct
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -43,7 +42,7 @@ import numpy as np
 import torch
 
 from kiln.errors import UsageError
-from kiln.fileio import atomic_output
+from kiln.fileio import atomic_output, read_input_text
 
 if TYPE_CHECKING:
     from kiln.llm import LLM
@@ -65,46 +64,13 @@ MAX_TEXT_BYTES = 1 << 30
 def read_text(path: str | os.PathLike[str], max_bytes: int | None = None) -> str:
     """The text of a UTF-8 file, byte for byte (no newline translation), less one trailing
     newline: what llama.cpp's -f reads. At most max_bytes (default MAX_TEXT_BYTES) are read: a
-    longer text, a device or a directory is a UsageError."""
+    longer text, a device or a directory is a UsageError (kiln.fileio.read_input_text)."""
     max_bytes = MAX_TEXT_BYTES if max_bytes is None else max_bytes
-    p = Path(path)
-    try:
-        st = os.stat(p)
-    except FileNotFoundError:
-        raise UsageError(f"{p}: no such file; give the text to measure with -f FILE") from None
-    except OSError as e:
-        raise UsageError(f"cannot read {p}: {e.strerror}") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise UsageError(f"{p} is a directory; give a text file with -f FILE")
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISFIFO(st.st_mode)):
-        raise UsageError(
-            f"{p} is a device or socket, not a text file; give a text file with -f FILE"
-        )
-    too_long = (
-        f"{p} holds more than {_bytes(max_bytes)} of text, the most perplexity reads "
-        f"(kiln.bench.perplexity.MAX_TEXT_BYTES): measure a part of it (e.g. head -c 100M {p} > "
-        f"part.txt), and --chunks bounds the work"
-    )
-    if stat.S_ISREG(st.st_mode) and st.st_size > max_bytes:
-        raise UsageError(too_long)
-    try:
-        with open(p, "rb") as f:
-            data = f.read(max_bytes + 1)
-    except OSError as e:
-        raise UsageError(f"cannot read {p}: {e.strerror}") from None
-    if len(data) > max_bytes:
-        raise UsageError(too_long)
-    if not data:
-        raise UsageError(f"{p} is empty: perplexity needs a text of at least 2 x n_ctx tokens")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UsageError(f"{p} is not UTF-8 text (bad byte at offset {e.start})") from None
+    hint = f"measure a part of it (e.g. head -c 100M {path} > part.txt); --chunks bounds the work"
+    text = read_input_text(path, "the text (-f)", max_bytes, hint=hint)
+    if not text:
+        raise UsageError(f"{path} is empty: perplexity needs a text of at least 2 x n_ctx tokens")
     return text[:-1] if text.endswith("\n") else text
-
-
-def _bytes(n: int) -> str:
-    return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n} bytes"
 
 
 def tokenize(tokenizer: Any, text: str) -> list[int]:

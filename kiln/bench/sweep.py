@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kiln.errors import UsageError
-from kiln.fileio import atomic_output
+from kiln.fileio import atomic_output, read_input_text
 
 if TYPE_CHECKING:
     from kiln.runtime.engine import Engine
@@ -268,18 +268,15 @@ class SweepSeries:
     rows: list[SweepRow]
 
 
+# A sweep file holds a few hundred rows; anything this large is not one (and /dev/zero ends).
+MAX_SWEEP_BYTES = 64 << 20
+
+
 def read_sweeps(path: str | os.PathLike[str]) -> list[SweepSeries]:
     """Runs saved by kiln sweep (jsonl), printed by sweep-bench (markdown or jsonl), or a
     llama-bench markdown table of `ppN @ dD` / `tgN @ dD` tests."""
     p = Path(path)
-    if not p.exists():
-        raise UsageError(f"{p}: no such file")
-    if p.is_dir():
-        raise UsageError(f"{p} is a directory; give a sweep file (.jsonl or a markdown table)")
-    try:
-        text = p.read_text(encoding="utf-8", errors="replace")
-    except OSError as e:
-        raise UsageError(f"cannot read {p}: {e.strerror}") from None
+    text = read_input_text(p, "the sweep file", MAX_SWEEP_BYTES, errors="replace")
     return parse_sweeps(text, str(p))
 
 

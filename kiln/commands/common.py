@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from kiln.errors import UsageError
+from kiln.fileio import read_input_text
 from kiln.fusion import parse_overrides
 from kiln.runtime.sampler import SamplingParams
 
@@ -209,25 +210,17 @@ def read_prompt(prompt: str | None, file: str | None) -> str:
                 data = sys.stdin.read(MAX_PROMPT_BYTES + 1).encode("utf-8", "surrogatepass")
         except (OSError, ValueError) as e:
             raise UsageError(f"cannot read the prompt from stdin ({e}); give -p TEXT") from None
-        where = "stdin"
-    else:
+        if len(data) > MAX_PROMPT_BYTES:
+            raise UsageError(
+                f"the prompt in stdin is larger than {MAX_PROMPT_BYTES >> 20} MiB, more than any "
+                "context holds: give a shorter one"
+            )
         try:
-            with open(file, "rb") as f:
-                data = f.read(MAX_PROMPT_BYTES + 1)
-        except IsADirectoryError:
-            raise UsageError(f"-f {file}: is a directory, not a text file") from None
-        except OSError as e:
-            raise UsageError(f"-f {file}: cannot read it ({e.strerror or e})") from None
-        where = file
-    if len(data) > MAX_PROMPT_BYTES:
-        raise UsageError(
-            f"the prompt in {where} is larger than {MAX_PROMPT_BYTES >> 20} MiB, more than any "
-            "context holds: give a shorter one"
-        )
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UsageError(f"the prompt in {where} is not UTF-8 text (byte {e.start})") from None
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UsageError(f"the prompt in stdin is not UTF-8 text (byte {e.start})") from None
+    else:
+        text = read_input_text(file, "the prompt file (-f)", MAX_PROMPT_BYTES)
     return text[:-1] if text.endswith("\n") else text
 
 

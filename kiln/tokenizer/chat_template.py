@@ -33,6 +33,7 @@ from jinja2 import nodes
 from jinja2.ext import Extension
 
 from kiln.errors import KilnError, UnsupportedError, UsageError
+from kiln.fileio import read_input_text
 from kiln.tokenizer.render_limits import LimitedEnvironment, TemplateLimitError, render_bounded
 
 
@@ -307,21 +308,7 @@ def _read_template_file(path: Path, named: Mapping[str, str]) -> str:
             f"chat template {str(path)!r}: no such file, and not a template name "
             f"({_template_names(named)})"
         )
-    if not path.is_file():
-        raise UsageError(f"chat template {path}: not a regular file")
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_TEMPLATE_FILE + 1)
-    except OSError as e:
-        raise UsageError(f"cannot read the chat template {path}: {e.strerror or e}") from None
-    if len(data) > MAX_TEMPLATE_FILE:
-        raise UsageError(
-            f"chat template {path} is larger than {MAX_TEMPLATE_FILE // 1024} KiB: not a template"
-        )
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UsageError(f"chat template {path} is not UTF-8 text (byte {e.start})") from None
+    return read_input_text(path, "chat template", MAX_TEMPLATE_FILE)
 
 
 # Markers for protected texts: Supplementary Private Use Area-A, one character each, so that no

@@ -296,21 +296,34 @@ def read_input_text(
         raise UsageError(f"{what} {p} is a directory, not a regular file: give a text file")
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISFIFO(st.st_mode)):
         raise UsageError(f"{what} {p} is a device or socket, not a text file: give a text file")
-    too_long = f"{what} {p} holds more than {_binary_size(max_bytes)} of text, the most Kiln reads"
-    too_long += f": {hint}" if hint else ""
     if stat.S_ISREG(st.st_mode) and st.st_size > max_bytes:
-        raise UsageError(too_long)
+        raise UsageError(_too_long(f"{what} {p}", max_bytes, hint))
     try:
         with open(p, "rb") as f:
             data = f.read(max_bytes + 1)
     except OSError as e:
         raise UsageError(f"cannot read {what} {p}: {e.strerror or e}") from None
+    return decode_input_text(data, f"{what} {p}", max_bytes, hint=hint, errors=errors)
+
+
+def decode_input_text(
+    data: bytes, source: str, max_bytes: int, *, hint: str = "", errors: str = "strict"
+) -> str:
+    """The text of `data`, read from `source` (e.g. "the prompt on stdin") with at most
+    max_bytes + 1 bytes asked for: more than max_bytes, or bytes that are not UTF-8 (with
+    errors="strict"), are a UsageError naming the source (read_input_text's rules, for a
+    stream the caller read)."""
     if len(data) > max_bytes:
-        raise UsageError(too_long)
+        raise UsageError(_too_long(source, max_bytes, hint))
     try:
         return data.decode("utf-8", errors=errors)
     except UnicodeDecodeError as e:
-        raise UsageError(f"{what} {p} is not UTF-8 text (bad byte at offset {e.start})") from None
+        raise UsageError(f"{source} is not UTF-8 text (bad byte at offset {e.start})") from None
+
+
+def _too_long(source: str, max_bytes: int, hint: str) -> str:
+    message = f"{source} holds more than {_binary_size(max_bytes)} of text, the most Kiln reads"
+    return message + (f": {hint}" if hint else "")
 
 
 def _binary_size(n: int) -> str:

@@ -140,6 +140,28 @@ def test_prompt_source_errors(setup, words, stories_model, tmp_path, capsys, mon
     _one_line_error(capsys, words)
 
 
+class _BinaryStdin(io.StringIO):
+    """A piped stdin with raw bytes behind it (sys.stdin.buffer)."""
+
+    def __init__(self, data: bytes):
+        super().__init__()
+        self.buffer = io.BytesIO(data)
+
+
+@pytest.mark.parametrize(
+    "data, words",
+    [(b"ok \xff\xfe", "the prompt on stdin is not UTF-8"), (None, "holds more than 1 MiB")],
+)
+def test_prompt_on_stdin_has_the_file_bounds(data, words, stories_model, capsys, monkeypatch):
+    from kiln.commands import common
+
+    monkeypatch.setattr(common, "MAX_PROMPT_BYTES", 1 << 20)
+    data = b"x" * ((1 << 20) + 1) if data is None else data
+    monkeypatch.setattr(sys, "stdin", _BinaryStdin(data))
+    assert main(["run", "-m", str(stories_model), "-f", "-"]) == 1
+    _one_line_error(capsys, words)
+
+
 # -- kiln quantize IN OUT TYPE --------------------------------------------------------------------
 def test_quantize_type_positional_as_llama_quantize(stories_model, tmp_path, capsys):
     a, b, c = tmp_path / "a.gguf", tmp_path / "b.gguf", tmp_path / "c.gguf"

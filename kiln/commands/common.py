@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from kiln.errors import UsageError
-from kiln.fileio import read_input_text
+from kiln.fileio import decode_input_text, read_input_text
 from kiln.fusion import parse_overrides
 from kiln.runtime.sampler import SamplingParams
 
@@ -210,15 +210,8 @@ def read_prompt(prompt: str | None, file: str | None) -> str:
                 data = sys.stdin.read(MAX_PROMPT_BYTES + 1).encode("utf-8", "surrogatepass")
         except (OSError, ValueError) as e:
             raise UsageError(f"cannot read the prompt from stdin ({e}); give -p TEXT") from None
-        if len(data) > MAX_PROMPT_BYTES:
-            raise UsageError(
-                f"the prompt in stdin is larger than {MAX_PROMPT_BYTES >> 20} MiB, more than any "
-                "context holds: give a shorter one"
-            )
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise UsageError(f"the prompt in stdin is not UTF-8 text (byte {e.start})") from None
+        hint = "more than any context holds: give a shorter one"
+        text = decode_input_text(data, "the prompt on stdin", MAX_PROMPT_BYTES, hint=hint)
     else:
         text = read_input_text(file, "the prompt file (-f)", MAX_PROMPT_BYTES)
     return text[:-1] if text.endswith("\n") else text

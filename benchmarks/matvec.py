@@ -21,7 +21,7 @@ from gguf.constants import GGMLQuantizationType
 from kiln import quant
 from kiln.kernels import matvec as mv
 from kiln.ops.reference import linear
-from kiln.ops.weight import Weight
+from kiln.weight import Weight
 
 FORMATS = "F32,F16,BF16,Q8_0,Q4_0,Q4_1,Q5_0,Q5_1,Q4_K,Q5_K,Q6_K"
 SHAPES = "4096x4096,12288x4096,4096x12288"

@@ -31,7 +31,7 @@ from kiln.fileio import write_text  # noqa: E402
 from kiln.fusion import FusionPolicy  # noqa: E402
 from kiln.kernels import config_name, moe  # noqa: E402
 from kiln.kernels import matvec as mv  # noqa: E402
-from kiln.ops.weight import Weight  # noqa: E402
+from kiln.weight import Weight  # noqa: E402
 
 # (N, K) of the mat-vecs of qwen3-0.6b, qwen3-8b / llama3-8b (merged QKV and gate/up) and the
 # experts of qwen3-30b-a3b, per format they come in.

@@ -22,7 +22,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from kiln.kernels import pdl_launch
 from kiln.kernels.matvec import _FLOAT_VIEW, FORMAT_IDS
 from kiln.kernels.triton import embedding as _k
-from kiln.ops.weight import Weight
+from kiln.weight import Weight
 
 SUPPORTED: set[GGMLQuantizationType] = set(FORMAT_IDS)
 _ID_DTYPES = (torch.int32, torch.int64)

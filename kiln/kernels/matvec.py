@@ -21,7 +21,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from kiln.kernels import CONFIG_DIR, config_name, pdl_launch
 from kiln.kernels.triton import matvec as _k
-from kiln.ops.weight import Weight
+from kiln.weight import Weight
 
 _T = GGMLQuantizationType
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from kiln.kernels import matvec as _mv
-from kiln.ops.weight import Weight
+from kiln.weight import Weight
 
 SUPPORTED = _mv.SUPPORTED
 _ID_DTYPES = (torch.int32, torch.int64)

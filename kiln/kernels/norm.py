@@ -18,7 +18,7 @@ from gguf.constants import GGMLQuantizationType
 
 from kiln.kernels import pdl_launch
 from kiln.kernels.triton import norm as _k
-from kiln.ops.weight import Weight
+from kiln.weight import Weight
 
 _X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_N = 16384  # the row lives in registers: 32 fp32 values per thread at 16 warps

@@ -18,7 +18,7 @@ import triton
 from kiln.kernels import pdl_launch
 from kiln.kernels.norm import check_heads, num_warps_for, weight_f32
 from kiln.kernels.triton import rope as _k
-from kiln.ops.weight import Weight
+from kiln.weight import Weight
 
 _CACHE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_D = 1024

@@ -11,7 +11,8 @@ from kiln.errors import UnsupportedError
 from kiln.fusion import FusionPolicy
 from kiln.gguf.model import GGUFModel
 from kiln.models.common import BlockStyle, DecoderModel
-from kiln.ops import Weight, get_ops, resolve_backend
+from kiln.ops import get_ops, resolve_backend
+from kiln.weight import Weight
 
 STYLES: dict[str, BlockStyle] = {}
 

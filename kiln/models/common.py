@@ -15,9 +15,8 @@ import torch
 from kiln.config import ModelConfig
 from kiln.errors import UnsupportedError
 from kiln.fusion import FusionPolicy
-from kiln.ops import Weight
-from kiln.ops.weight import concat_rows
 from kiln.runtime.kv_cache import KVCache
+from kiln.weight import Weight, concat_rows
 
 
 @dataclass(frozen=True)

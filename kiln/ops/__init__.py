@@ -17,7 +17,6 @@ import torch
 
 from kiln.errors import UnsupportedError, UsageError
 from kiln.ops import decompose, reference
-from kiln.ops.weight import Weight
 
 OP_NAMES = (
     "embedding",
@@ -92,4 +91,4 @@ def get_ops(backend: str, fused: dict[str, bool] | None = None) -> SimpleNamespa
     return ops
 
 
-__all__ = ["BACKEND_NAMES", "OP_NAMES", "Weight", "get_ops", "resolve_backend"]
+__all__ = ["BACKEND_NAMES", "OP_NAMES", "get_ops", "resolve_backend"]

@@ -33,7 +33,7 @@ from gguf.constants import GGMLQuantizationType
 
 from kiln.errors import UsageError
 from kiln.ops import cpu_pack, reference
-from kiln.ops.weight import Weight
+from kiln.weight import Weight
 
 
 def prepare(weights: dict[str, Weight], groups: Sequence[Sequence[str]] = ()) -> None:

@@ -51,8 +51,8 @@ import torch.nn.functional as F
 from gguf.constants import GGMLQuantizationType as Q
 
 from kiln import quant
-from kiln.ops.weight import Weight
 from kiln.quant.k_quants import _scale_min_k4
+from kiln.weight import Weight
 
 GROUP = 32  # values per (scale, zero) group of the int4 planes
 REFINE_TOP = 32  # outputs of the output projection recomputed exactly per row

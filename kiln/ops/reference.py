@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kiln.ops.weight import Weight
+from kiln.weight import Weight
 
 
 def embedding(weight: Weight, ids: torch.Tensor) -> torch.Tensor:

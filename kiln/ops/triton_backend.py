@@ -14,7 +14,7 @@ from functools import partial
 import torch
 
 from kiln.ops import reference
-from kiln.ops.weight import Weight
+from kiln.weight import Weight
 
 
 def ops(pdl: bool = False) -> dict:

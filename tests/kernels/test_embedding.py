@@ -18,7 +18,7 @@ from gguf.constants import GGMLQuantizationType
 
 from kiln import quant
 from kiln.ops.reference import embedding as reference
-from kiln.ops.weight import Weight
+from kiln.weight import Weight
 from tests.kernels.sm90 import run_compile_check
 from tests.kernels.test_matvec import _check
 from tests.kernels.test_router import _PoisonedTorch
@@ -162,7 +162,7 @@ _COMPILE = textwrap.dedent(
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
     from triton.runtime.jit import JITFunction
     from kiln.kernels import embedding
-    from kiln.ops.weight import Weight
+    from kiln.weight import Weight
     from tests.kernels.sm90 import compile_only
 
     def weight(q, v, k):

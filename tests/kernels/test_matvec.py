@@ -14,7 +14,7 @@ from gguf.constants import GGMLQuantizationType
 
 from kiln import quant
 from kiln.ops.reference import linear
-from kiln.ops.weight import Weight
+from kiln.weight import Weight
 from tests.kernels.sm90 import run_compile_check
 from tests.kernels.tolerances import MATVEC
 
@@ -302,7 +302,7 @@ _COMPILE = CAPTURE_PTX + textwrap.dedent(
     import torch
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
     from kiln.kernels import matvec
-    from kiln.ops.weight import Weight
+    from kiln.weight import Weight
     from tests.kernels.sm90 import compile_only
 
     def weight(q, n, k):

@@ -16,7 +16,7 @@ from gguf.constants import GGMLQuantizationType
 
 from kiln import quant
 from kiln.ops.reference import expert_linear
-from kiln.ops.weight import Weight
+from kiln.weight import Weight
 from tests.kernels.sm90 import run_compile_check
 from tests.kernels.test_matvec import (
     ACTS,
@@ -178,7 +178,7 @@ _COMPILE = CAPTURE_PTX + textwrap.dedent(
     import torch
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
     from kiln.kernels import matvec, moe
-    from kiln.ops.weight import Weight
+    from kiln.weight import Weight
     from tests.kernels.sm90 import compile_only
 
     def weight(q, e, n, k):

@@ -14,7 +14,7 @@ from gguf.constants import GGMLQuantizationType
 
 from kiln import quant
 from kiln.ops import reference
-from kiln.ops.weight import Weight
+from kiln.weight import Weight
 from tests.kernels.sm90 import run_compile_check
 from tests.kernels.test_matvec import _check
 from tests.kernels.tolerances import DECODE_FUSIONS
@@ -214,7 +214,7 @@ sys.path.insert(0, {root!r})
 import torch
 from gguf.constants import GGMLQuantizationType
 from kiln.kernels import norm
-from kiln.ops.weight import Weight
+from kiln.weight import Weight
 from tests.kernels.sm90 import compile_only
 
 def w(n):

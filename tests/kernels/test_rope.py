@@ -298,7 +298,7 @@ sys.path.insert(0, {root!r})
 import torch
 from gguf.constants import GGMLQuantizationType
 from kiln.kernels import rope
-from kiln.ops.weight import Weight
+from kiln.weight import Weight
 from tests.kernels.sm90 import compile_only
 
 def w(n):

@@ -16,7 +16,7 @@ import torch
 from gguf.constants import GGMLQuantizationType
 
 from kiln.ops import reference
-from kiln.ops.weight import Weight
+from kiln.weight import Weight
 from tests.kernels.sm90 import run_compile_check
 from tests.kernels.test_matvec import _check
 from tests.kernels.tolerances import ROUTER

@@ -51,7 +51,7 @@ from kiln import quant
 from kiln.kernels import config_name
 from kiln.kernels import matvec as mv
 from kiln.kernels import moe
-from kiln.ops.weight import Weight
+from kiln.weight import Weight
 from tests.kernels.sm90 import compile_only
 
 count = 0

@@ -25,7 +25,7 @@ from gguf.constants import GGMLQuantizationType as Q
 from kiln import quant
 from kiln.errors import UsageError
 from kiln.ops import cpu, cpu_pack, get_ops, reference, resolve_backend
-from kiln.ops.weight import Weight, concat_rows
+from kiln.weight import Weight, concat_rows
 
 PACKED_RTOL = 2**-7
 F32_RTOL = 2e-5

@@ -1,18 +1,22 @@
-"""Micro-benchmark of kiln.kernels.attention.attention_decode (flash-decoding, batch 1): time per
-call and GB/s of K/V read against the cache length, and % of a device-to-device copy (the
+"""Micro-benchmark of kiln.kernels.attention.attention_decode (paged flash-decoding): time per
+call and GB/s of K/V read against the sequence length, and % of a device-to-device copy (the
 achievable HBM bandwidth). Not run by CI; needs a CUDA device.
 
     python benchmarks/attention.py [--heads 32,8,128] [--capacity 40960] [--dtype bf16]
-                                   [--lengths 128,512,...] [--sweep] [--sdpa]
+                                   [--lengths 128,512,...] [-B 1] [--block-size 64] [--shuffle]
+                                   [--sweep] [--sdpa]
 
-Each time is of calls replayed from one CUDA graph (as the decode step runs; a Python launch
-costs more than the kernel at short lengths), timed with torch.cuda.Event. The calls of one replay
-read disjoint caches (views at different rows of one buffer, like the layers of a model), at least
-4x the L2 cache in all, so K/V come from HBM. GB/s counts K and V rows 0..length-1 only (not q,
-the partial results or the output).
+Each call is a batch of B rows (-B, default 1), every row of the same length, each over its own
+blocks of a paged pool (--block-size rows per block; table rows of capacity / block-size
+entries). Each time is of calls replayed from one CUDA graph (as the decode step runs; a Python
+launch costs more than the kernel at short lengths), timed with torch.cuda.Event. The calls of
+one replay read disjoint blocks of one pool (like the layers of a model), at least 4x the L2
+cache in all, so K/V come from HBM. Blocks are handed out in pool order (a fresh pool);
+--shuffle permutes them. GB/s counts the K and V rows of positions 0..length-1 of the B rows only
+(not q, the tables, the partial results or the output).
 --sweep times a grid of launch configs at every length and prints the best per length.
---sdpa also times torch's scaled_dot_product_attention on the same rows (host-known length, a
-slice of the cache; enable_gqa) as a baseline.
+--sdpa also times torch's scaled_dot_product_attention on the same rows gathered contiguous
+(host-known length; enable_gqa) as a baseline.
 """
 
 from __future__ import annotations
@@ -77,68 +81,76 @@ def copy_gbps(nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / us / 1e3
 
 
-class Caches:
-    """n views [C, Hkv, D] of one K and one V buffer, view i starting at row i * length: the
-    rows a call reads (0..length-1) are disjoint between views."""
+class Pools:
+    """One K and one V pool of blocks; `n` batches of B block tables [B, capacity / block_size],
+    batch i's rows owning disjoint blocks (the rows a call reads are disjoint between calls);
+    entries past a row's blocks point at block 0."""
 
-    def __init__(self, n_kv: int, d: int, capacity: int, length: int, dtype: torch.dtype):
+    def __init__(self, args, n_kv: int, d: int, length: int, dtype: torch.dtype):
+        bs, b = args.block_size, args.batch
         row_bytes = 2 * n_kv * d * dtype.itemsize
-        self.n = max(2, math.ceil(4 * L2_BYTES / (length * row_bytes)))
-        rows = capacity + (self.n - 1) * length
-        self.k = torch.randn(rows, n_kv, d, device="cuda").to(dtype)
-        self.v = torch.randn(rows, n_kv, d, device="cuda").to(dtype)
-        self.length = length
+        need = -(-length // bs)  # blocks per row
+        self.n = max(2, math.ceil(4 * L2_BYTES / (b * need * bs * row_bytes)))
+        n_blocks = self.n * b * need
+        self.k = torch.randn(n_blocks * bs, n_kv, d, device="cuda").to(dtype)
+        self.v = torch.randn(n_blocks * bs, n_kv, d, device="cuda").to(dtype)
+        order = torch.randperm(n_blocks) if args.shuffle else torch.arange(n_blocks)
+        owned = order.view(self.n, b, need).to(torch.int32)
+        tables = torch.zeros(self.n, b, args.capacity // bs, dtype=torch.int32)
+        tables[:, :, :need] = owned
+        self.tables = tables.cuda()
+        self.lens = torch.full((b,), length, dtype=torch.int64, device="cuda")
+        self.block_size = bs
 
-    def view(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        start = i * self.length
-        end = start + self.k.shape[0] - (self.n - 1) * self.length  # capacity rows
-        return self.k[start:end], self.v[start:end]
+    def call(self, i: int) -> tuple:
+        """attention_decode's arguments after q for batch i."""
+        return self.k, self.v, self.tables[i], self.lens, self.block_size
 
 
-def _graph_us(call, caches: Caches) -> float:
-    """us per call: one graph holding a call on every view, replayed."""
-    call(*caches.view(0))  # compile outside the capture
+def _graph_us(call, calls: list[tuple]) -> float:
+    """us per call: one graph holding call(*args) for every args of `calls`, replayed."""
+    call(*calls[0])  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for i in range(caches.n):
-            call(*caches.view(i))
-    return _time_us(graph.replay) / caches.n
+        for args in calls:
+            call(*args)
+    return _time_us(graph.replay) / len(calls)
 
 
 def bench_length(args, q: torch.Tensor, length: int, copy: float, sms: int) -> None:
-    """One output line (and the sweep's) for one cache length."""
+    """One output line (and the sweep's) for one sequence length."""
     n_kv, d = int(args.heads.split(",")[1]), q.shape[2]
     dtype = DTYPES[args.dtype]
-    caches = Caches(n_kv, d, args.capacity, length, dtype)
-    n = torch.tensor([length], device="cuda")
+    pools = Pools(args, n_kv, d, length, dtype)
+    calls = [pools.call(i) for i in range(pools.n)]
     scale = d**-0.5
-    kv_bytes = length * n_kv * 2 * d * dtype.itemsize
-    k0, v0 = caches.view(0)
-    y = att.attention_decode(q, k0, v0, n, scale)
-    err = (y - reference(q, k0[:length], v0[:length], n, scale)).abs().max().item()
+    kv_bytes = args.batch * length * n_kv * 2 * d * dtype.itemsize
+    y = att.attention_decode(q, *calls[0], scale)
+    err = (y - reference(q, *calls[0], scale)).abs().max().item()
     assert err < 1e-3, f"length {length}: max error {err}"
 
-    def ours(k, v, cfg=None):
-        att.attention_decode(q, k, v, n, scale, cfg)
+    def ours(k, v, tables, lens, bs, cfg=None):
+        att.attention_decode(q, k, v, tables, lens, bs, scale, cfg)
 
-    us = _graph_us(ours, caches)
+    us = _graph_us(ours, calls)
     gbps = kv_bytes / us / 1e3
     line = f"{length:>7} {us:8.2f} {gbps:7.0f} {100 * gbps / copy:6.1f}%"
     if args.sdpa:
-        qs = q.to(dtype).transpose(0, 1)  # [H, 1, D]
+        qs = q.to(dtype).unsqueeze(2)  # [B, H, 1, D]
+        bs = pools.block_size
+        offs = torch.arange(bs, device="cuda")
+
+        def gathered(tables):  # the rows' K and V, [B, Hkv, length, D] each, contiguous
+            rows = (tables[:, : -(-length // bs), None].long() * bs + offs).flatten(1)
+            rows = rows[:, :length]
+            return tuple(p[rows].transpose(1, 2).contiguous() for p in (pools.k, pools.v))
 
         def sdpa(k, v):
-            torch.nn.functional.scaled_dot_product_attention(
-                qs,
-                k[:length].transpose(0, 1),
-                v[:length].transpose(0, 1),
-                scale=scale,
-                enable_gqa=True,
-            )
+            torch.nn.functional.scaled_dot_product_attention(qs, k, v, scale=scale, enable_gqa=True)
 
         try:
-            s_us = _graph_us(sdpa, caches)
+            s_us = _graph_us(sdpa, [gathered(pools.tables[i]) for i in range(pools.n)])
             line += f" {s_us:8.2f} {kv_bytes / s_us / 1e3:9.0f}"
         except (RuntimeError, TypeError) as e:  # enable_gqa needs torch >= 2.5
             line += f"  sdpa failed: {str(e).splitlines()[0][:60]}"
@@ -147,7 +159,7 @@ def bench_length(args, q: torch.Tensor, length: int, copy: float, sms: int) -> N
         times = {}
         for b, s, per_sm, w, st in SWEEP:
             cfg = att.AttentionConfig(b, s, per_sm * sms, w, st)
-            times[(b, s, per_sm, w, st)] = _graph_us(lambda k, v, cfg=cfg: ours(k, v, cfg), caches)
+            times[(b, s, per_sm, w, st)] = _graph_us(lambda *a, cfg=cfg: ours(*a, cfg), calls)
         best = min(times, key=times.get)
         row = "  ".join("/".join(map(str, c)) + f":{t:.1f}" for c, t in times.items())
         print(f"  sweep (block_s/min_slice/programs per SM/warps/stages:us) {row}")
@@ -157,13 +169,17 @@ def bench_length(args, q: torch.Tensor, length: int, copy: float, sms: int) -> N
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--heads", default="32,8,128", help="H,Hkv,D (qwen3-8b, llama3-8b)")
-    ap.add_argument("--capacity", type=int, default=40960, help="cache rows C")
+    ap.add_argument("--capacity", type=int, default=40960, help="rows C of a block-table row")
+    ap.add_argument("-B", "--batch", type=int, default=1, help="rows (sequences) per call")
+    ap.add_argument("--block-size", type=int, default=64, help="rows per KV-cache block")
+    ap.add_argument("--shuffle", action="store_true", help="blocks in a random pool order")
     ap.add_argument("--dtype", default="bf16", choices=tuple(DTYPES))
     ap.add_argument("--lengths", default=LENGTHS)
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sdpa", action="store_true")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "benchmarks/attention.py needs a CUDA device"
+    assert args.capacity % args.block_size == 0, "--capacity must be a multiple of --block-size"
     torch.manual_seed(0)
     n_head, n_kv, d = (int(v) for v in args.heads.split(","))
     copy = copy_gbps()
@@ -172,10 +188,11 @@ def main() -> None:
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     print(f"{torch.cuda.get_device_name()}: device-to-device copy {copy:.0f} GB/s")
     print(
-        f"H={n_head} Hkv={n_kv} D={d} C={args.capacity} {args.dtype}; default {default}, "
+        f"B={args.batch} H={n_head} Hkv={n_kv} D={d} C={args.capacity} {args.dtype} "
+        f"block_size={args.block_size}{' shuffled' if args.shuffle else ''}; default {default}, "
         f"P={att.n_slices(args.capacity, n_kv, default)}"
     )
-    q = torch.randn(1, n_head, d, device="cuda")
+    q = torch.randn(args.batch, n_head, d, device="cuda")
     head = f"{'length':>7} {'us':>8} {'GB/s':>7} {'% copy':>7}"
     print(head + ("  sdpa us  sdpa GB/s" if args.sdpa else ""))
     for length in (int(v) for v in args.lengths.split(",")):

@@ -15,15 +15,20 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """What distinguishes an architecture's blocks; shared code reads these flags."""
+    """Everything that distinguishes an architecture; the one description of it (shared code
+    reads these flags: config checks the tensors they imply, the decoder builds its blocks).
+    Each kiln/models/<arch>.py registers its spec."""
 
     name: str
+    rope_neox: bool  # qwen: rotate (i, i + d/2); llama GGUFs: adjacent pairs
     qkv_bias: bool = False  # qwen2: Q/K/V projections carry a bias
     qk_norm: bool = False  # qwen3: per-head RMSNorm of Q and K before RoPE
     moe: bool = False  # qwen3moe: routed experts replace the dense FFN
+    moe_normalize: bool = True  # renormalize the top-k router weights to sum to 1
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {}
+ARCH_MODULES = ("llama", "qwen2", "qwen3", "qwen3_moe")  # kiln/models/<name>.py
 
 
 def register_arch(spec: ArchSpec) -> ArchSpec:
@@ -31,10 +36,15 @@ def register_arch(spec: ArchSpec) -> ArchSpec:
     return spec
 
 
-register_arch(ArchSpec("llama"))
-register_arch(ArchSpec("qwen2", qkv_bias=True))
-register_arch(ArchSpec("qwen3", qk_norm=True))
-register_arch(ArchSpec("qwen3moe", qk_norm=True, moe=True))
+def architectures() -> dict[str, ArchSpec]:
+    """The registry, filled by importing every architecture module (they import only this
+    module, so this is cheap and never circular)."""
+    if not ARCHITECTURES:
+        import importlib
+
+        for name in ARCH_MODULES:
+            importlib.import_module(f"kiln.models.{name}")
+    return ARCHITECTURES
 
 
 def is_vocab_only(model: GGUFModel) -> bool:
@@ -89,7 +99,7 @@ class ModelConfig:
 
     @property
     def spec(self) -> ArchSpec:
-        return ARCHITECTURES[self.arch]
+        return architectures()[self.arch]
 
     @property
     def q_dim(self) -> int:
@@ -107,7 +117,7 @@ class ModelConfig:
         arch = meta.get("general.architecture")
         if arch is None:
             raise ConfigError(f"{src}: missing metadata key 'general.architecture'")
-        if arch not in ARCHITECTURES:
+        if arch not in architectures():
             known = ", ".join(sorted(ARCHITECTURES))
             raise UnsupportedError(
                 f"{src}: architecture {arch!r} is not supported by Kiln (supported: {known})"

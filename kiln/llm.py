@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from kiln.errors import UsageError
-from kiln.runtime.generate import Completion, generate_stream
+from kiln.runtime.generate import Completion, generate_batch, generate_stream
 from kiln.runtime.sampler import SamplingParams
 
 DEFAULT_CTX = 4096  # like llama.cpp's default -c; never more than the model was trained on
@@ -32,6 +32,13 @@ class LLM:
         llama-cpp-python's verbose=True does by default; False for silence.
     threads: torch's intra-op threads (CPU work), set for the whole process; default: the
         physical cores this process may run on.
+    n_seq: the most sequences decoded at once (a list of prompts given to generate() or chat()
+        runs as batches of up to n_seq); the KV cache grows as they need it.
+
+    generate() and chat() take one prompt / conversation, or a list of them run as one batch
+    (each with its own parameters: pass a list of SamplingParams), and return Completions in
+    input order. A prompt may be text or a list of token ids. logprobs=N records each generated
+    token's log-probability and the N most likely (Completion.logprobs).
 
     chat() keeps the KV cache of the conversation: a call whose messages extend the previous
     call's (its messages, the reply, then new ones) processes only the new tokens; reset()
@@ -48,6 +55,7 @@ class LLM:
         fusions: dict[str, bool] | None = None,
         verbose: bool = True,
         threads: int | None = None,
+        n_seq: int = 8,
     ):
         from kiln.gguf import read_gguf
         from kiln.hub import resolve_model
@@ -57,6 +65,8 @@ class LLM:
         from kiln.tokenizer import Tokenizer
 
         _check_model_args(model, n_ctx, ubatch, backend, fusions)
+        if isinstance(n_seq, bool) or not isinstance(n_seq, numbers.Integral) or n_seq < 1:
+            raise UsageError(f"n_seq must be an integer >= 1, got {n_seq!r}")
         self.threads = set_threads(threads)
         self.device = pick_device(device)  # a bad device fails before a model is fetched
         self.path = resolve_model(model)
@@ -71,7 +81,7 @@ class LLM:
                 f"{self.path.name} was trained on"
             )
         self.model = build_model(self.gguf, self.device, backend=backend, fusions=fusions)
-        self.engine = Engine(self.model, n_ctx=n_ctx, ubatch=ubatch)
+        self.engine = Engine(self.model, n_ctx=n_ctx, ubatch=ubatch, n_seq=int(n_seq))
         self.prompt_cache = PromptCache(self.engine)  # the conversation of chat()
         if verbose:
             size = self.path.stat().st_size / 1e6
@@ -87,10 +97,23 @@ class LLM:
 
     # -- text in, text out -------------------------------------------------------------------
     def generate(
-        self, prompt: str, params: SamplingParams | None = None, **options: Any
-    ) -> Completion:
+        self,
+        prompt: str | Sequence[int] | Sequence[str | Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        logprobs: int | None = None,
+        **options: Any,
+    ) -> Completion | list[Completion]:
+        """The continuation of a prompt (text or token ids), or of each prompt of a list, run as
+        one batch (params: one SamplingParams for all, or one per prompt; options apply to
+        all) -> a Completion, or a list of them in input order."""
+        n = _check_logprobs(logprobs)
+        if _is_batch(prompt):
+            fitted = [self._prompt_ids(p, dict(options)) for p in prompt]
+            return self._batch(fitted, params, options, n)
+        ids = self._prompt_ids(prompt, options)
         result = Completion()
-        for _ in self._stream(self.encode_prompt(prompt, options), params, options, result):
+        for _ in self._stream(ids, params, options, result, logprobs=n):
             pass
         return result
 
@@ -98,14 +121,15 @@ class LLM:
         self, prompt: str, params: SamplingParams | None = None, **options: Any
     ) -> Iterator[str]:
         """Text pieces as they are generated."""
-        yield from self._stream(self.encode_prompt(prompt, options), params, options, Completion())
+        yield from self._stream(self._prompt_ids(prompt, options), params, options, Completion())
 
     def chat(
         self,
-        messages: Sequence[dict[str, Any]],
-        params: SamplingParams | None = None,
+        messages: Sequence[dict[str, Any]] | Sequence[Sequence[dict[str, Any]]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
         stream: bool = False,
         *,
+        logprobs: int | None = None,
         chat_template: str | os.PathLike[str] | None = None,
         tools: list[Any] | None = None,
         template_kwargs: dict[str, Any] | None = None,
@@ -126,7 +150,24 @@ class LLM:
             and truncate=True.
         The KV cache of the conversation is kept: the next call with these messages, the reply
         and a new message processes only the new tokens.
+        A list of conversations runs as one batch (no stream, no kept cache) -> a list of
+        Completions in input order.
         """
+        n = _check_logprobs(logprobs)
+        if _is_conversations(messages):
+            if stream:
+                raise UsageError("stream=True takes one conversation, not a list of them")
+            fitted = [
+                self.encode_chat(
+                    m,
+                    dict(options),
+                    chat_template=chat_template,
+                    tools=tools,
+                    template_kwargs=template_kwargs,
+                )
+                for m in messages
+            ]
+            return self._batch(fitted, params, options, n)
         ids = self.encode_chat(
             messages,
             options,
@@ -135,9 +176,9 @@ class LLM:
             template_kwargs=template_kwargs,
         )
         if stream:
-            return self._stream(ids, params, options, Completion(), self.prompt_cache)
+            return self._stream(ids, params, options, Completion(), self.prompt_cache, n)
         result = Completion()
-        for _ in self._stream(ids, params, options, result, self.prompt_cache):
+        for _ in self._stream(ids, params, options, result, self.prompt_cache, n):
             pass
         return result
 
@@ -149,8 +190,24 @@ class LLM:
     def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
         """float32 [len(token_ids), n_vocab]: one forward pass over a fresh cache."""
         ids = self._token_ids(token_ids)
-        cache = self.engine.new_cache()
-        return self.engine.prefill(ids, cache, all_logits=True)
+        seq = self.engine.new_sequence()
+        try:
+            return self.engine.prefill(ids, seq, all_logits=True)
+        finally:
+            seq.free()
+
+    def _prompt_ids(self, prompt, options: dict[str, Any]) -> list[int]:
+        """Text is encoded; token ids (a list of ints, a 1-D tensor or array) are checked."""
+        if isinstance(prompt, str):
+            return self.encode_prompt(prompt, options)
+        if isinstance(prompt, (bytes, bytearray)) or not (
+            isinstance(prompt, Sequence) or hasattr(prompt, "tolist")
+        ):
+            raise UsageError(
+                f"the prompt must be a string, a list of token ids or a list of prompts, got "
+                f"{type(prompt).__name__}"
+            )
+        return self._fit(self._token_ids(prompt), options)
 
     def encode_prompt(self, prompt: str, options: dict[str, Any] | None = None) -> list[int]:
         if not isinstance(prompt, str):
@@ -221,12 +278,65 @@ class LLM:
         keep = max(1, self.n_ctx // 2)
         return ids[-keep:]
 
-    def _stream(self, ids, params, options, result: Completion, prompt_cache=None) -> Iterator[str]:
-        if params is not None and not isinstance(params, SamplingParams):
-            raise UsageError(f"params must be a SamplingParams, got {type(params).__name__}")
-        params = (params or SamplingParams()).replace(**options) if options else params
-        params = params or SamplingParams()
-        return generate_stream(self.engine, self.tokenizer, ids, params, result, prompt_cache)
+    def _stream(
+        self, ids, params, options, result: Completion, prompt_cache=None, logprobs=None
+    ) -> Iterator[str]:
+        params = _params(params, options)
+        return generate_stream(
+            self.engine, self.tokenizer, ids, params, result, prompt_cache, logprobs
+        )
+
+    def _batch(self, prompts: list[list[int]], params, options, logprobs) -> list[Completion]:
+        if isinstance(params, (list, tuple)):
+            if len(params) != len(prompts):
+                raise UsageError(
+                    f"{len(params)} SamplingParams for {len(prompts)} prompts: give one for "
+                    f"all or one per prompt"
+                )
+            each = [_params(p, options) for p in params]
+        else:
+            each = [_params(params, options)] * len(prompts)
+        return generate_batch(self.engine, self.tokenizer, prompts, each, logprobs)
+
+
+def _params(params, options: dict[str, Any]) -> SamplingParams:
+    if params is not None and not isinstance(params, SamplingParams):
+        raise UsageError(f"params must be a SamplingParams, got {type(params).__name__}")
+    params = params or SamplingParams()
+    return params.replace(**options) if options else params
+
+
+def _check_logprobs(logprobs) -> int | None:
+    if logprobs is None:
+        return None
+    if isinstance(logprobs, bool) or not isinstance(logprobs, numbers.Integral):
+        raise UsageError(
+            f"logprobs must be an integer >= 0 (the top-n to record), got {logprobs!r}"
+        )
+    if not 0 <= logprobs <= 20:
+        raise UsageError(f"logprobs must be in 0..20 (as OpenAI's top_logprobs), got {logprobs}")
+    return int(logprobs)
+
+
+def _is_batch(prompt) -> bool:
+    """A list of prompts (texts or id lists), not one prompt of token ids."""
+    if isinstance(prompt, (list, tuple)) and prompt:
+        return all(isinstance(p, str) or _is_id_list(p) for p in prompt) and not _is_id_list(prompt)
+    return False
+
+
+def _is_id_list(x) -> bool:
+    return isinstance(x, (list, tuple)) and all(
+        isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in x
+    )
+
+
+def _is_conversations(messages) -> bool:
+    return (
+        isinstance(messages, (list, tuple))
+        and bool(messages)
+        and all(isinstance(m, (list, tuple)) for m in messages)
+    )
 
 
 # Template variables that have their own argument (or are the template's input)

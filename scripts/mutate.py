@@ -113,6 +113,22 @@ MUTATIONS: list[Mutation] = [
         "the bf16 K/V cache write rounds ties away from zero instead of to even",
     ),
     Mutation(
+        "rope_cache_at_position",
+        KERNELS + "rope.py",
+        (
+            (
+                "tl.store(kc_ptr + slot * stride_kc + hk * D + d, ky, mask=mask)",
+                "tl.store(kc_ptr + pos * stride_kc + hk * D + d, ky, mask=mask)",
+            ),
+            (
+                "tl.store(vc_ptr + slot * stride_vc + hk * DV + dv, v, mask=v_mask)",
+                "tl.store(vc_ptr + pos * stride_vc + hk * DV + dv, v, mask=v_mask)",
+            ),
+        ),
+        ROPE_TESTS,
+        "the K/V cache write goes to the token's position instead of its slot in the pool",
+    ),
+    Mutation(
         "cache_f16_truncates",
         KERNELS + "rope.py",
         _one(
@@ -144,6 +160,43 @@ MUTATIONS: list[Mutation] = [
         "the online softmax rescales by the inverse factor",
     ),
     Mutation(
+        "attention_block_table_ignored",
+        KERNELS + "attention.py",
+        _one(
+            "rows = block * KV_BLOCK + (s0 % KV_BLOCK) + offs  # [BLOCK_S] pool rows (int64)",
+            "rows = (s0 + offs).to(tl.int64)  # [BLOCK_S] pool rows (int64)",
+        ),
+        ATTENTION_TESTS,
+        "paged decode attention reads position j at pool row j (the block table is not used)",
+    ),
+    Mutation(
+        "attention_single_buffered",
+        "kiln/kernels/attention.py",
+        _one(
+            "num_stages=_triton_stages(cfg.num_stages),",
+            "num_stages=cfg.num_stages,",
+        ),
+        ("tests/kernels/test_attention.py::test_attention_kernels_compile_for_sm90",),
+        "the block-table load takes a pipeline stage from K/V: one K/V step in flight, not two",
+    ),
+    Mutation(
+        "attention_first_row_length",
+        KERNELS + "attention.py",
+        _one(
+            "length = tl.minimum(tl.load(len_ptr + b).to(tl.int32), NB * KV_BLOCK)",
+            "length = tl.minimum(tl.load(len_ptr).to(tl.int32), NB * KV_BLOCK)",
+        ),
+        ATTENTION_TESTS,
+        "every row of a batch attends over the first row's length",
+    ),
+    Mutation(
+        "attention_combine_first_row",
+        KERNELS + "attention.py",
+        _one("row = b * P  # this row's first slice", "row = 0  # this row's first slice"),
+        ATTENTION_TESTS,
+        "the combine of every row merges the first row's partial results",
+    ),
+    Mutation(
         "matvec_lanes_affine_min",
         KERNELS + "matvec.py",
         _one("acc += d * p + m * sx", "acc += d * p - m * sx"),
@@ -162,7 +215,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         "matvec_q4_0_offset",
-        KERNELS + "matvec.py",
+        KERNELS + "dequant.py",
         _one("w = d * (q.to(tl.float32) - 8.0)", "w = d * (q.to(tl.float32) - 7.0)"),
         MATVEC_TESTS,
         "Q4_0 dequantized with the wrong zero point (the byte kernel and the embedding)",
@@ -171,11 +224,21 @@ MUTATIONS: list[Mutation] = [
         "moe_slot_x",
         KERNELS + "matvec.py",
         _one(
-            "x_ptr + slot * stride_xs, out_ptr + slot * stride_os",
+            "x_ptr + x_row * stride_xs, out_ptr + slot * stride_os",
             "x_ptr, out_ptr + slot * stride_os",
         ),
         MOE_TESTS,
         "every expert slot reads x row 0 (the MoE down projection's per-slot inputs)",
+    ),
+    Mutation(
+        "moe_token_x_row",
+        KERNELS + "matvec.py",
+        _one(
+            "x_row = slot // SLOTS_PER_X",
+            "x_row = slot % (tl.num_programs(1) // SLOTS_PER_X)",
+        ),
+        MOE_TESTS,
+        "a batch's slots read the token rows in [k, T] order (slot s reads row s % T, not s // k)",
     ),
     Mutation(
         "moe_expert_id",
@@ -200,6 +263,13 @@ MUTATIONS: list[Mutation] = [
         _one("acc += ws * d", "acc += d"),
         ROUTER_TESTS,
         "the MoE combine sums the experts' outputs without their weights",
+    ),
+    Mutation(
+        "router_combine_token_rows",
+        KERNELS + "router.py",
+        _one("down_ptr += t * K * stride_d", "down_ptr += t * stride_d"),
+        ROUTER_TESTS,
+        "the MoE combine of token t sums rows t .. t + k - 1 instead of its own k slot rows",
     ),
     Mutation(
         "embedding_kquant_layout",
@@ -280,18 +350,29 @@ MUTATIONS: list[Mutation] = [
             "mask = key_pos[None, :] <= q_positions[:, None]  # [T, S]",
             "mask = key_pos[None, :] < q_positions[:, None]  # [T, S]",
         ),
-        (*HF_LLAMA, *ATTENTION_TESTS),
+        HF_LLAMA,
         "causal mask hides each token from itself",
     ),
     Mutation(
         "ref_attention_decode_length",
         REFERENCE,
         _one(
-            "positions = (length - 1).reshape(1)",
-            "positions = (length - 2).reshape(1)",
+            "visible = positions[None, :] < seq_lens[:, None]  # [B, C]",
+            "visible = positions[None, :] < seq_lens[:, None] - 1  # [B, C]",
         ),
         ATTENTION_TESTS,
         "decode attention leaves out the newest key",
+    ),
+    Mutation(
+        "ref_attention_decode_table",
+        REFERENCE,
+        _one(
+            "rows = (block_tables.long()[:, :, None] * block_size + offs).reshape(n_rows, -1)",
+            "rows = (block_tables.long()[:1, :, None] * block_size + offs).expand(n_rows, -1, -1)"
+            ".reshape(n_rows, -1)",
+        ),
+        ATTENTION_TESTS,
+        "the reference's decode attention reads every row through the first row's block table",
     ),
     Mutation(
         "ref_qk_norm_weight",
@@ -307,11 +388,21 @@ MUTATIONS: list[Mutation] = [
         "ref_qkv_norm_rope_k",
         REFERENCE,
         _one(
-            "    k = rope(k, positions, freqs, neox)\n    k_cache.index_copy_",
-            "    k_cache.index_copy_",
+            "    k = rope(k, positions, freqs, neox)\n    k_cache.index_copy_(0, slots,",
+            "    k_cache.index_copy_(0, slots,",
         ),
         ROPE_TESTS,
         "qkv_norm_rope writes K into the cache without RoPE",
+    ),
+    Mutation(
+        "ref_qkv_norm_rope_slot",
+        REFERENCE,
+        _one(
+            "k_cache.index_copy_(0, slots, k.to(k_cache.dtype))",
+            "k_cache.index_copy_(0, positions, k.to(k_cache.dtype))",
+        ),
+        ROPE_TESTS,
+        "the reference's qkv_norm_rope writes K at the position instead of the slot",
     ),
     Mutation(
         "ref_swiglu_swapped",
@@ -347,18 +438,28 @@ MUTATIONS: list[Mutation] = [
         "ref_expert_linear_order",
         REFERENCE,
         _one(
-            "w = torch.stack([weight.expert(int(e)) for e in ids.tolist()])  # [k, N, K]",
-            "w = torch.stack([weight.expert(int(e)) for e in sorted(ids.tolist())])  # [k, N, K]",
+            "w = _gather_experts(weight, ids.reshape(-1).long())  # [T*k, N, K]",
+            "w = _gather_experts(weight, ids.reshape(-1).sort().values.long())  # [T*k, N, K]",
         ),
         MOE_TESTS,
         "expert_linear pairs slots with the experts in sorted order",
     ),
     Mutation(
+        "ref_expert_linear_token_rows",
+        REFERENCE,
+        _one(
+            "rows = x.float()[:, None, :].expand(t, k, x.shape[1]).reshape(t * k, x.shape[1])",
+            "rows = x.float()[None, :, :].expand(k, t, x.shape[1]).reshape(t * k, x.shape[1])",
+        ),
+        MOE_TESTS,
+        "expert_linear gives slot t*k + j the x row (t*k + j) % T instead of token t's",
+    ),
+    Mutation(
         "ref_moe_combine_unweighted",
         REFERENCE,
         _one(
-            "return (down * weights[0, :, None]).sum(0, keepdim=True)",
-            "return down.sum(0, keepdim=True)",
+            "return (down.reshape(t, k, -1) * weights[:, :, None]).sum(1)",
+            "return down.reshape(t, k, -1).sum(1)",
         ),
         ROUTER_TESTS,
         "moe_combine sums the experts' outputs without their weights",
@@ -379,13 +480,13 @@ MUTATIONS: list[Mutation] = [
         SAMPLER,
         (
             (
-                "        p = self.params\n        if p.top_k and p.top_k < logits.numel():",
-                "        p = self.params\n        logits = logits / p.temperature\n"
-                "        if p.top_k and p.top_k < logits.numel():",
+                '    inf = float("-inf")\n    if step.top_p:\n',
+                '    inf = float("-inf")\n    logits = logits / step.column(_TEMPERATURE).float()\n'
+                "    if step.top_p:\n",
             ),
             (
-                "torch.where(diff < 0, diff / p.temperature, torch.zeros_like(diff))",
-                "torch.where(diff < 0, diff, torch.zeros_like(diff))",
+                "torch.where(diff < 0, diff / step.column(_TEMPERATURE), 0.0)",
+                "torch.where(diff < 0, diff, 0.0)",
             ),
         ),
         SAMPLER_TESTS,
@@ -394,9 +495,51 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "sampler_top_p_not_scattered",
         SAMPLER,
-        _one("drop = torch.zeros_like(drop).scatter(0, order, drop)", "pass"),
+        _one("drop = torch.empty_like(drop).scatter_(1, order, drop)", "pass"),
         SAMPLER_TESTS,
         "top-p's mask stays in sorted order instead of going back to vocabulary order",
+    ),
+    Mutation(
+        "sampler_top_p_in_float64",
+        SAMPLER,
+        _one("top_p = _float32(p.top_p) if", "top_p = p.top_p if"),
+        SAMPLER_TESTS,
+        "top-p compares the float32 sums with top_p in float64, not rounded to float32 as before",
+    ),
+    Mutation(
+        "sampler_top_p_off_is_one",
+        SAMPLER,
+        _one("if p.top_p < 1.0 and not p.greedy else inf", "if not p.greedy else inf"),
+        SAMPLER_TESTS,
+        "a row with top_p = 1 (off) still runs top-p with threshold 1.0 beside a row with it on",
+    ),
+    Mutation(
+        "sampler_rows_share_a_seed",
+        SAMPLER,
+        _one(
+            "uniforms = [uniform(s.seed, s.steps) for s in samplers]",
+            "uniforms = [uniform(samplers[0].seed, s.steps) for s in samplers]",
+        ),
+        SAMPLER_TESTS,
+        "every row of a batch draws with the first row's seed",
+    ),
+    Mutation(
+        "sampler_draw_cdf_ge",
+        SAMPLER,
+        _one("torch.searchsorted(cdf, target, right=True)", "torch.searchsorted(cdf, target)"),
+        SAMPLER_TESTS,
+        "the draw takes the first index whose sum reaches u * total (a zero-probability token "
+        "can win at u = 0) instead of the first that exceeds it",
+    ),
+    Mutation(
+        "sampler_penalty_pad_token_0",
+        SAMPLER,
+        _one(
+            "row += ids + ids[:1] * pad + n + n[:1] * pad",
+            "row += ids + [0] * pad + n + [0] * pad",
+        ),
+        SAMPLER_TESTS,
+        "a row's padded penalty entries point at token 0 under the row's penalties",
     ),
 ]
 

@@ -93,7 +93,7 @@ def expert_launches(qtype, n: int, k: int, slots: int, pdl: bool, n_expert: int 
     w = Weight("experts", qtype, (n_expert, n, k), raw)
     count = max(2, min(64, -(-TOTAL_BYTES // (slots * one.numel()))))
     x = torch.randn(1, k, device="cuda")
-    ids = [torch.randperm(n_expert, device="cuda")[:slots] for _ in range(count)]
+    ids = [torch.randperm(n_expert, device="cuda")[:slots][None] for _ in range(count)]  # [1, k]
     return [lambda cfg, i=i: moe.expert_linear(x, i, w, cfg, pdl=pdl) for i in ids]
 
 

@@ -134,20 +134,18 @@ def test_an_unread_stream_is_not_reused(llm, fresh, monkeypatch):
 
 
 @pytest.mark.parametrize("where", ["cpu", "cuda"])
-def test_static_engine_keeps_its_one_cache(stories_model, monkeypatch, where):
-    """A static engine (the triton backend's: one f16 cache at the full context, decode through
-    decode_step) keeps the conversation in its one cache; any other request empties it and the
-    next turn starts over. On the CPU the reference model runs in a static engine (the triton
-    kernels in Triton's interpreter take minutes); on a GPU, the triton backend."""
+def test_kept_conversation_gives_way_when_the_pool_is_full(stories_model, monkeypatch, where):
+    """The kept conversation holds blocks of the engine's KV pool. A pool of one sequence
+    (n_seq=1) has no room for another request beside it: that request takes the blocks (the
+    kept sequence is dropped, not corrupted) and the next turn starts over with the same reply.
+    On the CPU the reference backend; on a GPU, the triton backend (f16 pool, CUDA graphs)."""
     if where == "cuda":
         if not torch.cuda.is_available():
             pytest.skip("no CUDA GPU")
-        llm = LLM(stories_model, device="cuda", n_ctx=64, verbose=False)
+        llm = LLM(stories_model, device="cuda", n_ctx=64, verbose=False, n_seq=1)
         assert llm.model.ops.name == "triton"
     else:
-        llm = _load(stories_model, n_ctx=64)
-        llm.engine.static = True
-    assert llm.engine.static
+        llm = _load(stories_model, n_ctx=64, n_seq=1, backend="torch")
     messages = [{"role": "user", "content": "Tom"}]
     ids, _, prefilled, out = _turn(llm, messages, monkeypatch)
     assert prefilled == len(ids)
@@ -156,6 +154,9 @@ def test_static_engine_keeps_its_one_cache(stories_model, monkeypatch, where):
     ids, held, prefilled, second = _turn(llm, messages, monkeypatch)
     reused = common_prefix(held, ids)
     assert reused > len(held) // 2 and prefilled == len(ids) - reused
-    assert llm.engine.new_cache() is not None  # another request takes the engine's cache
+    other = llm.engine.new_sequence()  # another request fills the pool: the kept one goes
+    llm.engine.prefill([1] * 60, other)
+    assert llm.prompt_cache.ids == []
+    other.free()
     ids, _, prefilled, again = _turn(llm, messages, monkeypatch)
     assert prefilled == len(ids) and again.token_ids == second.token_ids

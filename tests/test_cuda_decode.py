@@ -41,7 +41,7 @@ def prompt(demo):
 
 def decode_logits(engine: Engine, ids: list[int]) -> torch.Tensor:
     """Logits after each token, every token through engine.decode -> float32 [len(ids), V]."""
-    cache = engine.new_cache()
+    cache = engine.new_sequence()
     rows = [engine.prefill(ids[:1], cache)[-1].clone()]
     for token in ids[1:]:
         rows.append(engine.decode(token, cache)[-1].clone())
@@ -49,7 +49,7 @@ def decode_logits(engine: Engine, ids: list[int]) -> torch.Tensor:
 
 
 def greedy(engine: Engine, prompt: list[int], steps: int = 128) -> list[int]:
-    cache = engine.new_cache()
+    cache = engine.new_sequence()
     logits = engine.prefill(prompt, cache)
     out = []
     for _ in range(steps):
@@ -62,7 +62,7 @@ def greedy(engine: Engine, prompt: list[int], steps: int = 128) -> list[int]:
 def test_greedy_tokens_equal_the_reference(demo, prompt):
     gpu = Engine(build_model(demo, "cuda", backend="triton"), n_ctx=N_CTX)
     ref = Engine(build_model(demo, "cuda", backend="torch"), n_ctx=N_CTX)
-    assert gpu.static and gpu.graphs
+    assert gpu.graphs is not None
     assert greedy(gpu, prompt[:32]) == greedy(ref, prompt[:32])
 
 
@@ -70,7 +70,7 @@ def test_kl_divergence_against_the_reference(demo, prompt):
     gpu = Engine(build_model(demo, "cuda", backend="triton"), n_ctx=N_CTX)
     ref = Engine(build_model(demo, "cuda", backend="torch"), n_ctx=N_CTX)
     ours = decode_logits(gpu, prompt)
-    cache = ref.new_cache()
+    cache = ref.new_sequence()
     theirs = ref.prefill(prompt, cache, all_logits=True).float()
     log_p = torch.log_softmax(theirs, -1)
     log_q = torch.log_softmax(ours, -1)
@@ -86,6 +86,6 @@ def test_cuda_graph_replay_is_bitwise_eager(demo, prompt):
     eager = Engine(
         build_model(demo, "cuda", backend="triton", fusions={"cuda_graphs": False}), n_ctx=N_CTX
     )
-    assert graphed.graphs and not eager.graphs
+    assert graphed.graphs is not None and eager.graphs is None
     ids = prompt[:96]
     assert torch.equal(decode_logits(graphed, ids), decode_logits(eager, ids))

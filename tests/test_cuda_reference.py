@@ -15,7 +15,7 @@ PROMPT = [1, 17, 250, 33, 99, 4, 101, 7, 64, 128, 3, 90]
 
 
 def _greedy_and_logits(engine: Engine, steps: int = 32):
-    cache = engine.new_cache()
+    cache = engine.new_sequence()
     logits = engine.prefill(PROMPT, cache, all_logits=True)
     first = logits.cpu()
     tokens = []

@@ -113,11 +113,20 @@ def test_kiln_fusions_lists_every_fusion(capsys, monkeypatch):
     assert main(["fusions", "--device", "cpu", "--fusion", "qk_norm=0"]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
-    table = lines[next(i for i, ln in enumerate(lines) if ln.startswith("fusion ")) + 1 :]
-    rows = {ln.split()[0]: ln.split()[1:3] for ln in table if ln.split()}
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("fusion ")) + 1
+    end = next(i for i, ln in enumerate(lines) if ln.startswith("Set one with"))
+    rows = {ln.split()[0]: ln.split()[1:3] for ln in lines[start:end] if ln.split()}
     assert rows["swiglu"] == ["off", "env"] and rows["qk_norm"] == ["off", "cli"]
     assert rows["merged_qkv"] == ["on", "builtin"]
     assert all(name in out for name in F.FUSIONS)
+    # then what runs each op, decided once for the op set: the fusions that are off run their
+    # decomposition
+    ops = {ln.split()[0]: ln.split(None, 1)[1] for ln in lines[end + 2 :]}
+    from kiln.ops import OP_NAMES
+
+    assert sorted(ops) == sorted(OP_NAMES)
+    assert ops["swiglu"].startswith("unfused") and ops["qk_norm"].startswith("unfused")
+    assert not ops["add_rms_norm"].startswith("unfused")
 
 
 @pytest.mark.parametrize(

@@ -49,3 +49,20 @@ def test_info_not_gguf(tmp_path, capsys):
     assert main(["info", str(bad)]) == 1
     err = capsys.readouterr().err
     assert "notes.gguf" in err and "Traceback" not in err
+
+
+def test_info_says_what_runs_each_op_and_which_weights_no_kernel_reads(tmp_path, capsys):
+    """On the triton backend (built in Triton's interpreter here) a format without a kernel
+    (MXFP4) is named: its weights run the reference."""
+    from kiln.gguf.synthetic import build_model as synthetic
+    from kiln.gguf.writer import write_gguf
+
+    path = tmp_path / "m.gguf"
+    write_gguf(synthetic("tiny-llama", "mxfp4", layers=1), path)
+    assert main(["info", str(path), "--device", "cpu", "--backend", "triton"]) == 0
+    out = capsys.readouterr().out
+    assert "ops (triton backend):" in out and "mat-vec kernel up to 8 rows" in out
+    slow = out.split("no kernel reads")[1]
+    assert "blk.0.ffn_down.weight (MXFP4)" in slow and "output_norm" not in slow
+    assert main(["info", str(path), "--device", "cpu", "--backend", "torch"]) == 0
+    assert "no kernel reads" not in capsys.readouterr().out

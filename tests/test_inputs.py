@@ -281,10 +281,11 @@ def test_generate_options_of_the_wrong_type(stories, options, words):
         list(stories.stream("Once", **options))
 
 
-@pytest.mark.parametrize("prompt", [123, None, b"Once", ["Once"]])
-def test_generate_takes_a_string(stories, prompt):
-    with pytest.raises(UsageError, match="the prompt must be a string"):
+@pytest.mark.parametrize("prompt", [123, None, b"Once", 1.5])
+def test_generate_takes_a_string_token_ids_or_a_list(stories, prompt):
+    with pytest.raises(UsageError, match="the prompt must be a string, a list of token ids"):
         stories.generate(prompt)
+    assert isinstance(stories.generate(["Once"], max_tokens=1), list)
 
 
 def test_params_must_be_sampling_params(stories):

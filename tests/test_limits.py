@@ -111,13 +111,13 @@ def test_every_kv_cache_is_checked_against_free_memory(capsys, stories_model, mo
     """The net under every command: a KV cache (kiln run, chat, ppl, the LLM API) larger than
     the free memory is a UsageError naming its size, not an allocation the kernel kills."""
     from kiln.llm import LLM
-    from kiln.runtime.kv_cache import KVCache
+    from kiln.runtime.kv_pool import KVPool
 
     llm = LLM(stories_model, device="cpu", n_ctx=512)
     need = limits.kv_cache_bytes(llm.config, 512)
     monkeypatch.setattr(limits, "free_memory", lambda device: need - 1)
-    with pytest.raises(UsageError, match="a KV cache of 512 tokens"):
-        KVCache(llm.config, 512, torch.device("cpu"), initial=512)
+    with pytest.raises(UsageError, match=r"a KV cache of \d+ tokens"):
+        KVPool(llm.config, 512, 1, torch.device("cpu"), initial_tokens=512)
     monkeypatch.setattr(limits, "free_memory", lambda device: 1 << 10)
     _fails(capsys, ["run", "-m", str(stories_model), "-p", "Once", "-n", "4"], "KV cache")
 

@@ -353,7 +353,7 @@ def greedy_tokens(lm: B.LoadedModel, n: int, ubatch: int = 512) -> list[int]:
 
     prompt = fixed_prompt(lm)
     engine = Engine(lm.model, n_ctx=len(prompt) + n, ubatch=ubatch)
-    cache = engine.new_cache()
+    cache = engine.new_sequence()
     logits = engine.prefill(prompt, cache)
     out: list[int] = []
     for i in range(n):

@@ -121,7 +121,7 @@ MAX_FILE_BYTES = 256 << 20
 # Fields the history commands read, and what each must hold (None is allowed where listed).
 _STR_FIELDS = ("model_filename", "model_type", "device_name", "backends", "test", "timestamp",
                "test_time", "fusions")  # fmt: skip
-_INT_FIELDS = ("n_prompt", "n_gen", "n_depth", "n_batch", "n_ubatch")
+_INT_FIELDS = ("n_prompt", "n_gen", "n_depth", "n_batch", "n_ubatch", "n_parallel")
 
 
 def load_history(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -229,10 +229,13 @@ def _record_problem(rec: dict[str, Any]) -> str | None:
 
 
 def record_key(rec: dict[str, Any]) -> tuple:
-    """What makes two records the same measurement: model, test, device, backend, batch sizes."""
+    """What makes two records the same measurement: model, test, device, backend, batch sizes.
+    A test of B parallel sequences (kiln bench -npl) is its own test, `tg128 npl4`: an
+    aggregate t/s never compares with a single sequence's (records without n_parallel: B = 1)."""
+    npl = rec.get("n_parallel") or 1
     return (
         model_label(rec),
-        rec.get("test") or _test_of(rec),
+        (rec.get("test") or _test_of(rec)) + (f" npl{npl}" if npl != 1 else ""),
         rec.get("device_name", "-"),
         rec.get("backends", "-"),
         rec.get("n_batch"),

@@ -16,8 +16,16 @@ The method, per test (one combination of the list flags):
 - token ids are random (the first is BOS when the model adds BOS), t/s = tokens / time per
   repetition, reported as mean and sample standard deviation over the repetitions.
 
-Beyond llama-bench: for tg tests the weight bytes read per token x t/s (GB/s) and its share of
-the copy bandwidth measured in the same run (see kiln.bench.memory), and the peak GPU memory.
+Beyond llama-bench:
+- -npl (llama-batched-bench's flag: parallel sequences, B): each test runs B sequences of the
+  same sizes at once, the depth filled in each; pp = the B prompts together (one stream of
+  B * n_prompt tokens, sequence after sequence, in calls of n_batch tokens and forwards of
+  min(n_batch, n_ubatch), as llama-batched-bench feeds its batch), tg = n_gen decode steps of
+  all B sequences at once (Engine.decode_batch); t/s is the aggregate, B * tokens / time
+  (llama-batched-bench's S_PP, S_TG);
+- for tg tests the bytes a decode step reads (the weights once, plus the K/V of every row at its
+  length, averaged over the steps) x steps/s (GB/s), and its share of the copy bandwidth measured
+  in the same run (see kiln.bench.memory); the peak GPU memory.
 """
 
 from __future__ import annotations
@@ -49,6 +57,11 @@ DEFAULT_N_GEN = (128,)
 DEFAULT_N_DEPTH = (0,)
 DEFAULT_N_BATCH = (2048,)
 DEFAULT_N_UBATCH = (512,)
+DEFAULT_N_PARALLEL = (1,)
+# llama.cpp's limit on parallel sequences (LLAMA_MAX_SEQ, llama-cparams.h): every -npl value
+# kiln bench accepts is one llama-batched-bench can run too. Memory is checked separately
+# (check_tests counts B KV caches).
+MAX_PARALLEL = 256
 DEFAULT_REPS = 5
 SEED = 1234  # token ids are random but the same from run to run
 
@@ -69,6 +82,7 @@ class BenchParams:
     backend: str = "auto"
     warmup: bool = True
     fusions: tuple[Fusions, ...] = ((),)  # each a set of --fusion overrides, swept like -ub
+    n_parallel: tuple[int, ...] = DEFAULT_N_PARALLEL  # -npl: sequences decoded together
 
 
 Fusions = tuple[tuple[str, bool], ...]  # (name, on) overrides, hashable
@@ -83,6 +97,7 @@ class TestInstance:
     n_batch: int
     n_ubatch: int
     fusions: Fusions = ()
+    n_parallel: int = 1  # B: sequences run together, each with these sizes
 
     @property
     def fusion_label(self) -> str:
@@ -93,7 +108,13 @@ class TestInstance:
         return test_name(self.n_prompt, self.n_gen, self.n_depth)
 
     @property
+    def label(self) -> str:
+        """The name, with the number of parallel sequences when not 1 (progress, errors)."""
+        return self.name + (f" npl{self.n_parallel}" if self.n_parallel != 1 else "")
+
+    @property
     def n_ctx(self) -> int:
+        """The context of each of the B sequences."""
         return max(1, self.n_depth + self.n_prompt + self.n_gen)
 
 
@@ -171,6 +192,18 @@ def parse_reps(value: str | int | None, flag: str = "-r") -> int:
     return reps
 
 
+def parse_parallel(values: Iterable[str] | None) -> tuple[int, ...]:
+    """-npl: the numbers of parallel sequences, a list flag like -p (each 1..MAX_PARALLEL)."""
+    out = parse_int_list(values, "-npl", DEFAULT_N_PARALLEL, minimum=1)
+    big = [v for v in out if v > MAX_PARALLEL]
+    if big:
+        raise UsageError(
+            f"-npl must be <= {MAX_PARALLEL} (llama.cpp's limit on parallel sequences), got "
+            f"{big[0]}"
+        )
+    return out
+
+
 def parse_output(value: str | None) -> str:
     value = "md" if value is None else value
     if value not in FORMATS:
@@ -190,7 +223,8 @@ def parse_models(values: Iterable[str] | None, default: str) -> tuple[str, ...]:
 def instances(params: BenchParams) -> list[TestInstance]:
     """Every combination of the list values, in llama-bench's order (each model's tests
     together, so it loads once; then each fusion set's, so it builds once): model, fusions,
-    batch, ubatch, depth, then the pp, tg and pg tests; sizes of 0 are skipped."""
+    batch, ubatch, depth, then the pp, tg and pg tests, each for every -npl value (innermost, as
+    llama-batched-bench's pl: a test's batch sizes side by side); sizes of 0 are skipped."""
     out = []
     for m in params.models:
         for fu in params.fusions:
@@ -200,7 +234,11 @@ def instances(params: BenchParams) -> list[TestInstance]:
                         tests = [(p, 0) for p in params.n_prompt if p > 0]
                         tests += [(0, n) for n in params.n_gen if n > 0]
                         tests += [(p, n) for p, n in params.n_pg if p > 0 or n > 0]
-                        out += [TestInstance(m, p, n, nd, nb, nub, fu) for p, n in tests]
+                        out += [
+                            TestInstance(m, p, n, nd, nb, nub, fu, b)
+                            for p, n in tests
+                            for b in params.n_parallel
+                        ]
     return out
 
 
@@ -223,14 +261,20 @@ class TestResult:
     build_commit: str = env.UNKNOWN
     build_number: int = 0
     n_threads: int = 0
+    kv_bytes_per_token: int = 0  # K and V of one position, every layer, as the cache stores them
 
     @property
     def test(self) -> str:
         return self.inst.name
 
     @property
+    def n_parallel(self) -> int:
+        return self.inst.n_parallel
+
+    @property
     def n_tokens(self) -> int:
-        return self.inst.n_prompt + self.inst.n_gen
+        """Tokens of one repetition, all B sequences: t/s is the aggregate."""
+        return self.inst.n_parallel * (self.inst.n_prompt + self.inst.n_gen)
 
     @property
     def samples_ts(self) -> list[float]:
@@ -257,16 +301,41 @@ class TestResult:
         return self.inst.n_prompt == 0 and self.inst.n_gen > 0
 
     @property
+    def kv_bytes_per_step(self) -> int | None:
+        """K/V bytes the attention of one decode step reads, all B rows, averaged over the
+        n_gen steps (tg tests only): step i reads n_depth + i + 1 positions of each row."""
+        if not self.is_tg:
+            return None
+        i = self.inst
+        return round(i.n_parallel * self.kv_bytes_per_token * (i.n_depth + (i.n_gen + 1) / 2))
+
+    @property
+    def bytes_per_step(self) -> int | None:
+        """Bytes one decode step reads (tg tests only): the weights once for all B rows
+        (bytes_per_token) plus every row's K/V."""
+        kv = self.kv_bytes_per_step
+        return None if kv is None else self.bytes_per_token + kv
+
+    @property
+    def read_rate(self) -> float | None:
+        """Bytes read per second while generating: bytes per step x steps/s, where steps/s =
+        t/s / B (tg tests only)."""
+        step = self.bytes_per_step
+        return None if step is None else step * self.avg_ts / self.inst.n_parallel
+
+    @property
     def gbps(self) -> float | None:
-        """Weight bytes read per second while generating (tg tests only), GB/s."""
-        return self.bytes_per_token * self.avg_ts / 1e9 if self.is_tg else None
+        """Bytes read per second while generating (tg tests only), GB/s."""
+        rate = self.read_rate
+        return None if rate is None else rate / 1e9
 
     @property
     def floor_pct(self) -> float | None:
         """Achieved GB/s as a percentage of the measured copy bandwidth (tg tests only)."""
-        if not self.is_tg or self.copy_bandwidth <= 0:
+        rate = self.read_rate
+        if rate is None or self.copy_bandwidth <= 0:
             return None
-        return 100 * self.bytes_per_token * self.avg_ts / self.copy_bandwidth
+        return 100 * rate / self.copy_bandwidth
 
     def fields(self, samples: bool = False) -> dict[str, Any]:
         """llama-bench's fields (names and order) where they exist, then Kiln's."""
@@ -295,10 +364,12 @@ class TestResult:
             "stddev_ts": self.stddev_ts,
             # Kiln's own
             "test": self.test,
+            "n_parallel": i.n_parallel,
             "device": self.device,
             "device_name": self.device_name,
             **env.versions(),
             "bytes_per_token": self.bytes_per_token,
+            "kv_bytes_per_step": self.kv_bytes_per_step,
             "copy_gbps": self.copy_bandwidth / 1e9,
             "gbps": self.gbps,
             "floor_pct": self.floor_pct,
@@ -328,6 +399,7 @@ class LoadedModel:
     n_vocab: int
     bos_id: int | None  # the prompt's first token when the model adds BOS
     fusions: Fusions = ()
+    kv_bytes_per_token: int = 0  # K and V of one position in the engine's cache dtype
 
 
 def load_model(
@@ -347,15 +419,18 @@ def build_loaded(
 ) -> LoadedModel:
     """A GGUFModel built for `device` with its bench facts (two builds of one GGUFModel share
     its raw weights)."""
+    from kiln.limits import kv_cache_bytes
     from kiln.models import build_model
+    from kiln.runtime.engine import kv_dtype
 
     meta = gguf.metadata
     add_bos = meta.get("tokenizer.ggml.add_bos_token", meta.get("tokenizer.ggml.model") == "llama")
     bos = meta.get("tokenizer.ggml.bos_token_id")
+    model = build_model(gguf, device, backend=backend, fusions=dict(fusions))
     return LoadedModel(
         value=value,
         filename=filename,
-        model=build_model(gguf, device, backend=backend, fusions=dict(fusions)),
+        model=model,
         fusions=fusions,
         model_type=M.describe(gguf),
         size=gguf.tensor_bytes,
@@ -363,6 +438,7 @@ def build_loaded(
         bytes_per_token=memory.model_bytes_per_token(gguf),
         n_vocab=gguf.config.n_vocab,
         bos_id=int(bos) if add_bos and bos is not None else None,
+        kv_bytes_per_token=kv_cache_bytes(gguf.config, 1, kv_dtype(model.ops.name)),
     )
 
 
@@ -426,17 +502,18 @@ class Runner:
             build_commit=self.git.short,
             build_number=self.git.number,
             n_threads=env.threads(),
+            kv_bytes_per_token=lm.kv_bytes_per_token,
         )
 
     def session(self, lm: LoadedModel, inst: TestInstance, what: str = "") -> Session:
         """A test made ready to be timed: engine, KV cache, depth fill and warm-up done."""
-        return Session(self, lm, inst, what or f"{lm.value} {inst.name}")
+        return Session(self, lm, inst, what or f"{lm.value} {inst.label}")
 
     def run(self, lm: LoadedModel, inst: TestInstance, label: str = "") -> TestResult:
         """One test: its session, then `reps` timed repetitions."""
         result = self.new_result(lm, inst)
         memory.reset_peak_memory(self.device)
-        what = f"{label}{lm.value} {inst.name}"
+        what = f"{label}{lm.value} {inst.label}"
         session = self.session(lm, inst, what)
         for r in range(self.reps):
             self.progress.status(f"{what}: run {r + 1}/{self.reps}")
@@ -446,8 +523,9 @@ class Runner:
 
 
 class Session:
-    """One test on one model, ready to time: an Engine whose context holds exactly the test's
-    tokens, the KV cache allocated up front, the depth filled (untimed) and the warm-up run."""
+    """One test on one model, ready to time: an Engine of B sequences whose context each holds
+    exactly the test's tokens, their KV blocks reserved up front, the depth filled in each
+    (untimed) and the warm-up run."""
 
     def __init__(self, runner: Runner, lm: LoadedModel, inst: TestInstance, what: str):
         from kiln.runtime.engine import Engine
@@ -455,9 +533,15 @@ class Session:
         self.runner, self.lm, self.inst = runner, lm, inst
         self.device = runner.device
         self.rng = runner.rng
-        self.engine = Engine(lm.model, n_ctx=inst.n_ctx, ubatch=min(inst.n_batch, inst.n_ubatch))
-        self.cache = self.engine.new_cache()
-        self.cache.reserve(inst.n_ctx)  # the whole context now: no allocation in a timed run
+        self.engine = Engine(
+            lm.model,
+            n_ctx=inst.n_ctx,
+            ubatch=min(inst.n_batch, inst.n_ubatch),
+            n_seq=inst.n_parallel,
+        )
+        self.seqs = [self.engine.new_sequence() for _ in range(inst.n_parallel)]
+        self.cache = self.seqs[0]  # what on_timed is shown (B = 1: the only sequence)
+        self._reserve()
         if inst.n_depth:
             runner.progress.status(f"{what}: depth fill of {inst.n_depth} tokens")
             self.prompt(inst.n_depth)
@@ -468,10 +552,20 @@ class Session:
             if inst.n_gen:
                 self.gen(1)
 
+    def _reserve(self) -> None:
+        """Blocks for the rest of every sequence's context now: nothing is allocated while
+        the clock runs."""
+        for seq in self.seqs:
+            self.engine.reserve(seq, self.inst.n_ctx - seq.length)
+
     def time_once(self) -> int:
         """One timed repetition from depth n_depth -> nanoseconds."""
         inst = self.inst
-        self.cache.truncate(inst.n_depth)  # llama-bench restores the state saved at the depth
+        # llama-bench restores the state saved at the depth; cut back in reverse so that each
+        # sequence is given back the blocks it had (the pool hands out the last freed first)
+        for seq in reversed(self.seqs):
+            seq.truncate(inst.n_depth)
+        self._reserve()
         if self.runner.on_timed is not None:
             self.runner.on_timed(inst, self.cache)
         memory.synchronize(self.device)
@@ -484,23 +578,48 @@ class Session:
         return max(time.perf_counter_ns() - t0, 1)
 
     def prompt(self, n: int) -> None:
-        """n random tokens in batches of n_batch (llama-bench's test_prompt)."""
-        lm, n_batch = self.lm, self.inst.n_batch
-        ids = [self.rng.randrange(lm.n_vocab) for _ in range(n)]
-        if lm.bos_id is not None:
-            ids[0] = lm.bos_id
-        for s in range(0, n, n_batch):
-            self.engine.prefill(ids[s : s + n_batch], self.cache)
+        """n random tokens for each of the B sequences (BOS first where the model adds it),
+        processed together as llama-batched-bench does: one stream of B * n tokens, sequence
+        after sequence, in calls of n_batch tokens (llama-bench's test_prompt), each call in
+        forwards of min(n_batch, n_ubatch) tokens that may hold pieces of several sequences
+        (Engine.step); the logits of each call's last forward only. B = 1: Engine.prefill's
+        forwards exactly."""
+        lm, n_batch, ubatch = self.lm, self.inst.n_batch, self.engine.ubatch
+        stream: list[tuple[int, int]] = []  # (sequence index, token)
+        for k in range(len(self.seqs)):
+            ids = [self.rng.randrange(lm.n_vocab) for _ in range(n)]
+            if lm.bos_id is not None:
+                ids[0] = lm.bos_id
+            stream += [(k, t) for t in ids]
+        for s in range(0, len(stream), n_batch):
+            call = stream[s : s + n_batch]
+            for u in range(0, len(call), ubatch):
+                last = u + ubatch >= len(call)
+                self.engine.step(self._entries(call[u : u + ubatch]), "last" if last else "none")
         memory.synchronize(self.device)
 
+    def _entries(self, piece: list[tuple[int, int]]) -> list[tuple[Any, list[int]]]:
+        """Consecutive (sequence index, token) pairs -> Engine.step's (sequence, ids) entries."""
+        entries: list[tuple[Any, list[int]]] = []
+        prev = -1
+        for k, t in piece:
+            if k != prev:
+                entries.append((self.seqs[k], []))
+                prev = k
+            entries[-1][1].append(t)
+        return entries
+
     def gen(self, n: int) -> None:
-        """n single-token decode steps, synchronized after each (llama-bench's test_gen)."""
-        lm = self.lm
-        token = lm.bos_id if lm.bos_id is not None else self.rng.randrange(lm.n_vocab)
+        """n decode steps of all B sequences at once (Engine.decode_batch: one token each),
+        synchronized after each (llama-bench's test_gen; llama-batched-bench's tg loop)."""
+        lm, b = self.lm, len(self.seqs)
+        tokens = [
+            lm.bos_id if lm.bos_id is not None else self.rng.randrange(lm.n_vocab) for _ in range(b)
+        ]
         for _ in range(n):
-            self.engine.decode(token, self.cache)
+            self.engine.decode_batch(tokens, self.seqs)
             memory.synchronize(self.device)
-            token = self.rng.randrange(lm.n_vocab)
+            tokens = [self.rng.randrange(lm.n_vocab) for _ in range(b)]
 
 
 def run_tests(
@@ -518,8 +637,8 @@ def run_tests(
             result = runner.run(lm, inst, label=f"[{k + 1}/{len(tests)}] ")
         except torch.cuda.OutOfMemoryError:
             raise UsageError(
-                f"out of GPU memory in {inst.model} {inst.name}: use a smaller model or fewer "
-                f"tokens (-p, -n, -d)"
+                f"out of GPU memory in {inst.model} {inst.label}: use a smaller model, fewer "
+                f"tokens (-p, -n, -d) or fewer parallel sequences (-npl)"
             ) from None
         results.append(result)
         runner.progress.clear()
@@ -528,36 +647,61 @@ def run_tests(
 
 
 def check_tests(tests: list[TestInstance], device: torch.device, backend: str = "auto") -> None:
-    """Before anything runs: each model's largest test (depth + prompt + generated tokens) must
-    fit the context the model was trained on, and its weights plus that KV cache the free
-    memory of `device` (kiln.limits; a lower bound of what the test allocates)."""
+    """Before anything runs: each model's longest test (depth + prompt + generated tokens) must
+    fit the context the model was trained on, and its weights plus its largest KV pool (B
+    sequences of that test's context, kv_pool_tokens) the free memory of `device`
+    (kiln.limits; a lower bound of what the test allocates)."""
     from kiln.limits import check_context, check_memory, gib, kv_cache_bytes
     from kiln.ops import resolve_backend
+    from kiln.runtime.engine import kv_dtype
 
-    worst: dict[str, TestInstance] = {}
+    longest: dict[str, TestInstance] = {}
+    largest: dict[str, TestInstance] = {}
     for inst in tests:
-        if inst.model not in worst or inst.n_ctx > worst[inst.model].n_ctx:
-            worst[inst.model] = inst
-    # the triton backend keeps an f16 cache, the torch reference a float32 one
-    dtype = torch.float16 if resolve_backend(backend, device) == "triton" else torch.float32
-    for value, inst in worst.items():
+        if inst.model not in longest or inst.n_ctx > longest[inst.model].n_ctx:
+            longest[inst.model] = inst
+        if inst.model not in largest or _pool_tokens(inst) > _pool_tokens(largest[inst.model]):
+            largest[inst.model] = inst
+    dtype = kv_dtype(resolve_backend(backend, device))
+    for value, inst in longest.items():
         facts = M.model_facts(value)
-        what = f"{value} {inst.name}"
         check_context(
             inst.n_ctx,
             facts.config.n_ctx_train,
-            what,
+            f"{value} {inst.name}",
             "lower -d, -p, -n or -pg (a test's context is its depth + prompt + generated tokens)",
         )
-        kv = kv_cache_bytes(facts.config, inst.n_ctx, dtype)
+        inst = largest[value]
+        kv = kv_cache_bytes(facts.config, _pool_tokens(inst), dtype)
+        seqs = f"{inst.n_parallel} x " if inst.n_parallel != 1 else ""
         check_memory(
             facts.weight_bytes + kv,
             device,
-            f"{what} (weights {gib(facts.weight_bytes)} + a KV cache of {inst.n_ctx} tokens, "
-            f"{gib(kv)})",
-            "lower -d, -p, -n or -pg, or use a smaller model (fewer layers: "
+            f"{value} {inst.label} (weights {gib(facts.weight_bytes)} + a KV cache of "
+            f"{seqs}{inst.n_ctx} tokens, {gib(kv)})",
+            "lower -npl, -d, -p, -n or -pg, or use a smaller model (fewer layers: "
             "synthetic:PRESET:TYPE:LAYERS)",
         )
+
+
+def kv_pool_tokens(n_ctx: int, n_seq: int, block_size: int | None = None) -> int:
+    """Rows of the KV pool of an Engine of n_seq sequences of n_ctx tokens when full (each
+    sequence's blocks, plus the scratch block: kiln.runtime.kv_pool)."""
+    if block_size is None:
+        block_size = _engine_block_size()
+    return (n_seq * -(-n_ctx // block_size) + 1) * block_size
+
+
+def _engine_block_size() -> int:
+    import inspect
+
+    from kiln.runtime.engine import Engine
+
+    return int(inspect.signature(Engine).parameters["block_size"].default)
+
+
+def _pool_tokens(inst: TestInstance) -> int:
+    return kv_pool_tokens(inst.n_ctx, inst.n_parallel)
 
 
 def free_memory(device: torch.device) -> None:
@@ -649,7 +793,8 @@ _MD_TAIL = [MdColumn("test", "test", 15), MdColumn("t/s", "t/s", 20),
 
 def md_columns(params: BenchParams, device: torch.device) -> list[MdColumn]:
     """llama-bench's choice: threads on a CPU backend, n_batch / n_ubatch when they are swept
-    or not the default."""
+    or not the default; the fusion sets when given; npl when some -npl value is not 1 (so a
+    table without -npl is llama-bench's)."""
     cols = list(_MD_MODEL)
     if device.type == "cpu":
         cols.append(MdColumn("n_threads", "threads", 7))
@@ -661,6 +806,8 @@ def md_columns(params: BenchParams, device: torch.device) -> list[MdColumn]:
         width = max(len("fusion"), *(len(TestInstance("", 0, 0, 0, 0, 0, f).fusion_label)
                                      for f in params.fusions))  # fmt: skip
         cols.append(MdColumn("fusions", "fusion", -width))
+    if any(b != 1 for b in params.n_parallel):
+        cols.append(MdColumn("n_parallel", "npl", 4))
     return cols + _MD_TAIL
 
 
@@ -675,6 +822,7 @@ def md_cells(r: TestResult) -> dict[str, str]:
         "n_batch": str(r.inst.n_batch),
         "n_ubatch": str(r.inst.n_ubatch),
         "fusions": r.inst.fusion_label,
+        "n_parallel": str(r.inst.n_parallel),
         "test": r.test,
         "t/s": f"{r.avg_ts:.2f} ± {r.stddev_ts:.2f}",
         "gbps": "-" if gbps is None else f"{gbps:.2f}" if gbps < 10 else f"{gbps:.1f}",
@@ -725,7 +873,8 @@ class MarkdownPrinter(Printer):
         if bw is not None:
             lines.append(
                 f"memory floor: copy bandwidth {bw / 1e9:.1f} GB/s measured on "
-                f"{env.device_name(runner.device)}; GB/s = weight bytes per token x t/s"
+                f"{env.device_name(runner.device)}; GB/s = bytes per decode step (weights "
+                f"+ K/V) x steps/s"
             )
         self._write("\n".join(lines) + "\n")
 

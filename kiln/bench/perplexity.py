@@ -196,13 +196,16 @@ def scored_logits(
     n_scored tokens they predict). The context half is run without computing its logits, and the
     last position is not run at all: nothing scored depends on them."""
     first = n_ctx // 2
-    cache = engine.new_cache()
-    for i in range(n_chunk):
-        ids = chunk_input(tokens, i, n_ctx, bos_id)
-        cache.truncate(0)  # llama_memory_clear: each chunk starts from an empty cache
-        engine.prefill(ids[:first], cache)
-        logits = engine.prefill(ids[first : n_ctx - 1], cache, all_logits=True)
-        yield logits, chunk_targets(tokens, i, n_ctx)
+    cache = engine.new_sequence()
+    try:
+        for i in range(n_chunk):
+            ids = chunk_input(tokens, i, n_ctx, bos_id)
+            cache.truncate(0)  # llama_memory_clear: each chunk starts from an empty cache
+            engine.prefill(ids[:first], cache)
+            logits = engine.prefill(ids[first : n_ctx - 1], cache, all_logits=True)
+            yield logits, chunk_targets(tokens, i, n_ctx)
+    finally:
+        cache.free()
 
 
 def perplexity(

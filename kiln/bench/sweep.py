@@ -45,7 +45,7 @@ from kiln.fileio import atomic_output, read_input_text
 
 if TYPE_CHECKING:
     from kiln.runtime.engine import Engine
-    from kiln.runtime.kv_cache import KVCache
+    from kiln.runtime.kv_pool import Sequence
 
 DEFAULT_CTX = 4096  # like LLM's default; never more than the model was trained on
 DEFAULT_UBATCH = 512  # sweep-bench's -ub default
@@ -129,7 +129,7 @@ def run_sweep(
     *,
     seed: int = 0,
     warmup: bool = True,
-    cache: KVCache | None = None,
+    cache: Sequence | None = None,
 ) -> Iterator[SweepRow]:
     """Measure every step of the sweep over engine.n_ctx in micro-batches of engine.ubatch;
     yields each row as soon as it is measured."""
@@ -143,9 +143,9 @@ def run_sweep(
         return torch.randint(n_vocab, (n,), generator=gen).tolist()
 
     if cache is None:
-        cache = engine.new_cache()
+        cache = engine.new_sequence()
     cache.truncate(0)
-    cache.reserve(n_ctx)  # the whole context now: no cache growth inside a timed step
+    engine.reserve(cache, n_ctx)  # the pool at its full size now: no growth in a timed step
     if warmup:  # first calls pay for allocations and (on a GPU) kernel compilation
         engine.prefill(random_ids(ubatch), cache)
         engine.decode(random_ids(1)[0], cache)
@@ -173,7 +173,7 @@ def run_sweep(
         yield SweepRow(ubatch, n_gen, n_kv, t_pp, ubatch / t_pp, t_tg, n_gen / t_tg)
 
 
-def _expect(cache: KVCache, length: int, when: str) -> None:
+def _expect(cache: Sequence, length: int, when: str) -> None:
     if cache.length != length:
         raise RuntimeError(f"sweep: the cache holds {cache.length} tokens {when}, not {length}")
 
@@ -205,9 +205,10 @@ def load_engine(
         raise UsageError(f"-c {n_ctx} exceeds the {n_train} tokens {name} was trained on")
     from kiln.limits import check_memory, gib, kv_cache_bytes
     from kiln.ops import resolve_backend
+    from kiln.runtime.engine import kv_dtype
 
-    # the sweep fills the whole context: its KV cache (f16 on triton, float32 on the reference)
-    dtype = torch.float16 if resolve_backend(backend, dev) == "triton" else torch.float32
+    # the sweep fills the whole context
+    dtype = kv_dtype(resolve_backend(backend, dev))
     kv = kv_cache_bytes(gguf_model.config, n_ctx, dtype)
     # a synthetic model is already in memory; a file's weights are about to be loaded
     weights = 0 if is_synthetic(spec) else gguf_model.tensor_bytes

@@ -4,6 +4,7 @@
     kiln bench -m model.gguf -ub 128,256,512 -o csv
     kiln bench -m synthetic:qwen3-8b:q4_k_m -n 128 -p 0 --fusion qkv_norm_rope=0,1
     kiln bench -m synthetic:qwen3-0.6b:q8_0 -n 128 -p 0 --record   # append to bench/history.jsonl
+    kiln bench -m synthetic:qwen3-8b:q4_k_m -p 0 -n 128 -npl 1,2,4,8   # batched decode
 
 Every combination of the list flags' values is one test; the table goes to stdout, progress to
 stderr. See docs/benchmarking.md for the method.
@@ -94,6 +95,14 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help=f"tokens per forward pass, at most -b {LIST_HELP} (default 512)",
     )
+    p.add_argument(
+        "-npl",
+        "--n-parallel",
+        action="append",
+        metavar="N",
+        help=f"parallel sequences, each with the test's sizes, decoded together; t/s is the "
+        f"aggregate (llama-batched-bench's -npl) {LIST_HELP} (default 1)",
+    )
     p.add_argument("-o", "--output", metavar="FMT", help="md (default), csv, json or jsonl")
     p.add_argument(
         "--record",
@@ -127,6 +136,7 @@ def bench_params(args: argparse.Namespace):
         backend=args.backend,
         warmup=not args.no_warmup,
         fusions=tuple(tuple(c.items()) for c in parse_sweep(args.fusion)),
+        n_parallel=B.parse_parallel(args.n_parallel),
     )
 
 

@@ -23,7 +23,27 @@ def run(args: argparse.Namespace) -> int:
     backend = resolve_backend(args.backend, device)
     policy = FusionPolicy.resolve(device, backend, parse_overrides(args.fusion))
     print(format_table(policy, describe_device(device), backend))
+    print(format_routes(backend, dict(policy.states)))
     return 0
+
+
+def format_routes(backend: str, states: dict[str, bool], weights=None) -> str:
+    """What runs each op of the model's op set on this backend (decided once, at build), and
+    with `weights` ({name: GGML type}) the weights whose format a kernel lacks."""
+    from kiln.ops import get_ops, weight_fallbacks
+
+    ops = get_ops(backend, states)
+    width = max(len(name) for name, _ in ops.routes)
+    lines = [f"ops ({backend} backend):"]
+    lines += [f"  {name:<{width}}  {how}" for name, how in ops.routes]
+    if weights is not None:
+        slow = weight_fallbacks(backend, weights)
+        if slow:
+            lines.append("weights whose format no kernel reads (they run the reference):")
+            lines += [f"  {name} ({qtype.name})" for name, qtype in slow]
+        elif backend == "triton":
+            lines.append("every weight's format has a kernel")
+    return "\n".join(lines)
 
 
 def describe_device(device) -> str:

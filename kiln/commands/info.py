@@ -6,12 +6,20 @@ import argparse
 from collections import defaultdict
 
 from kiln.cli import command
+from kiln.commands.common import add_backend_args
 from kiln.config import is_vocab_only
 from kiln.gguf.model import GGUFModel
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a GGUF file or a known model name (e.g. smollm2-135m)")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="also say what runs each op on this device (cpu, cuda, cuda:N, auto) and which "
+        "weights no kernel reads",
+    )
+    add_backend_args(p)
 
 
 HELP = "Print a summary of a GGUF model: architecture, size, types, tokenizer."
@@ -24,6 +32,18 @@ def run(args: argparse.Namespace) -> int:
 
     model = read_gguf(resolve_model(args.model))
     print(format_vocab_only(model) if is_vocab_only(model) else format_info(model))
+    if args.device is not None and not is_vocab_only(model):
+        from kiln.commands.fusions import format_routes
+        from kiln.fusion import FusionPolicy, parse_overrides
+        from kiln.llm import pick_device
+        from kiln.ops import resolve_backend
+
+        device = pick_device(args.device)
+        backend = resolve_backend(args.backend, device)
+        policy = FusionPolicy.resolve(device, backend, parse_overrides(args.fusion))
+        types = {name: t.qtype for name, t in model.tensors.items()}
+        print(f"on {device}:")
+        print(format_routes(backend, dict(policy.states), types))
     return 0
 
 

@@ -1,30 +1,41 @@
-"""Launcher of flash-decoding attention (kernels/triton/attention.py): asserts, allocates, picks a
-config and the grid.
+"""Launcher of paged flash-decoding attention (kernels/triton/attention.py): asserts, allocates,
+picks a config and the grid.
 
-    attention_decode(q: [1, H, D], k_cache: [C, Hkv, D], v_cache: [C, Hkv, Dv], length: int64 [1],
-                     scale) -> f32 [1, H, Dv]
+    attention_decode(q: [B, H, D], k_pool: [S, Hkv, D], v_pool: [S, Hkv, Dv],
+                     block_tables: int32 [B, NB], seq_lens: int64 [B], block_size, scale,
+                     config=None, pdl=False) -> f32 [B, H, Dv]
 
-Its reference is kiln.ops.reference.attention_decode. `length` stays on the device and is never
-read here: every launch parameter follows from the shapes (C included), so one captured CUDA graph
-serves every position.
+Its reference is kiln.ops.reference.attention_decode. The KV cache of a layer is a pool of blocks
+of `block_size` rows (S = n_blocks * block_size); sequence b's key/value at position j is pool row
+block_tables[b, j // block_size] * block_size + j % block_size, and row b of q attends to
+positions 0 .. seq_lens[b] - 1 of its sequence. Table entries past a sequence's blocks are never
+read (any value). seq_lens and block_tables stay on the device and are never read here: every
+launch parameter follows from the shapes (B, NB, block_size, H, Hkv, D), so one captured CUDA
+graph serves every length and every block table. seq_lens[b] >= 1 is the caller's contract (not
+checked: that would read the device); a row of length 0 gets no output (its memory is left as
+allocated), and lengths past C = NB * block_size are clamped to C.
 
-How the work is split. Stage 1 runs Hkv x P programs; program (h, p) reads KV head h for all its
-query heads over the p-th slice of the first `length` rows. P is fixed from the shapes:
+How the work is split. Stage 1 runs Hkv x P x B programs; program (h, p, b) reads KV head h for
+all its query heads of row b over the p-th slice of the row's first seq_lens[b] positions. P is
+fixed from the shapes, with the capacity C = NB * block_size of a table row:
     P = min(ceil(C / min_slice), ceil(programs / Hkv))
-and the slice size is chosen on the device from `length`:
+and each row's slice size is chosen on the device from its length:
     slice = max(min_slice, ceil(length / P) rounded up to block_s)
 so a short context uses ceil(length / min_slice) programs per KV head, each reading whole slices
-(little waste in partial blocks, few partial results to combine), and a long one spreads over all
+(little waste in partial steps, few partial results to combine), and a long one spreads over all
 Hkv * P ~ `programs` programs, enough to fill the GPU (132 SMs on an H100) at any capacity C. A
-slice size fixed from C instead (slice = C / P) would give a 40960-row cache only one program per
+slice size fixed from C instead (slice = C / P) would give a 40960-row table only one program per
 KV head up to length 640, where this gives ceil(length / 256). Programs past the last active slice
-load `length` and q and store nothing; the combine kernel (grid H) reads only the active slices.
+of their row load the length and q and store nothing; the combine kernel (grid H x B) reads only
+each row's active slices. A step reads block_s = min(config.block_s, block_size) keys: with both
+powers of two, a step lies inside one block, so it costs one block-table load (a scalar) and reads
+contiguous pool rows, as a contiguous cache would.
 
-Scratch (the partial outputs, [P, H, Dv] + [P, H] f32) and the output are allocated per call by
-shape, which is fine inside a CUDA-graph capture (the graph's pool). Two launches per call:
+Scratch (the partial outputs, [B, P, H, Dv] + [B, P, H] f32) and the output are allocated per call
+by shape, which is fine inside a CUDA-graph capture (the graph's pool). Two launches per call:
 merging in the last program of each KV head instead (an atomic counter) was measured slower on
-an H100 (docs/performance.md, "Tried and dropped"); when one slice covers the length, the
-attention kernel writes the output and the merge kernel returns at once.
+an H100 (docs/performance.md, "Tried and dropped"); when one slice covers a row's length, the
+attention kernel writes that row's output and the merge kernel returns at once for it.
 """
 
 from __future__ import annotations
@@ -50,11 +61,11 @@ MAX_COMBINE_CHUNK = 128  # slices the combine kernel loads at once (all of them 
 
 @dataclass(frozen=True)
 class AttentionConfig:
-    block_s: int = 64  # keys per loop step (power of 2, >= 16)
+    block_s: int = 64  # keys per loop step (power of 2, >= 16; capped at the block size)
     min_slice: int = 256  # fewest keys per program (a multiple of block_s)
     programs: int = 4 * _H100_SMS  # Hkv * P target at long lengths
     num_warps: int = 4
-    num_stages: int = 3
+    num_stages: int = 3  # K/V steps in flight + 1, as in an unpaged loop (see _triton_stages)
 
 
 def default_config(device: torch.device) -> AttentionConfig:
@@ -72,37 +83,53 @@ def _default_config(kind: str, index: int | None) -> AttentionConfig:
 
 
 def n_slices(capacity: int, n_kv: int, config: AttentionConfig) -> int:
-    """P, the programs per KV head (grid axis 1), from the shapes only."""
+    """P, the programs per KV head and row (grid axis 1), from the shapes only; capacity is a
+    table row's C = NB * block_size."""
     return max(1, min(triton.cdiv(capacity, config.min_slice), triton.cdiv(config.programs, n_kv)))
+
+
+def _triton_stages(num_stages: int) -> int:
+    """Triton's num_stages for config.num_stages = n. The block-table load feeds the K/V loads,
+    and Triton's pipeliner (AssignLatencies) splits num_stages - 1 evenly between the levels of
+    such a chain of loads: (num_stages - 1) // 2 each here. 2n - 1 keeps n - 1 K/V steps in
+    flight (the block-table entries run n - 1 steps further ahead), what n gave the unpaged
+    kernel: compiled for sm_90 with n = 3, K and V are double-buffered in shared memory (78 KB at
+    D = 128, f16, as before), where passing 3 single-buffers them (45 KB). Not yet timed on a
+    GPU against passing n."""
+    return 2 * num_stages - 1
 
 
 def attention_decode(
     q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    length: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_size: int,
     scale: float,
     config: AttentionConfig | None = None,
     pdl: bool = False,
 ) -> torch.Tensor:
-    """q: [1, H, D] attends to k_cache/v_cache rows 0..length-1 -> f32 [1, H, Dv]."""
-    assert q.dim() == 3 and q.shape[0] == 1, f"q must be [1, H, D]; got {tuple(q.shape)}"
-    assert k_cache.dim() == 3 and v_cache.dim() == 3, (
-        f"caches must be [C, Hkv, D]; got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}"
+    """q: [B, H, D], row b attending to positions 0..seq_lens[b]-1 of sequence b in the paged
+    k_pool/v_pool ([S, Hkv, D] / [S, Hkv, Dv]; blocks block_tables[b] of block_size rows)
+    -> f32 [B, H, Dv]."""
+    assert q.dim() == 3, f"q must be [B, H, D]; got {tuple(q.shape)}"
+    assert k_pool.dim() == 3 and v_pool.dim() == 3, (
+        f"pools must be [S, Hkv, D]; got {tuple(k_pool.shape)}, {tuple(v_pool.shape)}"
     )
-    _, n_head, head_dim = q.shape
-    capacity, n_kv, _ = k_cache.shape
-    dv = v_cache.shape[2]
-    assert k_cache.shape[2] == head_dim, f"q has D={head_dim}, k_cache D={k_cache.shape[2]}"
-    assert v_cache.shape[:2] == k_cache.shape[:2], (
-        f"v_cache {tuple(v_cache.shape)} does not match k_cache {tuple(k_cache.shape)}"
+    n_rows, n_head, head_dim = q.shape
+    n_slots, n_kv, _ = k_pool.shape
+    dv = v_pool.shape[2]
+    assert k_pool.shape[2] == head_dim, f"q has D={head_dim}, k_pool D={k_pool.shape[2]}"
+    assert v_pool.shape[:2] == k_pool.shape[:2], (
+        f"v_pool {tuple(v_pool.shape)} does not match k_pool {tuple(k_pool.shape)}"
     )
-    assert q.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous(), (
-        "q, k_cache and v_cache must be contiguous"
+    assert q.is_contiguous() and k_pool.is_contiguous() and v_pool.is_contiguous(), (
+        "q, k_pool and v_pool must be contiguous"
     )
     assert q.dtype in _DTYPES, f"q must be f16/bf16/f32; got {q.dtype}"
-    assert k_cache.dtype in _DTYPES and v_cache.dtype == k_cache.dtype, (
-        f"caches must share one dtype of f16/bf16/f32; got {k_cache.dtype}, {v_cache.dtype}"
+    assert k_pool.dtype in _DTYPES and v_pool.dtype == k_pool.dtype, (
+        f"pools must share one dtype of f16/bf16/f32; got {k_pool.dtype}, {v_pool.dtype}"
     )
     assert n_head % n_kv == 0, f"H={n_head} is not a multiple of Hkv={n_kv}"
     group = n_head // n_kv
@@ -110,69 +137,95 @@ def attention_decode(
     assert head_dim <= MAX_HEAD_DIM and dv <= MAX_HEAD_DIM, (
         f"head sizes up to {MAX_HEAD_DIM}; got D={head_dim}, Dv={dv}"
     )
-    assert length.dtype == torch.int64 and length.numel() == 1, (
-        f"length must be an int64 tensor of one element; got {length.dtype} {tuple(length.shape)}"
+    assert block_size >= 16 and block_size & (block_size - 1) == 0, (
+        f"block_size must be a power of 2 >= 16; got {block_size}"
     )
-    assert q.device == k_cache.device == v_cache.device == length.device, (
-        f"q on {q.device}, caches on {k_cache.device}/{v_cache.device}, length on {length.device}"
+    assert n_slots % block_size == 0, (
+        f"the pools hold {n_slots} rows, not a whole number of blocks of {block_size}"
     )
-    cfg = config or default_config(q.device)
+    assert block_tables.dim() == 2 and block_tables.shape[0] == n_rows, (
+        f"block_tables must be [B={n_rows}, NB]; got {tuple(block_tables.shape)}"
+    )
+    assert block_tables.dtype == torch.int32 and block_tables.stride(1) == 1, (
+        f"block_tables must be int32 with contiguous rows; got {block_tables.dtype} "
+        f"strides {block_tables.stride()}"
+    )
+    assert block_tables.shape[1] >= 1, "block_tables needs at least one block per row"
+    assert seq_lens.dtype == torch.int64 and tuple(seq_lens.shape) == (n_rows,), (
+        f"seq_lens must be int64 [B={n_rows}]; got {seq_lens.dtype} {tuple(seq_lens.shape)}"
+    )
+    dev = q.device
+    assert k_pool.device == v_pool.device == dev, (
+        f"q on {dev}, pools on {k_pool.device}/{v_pool.device}"
+    )
+    assert block_tables.device == seq_lens.device == dev, (
+        f"q on {dev}, block_tables on {block_tables.device}, seq_lens on {seq_lens.device}"
+    )
+    cfg = config or default_config(dev)
     assert cfg.block_s >= 16 and cfg.block_s & (cfg.block_s - 1) == 0, "block_s: a power of 2"
     assert cfg.min_slice % cfg.block_s == 0, "min_slice must be a multiple of block_s"
 
+    n_blocks = block_tables.shape[1]
+    capacity = n_blocks * block_size
+    block_s = min(cfg.block_s, block_size)  # a step stays inside one block
     p = n_slices(capacity, n_kv, cfg)
-    part_o = torch.empty((p, n_head, dv), dtype=torch.float32, device=q.device)
-    part_lse = torch.empty((p, n_head), dtype=torch.float32, device=q.device)
-    out = torch.empty((1, n_head, dv), dtype=torch.float32, device=q.device)
+    out = torch.empty((n_rows, n_head, dv), dtype=torch.float32, device=dev)
+    if n_rows == 0:
+        return out
+    part_o = torch.empty((n_rows, p, n_head, dv), dtype=torch.float32, device=dev)
+    part_lse = torch.empty((n_rows, p, n_head), dtype=torch.float32, device=dev)
     dv_pad = max(16, triton.next_power_of_2(dv))
     # The combine is latency bound: load every active slice in one step where P allows.
     chunk = min(MAX_COMBINE_CHUNK, triton.next_power_of_2(p))
     if _INTERPRETED:  # the largest slice (at length == C); see the kernel's loop
-        per = triton.cdiv(triton.cdiv(capacity, p), cfg.block_s) * cfg.block_s
+        per = triton.cdiv(triton.cdiv(capacity, p), block_s) * block_s
         interp_slice = max(cfg.min_slice, per)
         interp_p = triton.cdiv(p, chunk) * chunk
     else:
         interp_slice = interp_p = 0
-    _k._attention_decode_kernel[(n_kv, p)](
+    _k._attention_decode_kernel[(n_kv, p, n_rows)](
         q,
-        k_cache,
-        v_cache,
-        length,
+        k_pool,
+        v_pool,
+        block_tables,
+        seq_lens,
         part_o,
         part_lse,
         out,
         scale * math.log2(math.e),
-        capacity,
+        n_blocks,
+        block_tables.stride(0),
         p,
         n_head,
-        k_cache.stride(0),
-        v_cache.stride(0),
+        k_pool.stride(0),
+        v_pool.stride(0),
         GROUP=group,
         G_PAD=max(16, triton.next_power_of_2(group)),
         D=head_dim,
         D_PAD=max(16, triton.next_power_of_2(head_dim)),
         DV=dv,
         DV_PAD=dv_pad,
-        BLOCK_S=cfg.block_s,
+        BLOCK_S=block_s,
+        KV_BLOCK=block_size,
         MIN_SLICE=cfg.min_slice,
-        SPLIT=k_cache.dtype != torch.float32,
-        PRECISION="ieee" if k_cache.dtype == torch.float32 or _INTERPRETED else "tf32",
+        SPLIT=k_pool.dtype != torch.float32,
+        PRECISION="ieee" if k_pool.dtype == torch.float32 or _INTERPRETED else "tf32",
         INTERP_SLICE=interp_slice,
         num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        num_stages=_triton_stages(cfg.num_stages),
         **pdl_launch(pdl),
     )
-    _k._attention_decode_combine_kernel[(n_head,)](
+    _k._attention_decode_combine_kernel[(n_head, n_rows)](
         part_o,
         part_lse,
         out,
-        length,
+        seq_lens,
         capacity,
         p,
         n_head,
         DV=dv,
         DV_PAD=dv_pad,
-        BLOCK_S=cfg.block_s,
+        BLOCK_S=block_s,
         MIN_SLICE=cfg.min_slice,
         CHUNK=chunk,
         INTERP_P=interp_p,

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import torch
 import triton
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.constants import GGML_QUANT_SIZES
 
 from kiln.kernels import pdl_launch
-from kiln.kernels.matvec import _FLOAT_VIEW, FORMAT_IDS
+from kiln.kernels.formats import FLOAT_VIEW, FORMAT_IDS, SUPPORT
 from kiln.kernels.triton import embedding as _k
 from kiln.weight import Weight
 
-SUPPORTED: set[GGMLQuantizationType] = set(FORMAT_IDS)
 _ID_DTYPES = (torch.int32, torch.int64)
 # Values per program: a 4096-value row is 8 programs and a 1024-value one 2, each 4 values per
 # thread over 4 warps (f32: one 16-byte load and store per thread). Untuned: at T = 1 the lookup
@@ -38,7 +37,7 @@ _INTERPRETED = type(_k._embedding_kernel).__name__ == "InterpretedFunction"
 def embedding(weight: Weight, ids: torch.Tensor, pdl: bool = False) -> torch.Tensor:
     """weight: Weight [V, K]; ids: [T] -> float32 [T, K], row t = dequantized weight row ids[t]."""
     assert len(weight.shape) == 2, f"embedding needs a 2-D [V, K] weight; got {weight.shape}"
-    assert weight.qtype in SUPPORTED, f"embedding does not support {weight.qtype.name}"
+    assert weight.qtype in SUPPORT["embedding"], f"embedding does not support {weight.qtype.name}"
     assert ids.dim() == 1 and ids.dtype in _ID_DTYPES, (
         f"ids must be a 1-D int32/int64 tensor of token ids; got {ids.dtype} {tuple(ids.shape)}"
     )
@@ -57,8 +56,8 @@ def embedding(weight: Weight, ids: torch.Tensor, pdl: bool = False) -> torch.Ten
     out = torch.empty((t, k), dtype=torch.float32, device=ids.device)
     if t == 0 or k == 0:
         return out
-    if weight.qtype in _FLOAT_VIEW:
-        dtype = _FLOAT_VIEW[weight.qtype]
+    if weight.qtype in FLOAT_VIEW:
+        dtype = FLOAT_VIEW[weight.qtype]
         size = dtype.itemsize
         assert raw.data_ptr() % size == 0 and raw.stride(0) % size == 0, (
             f"weight {weight.name}: {weight.qtype.name} rows must start on {size}-byte boundaries"

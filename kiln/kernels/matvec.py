@@ -20,27 +20,12 @@ import triton
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from kiln.kernels import CONFIG_DIR, config_name, pdl_launch
+from kiln.kernels.formats import FLOAT_VIEW, FORMAT_IDS, SUPPORT
 from kiln.kernels.triton import matvec as _k
 from kiln.weight import Weight
 
 _T = GGMLQuantizationType
 
-# qtype -> (format id of the kernel, values per block); float formats use a typed view of raw.
-FORMAT_IDS: dict[GGMLQuantizationType, int] = {
-    _T.F32: _k.F32.value,
-    _T.F16: _k.F16.value,
-    _T.BF16: _k.BF16.value,
-    _T.Q8_0: _k.Q8_0.value,
-    _T.Q4_0: _k.Q4_0.value,
-    _T.Q4_1: _k.Q4_1.value,
-    _T.Q5_0: _k.Q5_0.value,
-    _T.Q5_1: _k.Q5_1.value,
-    _T.Q4_K: _k.Q4_K.value,
-    _T.Q5_K: _k.Q5_K.value,
-    _T.Q6_K: _k.Q6_K.value,
-}
-SUPPORTED = tuple(FORMAT_IDS)
-_FLOAT_VIEW = {_T.F32: torch.float32, _T.F16: torch.float16, _T.BF16: torch.bfloat16}
 _X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_M = 8
 # Under TRITON_INTERPRET=1 (CPU tests) @triton.jit gives an InterpretedFunction.
@@ -56,17 +41,18 @@ class LanesFormat:
     fmt: int  # the kernel's FMT
 
 
-# The block sizes allow int16 words (Q8_0: 34 B, Q4_0: 18 B, Q5_0: 22 B, Q6_K: 210 B), int32
-# (Q4_1: 20 B) and int64 (Q5_1: 24 B, Q4_K: 144 B). A lane reads 4 bytes of qs (8 with the int64
-# view); Q6_K's lane reads 8 bytes of each of ql's halves and of qh.
+# The formats of SUPPORT["matvec_lanes"] (kernels/formats.py). The block sizes allow int16 words
+# (Q8_0: 34 B, Q4_0: 18 B, Q5_0: 22 B, Q6_K: 210 B), int32 (Q4_1: 20 B) and int64 (Q5_1: 24 B,
+# Q4_K: 144 B). A lane reads 4 bytes of qs (8 with the int64 view); Q6_K's lane reads 8 bytes of
+# each of ql's halves and of qh.
 _WIDE: dict[GGMLQuantizationType, LanesFormat] = {
-    _T.Q8_0: LanesFormat(torch.int16, 8, _k.Q8_0.value),
-    _T.Q4_0: LanesFormat(torch.int16, 4, _k.Q4_0.value),
-    _T.Q4_1: LanesFormat(torch.int32, 4, _k.Q4_1.value),
-    _T.Q5_0: LanesFormat(torch.int16, 4, _k.Q5_0.value),
-    _T.Q5_1: LanesFormat(torch.int64, 2, _k.Q5_1.value),
-    _T.Q4_K: LanesFormat(torch.int64, 16, _k.Q4_K.value),
-    _T.Q6_K: LanesFormat(torch.int16, 8, _k.Q6_K.value),
+    _T.Q8_0: LanesFormat(torch.int16, 8, FORMAT_IDS[_T.Q8_0]),
+    _T.Q4_0: LanesFormat(torch.int16, 4, FORMAT_IDS[_T.Q4_0]),
+    _T.Q4_1: LanesFormat(torch.int32, 4, FORMAT_IDS[_T.Q4_1]),
+    _T.Q5_0: LanesFormat(torch.int16, 4, FORMAT_IDS[_T.Q5_0]),
+    _T.Q5_1: LanesFormat(torch.int64, 2, FORMAT_IDS[_T.Q5_1]),
+    _T.Q4_K: LanesFormat(torch.int64, 16, FORMAT_IDS[_T.Q4_K]),
+    _T.Q6_K: LanesFormat(torch.int16, 8, FORMAT_IDS[_T.Q6_K]),
 }
 USE_WIDE = True  # False: every format on _matvec_kernel (benchmarks/matvec.py --compare)
 
@@ -131,9 +117,9 @@ def default_config(
         cfg = tuned_configs(torch.cuda.get_device_name(device)).get((qtype.name, n, k, slots))
         if cfg is not None:
             return cfg
-    if USE_WIDE and m == 1 and qtype in _WIDE:
+    if USE_WIDE and m == 1 and qtype in SUPPORT["matvec_lanes"]:
         return _LANES_DEFAULT
-    if qtype in _FLOAT_VIEW or GGML_QUANT_SIZES[qtype][0] == 32:
+    if qtype in FLOAT_VIEW or GGML_QUANT_SIZES[qtype][0] == 32:
         return MatvecConfig(block_n=4, tile_values=512, num_warps=4)
     if qtype == _T.Q6_K:
         return MatvecConfig(block_n=4, tile_values=256, num_warps=4)
@@ -165,7 +151,7 @@ def matvec(
     assert x.dim() == 2 and x.is_contiguous(), f"x must be a contiguous [M, K]; got {x.shape}"
     assert x.dtype in _X_DTYPES, f"x must be f16/bf16/f32; got {x.dtype}"
     assert len(weight.shape) == 2, f"matvec needs a 2-D weight; got {weight.shape}"
-    assert weight.qtype in FORMAT_IDS, f"matvec does not support {weight.qtype.name}"
+    assert weight.qtype in SUPPORT["matvec"], f"matvec does not support {weight.qtype.name}"
     m, k = x.shape
     n = weight.shape[0]
     assert k == weight.shape[1], f"x has K={k}, weight {weight.name} has K={weight.shape[1]}"
@@ -181,11 +167,22 @@ def matvec(
 
 def _slot_args(ids: torch.Tensor | None, x: torch.Tensor, w: torch.Tensor, out: torch.Tensor):
     """(ids_ptr, stride_we, stride_xs, stride_os) of the kernels, in elements of each pointer's
-    type (w: the view the kernel reads). Slot s reads expert ids[s], x row s (row 0 for every
-    slot when x has one row) and writes out row s. Unused when EXPERTS is off."""
+    type (w: the view the kernel reads), and their SLOTS_PER_X. Slot s = t * k + j of ids
+    [T, k] (contiguous) reads expert ids[t, j], x row s // SLOTS_PER_X and writes out row s:
+    x [1, K] gives every slot row 0 (stride 0), x [T * k, K] slot s row s, both with
+    SLOTS_PER_X = 1 (the T = 1 launches); x [T, K] gives token t's k slots row t (SLOTS_PER_X =
+    k). Unused when EXPERTS is off."""
     if ids is None:
-        return None, 0, 0, 0
-    return ids, w.stride(0), x.stride(0) if x.shape[0] > 1 else 0, out.stride(0)
+        return (None, 0, 0, 0), 1
+    rows, slots = x.shape[0], ids.numel()
+    if rows == 1:
+        stride_xs, per_x = 0, 1
+    elif rows == slots:
+        stride_xs, per_x = x.stride(0), 1
+    else:
+        assert ids.dim() == 2 and rows == ids.shape[0], f"x has {rows} rows for ids {ids.shape}"
+        stride_xs, per_x = x.stride(0), ids.shape[1]
+    return (ids, w.stride(0), stride_xs, out.stride(0)), per_x
 
 
 def launch(
@@ -200,21 +197,23 @@ def launch(
     """The one launch of the mat-vec kernels, for callers that have checked their inputs.
 
     Plain (ids None): x [M, K], raw uint8 [N, row_bytes] -> out [M, N].
-    Experts (kiln/kernels/moe.py): ids [k] on the device, raw uint8 [n_expert, N, row_bytes],
-    x [1, K] (shared by every slot) or [k, K] -> out [k, N]: slot s is the M = 1 mat-vec of x row
-    s (or 0) with expert ids[s], in grid column s of the same kernels.
+    Experts (kiln/kernels/moe.py): ids [T, k] contiguous on the device, raw uint8
+    [n_expert, N, row_bytes], x [1, K] (one row for every slot), [T, K] (a token's k slots share
+    its row) or [T * k, K] -> out [T * k, N]: slot s = t * k + j is the M = 1 mat-vec of its x
+    row (_slot_args) with expert ids[t, j], in grid column s of the same kernels.
     """
     k = x.shape[1]
     n = raw.shape[-2]
     experts = ids is not None
     m = 1 if experts else x.shape[0]
-    slots = ids.shape[0] if experts else 1
+    slots = ids.numel() if experts else 1
     block_values, type_size = GGML_QUANT_SIZES[qtype]
     assert raw.shape[-1] == k // block_values * type_size, "raw row size does not match K"
     grid = (triton.cdiv(n, cfg.block_n), slots)
-    lanes = _WIDE.get(qtype)
+    lanes = _WIDE[qtype] if qtype in SUPPORT["matvec_lanes"] else None
     if USE_WIDE and lanes is not None and m == 1 and _aligned(raw, lanes.view.itemsize):
         w = raw.view(lanes.view)
+        slot_args, slots_per_x = _slot_args(ids, x, w, out)
         _k._matvec_lanes_m1_kernel[grid](
             x,
             w,
@@ -222,10 +221,11 @@ def launch(
             n,
             k,
             w.stride(-2),
-            *_slot_args(ids, x, w, out),
+            *slot_args,
             _k._MAGIC.value,
             K_INTERP=k if _INTERPRETED else 0,
             EXPERTS=experts,
+            SLOTS_PER_X=slots_per_x,
             BLOCK_N=cfg.block_n,
             FMT=lanes.fmt,
             **_lanes_tiling(k, qtype, cfg),
@@ -233,8 +233,8 @@ def launch(
             **pdl_launch(pdl),
         )
         return
-    if qtype in _FLOAT_VIEW:
-        w = raw.view(_FLOAT_VIEW[qtype])  # [(n_expert,) N, K] typed view of the same bytes
+    if qtype in FLOAT_VIEW:
+        w = raw.view(FLOAT_VIEW[qtype])  # [(n_expert,) N, K] typed view of the same bytes
         s, el = 1, cfg.tile_values
     elif block_values == 32:
         w = raw
@@ -242,6 +242,7 @@ def launch(
     else:
         w = raw
         s, el = 8, 32
+    slot_args, slots_per_x = _slot_args(ids, x, w, out)
     _k._matvec_kernel[grid](
         x,
         w,
@@ -252,9 +253,10 @@ def launch(
         x.stride(0),
         w.stride(-2),
         out.stride(0),
-        *_slot_args(ids, x, w, out),
+        *slot_args,
         K_INTERP=k if _INTERPRETED else 0,
         EXPERTS=experts,
+        SLOTS_PER_X=slots_per_x,
         FMT=FORMAT_IDS[qtype],
         M_PAD=triton.next_power_of_2(m),
         BLOCK_N=cfg.block_n,

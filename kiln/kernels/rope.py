@@ -2,12 +2,14 @@
 replacement of kiln.ops.reference.qkv_norm_rope.
 
     qkv_norm_rope(q [T, H, D], k [T, Hkv, D], v [T, Hkv, Dv], q_weight [D] | None,
-                  k_weight [D] | None, eps, positions int64 [T], freqs f32 [rot / 2], neox,
-                  k_cache [C, Hkv, D], v_cache [C, Hkv, Dv]) -> q f32 [T, H, D]
+                  k_weight [D] | None, eps, positions int64 [T], slots int64 [T],
+                  freqs f32 [rot / 2], neox, k_cache [S, Hkv, D], v_cache [S, Hkv, Dv],
+                  pdl=False) -> q f32 [T, H, D]
 
-One launch over the T * (H + Hkv) head rows writes the roped q, and the roped K and the V rows
-into the caches at `positions` (read on the device: no host sync, CUDA-graph safe). q, k, v may
-be views of a merged QKV result (any token stride, heads packed).
+One launch over the T * (H + Hkv) head rows writes q and K roped at `positions`, and the K and
+V rows into the cache pools at rows `slots` (each token's slot in the paged KV cache,
+kiln/kernels/attention.py; distinct within a call). Both are read on the device: no host sync,
+CUDA-graph safe. q, k, v may be views of a merged QKV result (any token stride, heads packed).
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ _INTERPRETED = type(_k._qkv_norm_rope_kernel).__name__ == "InterpretedFunction"
 
 
 def _check_cache(cache: torch.Tensor, n_kv: int, d: int, what: str) -> None:
-    """cache: [C, Hkv, d] of a cache dtype, heads packed, any row stride."""
-    assert cache.dim() == 3, f"{what} must be [C, Hkv, D]; got {tuple(cache.shape)}"
+    """cache: [S, Hkv, d] of a cache dtype, heads packed, any row stride."""
+    assert cache.dim() == 3, f"{what} must be [S, Hkv, D]; got {tuple(cache.shape)}"
     assert cache.dtype in _CACHE_DTYPES, f"{what} must be f16/bf16/f32; got {cache.dtype}"
     assert tuple(cache.shape[1:]) == (n_kv, d), (
         f"{what} is {tuple(cache.shape)}, the new rows are [T, {n_kv}, {d}]"
@@ -46,6 +48,7 @@ def qkv_norm_rope(
     k_weight: Weight | None,
     eps: float,
     positions: torch.Tensor,
+    slots: torch.Tensor,
     freqs: torch.Tensor,
     neox: bool,
     k_cache: torch.Tensor,
@@ -53,7 +56,7 @@ def qkv_norm_rope(
     pdl: bool = False,
 ) -> torch.Tensor:
     """Q/K head RMSNorm (when the weights are given), RoPE at positions, K and V written into the
-    caches at rows positions -> q f32 [T, H, D]."""
+    cache pools at rows slots -> q f32 [T, H, D]."""
     check_heads(q, "qkv_norm_rope q")
     check_heads(k, "qkv_norm_rope k")
     check_heads(v, "qkv_norm_rope v")
@@ -69,6 +72,10 @@ def qkv_norm_rope(
         f"positions must be int64 [T={t}]; got {positions.dtype} {tuple(positions.shape)}"
     )
     assert positions.device == dev, f"positions on {positions.device}, q on {dev}"
+    assert slots.shape == (t,) and slots.dtype == torch.int64, (
+        f"slots must be int64 [T={t}]; got {slots.dtype} {tuple(slots.shape)}"
+    )
+    assert slots.device == dev, f"slots on {slots.device}, q on {dev}"
     assert freqs.dim() == 1 and freqs.dtype == torch.float32 and freqs.is_contiguous(), (
         f"freqs must be a contiguous f32 [rot/2]; got {freqs.dtype} {tuple(freqs.shape)}"
     )
@@ -77,10 +84,11 @@ def qkv_norm_rope(
     assert 0 < rot <= d, f"rope rotates {rot} dims of heads of {d}"
     _check_cache(k_cache, n_kv, d, "k_cache")
     _check_cache(v_cache, n_kv, dv, "v_cache")
-    assert k_cache.shape[0] == v_cache.shape[0], "k_cache and v_cache differ in capacity"
+    assert k_cache.shape[0] == v_cache.shape[0], "k_cache and v_cache differ in rows"
     assert k_cache.device == dev and v_cache.device == dev, "caches must be on q's device"
 
     positions = positions.contiguous()
+    slots = slots.contiguous()
     has_norm = q_weight is not None
     qw = weight_f32(q_weight, d, dev) if has_norm else freqs  # unread without HAS_NORM
     kw = weight_f32(k_weight, d, dev) if has_norm else freqs
@@ -95,6 +103,7 @@ def qkv_norm_rope(
         qw,
         kw,
         positions,
+        slots,
         freqs,
         q_out,
         k_cache,

@@ -1,10 +1,11 @@
 """Launchers of the MoE decode routing and combine kernels (kernels/triton/router.py).
 
-    route_topk(logits: f32 [T, E], k, normalize) -> (weights f32 [T, k], ids int64 [T, k])
-        = kiln.ops.reference.moe_select: softmax over the experts, top-k (descending), weights
-          renormalized to sum to 1 when normalize. One program per row (decode: T = 1).
-    combine(down: f32 [k, N], weights: f32 [1, k]) -> f32 [1, N]
-        = kiln.ops.reference.moe_combine: sum_s weights[0, s] * down[s], in slot order.
+    route_topk(logits: f32 [T, E], n_used, normalize) -> (weights f32 [T, k], ids int64 [T, k])
+        = kiln.ops.reference.moe_select: softmax over the experts, top-k (k = n_used,
+          descending), weights renormalized to sum to 1 when normalize. One program per row.
+    combine(down: f32 [T * k, N], weights: f32 [T, k]) -> f32 [T, N]
+        = kiln.ops.reference.moe_combine: row t = sum_j weights[t, j] * down[t * k + j], in slot
+          order (down: kiln.kernels.moe.expert_linear's rows, token t's k slots consecutive).
 
 One launch each, launch parameters from shapes only (CUDA-graph safe). ids are int64 like
 torch.topk's; kiln.kernels.moe.expert_linear reads them on the device as they are.
@@ -33,15 +34,17 @@ _INTERPRETED = type(_k._route_topk_kernel).__name__ == "InterpretedFunction"
 
 
 def route_topk(
-    logits: torch.Tensor, k: int, normalize: bool, pdl: bool = False
+    logits: torch.Tensor, n_used: int, normalize: bool, pdl: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits: f32 [T, E] -> (weights f32 [T, k], ids int64 [T, k]), both contiguous."""
+    """logits: f32 [T, E] -> (weights f32 [T, k], ids int64 [T, k]), both contiguous, k =
+    n_used: each row's k most probable experts."""
     assert logits.dim() == 2, f"router logits must be [T, n_expert]; got {tuple(logits.shape)}"
     assert logits.dtype == torch.float32, f"router logits must be float32; got {logits.dtype}"
     assert logits.stride(1) == 1 or logits.shape[1] == 1, (
         f"router logits need a contiguous last dim; got strides {logits.stride()}"
     )
     t, e = logits.shape
+    k = n_used
     assert 1 <= e <= MAX_E, f"route_topk handles 1..{MAX_E} experts; got {e}"
     assert 1 <= k <= e, f"need 1 <= k <= n_expert ({e}); got k={k}"
     weights = torch.empty((t, k), dtype=torch.float32, device=logits.device)
@@ -68,32 +71,38 @@ def route_topk(
 
 
 def combine(down: torch.Tensor, weights: torch.Tensor, pdl: bool = False) -> torch.Tensor:
-    """down: f32 [k, N] (row s: the output of slot s's expert); weights: f32 [1, k] -> f32 [1, N]
-    = sum_s weights[0, s] * down[s]."""
+    """down: f32 [T * k, N] (row t * k + j: the output of token t's slot j); weights: f32 [T, k]
+    -> f32 [T, N], row t = sum_j weights[t, j] * down[t * k + j]."""
     assert down.dim() == 2 and down.dtype == torch.float32, (
-        f"down must be a float32 [k, N]; got {down.dtype} {tuple(down.shape)}"
+        f"down must be a float32 [T*k, N]; got {down.dtype} {tuple(down.shape)}"
     )
     assert down.stride(1) == 1 or down.shape[1] == 1, (
         f"down needs a contiguous last dim (any row stride); got strides {down.stride()}"
     )
-    k, n = down.shape
-    assert weights.dtype == torch.float32 and tuple(weights.shape) == (1, k), (
-        f"weights must be a float32 [1, {k}] (one token's slots); got {weights.dtype} "
-        f"{tuple(weights.shape)}"
+    assert weights.dim() == 2 and weights.dtype == torch.float32, (
+        f"weights must be a float32 [T, k]; got {weights.dtype} {tuple(weights.shape)}"
+    )
+    t, k = weights.shape
+    n = down.shape[1]
+    assert down.shape[0] == t * k, (
+        f"down must have T*k = {t}*{k} = {t * k} rows (weights {tuple(weights.shape)}); "
+        f"got {down.shape[0]}"
     )
     assert down.device == weights.device, f"down on {down.device}, weights on {weights.device}"
-    out = torch.empty((1, n), dtype=torch.float32, device=down.device)
-    if n == 0:
+    out = torch.empty((t, n), dtype=torch.float32, device=down.device)
+    if n == 0 or t == 0:
         return out
     if k == 0:
         return out.zero_()
     block = min(BLOCK_N, triton.next_power_of_2(n))
-    _k._moe_combine_kernel[(triton.cdiv(n, block),)](
+    # Tokens on grid axis 0 (no 65535 limit), column blocks on axis 1.
+    _k._moe_combine_kernel[(t, triton.cdiv(n, block))](
         down,
         weights,
         out,
         n,
         down.stride(0),
+        weights.stride(0),
         weights.stride(1),
         K=k,
         BLOCK_N=block,

@@ -1,27 +1,19 @@
-"""Architecture registry: each architecture file registers a BlockStyle for its name."""
+"""build_model: a GGUF model's weights on a device, its op set chosen, its decoder built. Each
+architecture file (llama.py, ...) registers its ArchSpec in kiln.config's registry."""
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
 
 import torch
 
+from kiln.config import ArchSpec, architectures
 from kiln.errors import UnsupportedError
 from kiln.fusion import FusionPolicy
 from kiln.gguf.model import GGUFModel
-from kiln.models.common import BlockStyle, DecoderModel
-from kiln.ops import get_ops, resolve_backend
+from kiln.models.common import DecoderModel
+from kiln.ops import get_ops, loaded, pack_for_kernel, resolve_backend
 from kiln.weight import Weight
-
-STYLES: dict[str, BlockStyle] = {}
-
-_ARCH_MODULES = ("llama", "qwen2", "qwen3", "qwen3_moe")
-
-
-def register_model(arch: str, style: BlockStyle) -> BlockStyle:
-    STYLES[arch] = style
-    return style
 
 
 def build_model(
@@ -40,11 +32,9 @@ def build_model(
     fusions: {name: on} overrides of the fusion policy (see kiln.fusion; env and defaults apply
     to the rest).
     """
-    for name in _ARCH_MODULES:
-        importlib.import_module(f"kiln.models.{name}")
     config = model.config
-    style = STYLES.get(config.arch)
-    if style is None:
+    spec = architectures().get(config.arch)
+    if spec is None:
         raise UnsupportedError(f"{model.source}: no model implementation for {config.arch!r}")
     device = torch.device(device)
     backend = resolve_backend(backend, device)
@@ -52,31 +42,25 @@ def build_model(
     if keep_dense is None:
         keep_dense = device.type == "cpu" and backend != "cpu"
     weights = {name: Weight.from_raw(t, device, keep_dense) for name, t in model.tensors.items()}
-    if backend == "cpu":
-        from kiln.ops import cpu
-
-        cpu.prepare(weights, _merge_groups(config, style, policy))  # before the model merges
+    pack_for_kernel(backend, weights, _merge_groups(config, spec, policy))  # before any merge
     if keep_dense:
         # Dequantize at load rather than inside the first request, so that prompt speed is not
         # charged for it. An untied embedding is only ever read a row at a time.
         for name, w in weights.items():
             if name != "token_embd.weight" or config.tied_output:
                 w.dense()
-    decoder = DecoderModel(config, weights, get_ops(backend, dict(policy.states)), style, policy)
-    if backend == "cpu":
-        from kiln.ops import cpu_pack
-
-        cpu_pack.trim_heap()  # the load's temporaries
+    decoder = DecoderModel(config, weights, get_ops(backend, dict(policy.states)), policy)
+    loaded(backend)
     return decoder
 
 
-def _merge_groups(config, style: BlockStyle, policy: FusionPolicy) -> list[list[str]]:
+def _merge_groups(config, spec: ArchSpec, policy: FusionPolicy) -> list[list[str]]:
     """The weights DecoderModel merges (merged_qkv, merged_gate_up), each layer's in order."""
     groups = []
     for i in range(config.n_layer):
         p = f"blk.{i}."
         if policy.merged_qkv:
             groups.append([p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"])
-        if policy.merged_gate_up and not style.moe:
+        if policy.merged_gate_up and not spec.moe:
             groups.append([p + "ffn_gate.weight", p + "ffn_up.weight"])
     return groups

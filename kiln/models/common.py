@@ -7,47 +7,37 @@ device and, with another backend, the GPU kernels.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 
-from kiln.config import ModelConfig
+from kiln.config import ArchSpec, ModelConfig
 from kiln.errors import UnsupportedError
 from kiln.fusion import FusionPolicy
-from kiln.runtime.kv_cache import KVCache
+from kiln.ops import OpSet
 from kiln.weight import Weight, concat_rows
-
-
-@dataclass(frozen=True)
-class BlockStyle:
-    """What an architecture file chooses; the rest follows from ModelConfig.spec."""
-
-    rope_neox: bool  # qwen: rotate (i, i + d/2); llama GGUFs: adjacent pairs
-    moe: bool = False
-    moe_normalize: bool = True  # renormalize the top-k router weights to sum to 1
 
 
 class DecoderModel:
     """One decoder for every architecture; `policy` says which fusions it is built with.
 
-    forward() processes T tokens at the cache's host-side length (prompts, the reference
-    decode); decode_step() is the static decode step of the GPU path: token and position are
-    device tensors and nothing depends on their values on the host, so it can be captured in a
-    CUDA graph and replayed at every position.
+    forward(batch, kv) runs one ForwardBatch (kiln/runtime/batch.py): prompt chunks, decode
+    tokens or both, of any number of sequences, through the same code. Nothing in it depends on
+    the batch's values on the host (only on its shapes and, in the reference ops, its host
+    lengths), so a decode batch can be captured in a CUDA graph and replayed at every position.
+    The model owns no cache: `kv` is the runtime's pool (kv.k[i], kv.v[i]: layer i's K/V rows).
     """
 
     def __init__(
         self,
         config: ModelConfig,
         weights: dict[str, Weight],
-        ops: SimpleNamespace,
-        style: BlockStyle,
+        ops: OpSet,
         policy: FusionPolicy,
     ):
         if config.rope_scaling.kind == "yarn":
             raise UnsupportedError(f"{config.name}: YaRN RoPE scaling is not implemented yet")
-        self.config, self.w, self.ops, self.style, self.policy = config, weights, ops, style, policy
+        self.config, self.w, self.ops, self.policy = config, weights, ops, policy
+        self.spec: ArchSpec = config.spec
         self.device = weights["token_embd.weight"].device
         factors = weights.get("rope_freqs.weight")
         self.freqs = ops.rope_frequencies(
@@ -62,7 +52,7 @@ class DecoderModel:
         self.lm_head = weights.get("output.weight", weights["token_embd.weight"])
         # layers whose weights were merged (a fusion can be on yet not apply to every layer)
         self.merged_qkv = self._merge(_QKV) if policy.merged_qkv else 0
-        gate_up = _GATE_UP_EXPS if style.moe else _GATE_UP
+        gate_up = _GATE_UP_EXPS if self.spec.moe else _GATE_UP
         self.merged_gate_up = self._merge(gate_up) if policy.merged_gate_up else 0
 
     def _merge(self, names: tuple[tuple[str, ...], str]) -> int:
@@ -85,43 +75,23 @@ class DecoderModel:
                 count += suffix == "weight"
         return count
 
-    def forward(self, ids: torch.Tensor, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
-        """ids: [T] appended to the cache -> logits float32 [T or 1, n_vocab]."""
-        n = ids.shape[0]
-        start = cache.length
-        cache.reserve(n)
-        positions = torch.arange(start, start + n, device=self.device)
-
-        def attend(i: int, q: torch.Tensor) -> torch.Tensor:
-            keys, values = cache.view(i, start + n)
-            return self.ops.attention(q, keys, values, positions, self.scale)
-
-        x = self._layers(ids, positions, cache, attend)
-        cache.length = start + n
-        if not all_logits:
-            x = x[-1:]
+    def forward(self, batch, kv) -> torch.Tensor:
+        """batch: a ForwardBatch whose tokens' K/V go to batch.slots of the pool `kv` ->
+        logits float32 [R, n_vocab] of batch.logit_rows (every row when None)."""
+        x = self._layers(batch, kv)
+        if batch.logit_rows is not None:
+            if batch.logit_rows.shape[0] == 0:  # a prompt chunk nobody reads the logits of
+                return x.new_empty((0, self.config.n_vocab))
+            x = x.index_select(0, batch.logit_rows)
         return self.ops.linear(x, self.lm_head)
 
-    def decode_step(
-        self, token: torch.Tensor, position: torch.Tensor, cache: KVCache
-    ) -> torch.Tensor:
-        """token, position: int64 [1] on the device; the cache must hold position + 1 rows
-        (the caller reserves and advances cache.length) -> logits float32 [1, n_vocab]."""
-        length = position + 1
-
-        def attend(i: int, q: torch.Tensor) -> torch.Tensor:
-            return self.ops.attention_decode(q, cache.k[i], cache.v[i], length, self.scale)
-
-        x = self._layers(token, position, cache, attend)
-        return self.ops.linear(x, self.lm_head)
-
-    def _layers(self, ids, positions, cache: KVCache, attend) -> torch.Tensor:
+    def _layers(self, batch, kv) -> torch.Tensor:
         """The decoder stack -> the final-normed hidden states [T, n_embd]."""
         c, ops = self.config, self.ops
-        h = ops.embedding(self.w["token_embd.weight"], ids)
+        h = ops.embedding(self.w["token_embd.weight"], batch.tokens)
         x = ops.rms_norm(h, self.w["blk.0.attn_norm.weight"], c.rms_eps)
         for i in range(c.n_layer):
-            attn = self._attention(i, x, positions, cache, attend)
+            attn = self._attention(i, x, batch, kv)
             h, x = ops.add_rms_norm(attn, h, self.w[f"blk.{i}.ffn_norm.weight"], c.rms_eps)
             ffn = self._ffn(i, x)
             next_norm = (
@@ -132,7 +102,7 @@ class DecoderModel:
             h, x = ops.add_rms_norm(ffn, h, next_norm, c.rms_eps)
         return x
 
-    def _attention(self, i: int, x, positions, cache: KVCache, attend) -> torch.Tensor:
+    def _attention(self, i: int, x, batch, kv) -> torch.Tensor:
         c, ops, w, p = self.config, self.ops, self.w, f"blk.{i}."
         n = x.shape[0]
         q_size, kv_size = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
@@ -155,18 +125,19 @@ class DecoderModel:
             w.get(p + "attn_q_norm.weight"),
             w.get(p + "attn_k_norm.weight"),
             c.rms_eps,
-            positions,
+            batch.positions,
+            batch.slots,
             self.freqs,
-            self.style.rope_neox,
-            cache.k[i],
-            cache.v[i],
+            self.spec.rope_neox,
+            kv.k[i],
+            kv.v[i],
         )
-        out = attend(i, q)
+        out = ops.attention(q, kv.k[i], kv.v[i], batch, self.scale)
         return ops.linear(out.reshape(n, c.n_head * c.head_dim_v), w[p + "attn_output.weight"])
 
     def _ffn(self, i: int, x: torch.Tensor) -> torch.Tensor:
         ops, w, p = self.ops, self.w, f"blk.{i}."
-        if self.style.moe:
+        if self.spec.moe:
             return self._moe(i, x)
         if p + "ffn_gate_up.weight" in w:
             gate, up = ops.linear(x, w[p + "ffn_gate_up.weight"]).chunk(2, dim=-1)
@@ -178,22 +149,12 @@ class DecoderModel:
     def _moe(self, i: int, x: torch.Tensor) -> torch.Tensor:
         c, ops, w, p = self.config, self.ops, self.w, f"blk.{i}."
         weights, ids = ops.moe_route(
-            x, w[p + "ffn_gate_inp.weight"], c.n_expert_used, self.style.moe_normalize
+            x, w[p + "ffn_gate_inp.weight"], c.n_expert_used, self.spec.moe_normalize
         )
         merged = w.get(p + "ffn_gate_up_exps.weight")
-        if x.shape[0] > 1:  # prompt: experts grouped by token on the host
-            gate = merged if merged is not None else w[p + "ffn_gate_exps.weight"]
-            up = None if merged is not None else w[p + "ffn_up_exps.weight"]
-            return ops.moe_ffn(x, weights, ids, gate, up, w[p + "ffn_down_exps.weight"])
-        # decode: the k selected experts in one launch per weight, ids never leave the device
-        slots = ids[0]
-        if merged is not None:
-            gate, up = ops.expert_linear(x, slots, merged).chunk(2, dim=-1)  # [k, F] each
-        else:
-            gate = ops.expert_linear(x, slots, w[p + "ffn_gate_exps.weight"])
-            up = ops.expert_linear(x, slots, w[p + "ffn_up_exps.weight"])
-        down = ops.expert_linear(ops.swiglu(gate, up), slots, w[p + "ffn_down_exps.weight"])
-        return ops.moe_combine(down, weights)  # [1, n_embd]
+        gate = merged if merged is not None else w[p + "ffn_gate_exps.weight"]
+        up = None if merged is not None else w[p + "ffn_up_exps.weight"]
+        return ops.moe_ffn(x, weights, ids, gate, up, w[p + "ffn_down_exps.weight"])
 
 
 _QKV = (("attn_q", "attn_k", "attn_v"), "attn_qkv")

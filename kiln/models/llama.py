@@ -3,7 +3,6 @@ converter permutes Q/K rows for that), GQA, SwiGLU FFN; llama 3 adds rope_freqs 
 
 from __future__ import annotations
 
-from kiln.models import register_model
-from kiln.models.common import BlockStyle
+from kiln.config import ArchSpec, register_arch
 
-register_model("llama", BlockStyle(rope_neox=False))
+register_arch(ArchSpec("llama", rope_neox=False))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from kiln.models import register_model
-from kiln.models.common import BlockStyle
+from kiln.config import ArchSpec, register_arch
 
-register_model("qwen2", BlockStyle(rope_neox=True))
+register_arch(ArchSpec("qwen2", rope_neox=True, qkv_bias=True))

@@ -3,7 +3,6 @@ attention.key_length and is independent of the embedding size."""
 
 from __future__ import annotations
 
-from kiln.models import register_model
-from kiln.models.common import BlockStyle
+from kiln.config import ArchSpec, register_arch
 
-register_model("qwen3", BlockStyle(rope_neox=True))
+register_arch(ArchSpec("qwen3", rope_neox=True, qk_norm=True))

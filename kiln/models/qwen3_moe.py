@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from kiln.models import register_model
-from kiln.models.common import BlockStyle
+from kiln.config import ArchSpec, register_arch
 
-register_model("qwen3moe", BlockStyle(rope_neox=True, moe=True, moe_normalize=True))
+register_arch(ArchSpec("qwen3moe", rope_neox=True, qk_norm=True, moe=True, moe_normalize=True))

@@ -11,12 +11,14 @@ makes the same calls either way and the two forms can be compared one fusion at 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
 
 from kiln.errors import UnsupportedError, UsageError
-from kiln.ops import decompose, reference
+from kiln.ops import decompose
 
 OP_NAMES = (
     "embedding",
@@ -28,15 +30,37 @@ OP_NAMES = (
     "rope_frequencies",
     "rope",
     "attention",
-    "attention_decode",
     "swiglu",
     "moe_route",
     "moe_ffn",
-    "expert_linear",
-    "moe_combine",
 )
 FUSED_OPS = ("add_rms_norm", "qk_norm", "qkv_norm_rope", "swiglu")  # each is also a fusion name
 BACKEND_NAMES = ("torch", "triton", "cpu")
+
+
+@dataclass(frozen=True)
+class OpSet:
+    """The ops a model calls, chosen once when the model is built: a backend's functions with
+    the decompositions of the fusions that are off. `routes` says what runs each op (a kernel, a
+    kernel up to some rows and the reference above, the reference): `kiln info` prints it."""
+
+    name: str
+    embedding: Callable
+    linear: Callable
+    rms_norm: Callable
+    add_rms_norm: Callable
+    qk_norm: Callable
+    qkv_norm_rope: Callable
+    rope_frequencies: Callable
+    rope: Callable
+    attention: Callable
+    swiglu: Callable
+    moe_route: Callable
+    moe_ffn: Callable
+    routes: tuple[tuple[str, str], ...] = ()
+
+    def route(self, op: str) -> str:
+        return dict(self.routes).get(op, "reference")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -63,32 +87,72 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def base_ops(backend: str, pdl: bool = False) -> dict:
-    """{op name: function} of a backend with every fusion on; pdl: the triton backend's kernels
-    launched with programmatic dependent launch (the `pdl` fusion)."""
+def _backend(backend: str):
     if backend == "torch":
-        return {n: getattr(reference, n) for n in OP_NAMES}
-    if backend == "triton":
-        from kiln.ops import triton_backend
+        from kiln.ops import reference as module
+    elif backend == "triton":
+        from kiln.ops import triton_backend as module
+    elif backend == "cpu":
+        from kiln.ops import cpu as module
+    else:
+        raise UnsupportedError(
+            f"unknown backend {backend!r} (available: {', '.join(BACKEND_NAMES)})"
+        )
+    return module
 
-        return triton_backend.ops(pdl)
-    if backend == "cpu":
-        from kiln.ops import cpu
 
-        return cpu.ops()
-    raise UnsupportedError(f"unknown backend {backend!r} (available: {', '.join(BACKEND_NAMES)})")
+def pack_for_kernel(backend: str, weights: dict, merge_groups: list[list[str]]) -> None:
+    """Give the weights the backend's own forms, at load and before the model merges any
+    (`merge_groups`: the weights it will merge, packed side by side). The blocks stay the
+    reference: a packed weight's dense() equals the original's. Only the cpu backend packs."""
+    module = _backend(backend)
+    if hasattr(module, "pack_for_kernel"):
+        module.pack_for_kernel(weights, merge_groups)
 
 
-def get_ops(backend: str, fused: dict[str, bool] | None = None) -> SimpleNamespace:
+def loaded(backend: str) -> None:
+    """The model is built: a backend may release what its load needed."""
+    module = _backend(backend)
+    if hasattr(module, "loaded"):
+        module.loaded()
+
+
+def weight_fallbacks(backend: str, weights: dict) -> list[tuple[str, object]]:
+    """(name, type) of the weights ({name: GGML type}) a backend's kernels do not read: they run
+    the reference (a whole-weight dequantization per call). Decided by type alone."""
+    module = _backend(backend)
+    if not hasattr(module, "kernel_reads"):
+        return []
+    return [(n, t) for n, t in weights.items() if not module.kernel_reads(n, t)]
+
+
+def get_ops(backend: str, fused: dict[str, bool] | None = None) -> OpSet:
     """The op set of a backend; fused[name] False puts the decomposition in place of that fused
     op (default: all fused); fused["pdl"] True launches the triton kernels with programmatic
-    dependent launch (default: off)."""
-    table = base_ops(backend, pdl=bool(fused and fused.get("pdl", False)))
-    ops = SimpleNamespace(name=backend, **table)
+    dependent launch (default: off).
+
+    A backend module gives `ops(pdl) -> {op: function}` for every name of OP_NAMES, `ROUTES`
+    ({op: what runs it}) and, where an op is built from others of the set (the triton
+    backend's moe_ffn calls the set's swiglu), `compose(ops) -> {op: function}` run after the
+    decompositions are in place."""
+    module = _backend(backend)
+    pdl = bool(fused and fused.get("pdl", False))
+    table = module.ops(pdl=pdl)
+    assert set(table) == set(OP_NAMES), f"{backend}: ops {sorted(set(OP_NAMES) ^ set(table))}"
+    routes = dict(module.ROUTES)
+    ops = SimpleNamespace(name=backend, pdl=pdl, **table)
     for name in FUSED_OPS:
         if fused is not None and not fused.get(name, True):
             setattr(ops, name, decompose.unfused(name, ops))
-    return ops
+            routes[name] = f"unfused: {decompose.PARTS[name]}"
+    if hasattr(module, "compose"):
+        for name, fn in module.compose(ops).items():
+            setattr(ops, name, fn)
+    return OpSet(
+        name=backend,
+        routes=tuple((n, routes.get(n, "reference")) for n in OP_NAMES),
+        **{n: getattr(ops, n) for n in OP_NAMES},
+    )
 
 
-__all__ = ["BACKEND_NAMES", "OP_NAMES", "get_ops", "resolve_backend"]
+__all__ = ["BACKEND_NAMES", "OP_NAMES", "OpSet", "get_ops", "resolve_backend"]

@@ -36,7 +36,7 @@ from kiln.ops import cpu_pack, reference
 from kiln.weight import Weight
 
 
-def prepare(weights: dict[str, Weight], groups: Sequence[Sequence[str]] = ()) -> None:
+def pack_for_kernel(weights: dict[str, Weight], groups: Sequence[Sequence[str]] = ()) -> None:
     """Give every weight its cpu form, before the model merges any (merged weights then join
     the parts' forms, never a copy of their blocks). `groups`: the weights the model will merge
     (Q, K, V; gate, up), packed side by side so that the merge is the group's form as it is.
@@ -235,9 +235,12 @@ def _complex_viewable(pairs: torch.Tensor) -> bool:
     )
 
 
-def qkv_norm_rope(q, k, v, q_weight, k_weight, eps, positions, freqs, neox, k_cache, v_cache):
-    """The reference's op; Q and K rotated in one call when k directly follows q in memory
-    (views of one merged QKV result) and no per-head norm comes first."""
+def qkv_norm_rope(
+    q, k, v, q_weight, k_weight, eps, positions, slots, freqs, neox, k_cache, v_cache
+):
+    """The reference's op (RoPE at positions, K/V into pool rows slots); Q and K rotated in one
+    call when k directly follows q in memory (views of one merged QKV result) and no per-head
+    norm comes first."""
     if q_weight is not None:
         q, k = qk_norm(q, k, q_weight, k_weight, eps)
     both = _adjacent_heads(q, k)
@@ -247,8 +250,8 @@ def qkv_norm_rope(q, k, v, q_weight, k_weight, eps, positions, freqs, neox, k_ca
     else:
         q = rope(q, positions, freqs, neox)
         k = rope(k, positions, freqs, neox)
-    k_cache.index_copy_(0, positions, k if k.dtype == k_cache.dtype else k.to(k_cache.dtype))
-    v_cache.index_copy_(0, positions, v if v.dtype == v_cache.dtype else v.to(v_cache.dtype))
+    k_cache.index_copy_(0, slots, k if k.dtype == k_cache.dtype else k.to(k_cache.dtype))
+    v_cache.index_copy_(0, slots, v if v.dtype == v_cache.dtype else v.to(v_cache.dtype))
     return q
 
 
@@ -272,12 +275,21 @@ def _adjacent_heads(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
-def attention(
+def attention(q: torch.Tensor, k_pool, v_pool, batch, scale: float) -> torch.Tensor:
+    """The reference's attention over the paged pool (kiln.ops.reference.attention), each
+    sequence's keys a slice of the pool where its blocks are consecutive (the usual case)."""
+    return reference.per_sequence(
+        q, k_pool, v_pool, batch, lambda qs, k, v, pos: _causal(qs, k, v, pos, scale)
+    )
+
+
+def _causal(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positions: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """The reference's causal attention (q: [T, H, D]; k: [S, Hkv, D]; v: [S, Hkv, Dv])."""
+    """The reference's causal attention (q: [T, H, D]; k: [S, Hkv, D]; v: [S, Hkv, Dv]) of one
+    sequence whose last query sees every key."""
     if q.shape[0] == 1:
-        return _one_query(q, k, v, int(q_positions.item()) + 1, scale)
+        return _one_query(q, k, v, k.shape[0], scale)
     t, n_head, d = q.shape
     n_kv = k.shape[1]
     g = n_head // n_kv
@@ -320,11 +332,6 @@ def _one_query(q, k, v, length: int, scale: float) -> torch.Tensor:
     return out.reshape(1, n_head, v.shape[2])
 
 
-def attention_decode(q, k_cache, v_cache, length, scale):
-    """One query over the first `length` (int64 [1]) cache entries -> float32 [1, H, Dv]."""
-    return _one_query(q, k_cache, v_cache, int(length.reshape(-1)[0]), scale)
-
-
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return (
         F.silu(gate) * up
@@ -337,7 +344,11 @@ def moe_route(x, router, n_used, normalize):
     return reference.moe_select(linear(x, router), n_used, normalize)
 
 
-def ops() -> dict:
+def loaded() -> None:
+    cpu_pack.trim_heap()  # the load's temporaries
+
+
+def ops(pdl: bool = False) -> dict:
     return {
         "embedding": embedding,
         "linear": linear,
@@ -348,13 +359,25 @@ def ops() -> dict:
         "rope_frequencies": reference.rope_frequencies,
         "rope": rope,
         "attention": attention,
-        "attention_decode": attention_decode,
         "swiglu": swiglu,
         "moe_route": moe_route,
         "moe_ffn": reference.moe_ffn,
-        "expert_linear": reference.expert_linear,
-        "moe_combine": reference.moe_combine,
     }
+
+
+ROUTES = {
+    "embedding": "packed rows dequantized per lookup",
+    "linear": "torch int4 mat-mul (4-bit formats), F32/BF16 torch.mm, others dequantized in chunks",
+    "rms_norm": "torch",
+    "add_rms_norm": "torch",
+    "qk_norm": "torch",
+    "qkv_norm_rope": "torch (cached RoPE tables)",
+    "rope": "torch (cached RoPE tables)",
+    "attention": "torch: one query as two batched mat-muls, prompts in 8 MB passes",
+    "swiglu": "torch",
+    "moe_route": "reference",
+    "moe_ffn": "reference",
+}
 
 
 # ---------------------------------------------------------------------------------------------

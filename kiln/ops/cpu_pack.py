@@ -1,4 +1,4 @@
-"""The cpu backend's forms of a weight, made once at load (kiln/ops/cpu.py `prepare`).
+"""The cpu backend's forms of a weight, made once at load (kiln/ops/cpu.py `pack_for_kernel`).
 
 No float32 copy of a quantized weight is kept. Each 2-D weight gets one of these forms:
 

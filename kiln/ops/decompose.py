@@ -32,17 +32,26 @@ def _qk_norm(ops):
 
 
 def _qkv_norm_rope(ops):
-    def qkv_norm_rope(q, k, v, q_weight, k_weight, eps, positions, freqs, neox, k_cache, v_cache):
+    def qkv_norm_rope(
+        q, k, v, q_weight, k_weight, eps, positions, slots, freqs, neox, k_cache, v_cache
+    ):
         if q_weight is not None:
             q, k = ops.qk_norm(q, k, q_weight, k_weight, eps)
         q = ops.rope(q, positions, freqs, neox)
         k = ops.rope(k, positions, freqs, neox)
-        k_cache.index_copy_(0, positions, k.to(k_cache.dtype))
-        v_cache.index_copy_(0, positions, v.to(v_cache.dtype))
+        k_cache.index_copy_(0, slots, k.to(k_cache.dtype))
+        v_cache.index_copy_(0, slots, v.to(v_cache.dtype))
         return q
 
     return qkv_norm_rope
 
+
+PARTS = {  # what the unfused form runs (kiln info)
+    "add_rms_norm": "a torch add, then rms_norm",
+    "qk_norm": "rms_norm twice",
+    "qkv_norm_rope": "qk_norm, rope twice, two cache writes",
+    "swiglu": "torch silu and mul",
+}
 
 _MAKERS = {
     "add_rms_norm": _add_rms_norm,

@@ -10,6 +10,15 @@ import torch.nn.functional as F
 
 from kiln.weight import Weight
 
+ROUTES: dict[str, str] = {}  # every op is the reference: the spec, on any device
+
+
+def ops(pdl: bool = False) -> dict:
+    """The reference as an op set (the "torch" backend); pdl has no meaning here."""
+    from kiln.ops import OP_NAMES
+
+    return {name: globals()[name] for name in OP_NAMES}
+
 
 def embedding(weight: Weight, ids: torch.Tensor) -> torch.Tensor:
     """ids: [T] -> [T, n_embd]."""
@@ -67,9 +76,52 @@ def rope(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor, neox: bo
 
 
 def attention(
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, batch, scale: float
+) -> torch.Tensor:
+    """Causal attention of a ForwardBatch's T queries over the paged KV pool.
+
+    q: [T, H, D]; k_pool: [S, Hkv, D]; v_pool: [S, Hkv, Dv] (the layer's pool, this step's K/V
+    already written); batch: kiln.runtime.batch.ForwardBatch (each sequence's queries are
+    contiguous; a key at position j is visible to a query at position p when j <= p) ->
+    f32 [T, H, Dv]. Reads the batch's host lengths: not capturable (prompts, the reference).
+    """
+    return per_sequence(
+        q, k_pool, v_pool, batch, lambda qs, k, v, pos: causal(qs, k, v, pos, scale)
+    )
+
+
+def per_sequence(q, k_pool, v_pool, batch, attend) -> torch.Tensor:
+    """attend(q_b, k_b, v_b, positions_b) for each sequence b of the batch, over its keys
+    0..kv_len-1 gathered from the pool (a slice when its blocks are consecutive) -> [T, H, Dv]."""
+    out = []
+    start = 0
+    for b, (n, length) in enumerate(zip(batch.query_lens, batch.kv_lens)):
+        rows = sequence_rows(batch, b, length, k_pool.device)
+        if isinstance(rows, slice):
+            k, v = k_pool[rows], v_pool[rows]
+        else:
+            k, v = k_pool.index_select(0, rows), v_pool.index_select(0, rows)
+        out.append(attend(q[start : start + n], k, v, batch.positions[start : start + n]))
+        start += n
+    return torch.cat(out) if len(out) > 1 else out[0]
+
+
+def sequence_rows(batch, b: int, length: int, device) -> slice | torch.Tensor:
+    """The pool rows of sequence b's positions 0..length-1."""
+    first = batch.first_rows[b]
+    if first is not None:
+        return slice(first, first + length)
+    bs = batch.block_size
+    n_blocks = -(-length // bs)
+    blocks = batch.block_tables[b, :n_blocks].to(torch.int64)
+    rows = blocks[:, None] * bs + torch.arange(bs, device=device)
+    return rows.reshape(-1)[:length]
+
+
+def causal(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positions: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """Causal attention of T queries over the first S cache entries of one sequence.
+    """Causal attention of T queries over S keys of one sequence.
 
     q: [T, H, D]; k: [S, Hkv, D]; v: [S, Hkv, Dv]; q_positions: [T] (key j is visible to query i
     when j <= q_positions[i]) -> [T, H, Dv].
@@ -88,18 +140,37 @@ def attention(
 
 def attention_decode(
     q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    length: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_size: int,
     scale: float,
 ) -> torch.Tensor:
-    """One query token over the first `length` entries of a cache of capacity C.
+    """One query per sequence over its blocks of a paged KV cache.
 
-    q: [1, H, D]; k_cache: [C, Hkv, D]; v_cache: [C, Hkv, Dv] (f16/bf16/f32); length: int64 [1]
-    on the device (read there, so one captured CUDA graph serves every position) -> f32 [1, H, Dv].
+    q: [B, H, D]; k_pool: [S, Hkv, D], v_pool: [S, Hkv, Dv] (f16/bf16/f32; S = n_blocks *
+    block_size); block_tables: int [B, NB]; seq_lens: int64 [B] -> f32 [B, H, Dv]. Row b attends
+    to positions 0 .. seq_lens[b] - 1 of sequence b, whose position j lives in pool row
+    block_tables[b, j // block_size] * block_size + j % block_size. Table entries past the
+    sequence's blocks are gathered but masked (any valid block id); rows past a length never
+    reach the result, even NaN ones. Device ops only (no host sync): graph-capturable.
     """
-    positions = (length - 1).reshape(1)
-    return attention(q, k_cache, v_cache, positions, scale)
+    n_rows, n_blocks = block_tables.shape
+    n_head, n_kv, d = q.shape[1], k_pool.shape[1], q.shape[2]
+    group = n_head // n_kv
+    offs = torch.arange(block_size, device=q.device)
+    rows = (block_tables.long()[:, :, None] * block_size + offs).reshape(n_rows, -1)  # [B, C]
+    positions = torch.arange(n_blocks * block_size, device=q.device)
+    visible = positions[None, :] < seq_lens[:, None]  # [B, C]
+    k = k_pool[rows].float()  # [B, C, Hkv, D]
+    v = torch.where(visible[:, :, None, None], v_pool[rows].float(), 0.0)  # no NaN * 0 below
+    qg = q.float().reshape(n_rows, n_kv, group, d)  # head h = kv * G + g
+    scores = torch.einsum("bkgd,bckd->bkgc", qg, k) * scale  # [B, Hkv, G, C]
+    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("bkgc,bckd->bkgd", probs, v)  # [B, Hkv, G, Dv]
+    return out.reshape(n_rows, n_head, v_pool.shape[2])
 
 
 def qk_norm(
@@ -118,23 +189,26 @@ def qkv_norm_rope(
     k_weight: Weight | None,
     eps: float,
     positions: torch.Tensor,
+    slots: torch.Tensor,
     freqs: torch.Tensor,
     neox: bool,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
 ) -> torch.Tensor:
-    """Decode attention input: Q/K head RMSNorm (when the weights are given), RoPE, and K, V
-    written into the cache at `positions` (a device tensor, so no host sync).
+    """Decode attention input: Q/K head RMSNorm (when the weights are given), RoPE at
+    `positions`, and K, V written into the cache pools at rows `slots` (device tensors, so no
+    host sync).
 
     q: [T, H, D], k: [T, Hkv, D], v: [T, Hkv, Dv] (views of a merged QKV result are fine);
-    positions: int64 [T]; k_cache: [C, Hkv, D], v_cache: [C, Hkv, Dv] -> q float32 [T, H, D].
+    positions: int64 [T] (the rotation); slots: int64 [T] (distinct pool rows, see
+    attention_decode); k_cache: [S, Hkv, D], v_cache: [S, Hkv, Dv] -> q float32 [T, H, D].
     """
     if q_weight is not None:
         q, k = qk_norm(q, k, q_weight, k_weight, eps)
     q = rope(q, positions, freqs, neox)
     k = rope(k, positions, freqs, neox)
-    k_cache.index_copy_(0, positions, k.to(k_cache.dtype))
-    v_cache.index_copy_(0, positions, v.to(v_cache.dtype))
+    k_cache.index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.index_copy_(0, slots, v.to(v_cache.dtype))
     return q
 
 
@@ -162,18 +236,35 @@ def moe_select(
     return weights, ids
 
 
+def _gather_experts(weight: Weight, index: torch.Tensor) -> torch.Tensor:
+    """float32 [S, N, K]: the experts index (int64 [S], on the weight's device) of a stacked
+    [n_expert, N, K] weight, gathered and dequantized on the device (no host sync). A merged
+    weight whose blocks stay in its parts gathers each part's experts (never the whole stack)."""
+    if weight.raw is None and not weight.keep_dense:
+        return torch.cat([_gather_experts(p, index) for p in weight.parts], dim=-2)
+    return weight.rows(index)  # keep_dense: the float copy's rows; else raw[index] dequantized
+
+
 def expert_linear(x: torch.Tensor, ids: torch.Tensor, weight: Weight) -> torch.Tensor:
-    """The selected experts' mat-vecs of one token: x: [1, K] (every expert reads it) or [k, K]
-    (slot i reads row i); ids: int [k]; weight: [n_expert, N, K] -> f32 [k, N]."""
-    rows = x.float().expand(ids.shape[0], -1) if x.shape[0] == 1 else x.float()
-    w = torch.stack([weight.expert(int(e)) for e in ids.tolist()])  # [k, N, K]
+    """The selected experts' mat-vecs of T tokens: ids: int [T, k]; x: [T, K] (token t's k
+    experts read row t) or [T*k, K] (slot s = t*k + j reads row s); weight: [n_expert, N, K]
+    -> f32 [T*k, N], row t*k + j = x[t or t*k + j] @ W[ids[t, j]].T. Device ops only: the
+    experts are gathered by index on the device, so it is graph-capturable."""
+    t, k = ids.shape
+    assert x.shape[0] in (t, t * k), f"x has {x.shape[0]} rows for ids [{t}, {k}]"
+    if x.shape[0] == t * k:
+        rows = x.float()
+    else:  # [T, K] -> [T*k, K]; at T = 1 a stride-0 view, as one token's rows always were
+        rows = x.float()[:, None, :].expand(t, k, x.shape[1]).reshape(t * k, x.shape[1])
+    w = _gather_experts(weight, ids.reshape(-1).long())  # [T*k, N, K]
     return torch.einsum("sk,snk->sn", rows, w)
 
 
 def moe_combine(down: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """One token's expert outputs weighted and summed: down: [k, N] (row s: slot s's expert),
-    weights: [1, k] -> [1, N] = sum_s weights[0, s] * down[s]."""
-    return (down * weights[0, :, None]).sum(0, keepdim=True)
+    """Each token's expert outputs weighted and summed: down: [T*k, N] (row t*k + j: token t's
+    slot j), weights: [T, k] -> [T, N], row t = sum_j weights[t, j] * down[t*k + j]."""
+    t, k = weights.shape
+    return (down.reshape(t, k, -1) * weights[:, :, None]).sum(1)
 
 
 def moe_ffn(

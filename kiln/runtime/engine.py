@@ -1,105 +1,164 @@
-"""Engine: a built model plus its KV caches; prompt processing in micro-batches and the decode
-step. One Engine serves one sequence at a time (a fresh cache per request, or a PromptCache's
-kept one when a request extends the previous: a chat's next turn).
+"""Engine: a built model, its paged KV pool and its CUDA graphs; every forward goes through
+`step` (one ForwardBatch of any mix of prompt chunks and decode tokens).
 
-On the triton backend the engine is static: its one KV cache (f16) is allocated at the full
-context, reused by every request, and decoding runs the model's decode_step, captured as a CUDA
-graph when the cuda_graphs fusion is on. The reference backend grows a float32 cache as needed
-and decodes through forward().
+    seq = engine.new_sequence()                 # a sequence of the pool (free it when done)
+    logits = engine.prefill(ids, seq)           # a prompt, in micro-batches of `ubatch` tokens
+    logits = engine.decode_batch(tokens, seqs)  # one token for each of B sequences
+    seq.free()
+
+On the triton backend the pool is f16 and starts at one full context (n_ctx tokens), decode
+batches run as CUDA graphs per batch-size bucket when the cuda_graphs fusion is on; the
+reference backends keep a float32 pool that grows as needed. The pool holds up to n_seq
+sequences of n_ctx tokens; sequences a PromptCache keeps for reuse are given back when it runs
+out.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence as Seq
 
 import torch
 
 from kiln.errors import UsageError
 from kiln.models.common import DecoderModel
-from kiln.runtime.cuda_graph import DecodeGraph
-from kiln.runtime.kv_cache import KVCache
+from kiln.runtime.batch import build_batch
+from kiln.runtime.graphs import GraphRunner
+from kiln.runtime.kv_pool import KVPool, KVPoolFull, Sequence
+
+
+def kv_dtype(backend: str) -> torch.dtype:
+    """The KV cache's element type on a backend: f16 where kernels read it (triton), float32 on
+    the reference paths."""
+    return torch.float16 if backend == "triton" else torch.float32
 
 
 class Engine:
-    def __init__(self, model: DecoderModel, n_ctx: int, ubatch: int = 512):
+    def __init__(
+        self,
+        model: DecoderModel,
+        n_ctx: int,
+        ubatch: int = 512,
+        n_seq: int = 1,
+        block_size: int = 64,
+    ):
         if n_ctx <= 0:
             raise UsageError(f"the context size must be > 0, got {n_ctx}")
         if ubatch <= 0:
             raise UsageError(f"the micro-batch size (--ubatch) must be > 0, got {ubatch}")
-        self.model, self.n_ctx, self.ubatch = model, n_ctx, ubatch
+        if n_seq <= 0:
+            raise UsageError(f"the number of parallel sequences must be > 0, got {n_seq}")
+        self.model, self.n_ctx, self.ubatch, self.n_seq = model, n_ctx, ubatch, n_seq
         self.config = model.config
         self.device = model.device
-        self.static = model.ops.name == "triton"
-        self.graphs = model.policy.cuda_graphs
-        self._cache: KVCache | None = None
-        self._cache_owner: PromptCache | None = None  # who may reuse the static cache's contents
-        self._graph: DecodeGraph | None = None
+        static = model.ops.name == "triton"
+        self.pool = KVPool(
+            self.config,
+            n_ctx,
+            n_seq,
+            self.device,
+            kv_dtype(model.ops.name),
+            block_size,
+            initial_tokens=n_ctx if static else 256,
+        )
+        graphs = static and model.policy.cuda_graphs and self.device.type == "cuda"
+        self.graphs = GraphRunner(model, self.pool) if graphs else None
+        self.evictable: list = []  # PromptCaches whose kept sequence may be dropped for room
 
-    def new_cache(self) -> KVCache:
-        """An empty cache; a static engine empties and returns its one cache (captured graphs
-        point at its buffers)."""
-        if not self.static:
-            return KVCache(self.config, self.n_ctx, self.device)
-        if self._cache is None:
-            self._cache = KVCache(
-                self.config, self.n_ctx, self.device, dtype=torch.float16, initial=self.n_ctx
-            )
-        self._cache.length = 0
-        self._cache_owner = None
-        return self._cache
+    # -- sequences ---------------------------------------------------------------------------
+    def new_sequence(self) -> Sequence:
+        return self.pool.new_sequence()
 
+    def fork(self, seq: Sequence) -> Sequence:
+        """A new sequence holding seq's tokens, sharing their blocks (copy-on-write)."""
+        return self.pool.fork(seq)
+
+    def reserve(self, seq: Sequence, n_new: int) -> None:
+        """Room for n_new more tokens of seq: the context checked, blocks allocated (kept
+        prompt caches dropped when the pool is out of blocks)."""
+        self.check_room(seq, n_new)
+        while True:
+            try:
+                return self.pool.reserve(seq, n_new)
+            except KVPoolFull:
+                if not self._evict(seq):
+                    raise
+
+    def _evict(self, keep: Sequence) -> bool:
+        for cache in self.evictable:
+            if cache.drop(keep):
+                return True
+        return False
+
+    # -- forward -----------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, ids: list[int], cache: KVCache, all_logits: bool = False) -> torch.Tensor:
-        """Append ids to the cache in micro-batches of `ubatch` tokens.
+    def step(self, entries: Seq[tuple[Sequence, Seq[int]]], logits: str = "last") -> torch.Tensor:
+        """One forward of (sequence, new token ids) entries -> float32 logits: [B, n_vocab] of
+        each sequence's last token ("last"), [T, n_vocab] of every token ("all") or [0, n_vocab]
+        ("none"). The sequences' lengths advance."""
+        for seq, ids in entries:
+            if not ids:
+                raise UsageError("the prompt is empty: give at least one token")
+            self.check_ids(ids)
+            self.reserve(seq, len(ids))
+        batch = build_batch(entries, self.device, logits)
+        out = self.model.forward(batch, self.pool)
+        for seq, ids in entries:
+            seq.length += len(ids)
+        return out
+
+    def prefill(self, ids: list[int], seq: Sequence, all_logits: bool = False) -> torch.Tensor:
+        """Append ids to seq in micro-batches of `ubatch` tokens.
 
         -> logits float32 [1, n_vocab] of the last token, or [len(ids), n_vocab] if all_logits.
         """
         if not ids:
             raise UsageError("the prompt is empty: give at least one token")
-        self.check_room(cache, len(ids))
+        self.check_room(seq, len(ids))
         self.check_ids(ids)
         out = []
         for s in range(0, len(ids), self.ubatch):
-            chunk = torch.tensor(ids[s : s + self.ubatch], device=self.device)
+            chunk = ids[s : s + self.ubatch]
             last = s + self.ubatch >= len(ids)
-            if all_logits or last:
-                out.append(self.model.forward(chunk, cache, all_logits=all_logits))
-            else:
-                self.model.forward(chunk, cache, all_logits=False)
+            want = "all" if all_logits else ("last" if last else "none")
+            out.append(self.step([(seq, chunk)], want))
         return torch.cat(out)
 
-    @torch.inference_mode()
-    def decode(self, token: int, cache: KVCache) -> torch.Tensor:
-        """One token -> logits float32 [1, n_vocab] (on a static engine a buffer that the next
+    def decode(self, token: int, seq: Sequence) -> torch.Tensor:
+        """One token -> logits float32 [1, n_vocab] (with CUDA graphs: a buffer that the next
         decode overwrites)."""
-        self.check_room(cache, 1)
-        if not self.static:
-            return self.model.forward(torch.tensor([token], device=self.device), cache)
-        if cache is not self._cache:
-            raise UsageError(
-                "a static (triton) engine decodes into its own KV cache: get it from "
-                "engine.new_cache()"
-            )
-        position = cache.length
-        if self.graphs:
-            if self._graph is None:
-                self._graph = DecodeGraph(self.model, cache)
-            logits = self._graph(token, position)
-        else:
-            ids = torch.tensor([token], device=self.device)
-            at = torch.tensor([position], device=self.device)
-            logits = self.model.decode_step(ids, at, cache)
-        cache.length = position + 1
+        return self.decode_batch([token], [seq])
+
+    @torch.inference_mode()
+    def decode_batch(self, tokens: Seq[int], seqs: Seq[Sequence]) -> torch.Tensor:
+        """One token for each of B distinct sequences -> logits float32 [B, n_vocab], row b for
+        seqs[b] (with CUDA graphs: a buffer that the next decode overwrites)."""
+        if len(tokens) != len(seqs) or not seqs:
+            raise UsageError(f"decode_batch: {len(tokens)} tokens for {len(seqs)} sequences")
+        if len({id(s) for s in seqs}) != len(seqs):
+            raise UsageError("decode_batch: a sequence appears twice in one batch")
+        if self.graphs is None or len(seqs) > self.graphs.max_batch:
+            return self.step([(s, [t]) for s, t in zip(seqs, tokens)])
+        self.check_ids(list(tokens))
+        for seq in seqs:
+            self.reserve(seq, 1)
+        logits = self.graphs(tokens, seqs)
+        for seq in seqs:
+            seq.length += 1
         return logits
 
-    def check_room(self, cache: KVCache, n: int) -> None:
-        if cache.length + n > self.n_ctx:
+    # -- checks ------------------------------------------------------------------------------
+    def check_room(self, seq: Sequence, n: int) -> None:
+        if seq.freed:
+            raise UsageError("this sequence was freed: start a new one (engine.new_sequence())")
+        if seq.length + n > self.n_ctx:
             raise UsageError(
-                f"{cache.length + n} tokens do not fit the context of {self.n_ctx} "
-                f"({cache.length} already in the cache, {n} new): shorten the prompt, raise the "
+                f"{seq.length + n} tokens do not fit the context of {self.n_ctx} "
+                f"({seq.length} already in the cache, {n} new): shorten the prompt, raise the "
                 f"context size (n_ctx / --ctx-size, at most {self.config.n_ctx_train}), "
                 f"or allow truncation (truncate=True / --truncate)"
             )
 
-    def check_ids(self, ids: list[int]) -> None:
+    def check_ids(self, ids: Seq[int]) -> None:
         bad = [i for i in ids if not 0 <= i < self.config.n_vocab]
         if bad:
             raise UsageError(
@@ -108,59 +167,54 @@ class Engine:
 
 
 class PromptCache:
-    """A KV cache kept between requests with the token ids it holds, so that a request that
+    """A sequence kept between requests with the token ids it holds, so that a request that
     extends the previous one (a chat's next turn: the conversation so far, the reply, the new
     message) prefills only what follows their longest common prefix.
 
-        cache, n = prompt_cache.take(ids)   # cache holds ids[:n]; prefill ids[n:]
-        ...                                 # prefill, decode
-        prompt_cache.keep(cache, history)   # cache holds history[:cache.length]
+        seq, n = prompt_cache.take(ids)   # seq holds ids[:n]; prefill ids[n:]
+        ...                               # prefill, decode
+        prompt_cache.keep(seq, history)   # seq holds history[:seq.length]
 
-    A static engine has one cache: any other request (engine.new_cache()) empties it, and the
-    next take() then starts from nothing. A taken cache not given back (a stream left unread)
-    is not reused either."""
+    The kept sequence holds blocks of the engine's pool; when the pool runs out the engine
+    drops it (the next take() then starts from nothing). A taken sequence not given back (a
+    stream left unread) is freed by its stream."""
 
     def __init__(self, engine: Engine):
         self.engine = engine
-        self._cache: KVCache | None = None
-        self.ids: list[int] = []  # the tokens the kept cache holds, in order
+        self._seq: Sequence | None = None
+        self.ids: list[int] = []  # the tokens the kept sequence holds, in order
+        engine.evictable.append(self)
 
-    def take(self, ids: list[int]) -> tuple[KVCache, int]:
-        """A cache holding ids[:n] and n: the longest common prefix of ids with the kept ids,
+    def take(self, ids: list[int]) -> tuple[Sequence, int]:
+        """A sequence holding ids[:n] and n: the longest common prefix of ids with the kept ids,
         at most len(ids) - 1 (the last token is always run, for its logits)."""
-        engine = self.engine
-        if engine.static:
-            if engine._cache_owner is self and engine._cache is not None:
-                cache = engine._cache
-            else:
-                cache = engine.new_cache()
-                self.ids = []
-            engine._cache_owner = self
-        else:
-            cache, self._cache = self._cache, None
-            if cache is None:
-                cache = engine.new_cache()
-                self.ids = []
-        n = min(common_prefix(self.ids, ids), len(ids) - 1, cache.length)
-        cache.truncate(max(n, 0))
+        seq, self._seq = self._seq, None
+        if seq is None:
+            seq = self.engine.new_sequence()
+            self.ids = []
+        n = min(common_prefix(self.ids, ids), len(ids) - 1, seq.length)
+        seq.truncate(max(n, 0))
         self.ids = []  # lent out: nothing is kept until keep()
-        return cache, cache.length
+        return seq, seq.length
 
-    def keep(self, cache: KVCache, ids: list[int]) -> None:
-        """Keep `cache`, whose first cache.length tokens are ids[:cache.length]."""
-        if self.engine.static:
-            if self.engine._cache_owner is not self or cache is not self.engine._cache:
-                return  # another request has used the engine's one cache since
-        else:
-            self._cache = cache
-        self.ids = list(ids[: cache.length])
+    def keep(self, seq: Sequence, ids: list[int]) -> None:
+        """Keep `seq`, whose first seq.length tokens are ids[:seq.length]."""
+        if self._seq is not None and self._seq is not seq:
+            self._seq.free()
+        self._seq = seq
+        self.ids = list(ids[: seq.length])
+
+    def drop(self, unless: Sequence | None = None) -> bool:
+        """Free the kept sequence (not `unless`) -> whether anything was freed."""
+        if self._seq is None or self._seq is unless:
+            return False
+        self._seq.free()
+        self._seq, self.ids = None, []
+        return True
 
     def clear(self) -> None:
         """Forget the kept tokens (a chat's /reset)."""
-        self._cache = None
-        self.ids = []
-        if self.engine._cache_owner is self:
-            self.engine._cache_owner = None
+        self.drop()
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:

@@ -1,6 +1,8 @@
 """`kiln bench` (kiln.bench.llama_bench): llama-bench's test names, list flags and output formats,
-the depth fill, the -ub sweep, the memory floor's byte counting, and bad input. Tiny synthetic
-models and tiny sizes on the CPU: a few seconds of benchmarking in all."""
+the depth fill, the -ub sweep, the memory floor's byte counting, parallel sequences (-npl: the
+aggregate t/s, the batches the engine is given, the column, the memory check, the history), and
+bad input. Tiny synthetic models and tiny sizes on the CPU: a few seconds of benchmarking in
+all."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import csv
 import io
 import json
 import re
+import time
+import types
 
 import pytest
 import torch
@@ -17,6 +21,8 @@ from kiln.bench import memory
 from kiln.bench import models as M
 from kiln.cli import main
 from kiln.errors import UsageError
+from kiln.limits import kv_cache_bytes
+from kiln.runtime.engine import Engine
 
 TINY = "synthetic:tiny-llama:q8_0"
 _BUILT: dict[tuple[str, str], tuple] = {}
@@ -134,8 +140,12 @@ def test_results_carry_llama_benchs_statistics(results):
         mean = sum(ts) / 2
         assert r.stddev_ts == pytest.approx((sum((t - mean) ** 2 for t in ts) / 1) ** 0.5)
     assert pg.n_tokens == 12
-    # GB/s and % of the floor for tg tests only; no peak GPU memory on the CPU
-    assert tg.gbps == pytest.approx(tg.bytes_per_token * tg.avg_ts / 1e9)
+    # GB/s and % of the floor for tg tests only: the weights once per step, plus the K/V the
+    # step reads (tg4: positions 1..4, 2.5 on average; float32 on the CPU); no peak GPU memory
+    # on the CPU
+    kv = kv_cache_bytes(M.model_facts(TINY).config, 1, torch.float32)
+    assert tg.kv_bytes_per_step == round(2.5 * kv) and pp.kv_bytes_per_step is None
+    assert tg.gbps == pytest.approx((tg.bytes_per_token + 2.5 * kv) * tg.avg_ts / 1e9, rel=1e-6)
     assert tg.floor_pct == pytest.approx(100 * tg.gbps * 1e9 / tg.copy_bandwidth)
     assert pp.gbps is None and pg.floor_pct is None and tg.peak_memory is None
 
@@ -293,6 +303,9 @@ def test_descriptions_follow_llama_cpp():
         (["-ub", "0"], "-ub must be >= 1"),
         (["-pg", "8"], "PP,TG"),
         (["-o", "xml"], "unknown output format 'xml'"),
+        (["-npl", "0"], "-npl must be >= 1"),
+        (["-npl", "2,300"], "-npl must be <= 256"),
+        (["-npl", "two"], "bad value 'two' for -npl"),
         (["-p", "0", "-n", "0"], "no test to run"),
         (["--device", "cuda:7"], "cuda"),
     ],
@@ -303,3 +316,162 @@ def test_bad_input_is_one_line_without_traceback(capsys, flags, words):
     err = capsys.readouterr().err
     assert words in err and "Traceback" not in err
     assert len([ln for ln in err.splitlines() if "error" in ln]) == 1
+
+
+# -- parallel sequences (-npl) --------------------------------------------------------------------
+def test_npl_is_a_list_flag_of_1_to_256():
+    assert B.parse_parallel(None) == (1,)
+    assert B.parse_parallel(["1,2", "4-16*2"]) == (1, 2, 4, 8, 16)
+    assert B.parse_parallel(["256"]) == (256,)
+    for bad, words in [(["0"], ">= 1"), (["-2"], ">= 1"), (["257"], "<= 256"), (["1-3,x"], "bad")]:
+        with pytest.raises(UsageError, match=words):
+            B.parse_parallel(bad)
+
+
+def test_npl_varies_innermost_as_llama_batched_benchs_pl():
+    tests = B.instances(_params(n_prompt=(8,), n_gen=(4,), n_depth=(0, 2), n_parallel=(1, 4)))
+    assert [(t.name, t.n_parallel) for t in tests[:4]] == [
+        ("pp8", 1), ("pp8", 4), ("tg4", 1), ("tg4", 4)
+    ]  # fmt: skip
+    assert [t.name for t in tests[4:]] == ["pp8 @ d2"] * 2 + ["tg4 @ d2"] * 2
+    assert tests[1].n_ctx == 8 and tests[1].label == "pp8 npl4"  # the context is per sequence
+
+
+@pytest.fixture
+def fake_clock(monkeypatch):
+    """Every timed repetition takes exactly 1 s (the clock advances 1 s per read)."""
+    ticks = iter(range(0, 10**15, 10**9))
+    clock = types.SimpleNamespace(
+        perf_counter=time.perf_counter, perf_counter_ns=lambda: next(ticks)
+    )
+    monkeypatch.setattr(B, "time", clock)
+
+
+def test_tg_decodes_all_sequences_together_and_reports_the_aggregate(monkeypatch, fake_clock):
+    """B = 4, -n 8 at depth 3: one warm-up decode_batch, then 8 timed ones, each of the 4
+    sequences at the same position; t/s = 4 x 8 tokens / 1 s; the bytes of a step are the
+    weights once plus the 4 rows' K/V."""
+    calls: list[list[int]] = []
+    decode_batch = Engine.decode_batch
+
+    def spy(self, tokens, seqs):
+        assert len(tokens) == len(seqs)
+        calls.append([s.length for s in seqs])
+        return decode_batch(self, tokens, seqs)
+
+    monkeypatch.setattr(Engine, "decode_batch", spy)
+    (r,) = B.run_bench(
+        _params(n_prompt=(0,), n_gen=(8,), n_depth=(3,), n_parallel=(4,), reps=1),
+        out=io.StringIO(),
+    )
+    assert calls == [[3] * 4] + [[3 + k] * 4 for k in range(8)]
+    assert r.n_parallel == 4 and r.n_tokens == 32 and r.samples_ns == [10**9]
+    assert r.avg_ts == pytest.approx(32.0)  # aggregate: B x tokens / time
+    kv = kv_cache_bytes(M.model_facts(TINY).config, 1, torch.float32)
+    assert r.kv_bytes_per_step == round(4 * kv * (3 + 4.5))  # positions 4..11 of 4 rows
+    steps_per_s = 8.0
+    assert r.gbps == pytest.approx((r.bytes_per_token + r.kv_bytes_per_step) * steps_per_s / 1e9)
+    assert r.floor_pct == pytest.approx(100 * r.gbps * 1e9 / r.copy_bandwidth)
+
+
+@pytest.mark.parametrize(
+    ("n_parallel", "want"),
+    [
+        # B = 1: Engine.prefill's forwards (n_batch 8, ubatch 4 -> 4 + 2 tokens)
+        (1, [([(0, 4)], "none"), ([(0, 2)], "last")]),
+        # B = 3: 18 tokens, sequence after sequence, in calls of 8 and forwards of 4
+        (3, [([(0, 4)], "none"), ([(0, 2), (1, 2)], "last"),
+             ([(1, 4)], "none"), ([(2, 4)], "last"),
+             ([(2, 2)], "last")]),
+    ],
+)  # fmt: skip
+def test_pp_processes_the_prompts_together_in_calls_of_n_batch(
+    monkeypatch, fake_clock, n_parallel, want
+):
+    calls, seqs = [], []
+    step = Engine.step
+
+    def spy(self, entries, logits="last"):
+        for s, _ in entries:
+            if s not in seqs:
+                seqs.append(s)
+        calls.append(([(seqs.index(s), len(ids)) for s, ids in entries], logits))
+        return step(self, entries, logits)
+
+    monkeypatch.setattr(Engine, "step", spy)
+    params = _params(
+        n_prompt=(6,), n_gen=(0,), n_batch=(8,), n_ubatch=(4,), n_parallel=(n_parallel,),
+        reps=1, warmup=False,
+    )  # fmt: skip
+    (r,) = B.run_bench(params, out=io.StringIO())
+    assert calls == want
+    assert r.avg_ts == pytest.approx(6.0 * n_parallel) and r.gbps is None
+
+
+def test_npl_column_and_field_only_where_asked(capsys):
+    code = main(["bench", "-m", TINY, "-p", "4", "-n", "2", "-npl", "1,2", "-r", "1",
+                 "--device", "cpu", "-q"])  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    header, _, *rows = [ln for ln in out.splitlines() if ln.startswith("|")]
+    names = _cells(header)
+    assert names[names.index("threads") + 1 : names.index("t/s")] == ["npl", "test"]
+    cells = [dict(zip(names, _cells(r))) for r in rows]
+    assert [(c["test"], c["npl"]) for c in cells] == [("pp4", "1"), ("pp4", "2"),
+                                                      ("tg2", "1"), ("tg2", "2")]  # fmt: skip
+    # -npl 1 (or 1,1) is today's table: no column
+    cpu = torch.device("cpu")
+    for npl in [(1,), (1, 1)]:
+        assert "n_parallel" not in [c.field for c in B.md_columns(_params(n_parallel=npl), cpu)]
+    assert main(["bench", "-m", TINY, "-p", "0", "-n", "2", "-npl", "3", "-r", "1",
+                 "--device", "cpu", "-q", "-o", "jsonl"]) == 0  # fmt: skip
+    (rec,) = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+    assert rec["n_parallel"] == 3 and rec["test"] == "tg2" and rec["kv_bytes_per_step"] > 0
+    assert list(rec).index("n_parallel") == list(rec).index("test") + 1
+
+
+def test_memory_check_counts_a_kv_cache_per_sequence(monkeypatch):
+    from kiln import limits
+
+    facts = M.model_facts(TINY)
+    one = kv_cache_bytes(facts.config, B.kv_pool_tokens(100, 1), torch.float32)
+    monkeypatch.setattr(limits, "free_memory", lambda device: facts.weight_bytes + 2 * one)
+    cpu = torch.device("cpu")
+
+    def tests(npl):
+        return B.instances(_params(n_prompt=(0,), n_gen=(100,), n_parallel=npl))
+
+    B.check_tests(tests((1, 2)), cpu)  # 1 and 2 sequences of 100 tokens fit
+    with pytest.raises(UsageError, match=r"tg100 npl4 .*a KV cache of 4 x 100 tokens.*-npl"):
+        B.check_tests(tests((1, 4)), cpu)
+
+
+def test_kv_pool_tokens_is_the_engines_pool():
+    model = B.load_model(TINY, torch.device("cpu"), "auto").model
+    for n_ctx, n_seq in [(100, 4), (64, 1), (1, 3)]:
+        engine = Engine(model, n_ctx=n_ctx, n_seq=n_seq)
+        seqs = [engine.new_sequence() for _ in range(n_seq)]  # held: a dropped one frees
+        for seq in seqs:
+            engine.reserve(seq, n_ctx)
+        assert engine.pool.rows == B.kv_pool_tokens(n_ctx, n_seq)
+
+
+def test_history_keeps_parallel_sequences_apart(tmp_path):
+    from kiln.bench import history as H
+
+    path = tmp_path / "history.jsonl"
+    res = B.run_bench(_params(n_prompt=(0,), n_gen=(2,), n_parallel=(1, 2), reps=1), io.StringIO())
+    assert H.record_results(res, path, torch.device("cpu")) == 2
+    records = H.load_history(path)
+    assert [H.record_key(r)[1] for r in records] == ["tg2", "tg2 npl2"]
+    # an old record (no n_parallel) is B = 1: it compares with tg2, never with tg2 npl2
+    old = {k: v for k, v in records[0].items() if k != "n_parallel"}
+    old["commit"] = "0" * 40
+    c = H.compare([old, *records], "0" * 40, records[0]["commit"], include_dirty=True)
+    rows = {r.key[1]: r for r in c.rows}
+    assert rows["tg2"].a is not None and rows["tg2"].b is not None
+    assert rows["tg2 npl2"].a is None
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({**records[1], "n_parallel": "2"}) + "\n")
+    with pytest.raises(UsageError, match="n_parallel must be an integer"):
+        H.load_history(bad)

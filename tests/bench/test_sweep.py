@@ -67,8 +67,11 @@ class SpyEngine:
         self.ubatch, self.n_ctx = engine.ubatch, engine.n_ctx
         self.config, self.device = engine.config, engine.device
 
-    def new_cache(self):
-        return self.inner.new_cache()
+    def new_sequence(self):
+        return self.inner.new_sequence()
+
+    def reserve(self, seq, n):
+        return self.inner.reserve(seq, n)
 
     def prefill(self, ids, cache):
         self.calls.append(("pp", cache.length, len(ids)))
@@ -107,7 +110,7 @@ def test_bad_sizes(c, ub, n, says):
 
 def test_sweep_fills_the_context_step_by_step(engine):
     spy = SpyEngine(engine)
-    cache = engine.new_cache()
+    cache = engine.new_sequence()
     rows = []
     for row in S.run_sweep(spy, 8, cache=cache, warmup=False):
         # each step leaves its PP in the cache and removes its TG
@@ -129,7 +132,7 @@ def test_sweep_fills_the_context_step_by_step(engine):
 
 def test_warmup_is_untimed_and_leaves_an_empty_cache(engine):
     spy = SpyEngine(engine)
-    cache = engine.new_cache()
+    cache = engine.new_sequence()
     rows = list(S.run_sweep(spy, 4, cache=cache, warmup=True))
     assert spy.calls[:2] == [("pp", 0, 64), ("tg", 64, 1)]  # the warm-up
     assert spy.calls[2] == ("tg", 0, 1)  # the first timed step starts from an empty cache

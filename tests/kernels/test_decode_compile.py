@@ -20,7 +20,7 @@ from kiln.fusion import FUSIONS
 from kiln.gguf.synthetic import build_model as synthetic
 from kiln.models import build_model
 from kiln.ops import get_ops
-from kiln.runtime.kv_cache import KVCache
+from kiln.runtime.engine import Engine
 from tests.kernels.sm90 import compile_only
 
 kiln.ops.interpreting = lambda: True  # lets the triton backend be built on the CPU: compile_only
@@ -34,8 +34,12 @@ for fused in (True, False):
     with compile_only() as done:
         model = build_model(gguf, "cpu", backend="triton", keep_dense=False, fusions=fusions)
         model.ops = get_ops("triton", fusions)  # pdl as on an H100 (a CPU's policy turns it off)
-        cache = KVCache(model.config, 64, torch.device("cpu"), dtype=torch.float16, initial=64)
-        model.decode_step(torch.tensor([3]), torch.tensor([5]), cache)
+        engine = Engine(model, n_ctx=64, n_seq=2)
+        seqs = [engine.new_sequence() for _ in range(2)]
+        for seq in seqs:  # positions 0..4 written by the reference path (a prompt), no kernel
+            engine.pool.reserve(seq, 5)
+            seq.length = 5
+        engine.decode_batch([3, 4], seqs)  # a decode batch of 2: every decode kernel
     names |= {{c.kernel for c in done}}
     wrong = [c.kernel for c in done if (c.launch_pdl, c.waits) != (fused, fused)]
     assert not wrong, f"pdl={{fused}}: launch_pdl or the wait differ in {{wrong}}"

@@ -162,6 +162,7 @@ _COMPILE = textwrap.dedent(
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
     from triton.runtime.jit import JITFunction
     from kiln.kernels import embedding
+    from kiln.kernels.formats import SUPPORT
     from kiln.weight import Weight
     from tests.kernels.sm90 import compile_only
 
@@ -169,7 +170,7 @@ _COMPILE = textwrap.dedent(
         bv, ts = GGML_QUANT_SIZES[q]
         return Weight("w", q, (v, k), torch.empty(v, k // bv * ts, dtype=torch.uint8))
 
-    fmts = sorted(embedding.SUPPORTED, key=lambda q: q.name)
+    fmts = sorted(SUPPORT["embedding"], key=lambda q: q.name)
     runs = [(q, 4096, pdl, torch.int64) for q in fmts for pdl in (False, True)]
     runs += [(q, 1024, True, torch.int64) for q in (T.Q8_0, T.Q4_K)]
     runs += [(T.Q6_K, 4096, True, torch.int32)]
@@ -193,8 +194,9 @@ _COMPILE = textwrap.dedent(
 
 
 def test_embedding_compiles_for_sm90() -> None:
-    from kiln.kernels.embedding import SUPPORTED
+    from kiln.kernels.formats import SUPPORT
 
+    SUPPORTED = SUPPORT["embedding"]
     out = run_compile_check(_COMPILE.format(root=str(ROOT), v=REAL_V))
     lines = [line.split() for line in out.splitlines() if line.strip()]
     assert len(lines) == 2 * len(SUPPORTED) + 3, out

@@ -302,6 +302,7 @@ _COMPILE = CAPTURE_PTX + textwrap.dedent(
     import torch
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
     from kiln.kernels import matvec
+    from kiln.kernels.formats import SUPPORT
     from kiln.weight import Weight
     from tests.kernels.sm90 import compile_only
 
@@ -310,7 +311,7 @@ _COMPILE = CAPTURE_PTX + textwrap.dedent(
         return Weight("w", q, (n, k), torch.empty(n, k // bv * ts, dtype=torch.uint8))
 
     f16 = torch.float16
-    runs = [(q, True, 1, 4096, 4096, f16) for q in matvec.SUPPORTED]
+    runs = [(q, True, 1, 4096, 4096, f16) for q in sorted(SUPPORT["matvec"], key=lambda q: q.value)]
     runs += [(q, False, 1, 4096, 4096, f16) for q in matvec._WIDE]
     runs += [(T.Q4_K, True, 3, 4096, 4096, f16), (T.Q8_0, True, 3, 4096, 4096, f16)]
     runs += [(T.Q4_K, True, 1, 4096, 11008, f16)]
@@ -328,11 +329,11 @@ _COMPILE = CAPTURE_PTX + textwrap.dedent(
 
 
 def test_matvec_compiles_for_sm90() -> None:
-    from kiln.kernels.matvec import SUPPORTED
+    from kiln.kernels.formats import SUPPORT
 
     out = run_compile_check(_COMPILE)
     lines = [line.split() for line in out.splitlines()]
-    assert len(lines) == len(SUPPORTED) + len(WIDE) + 3 + 8, out
+    assert len(lines) == len(SUPPORT["matvec"]) + len(WIDE) + 3 + 8, out
     for fmt, use_wide, m, n, k, act, kernel, loads in lines:
         want = WIDE.get(fmt, "_matvec_kernel") if use_wide == "True" and m == "1" else None
         assert kernel == (want or "_matvec_kernel"), f"{fmt} M={m} {n}x{k} {act}: {kernel}"

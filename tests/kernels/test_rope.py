@@ -1,5 +1,6 @@
-"""kiln.kernels.rope.qkv_norm_rope against kiln.ops.reference.qkv_norm_rope: the returned q, the
-K/V cache rows at the positions, and every other cache row left untouched.
+"""kiln.kernels.rope.qkv_norm_rope against kiln.ops.reference.qkv_norm_rope: the returned q
+(rotated at the positions), the K/V pool rows at the slots (a shuffled permutation of the pool
+rows, no slot equal to its token's position), and every other pool row left untouched.
 
 On the CPU this runs through Triton's interpreter (tests/kernels/conftest.py) on small shapes; on
 a GPU the same cases add qwen3/llama shapes, long positions and a CUDA-graph replay.
@@ -63,6 +64,18 @@ def _positions(t: int, c: int) -> torch.Tensor:
     return torch.tensor(pos, device=DEVICE)
 
 
+def _slots(positions: torch.Tensor, c: int, seed: int) -> torch.Tensor:
+    """Each token's pool row: positions mapped through a random c-cycle (a permutation of the c
+    rows without fixed points), so the slots are distinct, shuffled, and none equals its
+    position."""
+    order = torch.randperm(c, generator=torch.Generator().manual_seed(seed))
+    cycle = torch.empty(c, dtype=torch.int64)
+    cycle[order] = order.roll(-1)
+    slots = cycle.to(positions.device)[positions]
+    assert bool((slots != positions).all()) and slots.unique().numel() == slots.numel()
+    return slots
+
+
 def _merged(t, h, hkv, d, dv, dtype, gen, scale=2.0):
     """q, k, v: views of one merged QKV result [T, H D + Hkv D + Hkv Dv] (token stride = row)."""
     qkv = (scale * torch.randn(t, h * d + hkv * (d + dv), generator=gen)).to(dtype).to(DEVICE)
@@ -99,13 +112,15 @@ def _run_case(
     kw = _norm_weight(d, gen) if with_norm else None
     freqs = reference.rope_frequencies(rot, 10000.0, None, DEVICE)
     positions = _positions(t, c)
+    slots = _slots(positions, c, t * c + d)
     k_cache = torch.randn(c, hkv, d, generator=gen).to(cache_dtype).to(DEVICE)
     v_cache = torch.randn(c, hkv, dv, generator=gen).to(cache_dtype).to(DEVICE)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     k_before, v_before = k_cache.clone(), v_cache.clone()
 
-    out = rope.qkv_norm_rope(q, k, v, qw, kw, eps, positions, freqs, neox, k_cache, v_cache)
-    ref = reference.qkv_norm_rope(q, k, v, qw, kw, eps, positions, freqs, neox, k_ref, v_ref)
+    args = (eps, positions, slots, freqs, neox)
+    out = rope.qkv_norm_rope(q, k, v, qw, kw, *args, k_cache, v_cache)
+    ref = reference.qkv_norm_rope(q, k, v, qw, kw, *args, k_ref, v_ref)
     what = (
         f"{what_prefix}T={t} H={h} Hkv={hkv} D={d} Dv={dv} rot={rot} neox={neox} "
         f"norm={with_norm} cache:{str(cache_dtype).removeprefix('torch.')} x:{act} eps={eps}"
@@ -114,7 +129,7 @@ def _run_case(
     _check(out, ref, atol + rtol * _pair_magnitude(_normed(q, qw, eps), rot, neox), what + " q")
 
     rtol, atol, _ = DECODE_FUSIONS[f"qkv_norm_rope.cache.{str(cache_dtype).removeprefix('torch.')}"]
-    rows = positions.long()
+    rows = slots
     k_mag = _pair_magnitude(_normed(k, kw, eps), rot, neox)
     _check(k_cache[rows].float(), k_ref[rows].float(), atol + rtol * k_mag, what + " k_cache")
     # V is only converted to the cache dtype (round to nearest even): exact.
@@ -198,14 +213,15 @@ def test_cache_write_rounds_to_nearest_even(cache_dtype) -> None:
     v = (-values).expand(1, hkv, d).clone().to(DEVICE)
     freqs = reference.rope_frequencies(d, 10000.0, None, DEVICE)
     pos = torch.tensor([0], device=DEVICE)
+    slot = torch.tensor([1], device=DEVICE)
     for name, fn in (("kernel", rope.qkv_norm_rope), ("reference", reference.qkv_norm_rope)):
         for neox in (False, True):
             kc = torch.zeros(2, hkv, d, dtype=cache_dtype, device=DEVICE)
             vc = torch.zeros(2, hkv, d, dtype=cache_dtype, device=DEVICE)
-            out = fn(q, k, v, None, None, EPS, pos, freqs, neox, kc, vc)
+            out = fn(q, k, v, None, None, EPS, pos, slot, freqs, neox, kc, vc)
             what = f"{name} neox={neox} {cache_dtype}"
             assert torch.equal(out.cpu(), q.cpu()), what + ": angle 0 must leave q as it is"
-            rows = ((kc[0, 0], values, want), (kc[0, 1], values, want), (vc[0, 0], -values, -want))
+            rows = ((kc[1, 0], values, want), (kc[1, 1], values, want), (vc[1, 0], -values, -want))
             for row, x, w in rows:
                 bad = (row != w).nonzero().flatten().tolist()
                 assert not bad, (
@@ -227,12 +243,13 @@ def test_cache_write_is_the_f32_result_rounded_to_nearest_even(cache_dtype) -> N
         kw = _norm_weight(d, gen) if with_norm else None
         freqs = reference.rope_frequencies(rot, 10000.0, None, DEVICE)
         positions = _positions(t, c)
+        slots = _slots(positions, c, 27)
         caches = {}
         for dtype in (torch.float32, cache_dtype):
             kc = torch.zeros(c, hkv, d, dtype=dtype, device=DEVICE)
             vc = torch.zeros(c, hkv, dv, dtype=dtype, device=DEVICE)
-            rope.qkv_norm_rope(q, k, v, qw, kw, EPS, positions, freqs, True, kc, vc)
-            caches[dtype] = (kc[positions], vc[positions])
+            rope.qkv_norm_rope(q, k, v, qw, kw, EPS, positions, slots, freqs, True, kc, vc)
+            caches[dtype] = (kc[slots], vc[slots])
         (k32, v32), (kh, vh) = caches[torch.float32], caches[cache_dtype]
         what = f"norm={with_norm} {cache_dtype}"
         assert torch.equal(kh, k32.to(cache_dtype)), what + ": k_cache is not the f32 row, RNE"
@@ -246,25 +263,31 @@ def test_qkv_norm_rope_rejects_bad_input() -> None:
     w = _norm_weight(64, gen)
     freqs = reference.rope_frequencies(64, 10000.0, None, DEVICE)
     pos = torch.tensor([0], device=DEVICE)
+    slot = torch.tensor([2], device=DEVICE)
     kc = torch.zeros(4, 2, 64, device=DEVICE)
     vc = torch.zeros(4, 2, 64, device=DEVICE)
     with pytest.raises(AssertionError, match="both Q and K norm weights"):
-        rope.qkv_norm_rope(q, k, v, w, None, EPS, pos, freqs, False, kc, vc)
-    with pytest.raises(AssertionError, match="int64"):
-        rope.qkv_norm_rope(q, k, v, w, w, EPS, pos.int(), freqs, False, kc, vc)
+        rope.qkv_norm_rope(q, k, v, w, None, EPS, pos, slot, freqs, False, kc, vc)
+    with pytest.raises(AssertionError, match="positions must be int64"):
+        rope.qkv_norm_rope(q, k, v, w, w, EPS, pos.int(), slot, freqs, False, kc, vc)
+    with pytest.raises(AssertionError, match="slots must be int64"):
+        rope.qkv_norm_rope(q, k, v, w, w, EPS, pos, slot.int(), freqs, False, kc, vc)
+    with pytest.raises(AssertionError, match="slots must be int64"):
+        rope.qkv_norm_rope(q, k, v, w, w, EPS, pos, slot.repeat(2), freqs, False, kc, vc)
     with pytest.raises(AssertionError, match="rotates 128 dims"):
         big = reference.rope_frequencies(128, 10000.0, None, DEVICE)
-        rope.qkv_norm_rope(q, k, v, w, w, EPS, pos, big, False, kc, vc)
+        rope.qkv_norm_rope(q, k, v, w, w, EPS, pos, slot, big, False, kc, vc)
     with pytest.raises(AssertionError, match="k_cache"):
-        rope.qkv_norm_rope(q, k, v, w, w, EPS, pos, freqs, False, kc[:, :1], vc)
+        rope.qkv_norm_rope(q, k, v, w, w, EPS, pos, slot, freqs, False, kc[:, :1], vc)
     spread = torch.zeros(1, 4, 2, 64, device=DEVICE)[:, :, 0]  # head stride 128, not D = 64
     with pytest.raises(AssertionError, match="heads must be packed"):
-        rope.qkv_norm_rope(spread, k, v, w, w, EPS, pos, freqs, False, kc, vc)
+        rope.qkv_norm_rope(spread, k, v, w, w, EPS, pos, slot, freqs, False, kc, vc)
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
 def test_qkv_norm_rope_cuda_graph_replay() -> None:
-    """Captured once, replayed at new positions written into the same device tensor."""
+    """Captured once, replayed at new positions and slots written into the same device tensors;
+    each replay writes its slot's rows only."""
     rope = _kernels()
     gen = torch.Generator().manual_seed(24)
     t, h, hkv, d, c = 1, 32, 8, 128, 64
@@ -272,23 +295,29 @@ def test_qkv_norm_rope_cuda_graph_replay() -> None:
     qw, kw = _norm_weight(d, gen), _norm_weight(d, gen)
     freqs = reference.rope_frequencies(d, 1e6, None, DEVICE)
     positions = torch.zeros(t, dtype=torch.int64, device=DEVICE)
+    slots = torch.zeros(t, dtype=torch.int64, device=DEVICE)
     k_cache = torch.zeros(c, hkv, d, dtype=torch.bfloat16, device=DEVICE)
     v_cache = torch.zeros(c, hkv, d, dtype=torch.bfloat16, device=DEVICE)
-    rope.qkv_norm_rope(q, k, v, qw, kw, EPS, positions, freqs, True, k_cache, v_cache)  # warm up
+    args = (EPS, positions, slots, freqs, True)
+    rope.qkv_norm_rope(q, k, v, qw, kw, *args, k_cache, v_cache)  # warm up
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = rope.qkv_norm_rope(q, k, v, qw, kw, EPS, positions, freqs, True, k_cache, v_cache)
-    k_ref, v_ref = k_cache.clone(), v_cache.clone()
-    for p in (5, 17, 63):
+        out = rope.qkv_norm_rope(q, k, v, qw, kw, *args, k_cache, v_cache)
+    for p, s in ((5, 40), (17, 3), (63, 0), (1000, 63)):
         positions.fill_(p)
+        slots.fill_(s)
+        k_ref, v_ref = k_cache.clone(), v_cache.clone()
         graph.replay()
-        ref = reference.qkv_norm_rope(q, k, v, qw, kw, EPS, positions, freqs, True, k_ref, v_ref)
+        ref = reference.qkv_norm_rope(q, k, v, qw, kw, *args, k_ref, v_ref)
         rtol, atol, _ = DECODE_FUSIONS["qkv_norm_rope"]
         _check(out, ref, atol + rtol * _pair_magnitude(_normed(q, qw), d, True), f"replay p={p}")
         rtol, atol, _ = DECODE_FUSIONS["qkv_norm_rope.cache.bfloat16"]
         mag = _pair_magnitude(_normed(k, kw), d, True)
-        _check(k_cache[p].float(), k_ref[p].float(), atol + rtol * mag[0], f"replay k_cache p={p}")
-        assert torch.equal(v_cache[p], v_ref[p])
+        _check(k_cache[s].float(), k_ref[s].float(), atol + rtol * mag[0], f"replay k p={p} s={s}")
+        assert torch.equal(v_cache[s], v_ref[s])
+        others = torch.arange(c, device=DEVICE) != s
+        assert torch.equal(k_cache[others], k_ref[others]), f"replay s={s}: other rows changed"
+        assert torch.equal(v_cache[others], v_ref[others]), f"replay s={s}: other rows changed"
     torch.cuda.synchronize()
 
 
@@ -312,6 +341,7 @@ def qkv(t, h, hkv, d, dtype=torch.float32):
 with compile_only() as done:
     q, k, v = qkv(1, 32, 8, 128)  # qwen3-8B
     pos = torch.zeros(1, dtype=torch.int64)
+    slot = torch.ones(1, dtype=torch.int64)
     freqs = torch.ones(64)
     for cache in (torch.float16, torch.bfloat16, torch.float32):
         for neox in (False, True):
@@ -319,13 +349,13 @@ with compile_only() as done:
                 kc = torch.zeros(4096, 8, 128, dtype=cache)
                 vc = torch.zeros(4096, 8, 128, dtype=cache)
                 nw = w(128) if has_norm else None
-                rope.qkv_norm_rope(q, k, v, nw, nw, 1e-6, pos, freqs, neox, kc, vc)
+                rope.qkv_norm_rope(q, k, v, nw, nw, 1e-6, pos, slot, freqs, neox, kc, vc)
     # llama 3.2 1B (D = 64, no norm), rot < D, and a bf16 QKV result
     q, k, v = qkv(1, 32, 8, 64, torch.bfloat16)
     kc = torch.zeros(4096, 8, 64, dtype=torch.float16)
     vc = torch.zeros(4096, 8, 64, dtype=torch.float16)
-    rope.qkv_norm_rope(q, k, v, None, None, 1e-5, pos, torch.ones(32), False, kc, vc)
-    rope.qkv_norm_rope(q, k, v, None, None, 1e-5, pos, torch.ones(16), True, kc, vc)
+    rope.qkv_norm_rope(q, k, v, None, None, 1e-5, pos, slot, torch.ones(32), False, kc, vc)
+    rope.qkv_norm_rope(q, k, v, None, None, 1e-5, pos, slot, torch.ones(16), True, kc, vc)
 for c in done:
     print(c.kernel, c.cubin_bytes, c.shared_bytes)
 """

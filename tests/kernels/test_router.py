@@ -1,10 +1,13 @@
 """kiln.kernels.router (route_topk, combine) against kiln.ops.reference (moe_select,
-moe_combine), and the triton backend's dispatch of moe_route / moe_combine to them.
+moe_combine), the reference combine against the sum written out, and the triton op set's
+moe_route / moe_ffn on them.
 
 Outputs are allocated poisoned (NaN weights, id -1) so a slot the kernel does not write fails.
 Router logits are drawn with no two probabilities close (torch.topk does not specify the order
-of ties; route_topk takes the lowest index, checked on its own). On the CPU this runs through
-Triton's interpreter; on a GPU the same cases add real expert counts and widths.
+of ties; route_topk takes the lowest index, checked on its own). Batches of T = 1, 2, 3, 8
+tokens, k = 1, 2, 8 slots; each token of a batch gets bitwise what it gets alone. On the CPU
+this runs through Triton's interpreter; on a GPU the same cases add real expert counts and
+widths.
 """
 
 from __future__ import annotations
@@ -29,10 +32,12 @@ ROOT = Path(__file__).resolve().parents[2]
 ROUTES = [(128, 8), (60, 4), (8, 2), (1, 1), (256, 8)]
 if CUDA:
     ROUTES += [(512, 10), (1024, 16)]
-# (k, N): qwen3-30b-a3b's n_embd; odd N with a ragged last block; one slot; one column.
-COMBINES = [(8, 2048), (4, 333), (1, 17), (2, 1)]
+# (T, k, N): qwen3-30b-a3b's n_embd; odd N with a ragged last block; one slot; one column; and
+# batches of 2, 3, 8 tokens.
+COMBINES = [(1, 8, 2048), (1, 4, 333), (1, 1, 17), (1, 2, 1), (2, 8, 300), (3, 2, 333)]
+COMBINES += [(8, 1, 17), (8, 8, 520)]
 if CUDA:
-    COMBINES += [(8, 4096), (8, 7168), (10, 2880)]
+    COMBINES += [(1, 8, 4096), (8, 8, 7168), (3, 10, 2880)]
 
 
 def _kernels():
@@ -98,9 +103,21 @@ def test_route_topk_matches_reference(router, normalize: bool) -> None:
         for rep in range(3):  # fresh logits each time
             _check_route(router, _logits(1, e, gen), k, normalize, f"E={e} k={k} #{rep}")
     # several rows (one program each), and logits far from 0 (the max is subtracted)
-    _check_route(router, _logits(3, 60, gen), 4, normalize, "T=3 E=60 k=4")
+    for t, e, k in ((2, 128, 8), (3, 60, 4), (8, 128, 8), (8, 8, 1)):
+        _check_route(router, _logits(t, e, gen), k, normalize, f"T={t} E={e} k={k}")
     _check_route(router, _logits(1, 128, gen, offset=1000.0), 8, normalize, "offset 1000")
     _check_route(router, _logits(1, 128, gen, offset=-1000.0), 8, normalize, "offset -1000")
+
+
+def test_route_topk_rows_are_independent(router) -> None:
+    """Each row of a batch of 8 (logits shifted differently per row) gets bitwise what it gets
+    alone: one program per row, nothing shared."""
+    gen = torch.Generator().manual_seed(17)
+    logits = torch.cat([_logits(1, 128, gen, offset=float(100 * t - 300)) for t in range(8)])
+    w, ids = router.route_topk(logits, 8, True)
+    for t in range(8):
+        w1, ids1 = router.route_topk(logits[t : t + 1], 8, True)
+        assert torch.equal(ids[t : t + 1], ids1) and torch.equal(w[t : t + 1], w1), f"row {t}"
 
 
 def test_route_topk_row_stride(router) -> None:
@@ -136,28 +153,59 @@ def test_route_topk_degenerate_logits_give_ids_in_range(router) -> None:
     assert ((ids >= 0) & (ids < 60)).all(), ids
 
 
-def _combine_case(k: int, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """down [k, n] as the left columns of a wider tensor (row stride n + 3), weights [1, k]
-    summing to 1 as a [1, 2k] tensor's even columns (stride 2)."""
-    down = (torch.randn(k, n + 3, generator=gen) * 3).to(DEVICE)[:, :n]
-    w = torch.rand(1, 2 * k, generator=gen)
-    w = (w / w[:, ::2].sum()).to(DEVICE)[:, ::2]
+def _combine_case(
+    t: int, k: int, n: int, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """down [t*k, n] as the left columns of a wider tensor (row stride n + 3), weights [t, k]
+    each row summing to 1, as a [t, 2k] tensor's even columns (stride 2)."""
+    down = (torch.randn(t * k, n + 3, generator=gen) * 3).to(DEVICE)[:, :n]
+    w = torch.rand(t, 2 * k, generator=gen)
+    w = (w / w[:, ::2].sum(1, keepdim=True)).to(DEVICE)[:, ::2]
     return down, w
 
 
-def test_combine_matches_reference(router) -> None:
+def _combine_bound(down: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """ROUTER["combine"]'s bound: atol + rtol * sum_j |w[t, j] * down[t*k + j]|."""
     rtol, atol, _reason = ROUTER["combine"]
+    t, k = w.shape
+    return atol + rtol * (down.abs().reshape(t, k, -1) * w.abs()[:, :, None]).sum(1)
+
+
+def test_combine_matches_reference(router) -> None:
     gen = torch.Generator().manual_seed(9)
-    for k, n in COMBINES:
+    for t, k, n in COMBINES:
         for layout in ("strided", "contiguous"):
-            down, w = _combine_case(k, n, gen)
+            down, w = _combine_case(t, k, n, gen)
             if layout == "contiguous":
                 down, w = down.contiguous(), w.contiguous()
             y = router.combine(down, w)
             ref = reference.moe_combine(down, w)
-            bound = atol + rtol * (down.abs() * w[0, :, None].abs()).sum(0, keepdim=True)
-            _check(y, ref, bound, f"combine k={k} N={n} {layout}")
+            _check(y, ref, _combine_bound(down, w), f"combine T={t} k={k} N={n} {layout}")
             assert y.is_contiguous()
+
+
+def test_combine_tokens_are_independent(router) -> None:
+    """Each token of a batch of 8 gets bitwise what it gets alone (its own weights, its own k
+    rows of down, summed in slot order)."""
+    gen = torch.Generator().manual_seed(19)
+    down, w = _combine_case(8, 8, 300, gen)
+    y = router.combine(down, w)
+    for t in range(8):
+        alone = router.combine(down[8 * t : 8 * t + 8], w[t : t + 1])
+        assert torch.equal(y[t : t + 1], alone), f"token {t}"
+
+
+def test_reference_combine_is_the_weighted_sum() -> None:
+    """reference.moe_combine (the oracle above) against the sum written out token by token and
+    slot by slot; at T = 1 bitwise the one-token form (down * weights[0, :, None]).sum(0)."""
+    gen = torch.Generator().manual_seed(20)
+    for t, k, n in COMBINES:
+        down, w = _combine_case(t, k, n, gen)
+        want = torch.stack([sum(w[ti, j] * down[ti * k + j] for j in range(k)) for ti in range(t)])
+        _check(reference.moe_combine(down, w), want, _combine_bound(down, w), f"T={t} k={k}")
+        if t == 1:
+            one = (down * w[0, :, None]).sum(0, keepdim=True)
+            assert torch.equal(reference.moe_combine(down, w), one), f"k={k} N={n}"
 
 
 def test_router_rejects_bad_input() -> None:
@@ -168,43 +216,62 @@ def test_router_rejects_bad_input() -> None:
         router.route_topk(torch.zeros(1, 8, dtype=torch.float16, device=DEVICE), 2, True)
     with pytest.raises(AssertionError, match="experts"):
         router.route_topk(torch.zeros(1, router.MAX_E + 1, device=DEVICE), 2, True)
-    with pytest.raises(AssertionError, match=r"\[1, 8\]"):
+    with pytest.raises(AssertionError, match=r"T\*k = 2\*8 = 16 rows"):
         router.combine(torch.zeros(8, 16, device=DEVICE), torch.zeros(2, 8, device=DEVICE))
+    with pytest.raises(AssertionError, match=r"\[T, k\]"):
+        router.combine(torch.zeros(8, 16, device=DEVICE), torch.zeros(8, device=DEVICE))
     with pytest.raises(AssertionError, match="contiguous last dim"):
         router.combine(torch.zeros(16, 8, device=DEVICE).T, torch.zeros(1, 8, device=DEVICE))
 
 
-def test_triton_backend_dispatch(monkeypatch) -> None:
-    """moe_route uses route_topk for one row and the reference's selection for a prompt;
-    moe_combine uses combine; both match the torch backend."""
-    router = _kernels()
+def _weight(name: str, fmt: str, dense: torch.Tensor) -> Weight:
     from kiln import quant
-    from kiln.ops import triton_backend
+
+    qtype = GGMLQuantizationType[fmt]
+    return Weight(name, qtype, tuple(dense.shape), quant.quantize(dense, qtype).to(DEVICE))
+
+
+def test_triton_op_set_moe(monkeypatch) -> None:
+    """The triton op set's moe_route runs route_topk for 1..8 rows and the reference's selection
+    above; its moe_ffn runs the experts per row (expert_linear, merged gate/up or separate) and
+    combine for 1..8 rows, the reference above; both match the reference."""
+    router = _kernels()
+    from kiln.kernels import moe
+    from kiln.ops import get_ops
 
     calls: list[str] = []
-    for name in ("route_topk", "combine"):
-        fn = getattr(router, name)
+    for mod, name in ((router, "route_topk"), (router, "combine"), (moe, "expert_linear")):
+        fn = getattr(mod, name)
         monkeypatch.setattr(
-            router, name, lambda *a, _f=fn, _n=name, **kw: calls.append(_n) or _f(*a, **kw)
+            mod, name, lambda *a, _f=fn, _n=name, **kw: calls.append(_n) or _f(*a, **kw)
         )
-    ops = triton_backend.ops()
+    ops = get_ops("triton")
     gen = torch.Generator().manual_seed(10)
-    e, dim, k = 60, 64, 4
-    dense = torch.randn(e, dim, generator=gen) / 8  # logits ~ N(0, 1)
-    f32 = GGMLQuantizationType.F32
-    w = Weight("ffn_gate_inp", f32, (e, dim), quant.quantize(dense, f32))
-    w = Weight(w.name, w.qtype, w.shape, w.raw.to(DEVICE))
-    for t in (1, 3):
+    e, dim, f, k = 6, 64, 32, 2
+    router_w = _weight("ffn_gate_inp", "F32", torch.randn(e, dim, generator=gen) / 8)
+    for t, kernel in ((1, True), (3, True), (8, True), (9, False)):
         x = torch.randn(t, dim, generator=gen).to(DEVICE)
-        weights, ids = ops["moe_route"](x, w, k, True)
-        ref_w, ref_ids = reference.moe_route(x, w, k, True)
+        weights, ids = ops.moe_route(x, router_w, k, True)
+        ref_w, ref_ids = reference.moe_route(x, router_w, k, True)
         assert torch.equal(ids, ref_ids), (ids, ref_ids)
         rtol, atol, _reason = ROUTER["route_topk.weights"]
         _check(weights, ref_w, atol + 1e-4 * ref_w.abs(), f"moe_route T={t}")  # + mat-vec error
-    assert calls == ["route_topk"]
-    down, cw = _combine_case(k, 40, gen)
-    torch.testing.assert_close(ops["moe_combine"](down, cw), reference.moe_combine(down, cw))
-    assert calls == ["route_topk", "combine"]
+        assert calls == (["route_topk"] if kernel else []), f"T={t}: {calls}"
+        calls.clear()
+    gate = _weight("gate", "Q8_0", torch.randn(e, f, dim, generator=gen))
+    up = _weight("up", "Q8_0", torch.randn(e, f, dim, generator=gen))
+    down = _weight("down", "Q8_0", torch.randn(e, dim, f, generator=gen) / 8)
+    merged = Weight("gate_up", gate.qtype, (e, 2 * f, dim), torch.cat([gate.raw, up.raw], 1))
+    for t, kernel in ((1, True), (2, True), (9, False)):
+        x = torch.randn(t, dim, generator=gen).to(DEVICE)
+        weights, ids = reference.moe_route(x, router_w, k, True)
+        want = reference.moe_ffn(x, weights, ids, gate, up, down)
+        for g, u in ((gate, up), (merged, None)):
+            y = ops.moe_ffn(x, weights, ids, g, u, down)
+            _check(y, want, 1e-4 * (1 + want.abs()), f"moe_ffn T={t} merged={u is None}")
+            launches = ["expert_linear"] * (2 if u is None else 3) + ["combine"]
+            assert calls == (launches if kernel else []), f"T={t}: {calls}"
+            calls.clear()
 
 
 _COMPILE = """
@@ -219,8 +286,10 @@ with compile_only() as done:
         router.route_topk(torch.zeros(1, 128), 8, normalize)  # qwen3-30b-a3b
     router.route_topk(torch.zeros(1, 60), 4, True)  # odd E, 4 slots
     router.route_topk(torch.zeros(1, 1024), 16, True)  # the most experts: 4 warps
+    router.route_topk(torch.zeros(8, 128), 8, True)  # a batch of 8 tokens
     router.combine(torch.zeros(8, 2048), torch.zeros(1, 8))  # qwen3-30b-a3b's n_embd
     router.combine(torch.zeros(4, 333), torch.zeros(1, 8)[:, ::2])  # ragged, weights stride 2
+    router.combine(torch.zeros(64, 2048), torch.zeros(8, 8))  # a batch of 8 tokens
 for c in done:
     print(c.kernel, c.cubin_bytes, c.shared_bytes)
 """
@@ -230,6 +299,6 @@ def test_router_kernels_compile_for_sm90() -> None:
     """Every launched variant compiles for an H100 with the real compiler (no GPU needed)."""
     out = run_compile_check(_COMPILE.format(root=str(ROOT)))
     names = [line.split()[0] for line in out.splitlines() if line.strip()]
-    assert names.count("_route_topk_kernel") == 4, out
-    assert names.count("_moe_combine_kernel") == 2, out
+    assert names.count("_route_topk_kernel") == 5, out
+    assert names.count("_moe_combine_kernel") == 3, out
     print(out)

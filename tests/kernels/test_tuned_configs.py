@@ -67,7 +67,7 @@ for path in sorted(mv.CONFIG_DIR.glob("matvec,device=*.json")):
                     mv.matvec(torch.zeros(1, k), Weight(fmt, qtype, (n, k), raw.contiguous()), cfg)
                 else:  # two experts, `slots` of them selected
                     w = Weight(fmt, qtype, (2, n, k), raw[None].expand(2, n, -1).contiguous())
-                    ids = torch.zeros(slots, dtype=torch.long)
+                    ids = torch.zeros(1, slots, dtype=torch.long)  # one token's slots
                     moe.expert_linear(torch.zeros(1, k), ids, w, cfg)
             assert done, (fmt, shape)
             count += 1

@@ -54,7 +54,7 @@ SWITCHABLE = [n for n, f in FUSIONS.items() if not f.needs_gpu_backend or CUDA]
 def greedy(model, steps: int = STEPS, prompt: list[int] = PROMPT):
     """(tokens, logits [steps, n_vocab]) of greedy decoding after a prompt."""
     engine = Engine(model, n_ctx=len(prompt) + steps + 1, ubatch=16)
-    cache = engine.new_cache()
+    cache = engine.new_sequence()
     logits = engine.prefill(prompt, cache)[-1]
     tokens, rows = [], []
     for _ in range(steps):

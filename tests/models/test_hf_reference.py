@@ -31,11 +31,11 @@ def kiln_engine(path) -> Engine:
 
 
 def kiln_logits(engine: Engine, ids: list[int]) -> torch.Tensor:
-    return engine.prefill(ids, engine.new_cache(), all_logits=True)
+    return engine.prefill(ids, engine.new_sequence(), all_logits=True)
 
 
 def kiln_greedy(engine: Engine, ids: list[int], steps: int) -> list[int]:
-    cache = engine.new_cache()
+    cache = engine.new_sequence()
     logits = engine.prefill(ids, cache)
     out = []
     for _ in range(steps):

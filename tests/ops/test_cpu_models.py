@@ -54,12 +54,12 @@ def micro(name: str, qtype: str, tied: bool | None = None):
 
 def _logits(model, ids: list[int]) -> torch.Tensor:
     engine = Engine(model, n_ctx=64, ubatch=8)  # prompt chunks after others: offset attention
-    return engine.prefill(ids, engine.new_cache(), all_logits=True)
+    return engine.prefill(ids, engine.new_sequence(), all_logits=True)
 
 
 def _greedy(model, prompt: list[int], steps: int) -> list[int]:
     engine = Engine(model, n_ctx=64, ubatch=8)
-    cache = engine.new_cache()
+    cache = engine.new_sequence()
     logits = engine.prefill(prompt, cache)
     out = []
     for _ in range(steps):

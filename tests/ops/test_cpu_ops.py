@@ -254,21 +254,43 @@ def test_attention_one_query_and_prompts(n_head, n_kv, d, scores, monkeypatch):
     scale = d**-0.5
     cases = [
         (1, torch.tensor([s - 1])),  # decode: the last key
-        (1, torch.tensor([11])),  # one query that sees only the first 12 keys
         (5, torch.arange(s - 5, s)),  # a prompt chunk after others
         (s, torch.arange(s)),  # a whole prompt
     ]
     for t, pos in cases:
         q = torch.randn(t, n_head, d, generator=g)
-        ours = cpu.attention(q, k, v, pos, scale)
-        ref = reference.attention(q, k, v, pos, scale)
+        ours = cpu._causal(q, k, v, pos, scale)
+        ref = reference.causal(q, k, v, pos, scale)
         bound = F32_RTOL * v.abs().max() + 1e-6
         _assert_within(ours, ref, bound.expand_as(ref), f"attention T={t} pos={pos[0]}")
-    q = torch.randn(1, n_head, d, generator=g)
-    length = torch.tensor([20])
-    ours = cpu.attention_decode(q, k, v, length, scale)
-    ref = reference.attention_decode(q, k, v, length, scale)
-    _assert_within(ours, ref, torch.full_like(ref, 2e-5), "attention_decode")
+    # a batch over the paged pool: a decode row over shuffled blocks of 16 (length 20), a
+    # prompt chunk of 5 (length 33, blocks consecutive: read as a slice) and a decode row of
+    # length 1
+    from kiln.runtime.batch import ForwardBatch
+
+    k_pool = torch.randn(6 * 16, n_kv, d, generator=g)
+    v_pool = torch.randn(6 * 16, n_kv, d, generator=g)
+    lens = (20, 33, 1)
+    batch = ForwardBatch(
+        tokens=torch.zeros(7, dtype=torch.long),
+        positions=torch.tensor([19, 28, 29, 30, 31, 32, 0]),
+        slots=torch.zeros(7, dtype=torch.long),
+        block_tables=torch.tensor([[4, 1, 0], [2, 3, 4], [5, 0, 0]], dtype=torch.int32),
+        seq_lens=torch.tensor(lens),
+        logit_rows=None,
+        query_lens=(1, 5, 1),
+        kv_lens=lens,
+        first_rows=(None, 32, None),
+        block_size=16,
+    )
+    q = torch.randn(7, n_head, d, generator=g)
+    ours = cpu.attention(q, k_pool, v_pool, batch, scale)
+    ref = reference.attention(q, k_pool, v_pool, batch, scale)
+    _assert_within(ours, ref, torch.full_like(ref, 2e-5), "paged attention")
+    # the gathered keys are the table's: the decode row equals attention over its rows
+    rows = torch.cat([torch.arange(64, 80), torch.arange(16, 20)])
+    alone = reference.causal(q[:1], k_pool[rows], v_pool[rows], torch.tensor([19]), scale)
+    _assert_within(ours[:1], alone, torch.full_like(alone, 2e-5), "decode row")
 
 
 @pytest.mark.parametrize("neox", [False, True])
@@ -307,7 +329,7 @@ def test_qkv_norm_rope_of_a_merged_result(with_norm, t):
     results = []
     for fn in (cpu.qkv_norm_rope, reference.qkv_norm_rope):
         kc, vc = torch.zeros(8, n_kv, d), torch.zeros(8, n_kv, d)
-        out = fn(q, k, v, *norms, 1e-6, positions, freqs, False, kc, vc)
+        out = fn(q, k, v, *norms, 1e-6, positions, positions.flip(0) - 2, freqs, False, kc, vc)
         results.append((out, kc, vc))
     for ours, ref, what in zip(results[0], results[1], ("q", "k cache", "v cache")):
         _assert_within(ours, ref, torch.full_like(ref, 1e-5), what)

@@ -27,8 +27,8 @@ def _ids(engine: Engine) -> list[int]:
 
 def test_decode_token_by_token_equals_full_forward(stories_engine):
     ids = _ids(stories_engine)
-    full = stories_engine.prefill(ids, stories_engine.new_cache(), all_logits=True)
-    cache = stories_engine.new_cache()
+    full = stories_engine.prefill(ids, stories_engine.new_sequence(), all_logits=True)
+    cache = stories_engine.new_sequence()
     steps = [stories_engine.prefill(ids[:4], cache)]
     steps += [stories_engine.decode(t, cache) for t in ids[4:]]
     torch.testing.assert_close(torch.cat(steps), full[3:], rtol=1e-4, atol=1e-4)
@@ -37,22 +37,22 @@ def test_decode_token_by_token_equals_full_forward(stories_engine):
 @pytest.mark.parametrize("ubatch", [1, 3, 7, 16])
 def test_micro_batch_size_does_not_change_logits(stories_engine, ubatch):
     ids = _ids(stories_engine)
-    full = stories_engine.prefill(ids, stories_engine.new_cache(), all_logits=True)
+    full = stories_engine.prefill(ids, stories_engine.new_sequence(), all_logits=True)
     engine = Engine(stories_engine.model, n_ctx=64, ubatch=ubatch)
-    split = engine.prefill(ids, engine.new_cache(), all_logits=True)
+    split = engine.prefill(ids, engine.new_sequence(), all_logits=True)
     torch.testing.assert_close(split, full, rtol=1e-4, atol=1e-4)
 
 
 def test_cache_grows_past_its_first_allocation(stories_model):
     engine = Engine(build_model(read_gguf(stories_model)), n_ctx=600)
-    cache = engine.new_cache()
+    cache = engine.new_sequence()
     ids = [(7 * i) % engine.config.n_vocab for i in range(300)]
     engine.prefill(ids, cache)
-    assert cache.length == 300 and cache.capacity >= 300
+    assert cache.length == 300 and engine.pool.rows >= 300
 
 
 def test_context_overflow_is_a_clear_error(stories_engine):
-    cache = stories_engine.new_cache()
+    cache = stories_engine.new_sequence()
     with pytest.raises(UsageError, match="do not fit the context of 64"):
         stories_engine.prefill([1] * 65, cache)
     stories_engine.prefill([1] * 64, cache)
@@ -62,9 +62,9 @@ def test_context_overflow_is_a_clear_error(stories_engine):
 
 def test_bad_ids(stories_engine):
     with pytest.raises(UsageError, match="empty"):
-        stories_engine.prefill([], stories_engine.new_cache())
+        stories_engine.prefill([], stories_engine.new_sequence())
     with pytest.raises(UsageError, match="outside the vocabulary"):
-        stories_engine.prefill([1, 100000], stories_engine.new_cache())
+        stories_engine.prefill([1, 100000], stories_engine.new_sequence())
 
 
 def test_bad_engine_settings(stories_engine):
@@ -74,18 +74,15 @@ def test_bad_engine_settings(stories_engine):
         Engine(stories_engine.model, n_ctx=0)
 
 
-def test_static_engine_reuses_its_one_cache(stories_model):
-    """The triton backend's engine (Triton's interpreter here) keeps one f16 cache at the full
-    context, emptied per request; decoding into another cache is refused, not silently wrong
-    (captured graphs point at the engine's own buffers)."""
-    from kiln.runtime.kv_cache import KVCache
-
+def test_triton_engine_keeps_an_f16_pool_of_the_full_context(stories_model):
+    """The triton backend's engine (Triton's interpreter here) starts its f16 pool at one full
+    context, so a single sequence never makes it grow (captured graphs read its tensors); a
+    freed sequence is refused, not silently decoded into blocks someone else may own."""
     engine = Engine(build_model(read_gguf(stories_model), backend="triton"), n_ctx=32)
-    assert engine.static and not engine.graphs  # no CUDA graphs on a CPU
-    cache = engine.new_cache()
-    assert cache.capacity == 32 and cache.k[0].dtype == torch.float16
-    cache.length = 5
-    assert engine.new_cache() is cache and cache.length == 0
-    other = KVCache(engine.config, 32, engine.device)
-    with pytest.raises(UsageError, match="engine.new_cache"):
-        engine.decode(1, other)
+    assert engine.graphs is None  # no CUDA graphs on a CPU
+    assert engine.pool.dtype == torch.float16 and engine.pool.rows >= 32
+    seq = engine.new_sequence()
+    engine.prefill([1, 2, 3], seq)
+    seq.free()
+    with pytest.raises(UsageError, match="freed"):
+        engine.decode(1, seq)

@@ -1,16 +1,26 @@
-"""Flash-decoding attention of one query token over a KV cache (batch 1, split-K).
+"""Flash-decoding attention of one query token per sequence over a paged KV cache (split-K).
 
-Stage 1, `_attention_decode_kernel`, grid (Hkv, P): program (h, p) takes KV head h with ALL of its
-GROUP = H / Hkv query heads (GQA: K/V are read once for the group) over the p-th contiguous slice
-of the first `length` cache rows, in blocks of BLOCK_S keys, with an online softmax in fp32 (base
-2: q is pre-scaled by scale * log2(e)). It writes the slice's normalized output and log2-sum-exp
-per head. Stage 2, `_attention_decode_combine_kernel`, grid (H,), merges the active slices. When
-one slice covers the whole length (short contexts) stage 1 writes the output itself and stage 2
-returns at once: merging one slice would copy it (bit for bit: its weight is exp2(0) = 1).
+The cache of a layer is a pool of blocks of KV_BLOCK rows: k_pool [S, Hkv, D], v_pool [S, Hkv, DV]
+with S = n_blocks * KV_BLOCK. Sequence b owns the blocks block_tables[b, :]: its key/value at
+position j is pool row block_tables[b, j // KV_BLOCK] * KV_BLOCK + j % KV_BLOCK (its "slot").
+Row b of the batch (one query, q[b]) attends to positions 0 .. seq_lens[b] - 1 of sequence b.
 
-`length` is read on the device; the slice size follows from it (see `_slice_of`): P is fixed by
-the launcher from the shapes, so one captured CUDA graph serves every position. Slices that start
-at or past `length` run no iteration and store nothing; the combine reads only active slices.
+Stage 1, `_attention_decode_kernel`, grid (Hkv, P, B): program (h, p, b) takes KV head h with ALL
+of its GROUP = H / Hkv query heads of row b (GQA: K/V are read once for the group) over the p-th
+contiguous slice of positions 0 .. seq_lens[b] - 1, in steps of BLOCK_S keys, with an online
+softmax in fp32 (base 2: q is pre-scaled by scale * log2(e)). BLOCK_S divides KV_BLOCK and a slice
+starts at a multiple of BLOCK_S, so the keys of one step lie in one block: a step loads one
+block-table entry (a scalar) and then BLOCK_S contiguous pool rows, as the unpaged kernel did. It
+writes the slice's normalized output and log2-sum-exp per head. Stage 2,
+`_attention_decode_combine_kernel`, grid (H, B), merges the active slices of each row. When one
+slice covers a row's whole length (short contexts) stage 1 writes that row's output itself and
+stage 2 returns at once: merging one slice would copy it (bit for bit: its weight is exp2(0) = 1).
+
+seq_lens and block_tables are read on the device; a row's slice size follows from its length (see
+`_slice_of`), and P is fixed by the launcher from the shapes, so one captured CUDA graph serves
+every length and every block table. Rows of different lengths share a launch: slices that start at
+or past their row's length run no iteration and store nothing, and the combine of each row reads
+only that row's active slices. A row of length 0 is never given (its output is left unwritten).
 
 Both products run on tensor cores with the group padded to G_PAD >= 16 rows (tl.dot's minimum).
 For f16/bf16 caches the fp32 operand (q, then the softmax weights p) is split into hi + lo in the
@@ -46,8 +56,9 @@ def _attend_block(
     q_lo,  # [G_PAD, D_PAD] the rest of q (SPLIT only)
     k_base,  # [D_PAD, 1] pointers to K[0, h, d] (masked past D)
     v_base,  # [1, DV_PAD] pointers to V[0, h, dv]
-    s0,  # first cache row of the block; s0 < end
-    end,  # rows >= end are masked
+    bt_row,  # pointer to block_tables[b, 0] (int32)
+    s0,  # first position of the step, a multiple of BLOCK_S; s0 < end
+    end,  # positions >= end are masked
     stride_kc,
     stride_vc,
     m_i,  # [G_PAD] running max of the log2 scores
@@ -56,15 +67,18 @@ def _attend_block(
     D: tl.constexpr,
     DV: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    KV_BLOCK: tl.constexpr,
     SPLIT: tl.constexpr,
     PRECISION: tl.constexpr,
     INTERP: tl.constexpr,
 ):
-    """One online-softmax step over cache rows s0 .. s0 + BLOCK_S - 1 (those < end)."""
+    """One online-softmax step over positions s0 .. s0 + BLOCK_S - 1 (those < end)."""
     DT = k_base.dtype.element_ty
-    s = s0 + tl.arange(0, BLOCK_S)  # [BLOCK_S] cache rows
-    s_ok = s < end
-    rows = s.to(tl.int64)
+    offs = tl.arange(0, BLOCK_S)
+    s_ok = s0 + offs < end
+    # The step lies in one block (BLOCK_S divides KV_BLOCK): one table entry, contiguous rows.
+    block = tl.load(bt_row + s0 // KV_BLOCK).to(tl.int64)
+    rows = block * KV_BLOCK + (s0 % KV_BLOCK) + offs  # [BLOCK_S] pool rows (int64)
     d_ok = tl.arange(0, k_base.shape[0]) < D
     dv_ok = tl.arange(0, v_base.shape[1]) < DV
     kt = tl.load(
@@ -80,7 +94,7 @@ def _attend_block(
     if SPLIT:
         scores = tl.dot(q_lo, kt, scores, input_precision=PRECISION)
     scores = tl.where(s_ok[None, :], scores, float("-inf"))
-    # Row s0 < end is valid, so m_new is finite: no -inf - -inf.
+    # Position s0 < end is valid, so m_new is finite: no -inf - -inf.
     m_new = tl.maximum(m_i, tl.max(scores, axis=1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(scores - m_new[:, None])  # [G_PAD, BLOCK_S]
@@ -101,16 +115,18 @@ def _attend_block(
 
 @triton.jit
 def _attention_decode_kernel(
-    q_ptr,  # [H, D] f32/f16/bf16 contiguous (q [1, H, D])
-    k_ptr,  # [C, Hkv, D] f32/f16/bf16, row stride stride_kc, unit stride along D
-    v_ptr,  # [C, Hkv, DV] same dtype as k, row stride stride_vc
-    len_ptr,  # int64 [1]: rows 0..length-1 are attended to
-    part_o_ptr,  # f32 [P, H, DV]: each slice's softmax-normalized output
-    part_lse_ptr,  # f32 [P, H]: log2 of each slice's sum of exp2(score), score in log2 units
-    out_ptr,  # f32 [H, DV] (out [1, H, DV]): written here when one slice covers the length
+    q_ptr,  # [B, H, D] f32/f16/bf16 contiguous
+    k_ptr,  # [S, Hkv, D] pool, f32/f16/bf16, row stride stride_kc, unit stride along D
+    v_ptr,  # [S, Hkv, DV] pool, same dtype as k, row stride stride_vc
+    bt_ptr,  # int32 [B, NB], row stride stride_bt: the blocks of each sequence
+    len_ptr,  # int64 [B]: row b attends to positions 0..seq_lens[b]-1 (>= 1)
+    part_o_ptr,  # f32 [B, P, H, DV]: each slice's softmax-normalized output
+    part_lse_ptr,  # f32 [B, P, H]: log2 of each slice's sum of exp2(score), score in log2 units
+    out_ptr,  # f32 [B, H, DV]: row b written here when one slice covers its length
     qk_scale,  # scale * log2(e)
-    C,  # cache capacity (length is clamped to it)
-    P,  # slices (grid axis 1)
+    NB,  # blocks per table row: lengths are clamped to NB * KV_BLOCK
+    stride_bt,
+    P,  # slices per row (grid axis 1)
     H,
     stride_kc,
     stride_vc,
@@ -120,7 +136,8 @@ def _attention_decode_kernel(
     D_PAD: tl.constexpr,
     DV: tl.constexpr,
     DV_PAD: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    BLOCK_S: tl.constexpr,  # keys per step, a power of 2 dividing KV_BLOCK
+    KV_BLOCK: tl.constexpr,  # pool rows per cache block (block_size)
     MIN_SLICE: tl.constexpr,  # a multiple of BLOCK_S
     SPLIT: tl.constexpr,  # f16/bf16 cache: hi/lo split of the fp32 operands (module docstring)
     PRECISION: tl.constexpr,  # "ieee" for fp32 operands (no TF32); ignored for f16/bf16
@@ -132,11 +149,13 @@ def _attention_decode_kernel(
     interp: tl.constexpr = INTERP_SLICE > 0
     kvh = tl.program_id(0)
     pid = tl.program_id(1)
+    b = tl.program_id(2)
     DT = k_ptr.dtype.element_ty
-    length = tl.minimum(tl.load(len_ptr).to(tl.int32), C)
+    length = tl.minimum(tl.load(len_ptr + b).to(tl.int32), NB * KV_BLOCK)
     size = _slice_of(length, P, BLOCK_S, MIN_SLICE)
     start = pid * size
     end = tl.minimum(start + size, length)  # <= start: an idle slice
+    bt_row = bt_ptr + b * stride_bt
 
     g = tl.arange(0, G_PAD)
     d = tl.arange(0, D_PAD)
@@ -144,7 +163,9 @@ def _attention_decode_kernel(
     heads = kvh * GROUP + g  # [G_PAD] query heads of this KV head
     g_ok = g < GROUP
     q = tl.load(
-        q_ptr + heads[:, None] * D + d[None, :], mask=g_ok[:, None] & (d[None, :] < D), other=0.0
+        q_ptr + (b * H + heads[:, None]) * D + d[None, :],
+        mask=g_ok[:, None] & (d[None, :] < D),
+        other=0.0,
     )
     q = q.to(tl.float32) * qk_scale  # [G_PAD, D_PAD]
     if SPLIT:
@@ -164,8 +185,8 @@ def _attention_decode_kernel(
     v_base = v_ptr + kvh * DV + dv[None, :]  # [1, DV_PAD]
     # Triton 3.6's interpreter holds scalars as 1-element arrays, which numpy >= 2.4 refuses to
     # turn into a Python int for range(): there the loop runs over the largest slice and skips
-    # the blocks past `end` by a Python `if`. Compiled, it runs over [start, end) only, so an
-    # idle slice costs one load of `length`.
+    # the steps past `end` by a Python `if`. Compiled, it runs over [start, end) only, so an
+    # idle slice costs one load of its row's length.
     if interp:
         for s0 in range(0, INTERP_SLICE, BLOCK_S):
             if start + s0 < end:
@@ -174,6 +195,7 @@ def _attention_decode_kernel(
                     q_lo,
                     k_base,
                     v_base,
+                    bt_row,
                     start + s0,
                     end,
                     stride_kc,
@@ -184,6 +206,7 @@ def _attention_decode_kernel(
                     D,
                     DV,
                     BLOCK_S,
+                    KV_BLOCK,
                     SPLIT,
                     PRECISION,
                     interp,
@@ -195,6 +218,7 @@ def _attention_decode_kernel(
                 q_lo,
                 k_base,
                 v_base,
+                bt_row,
                 s0,
                 end,
                 stride_kc,
@@ -205,6 +229,7 @@ def _attention_decode_kernel(
                 D,
                 DV,
                 BLOCK_S,
+                KV_BLOCK,
                 SPLIT,
                 PRECISION,
                 interp,
@@ -213,21 +238,23 @@ def _attention_decode_kernel(
     active = start < end
     l_safe = tl.where(l_i > 0, l_i, 1.0)  # idle slices and padded heads store nothing
     o_mask = active & g_ok[:, None] & (dv[None, :] < DV)
-    if size >= length:  # the only slice: its result is the output
-        tl.store(out_ptr + heads[:, None] * DV + dv[None, :], acc / l_safe[:, None], mask=o_mask)
-    else:
-        o_ptrs = part_o_ptr + (pid * H + heads[:, None]) * DV + dv[None, :]
+    if size >= length:  # the only slice: its result is the row's output
+        o_ptrs = out_ptr + (b * H + heads[:, None]) * DV + dv[None, :]
         tl.store(o_ptrs, acc / l_safe[:, None], mask=o_mask)
-        tl.store(part_lse_ptr + pid * H + heads, m_i + tl.log2(l_safe), mask=active & g_ok)
+    else:
+        part = b * P + pid
+        o_ptrs = part_o_ptr + (part * H + heads[:, None]) * DV + dv[None, :]
+        tl.store(o_ptrs, acc / l_safe[:, None], mask=o_mask)
+        tl.store(part_lse_ptr + part * H + heads, m_i + tl.log2(l_safe), mask=active & g_ok)
 
 
 @triton.jit
 def _attention_decode_combine_kernel(
-    part_o_ptr,  # f32 [P, H, DV]
-    part_lse_ptr,  # f32 [P, H]
-    out_ptr,  # f32 [H, DV] (out [1, H, DV])
-    len_ptr,  # int64 [1]
-    C,
+    part_o_ptr,  # f32 [B, P, H, DV]
+    part_lse_ptr,  # f32 [B, P, H]
+    out_ptr,  # f32 [B, H, DV]
+    len_ptr,  # int64 [B]
+    C,  # NB * KV_BLOCK: lengths are clamped to it
     P,
     H,
     DV: tl.constexpr,
@@ -241,7 +268,8 @@ def _attention_decode_combine_kernel(
     if PDL:
         wait_for_inputs()
     h = tl.program_id(0)
-    length = tl.minimum(tl.load(len_ptr).to(tl.int32), C)
+    b = tl.program_id(1)
+    length = tl.minimum(tl.load(len_ptr + b).to(tl.int32), C)
     size = _slice_of(length, P, BLOCK_S, MIN_SLICE)
     n_active = (length + size - 1) // size  # <= P
     if n_active <= 1:  # stage 1 wrote the output
@@ -252,13 +280,14 @@ def _attention_decode_combine_kernel(
     m = tl.full([1], float("-inf"), dtype=tl.float32)
     den = tl.zeros([1], dtype=tl.float32)
     acc = tl.zeros([DV_PAD], dtype=tl.float32)
+    row = b * P  # this row's first slice
     # Same loop-bound split as in the kernel above.
     for p0 in range(0, INTERP_P if INTERP_P > 0 else n_active, CHUNK):
         p = p0 + c
         p_ok = p < n_active
-        lse = tl.load(part_lse_ptr + p * H + h, mask=p_ok, other=float("-inf"))  # [CHUNK]
+        lse = tl.load(part_lse_ptr + (row + p) * H + h, mask=p_ok, other=float("-inf"))  # [CHUNK]
         o = tl.load(
-            part_o_ptr + (p[:, None] * H + h) * DV + dv[None, :],
+            part_o_ptr + ((row + p[:, None]) * H + h) * DV + dv[None, :],
             mask=p_ok[:, None] & dv_ok[None, :],
             other=0.0,
         )  # [CHUNK, DV_PAD]
@@ -268,4 +297,4 @@ def _attention_decode_combine_kernel(
         den = den * alpha + tl.sum(w, axis=0)
         acc = acc * alpha + tl.sum(w[:, None] * o, axis=0)
         m = m_new
-    tl.store(out_ptr + h * DV + dv, acc / den, mask=dv_ok)
+    tl.store(out_ptr + (b * H + h) * DV + dv, acc / den, mask=dv_ok)

@@ -7,9 +7,9 @@ row and stores them contiguously. Tiles by format family (BLOCK_VALUES):
 - legacy formats (32): a [BLOCK_V // 32, 32] tile of whole blocks (_dequant_legacy).
 - K-quants (256): a [BLOCK_V // 256, 8, 32] tile of whole super-blocks (_dequant_k).
 Blocks past the row's end are clamped to its last block, so the block loads need no mask; only
-the store is masked. The dequant helpers are the mat-vec's, whose fp32 operations are the
-reference dequantizers' in the same order (kiln/quant/*.py): the launcher turns FMA contraction
-off, so the result is bit-exact with kiln.ops.reference.embedding.
+the store is masked. The dequant helpers are kernels/triton/dequant.py's (the mat-vec's too),
+whose fp32 operations are the reference dequantizers' in the same order (kiln/quant/*.py): the
+launcher turns FMA contraction off, so the result is bit-exact with kiln.ops.reference.embedding.
 
 Only @triton.jit functions live here; kiln/kernels/embedding.py launches them.
 """
@@ -19,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kiln.kernels.triton.matvec import _dequant_k, _dequant_legacy
+from kiln.kernels.triton.dequant import _dequant_k, _dequant_legacy
 from kiln.kernels.triton.pdl import wait_for_inputs
 
 
@@ -30,7 +30,7 @@ def _embedding_kernel(
     out_ptr,  # f32 [T, K] contiguous
     K,
     stride_wv,  # elements of w_ptr's type between rows
-    FMT: tl.constexpr,  # format id of kiln/kernels/triton/matvec.py
+    FMT: tl.constexpr,  # format id of kiln/kernels/triton/dequant.py
     BLOCK_V: tl.constexpr,  # values per program: a power of two, a multiple of BLOCK_VALUES
     TYPE_SIZE: tl.constexpr,  # bytes per block (block formats)
     BLOCK_VALUES: tl.constexpr,  # values per block: 1 (floats), 32 (legacy), 256 (K-quants)

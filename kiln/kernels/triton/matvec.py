@@ -9,12 +9,15 @@ BLOCK_N output rows and walks K one tile of [S, L] values at a time:
 Rows past N are clamped to N - 1 so weight loads need no mask; only the store is masked.
 
 Every kernel also serves the MoE decode mat-vec (EXPERTS=True): w_ptr is then a stack of
-[n_expert, N, row] weights and grid axis 1 runs over the k selected slots; the program of slot s
-reads its expert id from ids_ptr[s] on the device (no host sync) and moves w_ptr, x_ptr and
-out_ptr to that expert, x row (s, or 0 when every slot shares x: stride_xs = 0) and output row
-before the K loop, which is the same code in both modes.
+[n_expert, N, row] weights and grid axis 1 runs over the T * k selected slots (slot s = t * k + j:
+token t's j-th expert); the program of slot s reads its expert id from ids_ptr[s] on the device
+(no host sync) and moves w_ptr, x_ptr and out_ptr to that expert, x row s // SLOTS_PER_X
+(SLOTS_PER_X = k: a token's k slots share its row; 1: each slot has its own row, or every slot
+reads row 0 when stride_xs = 0) and output row s before the K loop, which is the same code in
+both modes.
 
-Only @triton.jit functions live here; kiln/kernels/matvec.py launches them.
+The dequantization helpers and format ids are kernels/triton/dequant.py's. Only @triton.jit
+functions live here; kiln/kernels/matvec.py launches them.
 """
 
 from __future__ import annotations
@@ -22,107 +25,34 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kiln.kernels.triton.dequant import (
+    Q4_0,
+    Q4_1,
+    Q4_K,
+    Q5_0,
+    Q5_1,
+    Q6_K,
+    Q8_0,
+    _dequant_k,
+    _dequant_legacy,
+)
 from kiln.kernels.triton.pdl import wait_for_inputs
 
-# Format ids (the FMT constexpr); kiln/kernels/matvec.py maps GGML types onto these.
-F32: tl.constexpr = tl.constexpr(0)
-F16: tl.constexpr = tl.constexpr(1)
-BF16: tl.constexpr = tl.constexpr(2)
-Q8_0: tl.constexpr = tl.constexpr(3)
-Q4_0: tl.constexpr = tl.constexpr(4)
-Q4_1: tl.constexpr = tl.constexpr(5)
-Q5_0: tl.constexpr = tl.constexpr(6)
-Q5_1: tl.constexpr = tl.constexpr(7)
-Q4_K: tl.constexpr = tl.constexpr(8)
-Q5_K: tl.constexpr = tl.constexpr(9)
-Q6_K: tl.constexpr = tl.constexpr(10)
-
 
 @triton.jit
-def _f16_at(p):
-    """The little-endian f16 at byte pointer p, as fp32."""
-    lo = tl.load(p).to(tl.uint16)
-    hi = tl.load(p + 1).to(tl.uint16)
-    return (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
-
-
-@triton.jit
-def _dequant_legacy(blk, j, FMT: tl.constexpr):
-    """blk: byte pointers [BLOCK_N, S, 1] to block starts; j: [1, 1, 32] value index in block
-    -> fp32 [BLOCK_N, S, 32]."""
-    nib_byte = j % 16
-    nib_shift = (j // 16) * 4
-    if FMT == Q8_0:
-        d = _f16_at(blk)
-        q = tl.load(blk + 2 + j).to(tl.int8, bitcast=True).to(tl.float32)
-        w = q * d
-    elif FMT == Q4_0:
-        d = _f16_at(blk)
-        q = (tl.load(blk + 2 + nib_byte) >> nib_shift) & 0x0F
-        w = d * (q.to(tl.float32) - 8.0)
-    elif FMT == Q4_1:
-        d = _f16_at(blk)
-        m = _f16_at(blk + 2)
-        q = (tl.load(blk + 4 + nib_byte) >> nib_shift) & 0x0F
-        w = d * q.to(tl.float32) + m
-    elif FMT == Q5_0:
-        d = _f16_at(blk)
-        hb = (tl.load(blk + 2 + j // 8) >> (j % 8)) & 1
-        q = ((tl.load(blk + 6 + nib_byte) >> nib_shift) & 0x0F) | (hb << 4)
-        w = d * (q.to(tl.float32) - 16.0)
-    else:  # Q5_1
-        d = _f16_at(blk)
-        m = _f16_at(blk + 2)
-        hb = (tl.load(blk + 4 + j // 8) >> (j % 8)) & 1
-        q = ((tl.load(blk + 8 + nib_byte) >> nib_shift) & 0x0F) | (hb << 4)
-        w = d * q.to(tl.float32) + m
-    return w
-
-
-@triton.jit
-def _scale_min_k4(blk, s):
-    """Q4_K/Q5_K 6-bit (scale, min) of sub-block s ([1, 8, 1]) of super-blocks at blk."""
-    a = tl.load(blk + 4 + s)  # scales[s]
-    b = tl.load(blk + 8 + s)  # scales[s + 4]
-    c = tl.load(blk + 4 + tl.where(s >= 4, s - 4, s))  # scales[s - 4] (used for s >= 4)
-    sc = tl.where(s < 4, a & 63, (b & 15) | ((c >> 6) << 4))
-    mn = tl.where(s < 4, b & 63, (b >> 4) | ((a >> 6) << 4))
-    return sc.to(tl.float32), mn.to(tl.float32)
-
-
-@triton.jit
-def _dequant_k(blk, s, j, FMT: tl.constexpr):
-    """blk: byte pointers [BLOCK_N, 1, 1] to super-block starts; s: [1, 8, 1] sub-block of 32;
-    j: [1, 1, 32] -> fp32 [BLOCK_N, 8, 32] (value 32 * s + j)."""
-    if FMT == Q6_K:
-        h = s // 4
-        qq = s % 4
-        ql = (tl.load(blk + 64 * h + 32 * (qq % 2) + j) >> ((qq // 2) * 4)) & 0x0F
-        qh = (tl.load(blk + 128 + 32 * h + j) >> (2 * qq)) & 3
-        q = (ql | (qh << 4)).to(tl.int32) - 32
-        sc = tl.load(blk + 192 + 2 * s + j // 16).to(tl.int8, bitcast=True).to(tl.float32)
-        w = (_f16_at(blk + 208) * sc) * q.to(tl.float32)
-    else:
-        d = _f16_at(blk)
-        dmin = _f16_at(blk + 2)
-        sc, mn = _scale_min_k4(blk, s)
-        if FMT == Q4_K:
-            q = (tl.load(blk + 16 + 32 * (s // 2) + j) >> ((s % 2) * 4)) & 0x0F
-        else:  # Q5_K
-            ql = (tl.load(blk + 48 + 32 * (s // 2) + j) >> ((s % 2) * 4)) & 0x0F
-            q = ql | (((tl.load(blk + 16 + j) >> s) & 1) << 4)
-        w = (d * sc) * q.to(tl.float32) - dmin * mn
-    return w
-
-
-@triton.jit
-def _slot_pointers(w_ptr, x_ptr, out_ptr, ids_ptr, stride_we, stride_xs, stride_os):
+def _slot_pointers(
+    w_ptr, x_ptr, out_ptr, ids_ptr, stride_we, stride_xs, stride_os, SLOTS_PER_X: tl.constexpr
+):
     """The pointers of grid column s = program_id(1) of an expert launch: expert ids_ptr[s]'s
-    weights (64-bit offset: a stack of expert weights can exceed 2**31 elements), x row s (or
-    row 0 when stride_xs = 0) and output row s."""
+    weights (64-bit offset: a stack of expert weights can exceed 2**31 elements), x row
+    s // SLOTS_PER_X (row 0 for every slot when stride_xs = 0) and output row s."""
     slot = tl.program_id(1)
     expert = tl.load(ids_ptr + slot).to(tl.int64)
-    return w_ptr + expert * stride_we, x_ptr + slot * stride_xs, out_ptr + slot * stride_os
+    if SLOTS_PER_X == 1:  # one row per slot, or x shared (stride 0): the T = 1 launches' code
+        x_row = slot
+    else:  # a token's SLOTS_PER_X slots read its row
+        x_row = slot // SLOTS_PER_X
+    return w_ptr + expert * stride_we, x_ptr + x_row * stride_xs, out_ptr + slot * stride_os
 
 
 @triton.jit
@@ -136,12 +66,13 @@ def _matvec_kernel(
     stride_xm,
     stride_wn,  # in elements of w_ptr's type
     stride_om,
-    ids_ptr,  # EXPERTS: int32/int64 [k] expert id of each slot; else unused (None)
+    ids_ptr,  # EXPERTS: int32/int64 [T * k] expert id of each slot; else unused (None)
     stride_we,  # EXPERTS: elements of w_ptr's type between experts
-    stride_xs,  # EXPERTS: elements between the x rows of consecutive slots (0: x is shared)
+    stride_xs,  # EXPERTS: elements between consecutive x rows (0: one row shared by every slot)
     stride_os,  # EXPERTS: elements between output rows
     K_INTERP: tl.constexpr,  # K as a constexpr under TRITON_INTERPRET, else 0 (see below)
     EXPERTS: tl.constexpr,  # w_ptr is [n_expert, N, row]; grid axis 1 = slots (see top)
+    SLOTS_PER_X: tl.constexpr,  # EXPERTS: consecutive slots that read one x row (k or 1)
     FMT: tl.constexpr,
     M_PAD: tl.constexpr,  # next power of two >= M
     BLOCK_N: tl.constexpr,
@@ -155,7 +86,7 @@ def _matvec_kernel(
         wait_for_inputs()
     if EXPERTS:
         w_ptr, x_ptr, out_ptr = _slot_pointers(
-            w_ptr, x_ptr, out_ptr, ids_ptr, stride_we, stride_xs, stride_os
+            w_ptr, x_ptr, out_ptr, ids_ptr, stride_we, stride_xs, stride_os, SLOTS_PER_X
         )
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -346,6 +277,7 @@ def _matvec_lanes_m1_kernel(
     magic,  # _MAGIC, as a runtime value (see below)
     K_INTERP: tl.constexpr,
     EXPERTS: tl.constexpr,
+    SLOTS_PER_X: tl.constexpr,
     BLOCK_N: tl.constexpr,
     S: tl.constexpr,  # blocks per tile: S * QW lanes, one per thread where K allows
     R: tl.constexpr,  # tiles per loop step
@@ -397,7 +329,7 @@ def _matvec_lanes_m1_kernel(
         wait_for_inputs()
     if EXPERTS:
         w_ptr, x_ptr, out_ptr = _slot_pointers(
-            w_ptr, x_ptr, out_ptr, ids_ptr, stride_we, stride_xs, stride_os
+            w_ptr, x_ptr, out_ptr, ids_ptr, stride_we, stride_xs, stride_os, SLOTS_PER_X
         )
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)

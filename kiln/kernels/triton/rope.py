@@ -1,10 +1,11 @@
 """Decode attention input in one kernel: Q/K head RMSNorm, RoPE, and the K/V cache write.
 
 Program p owns head row j = p % (H + HKV) of token t = p // (H + HKV) (the order of a merged
-QKV row): a query head (j < H) is normalized, rotated and written to q_out; a key head is
-normalized, rotated and written to k_cache at row positions[t], and the program also copies
-value head j - H into v_cache at the same row. The position is read on the device, so a
-captured CUDA graph serves every step.
+QKV row): a query head (j < H) is normalized, rotated by positions[t] and written to q_out; a key
+head is normalized, rotated and written to k_cache at row slots[t] (the token's row in the paged
+KV pool, kiln/kernels/attention.py), and the program also copies value head j - H into v_cache
+at the same row. Positions and slots are read on the device, so a captured CUDA graph serves
+every step and every block table.
 
 RoPE as kiln.ops.reference.rope: dims d < ROT are rotated in pairs, NEOX=False pairs (2i, 2i+1),
 NEOX=True pairs (i, i + ROT/2), by the angle pos * freqs[i] (fp32); dims d >= ROT are kept.
@@ -56,11 +57,12 @@ def _qkv_norm_rope_kernel(
     v_ptr,  # [T, HKV, DV], token stride stride_vt, head stride DV
     qw_ptr,  # f32 [D] (read only when HAS_NORM)
     kw_ptr,  # f32 [D] (read only when HAS_NORM)
-    pos_ptr,  # int64 [T]: cache row (and rotation position) of each token
+    pos_ptr,  # int64 [T]: rotation position of each token
+    slot_ptr,  # int64 [T]: pool row of each token's K and V
     freq_ptr,  # f32 [ROT / 2]
     qo_ptr,  # f32 [T, H, D] contiguous
-    kc_ptr,  # [C, HKV, D] f16/bf16/f32, row stride stride_kc, head stride D
-    vc_ptr,  # [C, HKV, DV] f16/bf16/f32, row stride stride_vc, head stride DV
+    kc_ptr,  # [S, HKV, D] f16/bf16/f32 pool, row stride stride_kc, head stride D
+    vc_ptr,  # [S, HKV, DV] f16/bf16/f32 pool, row stride stride_vc, head stride DV
     H,
     HKV,
     D,
@@ -110,12 +112,13 @@ def _qkv_norm_rope_kernel(
         tl.store(qo_ptr + (t * H + j) * D + d, qy, mask=mask)
     else:
         hk = j - H
+        slot = tl.load(slot_ptr + t)  # int64 scalar
         k_src = k_ptr + t * stride_kt + hk * D
         ky = _norm_rope_row(k_src, kw_ptr, d, partner, mask, rotated, cos, sin, D, eps, HAS_NORM)
         ky = _to_cache(ky, kc_ptr.dtype.element_ty)
-        tl.store(kc_ptr + pos * stride_kc + hk * D + d, ky, mask=mask)
+        tl.store(kc_ptr + slot * stride_kc + hk * D + d, ky, mask=mask)
         dv = tl.arange(0, BLOCK_DV)
         v_mask = dv < DV
         v = tl.load(v_ptr + t * stride_vt + hk * DV + dv, mask=v_mask, other=0.0)
         v = _to_cache(v.to(tl.float32), vc_ptr.dtype.element_ty)
-        tl.store(vc_ptr + pos * stride_vc + hk * DV + dv, v, mask=v_mask)
+        tl.store(vc_ptr + slot * stride_vc + hk * DV + dv, v, mask=v_mask)

@@ -1,14 +1,15 @@
 """MoE decode routing and combine, one launch each (the torch forms are ~8 and 2 launches: ~20 us
 per layer measured on an H100 for qwen3-30b-a3b, ~1 ms of a 5 ms token over 48 layers).
 
-_route_topk_kernel: one program per token row (decode: one). Softmax over the E experts in fp32
+_route_topk_kernel: one program per token row. Softmax over the E experts in fp32
 (max-subtracted, as torch), then K rounds of argmax over the probabilities, each masking out the
 expert it chose: the K largest in descending order, as torch.topk(sorted=True) gives them. Ties
 go to the lowest index (torch.topk does not specify the order of equal values). The weights are
 the chosen probabilities, renormalized to sum to 1 when NORMALIZE.
 
-_moe_combine_kernel: out[0, n] = sum_s w[0, s] * down[s, n], fp32, summed in slot order s = 0..K-1
-like torch's (down * w[0, :, None]).sum(0); program j owns BLOCK_N columns.
+_moe_combine_kernel: out[t, n] = sum_j w[t, j] * down[t * K + j, n], fp32, summed in slot order
+j = 0..K-1 like torch's (down.reshape(T, K, N) * w[:, :, None]).sum(1); program (t, c) owns
+BLOCK_N columns of token t.
 
 Only @triton.jit functions live here; kiln/kernels/router.py launches them.
 """
@@ -66,11 +67,12 @@ def _route_topk_kernel(
 
 @triton.jit
 def _moe_combine_kernel(
-    down_ptr,  # f32 [K, N], row stride stride_d, unit stride along N
-    w_ptr,  # f32 [1, K], stride stride_w along K
-    out_ptr,  # f32 [1, N] contiguous
+    down_ptr,  # f32 [T * K, N], row stride stride_d, unit stride along N
+    w_ptr,  # f32 [T, K], strides stride_wt, stride_w
+    out_ptr,  # f32 [T, N] contiguous
     N,
     stride_d,
+    stride_wt,
     stride_w,
     K: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -78,10 +80,14 @@ def _moe_combine_kernel(
 ):
     if PDL:
         wait_for_inputs()
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    t = tl.program_id(0).to(tl.int64)  # 64-bit: T * K * N may exceed 2**31 (long prompts)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = cols < N
+    down_ptr += t * K * stride_d  # token t's K slot rows
+    w_ptr += t * stride_wt
+    out_ptr += t * N
     # Unrolled over the K slots: the K row loads are independent and issued together; the sum
-    # is one product and one add per slot in slot order, as torch's sum over dim 0 (the GPU may
+    # is one product and one add per slot in slot order, as torch's sum over the slots (the GPU may
     # fuse a product and its add into one FMA: one rounding fewer).
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for s in tl.static_range(K):

@@ -1,0 +1,119 @@
+"""Decode batches captured as CUDA graphs, one per batch-size bucket (the `cuda_graphs` fusion):
+one graph launch instead of hundreds of kernel launches per step.
+
+A batch of B sequences runs the graph of the smallest bucket >= B, its rows past B padded: a
+padded row decodes token 0 at position 0 of the scratch block (kv_pool.SCRATCH_BLOCK), which no
+sequence owns, and its logits are not returned. Before a replay the host writes the step's
+tokens, positions, slots and lengths into the bucket's static buffers in one copy, and the
+block tables in a second copy only when they changed (a sequence took a new block or the
+batch's sequences changed). All buckets share one memory pool (they never run at once), and
+the captured kernels read the KV pool's tensors: when the pool grows (its tensors move) every
+graph is captured again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+
+import torch
+
+from kiln.runtime.batch import ForwardBatch
+from kiln.runtime.kv_pool import SCRATCH_BLOCK, KVPool, Sequence
+
+BUCKETS = (1, 2, 4, 8)
+
+
+class _Bucket:
+    def __init__(self, model, pool: KVPool, size: int, mempool) -> None:
+        device = model.device
+        self.size = size
+        width = pool.blocks_per_seq
+        self.ints = torch.zeros((4, size), dtype=torch.int64, device=device)
+        self.ints[2] = SCRATCH_BLOCK * pool.block_size  # slots
+        self.ints[3] = 1  # seq_lens
+        self.tables = torch.full((size, width), SCRATCH_BLOCK, dtype=torch.int32, device=device)
+        self.host_tables: list[list[int]] | None = None  # the block lists last copied
+        # pinned staging: the copies are queued without waiting for the GPU; `copied` marks
+        # when the last one has been read, so a caller that decodes ahead without reading the
+        # logits (a benchmark) never overwrites staged values still to be copied
+        self.ints_staged = torch.empty((4, size), dtype=torch.int64).pin_memory()
+        self.tables_staged = torch.empty((size, width), dtype=torch.int32).pin_memory()
+        self.copied = torch.cuda.Event()
+        self.staged = self.ints_staged.numpy()
+        self.rows = -1  # the row count of the last replay (rows past it are padding)
+        self.batch = ForwardBatch(
+            tokens=self.ints[0],
+            positions=self.ints[1],
+            slots=self.ints[2],
+            block_tables=self.tables,
+            seq_lens=self.ints[3],
+            logit_rows=None,
+            query_lens=(1,) * size,
+            kv_lens=(1,) * size,
+            first_rows=(None,) * size,
+            block_size=pool.block_size,
+        )
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # compiles the kernels, settles the allocator
+            for _ in range(2):
+                model.forward(self.batch, pool)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=mempool):
+            self.logits = model.forward(self.batch, pool)
+
+    def replay(self, tokens: Seq[int], seqs: Seq[Sequence]) -> torch.Tensor:
+        # host work here is on every decoded token's critical path (the sampler waits for the
+        # logits): numpy writes into the pinned buffer, no tensor built per step
+        n, bs = len(seqs), self.batch.block_size
+        self.copied.synchronize()
+        staged = self.staged
+        for i, (token, seq) in enumerate(zip(tokens, seqs)):
+            p = seq.length
+            staged[0, i] = token
+            staged[1, i] = p
+            staged[2, i] = seq.blocks[p // bs] * bs + p % bs
+            staged[3, i] = p + 1
+        if n != self.rows:  # padded rows: token 0 at position 0 of the scratch block
+            staged[:, n:] = ((0,), (0,), (SCRATCH_BLOCK * bs,), (1,))
+            self.rows = n
+        self.ints.copy_(self.ints_staged, non_blocking=True)
+        blocks = [seq.blocks for seq in seqs]
+        if blocks != self.host_tables:
+            tables = self.tables_staged.numpy()
+            tables[:] = SCRATCH_BLOCK
+            for i, row in enumerate(blocks):
+                tables[i, : len(row)] = row
+            self.tables.copy_(self.tables_staged, non_blocking=True)
+            self.host_tables = [list(row) for row in blocks]
+        self.copied.record()
+        self.graph.replay()
+        return self.logits[:n]
+
+
+class GraphRunner:
+    def __init__(self, model, pool: KVPool, buckets: tuple[int, ...] = BUCKETS):
+        self.model, self.pool, self.buckets = model, pool, buckets
+        self.max_batch = buckets[-1]
+        self._graphs: dict[int, _Bucket] = {}
+        self._generation = pool.generation
+        self._mempool = None
+
+    def bucket(self, n: int) -> int:
+        return next(b for b in self.buckets if b >= n)
+
+    def __call__(self, tokens: Seq[int], seqs: Seq[Sequence]) -> torch.Tensor:
+        """One decode token for each of len(seqs) <= max_batch sequences (their blocks
+        reserved, lengths not yet advanced) -> logits float32 [B, n_vocab]: a view of a buffer
+        the next replay overwrites."""
+        if self.pool.generation != self._generation:  # the pool grew: its tensors moved
+            self._graphs.clear()
+            self._generation = self.pool.generation
+        size = self.bucket(len(seqs))
+        graph = self._graphs.get(size)
+        if graph is None:
+            if self._mempool is None:
+                self._mempool = torch.cuda.graph_pool_handle()
+            graph = self._graphs[size] = _Bucket(self.model, self.pool, size, self._mempool)
+        return graph.replay(tokens, seqs)

@@ -1,0 +1,110 @@
+"""A batch of B sequences with prompts of different lengths decodes, greedily, the tokens each
+sequence decodes alone (B = 1, 2, 3, 8), for every architecture's tiny model: on the reference
+and cpu backends on the CPU (and the triton kernels in Triton's interpreter, one small case); on
+a GPU the triton backend with CUDA graphs on and off, and the reference.
+
+Why the tokens can be equal: every op computes each row from that row alone (mat-vecs of up to
+8 rows read the weight once but sum each row in the same order as one row; attention reads
+each sequence's own blocks), so a row's logits do not depend on its neighbours. Their bits can
+still differ between batch sizes where a kernel's compiled variant depends on M, which is why
+tokens (128 steps on a GPU) are compared, and the logits only within a tolerance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from kiln.gguf.synthetic import PRESETS
+from kiln.gguf.synthetic import build_model as synthetic
+from kiln.models import build_model
+from kiln.runtime.engine import Engine
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+STEPS = 128 if CUDA else 12
+ARCHS = [("tiny-llama", "q8_0"), ("tiny-qwen2", "q4_0"), ("tiny-qwen3", "q4_k_m"),
+         ("tiny-qwen3moe", "q8_0")]  # fmt: skip
+PROMPT_LENGTHS = (1, 5, 17, 64, 65, 9, 30, 2)  # block boundaries at 64 (the default block)
+
+
+def _prompts(n_vocab: int, b: int) -> list[list[int]]:
+    lengths = PROMPT_LENGTHS[:b]
+    return [[(7 * i + 13 * j + 1) % n_vocab for j in range(n)] for i, n in enumerate(lengths)]
+
+
+def _alone(engine: Engine, prompt: list[int], steps: int) -> list[int]:
+    seq = engine.new_sequence()
+    logits = engine.prefill(prompt, seq)
+    out = []
+    for _ in range(steps):
+        out.append(int(torch.argmax(logits[-1])))
+        logits = engine.decode(out[-1], seq)
+    seq.free()
+    return out
+
+
+def _batched(engine: Engine, prompts: list[list[int]], steps: int) -> list[list[int]]:
+    seqs = [engine.new_sequence() for _ in prompts]
+    logits = torch.cat([engine.prefill(p, s) for p, s in zip(prompts, seqs)])
+    out: list[list[int]] = [[] for _ in prompts]
+    for _ in range(steps):
+        tokens = [int(t) for t in torch.argmax(logits, dim=-1)]
+        for row, t in zip(out, tokens):
+            row.append(t)
+        logits = engine.decode_batch(tokens, seqs)
+    for s in seqs:
+        s.free()
+    return out
+
+
+def _engine(gguf, backend: str, graphs: bool = True, n_seq: int = 8) -> Engine:
+    model = build_model(gguf, DEVICE, backend=backend, fusions={"cuda_graphs": graphs})
+    return Engine(model, n_ctx=max(PROMPT_LENGTHS) + STEPS + 1, n_seq=n_seq)
+
+
+@pytest.fixture(scope="module", params=ARCHS, ids=lambda a: f"{a[0]}-{a[1]}")
+def tiny(request):
+    return synthetic(request.param[0], request.param[1], device=DEVICE)
+
+
+BACKENDS = [("torch", True)] + ([("triton", True), ("triton", False)] if CUDA else [("cpu", True)])
+
+
+@pytest.mark.parametrize(("backend", "graphs"), BACKENDS, ids=lambda v: str(v))
+def test_batch_decodes_what_each_sequence_decodes_alone(tiny, backend, graphs):
+    engine = _engine(tiny, backend, graphs)
+    prompts = _prompts(tiny.config.n_vocab, 8)
+    alone = [_alone(engine, p, STEPS) for p in prompts]
+    for b in (1, 2, 3, 8):
+        assert _batched(engine, prompts[:b], STEPS) == alone[:b], f"B={b}"
+
+
+def test_triton_kernels_batch_in_the_interpreter():
+    """The triton backend's batched decode (paged attention, mat-vecs of 3 rows, per-row MoE
+    routing) in Triton's interpreter: one layer, 3 sequences, 2 steps."""
+    if CUDA:
+        pytest.skip("the GPU runs the full test above")
+    micro = dataclasses.replace(
+        PRESETS["tiny-qwen3moe"], name="micro-qwen3moe", n_layer=1, n_embd=64, n_head=2,
+        n_head_kv=1, head_dim=32, n_ff=64, n_ff_expert=32,
+    )  # fmt: skip
+    gguf = synthetic(micro, "q8_0")
+    engine = Engine(build_model(gguf, "cpu", backend="triton"), n_ctx=80, n_seq=3)
+    prompts = [[1, 2], [3, 4, 5, 6, 7], [9]]
+    alone = [_alone(engine, p, 2) for p in prompts]
+    assert _batched(engine, prompts, 2) == alone
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+def test_graph_buckets_pad_rows_without_touching_the_sequences():
+    """B = 3 and 5 run the buckets of 4 and 8 with padded rows; their tokens equal eager
+    execution's, so the padded rows wrote nothing a sequence reads."""
+    gguf = synthetic("tiny-qwen3", "q8_0", device=DEVICE)
+    prompts = _prompts(gguf.config.n_vocab, 8)
+    graphed, eager = _engine(gguf, "triton", True), _engine(gguf, "triton", False)
+    for b in (3, 5):
+        assert _batched(graphed, prompts[:b], 64) == _batched(eager, prompts[:b], 64)
+    assert sorted(graphed.graphs._graphs) == [4, 8]

@@ -6,11 +6,15 @@ Measured per-GPU data (tuned launch configs, fusion defaults) lives in kernels/c
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from kiln.ops import interpreting
-
 CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def interpreting() -> bool:
+    """Triton's interpreter runs the kernels (TRITON_INTERPRET set and not 0): on a CPU."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def config_name(what: str, device_name: str) -> str:

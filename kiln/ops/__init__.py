@@ -10,7 +10,6 @@ makes the same calls either way and the two forms can be compared one fusion at 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -18,6 +17,7 @@ from types import SimpleNamespace
 import torch
 
 from kiln.errors import UnsupportedError, UsageError
+from kiln.kernels import interpreting
 from kiln.ops import decompose
 
 OP_NAMES = (
@@ -81,10 +81,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             "TRITON_INTERPRET=1 to run the kernels slowly in Triton's interpreter)"
         )
     return backend
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _backend(backend: str):

@@ -108,3 +108,30 @@ def test_graph_buckets_pad_rows_without_touching_the_sequences():
     for b in (3, 5):
         assert _batched(graphed, prompts[:b], 64) == _batched(eager, prompts[:b], 64)
     assert sorted(graphed.graphs._graphs) == [4, 8]
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"] if not CUDA else ["torch", "triton"])
+def test_a_mixed_step_equals_its_parts(tiny, backend):
+    """One step with a decode token of one sequence beside a prompt chunk of another (and all
+    logits of a third's chunk) gives each sequence the logits it gets in a step of its own."""
+    engine = _engine(tiny, backend, graphs=False)
+    prompts = _prompts(tiny.config.n_vocab, 3)
+    chunk = [5, 6, 7, 8, 9, 10, 11]
+
+    def run(together: bool):
+        seqs = [engine.new_sequence() for _ in range(3)]
+        engine.prefill(prompts[1], seqs[0])
+        engine.prefill(prompts[2], seqs[1])
+        entries = [(seqs[0], [42]), (seqs[1], chunk), (seqs[2], prompts[2])]
+        if together:
+            out = engine.step(entries, "last")
+        else:
+            out = torch.cat([engine.step([e], "last") for e in entries])
+        lengths = [s.length for s in seqs]
+        for s in seqs:
+            s.free()
+        return out, lengths
+
+    (mixed, n1), (alone, n2) = run(True), run(False)
+    assert n1 == n2 == [len(prompts[1]) + 1, len(prompts[2]) + len(chunk), len(prompts[2])]
+    torch.testing.assert_close(mixed, alone, rtol=1e-4, atol=1e-4)

@@ -26,6 +26,7 @@ class ForwardBatch:
     slots: torch.Tensor  # int64 [T]: the pool row its K/V is written to
     block_tables: torch.Tensor  # int32 [B, NB]: each sequence's blocks (0-padded)
     seq_lens: torch.Tensor  # int64 [B]: each sequence's KV length after this step
+    query_start: torch.Tensor  # int64 [B + 1]: sequence b's tokens are rows query_start[b]..[b+1]-1
     logit_rows: torch.Tensor | None  # int64 [R]: the rows whose logits are returned (None: all)
     query_lens: tuple[int, ...]  # host: tokens of each sequence in this step
     kv_lens: tuple[int, ...]  # host: seq_lens
@@ -70,6 +71,9 @@ def build_batch(
     width = n_blocks or max(len(seq.blocks) for seq, _ in entries)
     table = [seq.blocks + [SCRATCH_BLOCK] * (width - len(seq.blocks)) for seq, _ in entries]
     ints = torch.tensor([tokens, positions, slots], dtype=torch.int64).to(device)
+    starts = [0]
+    for n in query_lens:
+        starts.append(starts[-1] + n)
     if logits == "all":
         logit_rows = None
     elif logits == "last":
@@ -83,6 +87,7 @@ def build_batch(
         slots=ints[2],
         block_tables=torch.tensor(table, dtype=torch.int32).to(device),
         seq_lens=torch.tensor(kv_lens, dtype=torch.int64).to(device),
+        query_start=torch.tensor(starts, dtype=torch.int64).to(device),
         logit_rows=logit_rows,
         query_lens=tuple(query_lens),
         kv_lens=tuple(kv_lens),

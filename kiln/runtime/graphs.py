@@ -47,6 +47,7 @@ class _Bucket:
             slots=self.ints[2],
             block_tables=self.tables,
             seq_lens=self.ints[3],
+            query_start=torch.arange(size + 1, dtype=torch.int64, device=device),
             logit_rows=None,
             query_lens=(1,) * size,
             kv_lens=(1,) * size,

@@ -277,6 +277,7 @@ def test_attention_one_query_and_prompts(n_head, n_kv, d, scores, monkeypatch):
         slots=torch.zeros(7, dtype=torch.long),
         block_tables=torch.tensor([[4, 1, 0], [2, 3, 4], [5, 0, 0]], dtype=torch.int32),
         seq_lens=torch.tensor(lens),
+        query_start=torch.tensor([0, 1, 6, 7]),
         logit_rows=None,
         query_lens=(1, 5, 1),
         kv_lens=lens,

@@ -56,7 +56,10 @@ NORM_TESTS = ("tests/kernels/test_norm.py", "tests/kernels/test_rope.py", *NOT_S
 ROPE_TESTS = ("tests/kernels/test_rope.py", *NOT_SM90)
 ACTIVATION_TESTS = ("tests/kernels/test_activation.py", *NOT_SM90)
 ATTENTION_TESTS = ("tests/kernels/test_attention.py", *NOT_SM90)
+FLASH_TESTS = ("tests/kernels/test_flash_attention.py", *NOT_SM90)
 MATVEC_TESTS = ("tests/kernels/test_matvec.py", *NOT_SM90)
+# (scripts/ is not in the mutation copy: the tuning script's test stays out)
+MATMUL_TESTS = ("tests/kernels/test_matmul.py", "-k", "not sm90 and not tune_script")
 MOE_TESTS = ("tests/kernels/test_moe.py", *NOT_SM90)
 ROUTER_TESTS = ("tests/kernels/test_router.py", *NOT_SM90)
 EMBEDDING_TESTS = ("tests/kernels/test_embedding.py", *NOT_SM90)
@@ -197,6 +200,43 @@ MUTATIONS: list[Mutation] = [
         "the combine of every row merges the first row's partial results",
     ),
     Mutation(
+        "flash_causal_off_by_one",
+        KERNELS + "flash_attention.py",
+        _one(
+            "last = tl.minimum(pos, hi - 1)  # [BLOCK_R] the last key each row sees",
+            "last = tl.minimum(pos + 1, hi - 1)  # [BLOCK_R] the last key each row sees",
+        ),
+        FLASH_TESTS,
+        "prompt attention: each query also sees the key after its own (the causal limit + 1)",
+    ),
+    Mutation(
+        "flash_unmasked_past_diagonal",
+        KERNELS + "flash_attention.py",
+        _one(
+            "lo = tl.minimum(first, kv_len) // BLOCK_N * BLOCK_N",
+            "lo = (tl.minimum(first, kv_len) + BLOCK_N - 1) // BLOCK_N * BLOCK_N",
+        ),
+        FLASH_TESTS,
+        "prompt attention: the unmasked key steps run into the diagonal block (rounded up)",
+    ),
+    Mutation(
+        "flash_tile_sequence",
+        KERNELS + "flash_attention.py",
+        _one(
+            "b = tl.sum((through <= t).to(tl.int32), axis=0)",
+            "b = tl.sum((through < t).to(tl.int32), axis=0)",
+        ),
+        FLASH_TESTS,
+        "prompt attention: a sequence's last tile is taken as the next sequence's",
+    ),
+    Mutation(
+        "flash_gqa_heads",
+        KERNELS + "flash_attention.py",
+        _one("head = kvh * GROUP + r % GROUP", "head = kvh + r % GROUP * (H // GROUP)"),
+        FLASH_TESTS,
+        "prompt attention: query heads grouped by stride Hkv instead of consecutively",
+    ),
+    Mutation(
         "matvec_lanes_affine_min",
         KERNELS + "matvec.py",
         _one("acc += d * p + m * sx", "acc += d * p - m * sx"),
@@ -287,6 +327,60 @@ MUTATIONS: list[Mutation] = [
         _one("row = tl.load(ids_ptr + t).to(tl.int64)", "row = t.to(tl.int64)"),
         EMBEDDING_TESTS,
         "token t gets embedding row t instead of row ids[t]",
+    ),
+    Mutation(
+        "matmul_weight_k_offset",
+        KERNELS + "matmul.py",
+        _one(
+            "g = k0 // 32 + tl.arange(0, G)[None, :, None, None]",
+            "g = k0 // 64 + tl.arange(0, G)[None, :, None, None]",
+        ),
+        MATMUL_TESTS,
+        "GEMM: a K step's first weight block counted in 64 values instead of 32 (wrong K offset)",
+    ),
+    Mutation(
+        "matmul_x_k_offset",
+        KERNELS + "matmul.py",
+        _one(
+            "kx = k0 + tl.arange(0, BLOCK_K)[None, :]",
+            "kx = tl.arange(0, BLOCK_K)[None, :]",
+        ),
+        MATMUL_TESTS,
+        "GEMM: every K step multiplies by the first BLOCK_K values of x",
+    ),
+    Mutation(
+        "matmul_kquant_scale",
+        KERNELS + "dequant.py",
+        _one(
+            "sc = tl.where(s < 4, a & 63, (b & 15) | ((c >> 6) << 4))",
+            "sc = tl.where(s < 4, a & 31, (b & 15) | ((c >> 6) << 4))",
+        ),
+        MATMUL_TESTS,
+        "Q4_K/Q5_K sub-blocks 0..3 lose the top bit of their 6-bit scale (the GEMM's tiles)",
+    ),
+    Mutation(
+        "matmul_bf16_truncates",
+        KERNELS + "matmul.py",
+        _one("bits = bits + 0x7FFF + ((bits >> 16) & 1)", "bits = bits"),
+        MATMUL_TESTS,
+        "GEMM and dequant_matmul: weights rounded to bf16 toward zero, not to nearest even",
+    ),
+    Mutation(
+        "matmul_group_order",
+        KERNELS + "matmul.py",
+        _one("pid_n = (pid % per_group) // group_m", "pid_n = (pid % per_group) % group_m"),
+        MATMUL_TESTS,
+        "GEMM: the grouped launch order maps programs onto the wrong column tiles",
+    ),
+    Mutation(
+        "matmul_ragged_group",
+        KERNELS + "matmul.py",
+        _one(
+            "group_m = tl.minimum(tiles_m - first_m, GROUP_M)",
+            "group_m = GROUP_M + 0 * tiles_m",
+        ),
+        MATMUL_TESTS,
+        "GEMM: the last launch group taken as GROUP_M row tiles even where fewer are left",
     ),
     # -- the reference ops (kiln/ops/reference.py): the spec and the CPU oracle -----------------
     Mutation(

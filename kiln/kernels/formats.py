@@ -10,6 +10,7 @@ Kernels (the keys of SUPPORT):
     "matvec_lanes"   its M = 1 kernel on integer views of the blocks (_matvec_lanes_m1_kernel),
                      taken where the format has one (kiln.kernels.matvec._WIDE says how it reads it)
     "expert_linear"  kiln.kernels.moe.expert_linear: the mat-vec kernels with EXPERTS on
+    "matmul"         kiln.kernels.matmul: the quantized GEMM (M > matvec.MAX_M) and dequant_matmul
     "embedding"      kiln.kernels.embedding.embedding
 
 Launchers assert against it; kiln/ops/triton_backend.py reads it to decide where a kernel runs.
@@ -49,6 +50,7 @@ SUPPORT: dict[str, frozenset[GGMLQuantizationType]] = {
     "matvec": _DEQUANT,
     "matvec_lanes": frozenset((_T.Q8_0, _T.Q4_0, _T.Q4_1, _T.Q5_0, _T.Q5_1, _T.Q4_K, _T.Q6_K)),
     "expert_linear": _DEQUANT,
+    "matmul": _DEQUANT,
     "embedding": _DEQUANT,
 }
 

@@ -1,9 +1,10 @@
 """The "triton" backend: the GPU kernels of kiln/kernels where they apply, the torch reference
-elsewhere. Which is which follows from the op and the shapes only (ROUTES says it; `kiln info
---device cuda` prints it): the decode-shaped work (up to matvec.MAX_M rows, one query per
-sequence) runs on kernels; prompt processing (mat-muls of more rows, causal attention of many
-queries, MoE grouped by expert) runs the reference until the prompt kernels exist; weight formats
-a kernel lacks run the reference for that weight.
+elsewhere. Which is which follows from the op, the weight's format and the shapes only (ROUTES
+says it; `kiln info --device cuda` prints it): mat-muls run the mat-vec up to matvec.MAX_M rows
+and the quantized GEMM above (bf16 activations: kernels/linear.py); attention runs
+flash-decoding for one query per sequence and flash attention for prompts, both over the paged
+pool; MoE runs the per-row expert kernels up to MAX_M rows and the reference (grouped by expert
+on the host) above; formats a kernel lacks, and F32 weights above MAX_M rows, run the reference.
 
 Every kernel path here keeps the reference's signature and is graph-capturable: no host
 synchronization, launch parameters from shapes only. With `pdl` (the fusion of that name) every
@@ -24,8 +25,10 @@ def ops(pdl: bool = False) -> dict:
     from kiln.kernels import activation, matvec, norm, rope
     from kiln.kernels import attention as paged
     from kiln.kernels import embedding as lookup
+    from kiln.kernels import flash_attention as flash
     from kiln.kernels import router as moe_router
     from kiln.kernels.formats import SUPPORT
+    from kiln.kernels.linear import linear as kernel_linear
 
     def embedding(weight: Weight, ids: torch.Tensor) -> torch.Tensor:
         """ids: [T] -> [T, n_embd] f32: the rows gathered and dequantized in one launch."""
@@ -34,16 +37,11 @@ def ops(pdl: bool = False) -> dict:
         return reference.embedding(weight, ids)
 
     def linear(x: torch.Tensor, weight: Weight, bias: Weight | None = None) -> torch.Tensor:
-        """x: [T, n_in] -> [T, n_out]; the mat-vec kernel for decode batches."""
-        if (
-            x.dim() == 2
-            and x.shape[0] <= matvec.MAX_M
-            and len(weight.shape) == 2
-            and weight.qtype in SUPPORT["matvec"]
-        ):
-            y = matvec.matvec(x.contiguous(), weight, pdl=pdl)
-            return y if bias is None else y + bias.dense()
-        return reference.linear(x, weight, bias)
+        """x: [T, n_in] -> [T, n_out]: kiln.kernels.linear's dispatch by T (the mat-vec up to
+        matvec.MAX_M rows, the quantized GEMM above); the reference where no kernel reads the
+        weight."""
+        y = kernel_linear(x, weight, bias, pdl=pdl)
+        return reference.linear(x, weight, bias) if y is None else y
 
     def moe_route(x, router, n_used, normalize):
         """Up to matvec.MAX_M rows: softmax + top-k per row in one launch; more (prompts): the
@@ -58,8 +56,9 @@ def ops(pdl: bool = False) -> dict:
         return reference.moe_select(logits, n_used, normalize)
 
     def attention(q, k_pool, v_pool, batch, scale):
-        """One query per sequence (decode): flash-decoding over the paged pool, lengths and
-        block tables read on the device; otherwise (prompts) the reference."""
+        """One query per sequence (decode): flash-decoding over the paged pool; otherwise
+        (prompt chunks, mixed batches) causal flash attention over the pool in one launch.
+        Lengths, query starts, positions and block tables are read on the device."""
         if batch.decode:
             return paged.attention_decode(
                 q.contiguous(),
@@ -71,7 +70,19 @@ def ops(pdl: bool = False) -> dict:
                 scale,
                 pdl=pdl,
             )
-        return reference.attention(q, k_pool, v_pool, batch, scale)
+        return flash.attention_prefill(
+            q.contiguous(),
+            k_pool,
+            v_pool,
+            batch.block_tables,
+            batch.seq_lens,
+            batch.query_start,
+            batch.positions,
+            batch.block_size,
+            max(batch.query_lens),
+            scale,
+            pdl=pdl,
+        )
 
     table = {
         "embedding": embedding,
@@ -138,14 +149,15 @@ def kernel_reads(name: str, qtype) -> bool:
 
 ROUTES = {
     "embedding": "kernel (the mat-vec formats); reference for other formats",
-    "linear": "mat-vec kernel up to 8 rows; reference above (prompts) and for other formats",
+    "linear": "mat-vec up to 8 rows, quantized GEMM above (tensor cores, bf16 activations); "
+    "F32 weights above 8 rows and other formats: the reference (fp32)",
     "rms_norm": "kernel",
     "add_rms_norm": "kernel",
     "qk_norm": "kernel",
     "qkv_norm_rope": "kernel (norm, RoPE, paged K/V write)",
     "rope": "reference (only the unfused qkv_norm_rope calls it)",
     "attention": "flash-decoding kernel over the paged pool for one query per sequence; "
-    "reference for prompts",
+    "flash attention kernel over the pool for prompts",
     "swiglu": "kernel",
     "moe_route": "kernel up to 8 rows; reference above",
     "moe_ffn": "per-row expert mat-vec kernels + combine kernel up to 8 rows; reference "

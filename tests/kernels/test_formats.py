@@ -33,7 +33,9 @@ def test_support_table() -> None:
     kiln.kernels.matvec knows how to read with it (_WIDE); supports() answers from the table."""
     from kiln.kernels import matvec
 
-    assert set(formats.SUPPORT) == {"matvec", "matvec_lanes", "expert_linear", "embedding"}
+    assert set(formats.SUPPORT) == {
+        "matvec", "matvec_lanes", "expert_linear", "matmul", "embedding",
+    }  # fmt: skip
     for kernel, types in formats.SUPPORT.items():
         assert types <= set(formats.FORMAT_IDS), kernel
         assert all(formats.supports(kernel, q) for q in types)
@@ -49,11 +51,11 @@ def _weight(shape: tuple[int, ...], qtype=_T.Q8_0) -> Weight:
     return Weight("w", qtype, shape, raw)
 
 
-@pytest.mark.parametrize("kernel", ("matvec", "expert_linear", "embedding"))
+@pytest.mark.parametrize("kernel", ("matvec", "expert_linear", "matmul", "embedding"))
 def test_launchers_and_op_set_read_the_table(kernel: str, monkeypatch) -> None:
     """A format taken out of a kernel's entry is refused by its launcher, and the triton op set
     sends that weight to the reference instead (no launch)."""
-    from kiln.kernels import embedding, matvec, moe
+    from kiln.kernels import embedding, matmul, matvec, moe
     from kiln.ops import triton_backend
 
     monkeypatch.setitem(formats.SUPPORT, kernel, formats.SUPPORT[kernel] - {_T.Q8_0})
@@ -64,6 +66,12 @@ def test_launchers_and_op_set_read_the_table(kernel: str, monkeypatch) -> None:
             matvec.matvec(x, w)
         assert not triton_backend.kernel_reads("blk.0.attn_q.weight", _T.Q8_0)
         assert torch.equal(triton_backend.ops()["linear"](x, w), torch.zeros(1, 4))
+    elif kernel == "matmul":  # the GEMM (M > 8) alone: the mat-vec still reads Q8_0
+        w = _weight((4, 64))
+        with pytest.raises(AssertionError, match="matmul does not support Q8_0"):
+            matmul.matmul(torch.zeros(9, 64), w)
+        out = triton_backend.ops()["linear"](torch.ones(9, 64), w)
+        assert torch.equal(out, torch.zeros(9, 4))  # the reference of an all-zero weight
     elif kernel == "expert_linear":
         w = _weight((3, 4, 64))
         with pytest.raises(AssertionError, match="expert_linear does not support Q8_0"):

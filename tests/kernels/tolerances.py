@@ -120,3 +120,69 @@ ROUTER: dict[str, tuple[float, float, str]] = {
         "roundings of 2^-24 of the sum of magnitudes (k = 8: 4.2e-7)",
     ),
 }
+
+# The GEMM (kiln/kernels/matmul.py: the Triton kernel and dequant_matmul) against the float32
+# reference, by weight format: (l2, l1, atol, reason). With t_k = x_k * W[n, k], output n passes
+# when (tests/kernels/test_matmul.py)
+#     |y - r| <= atol + l1 * sum_k |t_k| + l2 * sqrt(sum_k t_k^2)
+# x and every weight value are rounded to bf16 for the tensor cores (8 significant bits, to
+# nearest even: relative errors a_k, b_k with |a_k|, |b_k| <= u = 2^-8), multiplied exactly and
+# summed in fp32, so y - r = sum_k t_k (a_k + b_k + a_k b_k) + the fp32 summation error. On the
+# tests' random inputs the a_k, b_k are independent with mean 0: the sum is a random walk whose
+# standard deviation is at most sqrt(2/3) u ||t||_2 (a uniform relative error has variance
+# u^2 / 3), i.e. it grows as sqrt(K) |x| |w| 2^-8, not as K. Measured under the interpreter
+# (M = 128, N = 64, K = 768..1024, every family): standard deviation 0.60 u ||t||_2, the largest
+# of 8192 outputs 2.7 u ||t||_2 (bf16 weights, b_k = 0: 0.42 and 1.6). l2 = 8 u is 13 of those
+# deviations: never reached by chance, while a wrong scale or a value read from the wrong place
+# moves an output by about ||t||_2. (The bound that holds for any input, 2^-7 sum_k |t_k|, is
+# ~K / 10 times larger on random data and would hide such bugs for K in the thousands.) l1 is the
+# fp32 summation's allowance of MATVEC (the tensor cores' accumulation order included). A bf16
+# output adds its own rounding, u * |y| (the test adds it).
+_BF16_U = 2.0**-8
+_MATMUL_REASONS = {
+    "F32": "x and the f32 weight rounded to bf16 (see above)",
+    "F16": "x and the f16 weight rounded to bf16 (see above)",
+    "BF16": "only x is rounded (the weight is bf16 already): the bound has a 2x margin more",
+    "Q8_0": "the dequantized d * q (fp32, as the reference) rounded to bf16, and x",
+    "Q4_0": "the dequantized d * (q - 8) rounded to bf16, and x",
+    "Q4_1": "d * q + m rounded to bf16; the GPU may fuse it into one FMA (a 1-ulp fp32 change "
+    "that moves the bf16 rounding of about one weight in 2^16: inside the random walk), and x",
+    "Q5_0": "the dequantized d * (q - 16) rounded to bf16, and x",
+    "Q5_1": "d * q + m rounded to bf16 (FMA as Q4_1), and x",
+    "Q4_K": "(d*sc)*q - dmin*m rounded to bf16 (FMA as Q4_1), and x",
+    "Q5_K": "(d*sc)*q - dmin*m rounded to bf16 (FMA as Q4_1), and x",
+    "Q6_K": "(d*sc)*(q-32) rounded to bf16, and x",
+}
+MATMUL: dict[str, tuple[float, float, float, str]] = {
+    fmt: (8 * _BF16_U, 2e-5, 1e-6, reason) for fmt, reason in _MATMUL_REASONS.items()
+}
+
+# Prompt flash attention (kiln/kernels/flash_attention.py), by cache dtype: (rtol, atol, reason).
+# An output of query t, head h passes when |y - r| <= atol + rtol * (1 + S) * sum_j w_j |v_j|
+# (tests/kernels/test_flash_attention.py), S = max_j scale * sum_d |q_d k_jd| over the keys t sees
+# (natural-log units), w the reference softmax weights. For an f16/bf16 cache the MMAs take q and
+# the softmax weights p rounded to the cache dtype (unit roundoff u: bf16 2^-8, f16 2^-11), as
+# FlashAttention does: rounding q moves each score by up to u * S, so each weight by a factor
+# within exp(+-2 u S), an error up to 2 u S exp(2 u S) * sum_j w_j |v_j|; rounding p (the
+# numerator only: the row sums l add the fp32 p) adds u * sum_j w_j |v_j|. rtol = 2.5 u covers
+# both while exp(2 u S) <= 1.25 (bf16: S <= 28; f16: S <= 228; the tests' random q, k at
+# D <= 128 give S < 12), plus the fp32 part as for an f32 cache. Measured on the tests' inputs
+# under the interpreter (normalized error): f32 1.2e-7, f16 1.0e-4, bf16 1.2e-3.
+FLASH_ATTENTION: dict[torch.dtype, tuple[float, float, str]] = {
+    torch.float32: (
+        5e-6,
+        1e-6,
+        "fp32 MMAs (ieee) of exact operands; fp32 scores and sums in another order (blocks of "
+        "keys) and exp2 of log2(e)-prescaled scores (ex2.approx: 2 ulp) against torch's exp",
+    ),
+    torch.float16: (
+        2.5 * 2**-11 + 5e-6,
+        1e-6,
+        "q and p rounded to f16 for the tensor cores (u = 2^-11): 2.5 u, see above; + float32's",
+    ),
+    torch.bfloat16: (
+        2.5 * 2**-8 + 5e-6,
+        1e-6,
+        "q and p rounded to bf16 for the tensor cores (u = 2^-8): 2.5 u, see above; + float32's",
+    ),
+}

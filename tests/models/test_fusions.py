@@ -99,7 +99,10 @@ def test_all_fusions_off_matches_the_reference_backend(tiny, all_on):
     assert tokens == all_on[0]
     scale = 1 + logits.abs().amax(-1, keepdim=True)
     err = ((all_on[1] - logits).abs() / scale).max().item()
-    assert err < 2e-3, f"triton vs torch reference: {err:.2e}"  # f16 KV cache
+    # f16 KV cache, and the prompt's mat-muls (9 rows: the GEMM) take bf16 activations and
+    # weights (2^-9 relative rounding each): 4.9e-3 on tiny-qwen3 in the interpreter, 2e-3
+    # before the GEMM. The quality gate of that path is KLD on real models (issue 12).
+    assert err < 1e-2, f"triton vs torch reference: {err:.2e}"
 
 
 def test_merged_weights_apply_where_types_match(tiny):

@@ -1,0 +1,58 @@
+"""The one `linear` dispatch by M (rows) of the triton op set: the decode mat-vec up to
+matvec.MAX_M rows, the quantized GEMM above it, or dequant_matmul where the tuned table found
+it faster for this (format, N, K, M bucket) on this GPU (kiln/kernels/matmul.py).
+
+    linear(x: [M, K], weight: Weight [N, K], bias: Weight [N] | None) -> [M, N] float32, or None
+
+None means no kernel reads this weight (a format outside SUPPORT["matvec"] / SUPPORT["matmul"],
+a stacked or merged-from-parts weight, x not 2-D): the caller runs the reference
+(kiln.ops.reference.linear), which stays the spec. The choice depends on shapes, the format and
+the device only (no host synchronization), so a step stays capturable in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+from gguf.constants import GGMLQuantizationType
+
+from kiln.kernels import matmul, matvec
+from kiln.kernels.formats import SUPPORT
+from kiln.weight import Weight
+
+
+def route(m: int, weight: Weight, device: torch.device | None = None) -> str | None:
+    """What runs a linear of M rows with this weight: "matvec", "triton" (the GEMM kernel),
+    "dequant" (dequant_matmul), or None (no kernel reads it: the reference)."""
+    if len(weight.shape) != 2 or weight.raw is None:
+        return None
+    if m <= matvec.MAX_M:
+        return "matvec" if weight.qtype in SUPPORT["matvec"] else None
+    if weight.qtype not in SUPPORT["matmul"] or weight.qtype == GGMLQuantizationType.F32:
+        # An F32 weight (a MoE router, small projections) keeps fp32 math above the mat-vec,
+        # as llama.cpp's F32 mat-muls do: the GEMM's bf16 activations moved qwen3moe router
+        # weights by 8e-4 relative at 9 rows (a tie between experts can flip), and the
+        # reference's fp32 mat-mul reads the F32 blocks as they are (no dequantization).
+        return None
+    n, k = weight.shape
+    return matmul.method(weight.qtype, n, k, m, device)
+
+
+def linear(
+    x: torch.Tensor, weight: Weight, bias: Weight | None = None, pdl: bool = False
+) -> torch.Tensor | None:
+    """x: [M, K] -> [M, N] float32 = x @ W.T (+ bias), or None where no kernel reads the weight
+    (see the top). M = 0 gives an empty [0, N]."""
+    if x.dim() != 2:
+        return None
+    how = route(x.shape[0], weight, x.device)
+    if how is None:
+        return None
+    if x.shape[0] == 0:
+        y = torch.empty((0, weight.shape[0]), dtype=torch.float32, device=x.device)
+    elif how == "matvec":
+        y = matvec.matvec(x.contiguous(), weight, pdl=pdl)
+    elif how == "dequant":
+        y = matmul.dequant_matmul(x, weight, pdl=pdl)
+    else:
+        y = matmul.matmul(x, weight, pdl=pdl)
+    return y if bias is None else y + bias.dense()

@@ -1,0 +1,291 @@
+"""Launchers of the quantized GEMM (kernels/triton/matmul.py) and of its alternative,
+dequant_matmul: asserts, allocates, picks a config (tuned per GPU, format, N, K and M bucket) and
+the grid.
+
+    matmul(x: [M, K] f16/bf16/f32, weight: Weight [N, K]) -> [M, N] float32 (or bf16)
+    dequant_matmul(x, weight) -> the same, as the weight dequantized to a kept bf16 buffer and
+                                 torch's bf16 matmul (cuBLAS on a GPU)
+
+Both round x and the weight to bf16 and accumulate in fp32: their reference is
+kiln.ops.reference.linear(x.float(), weight) within the bf16 bound of tests/kernels/tolerances.py
+(MATMUL). Which of the two runs for a shape is data: `method` reads the table that
+scripts/tune_matmul.py measured on this GPU (kernels/configs/matmul,device=<gpu>.json, named by
+kiln.kernels.config_name); without an entry, the Triton kernel. kiln/kernels/linear.py is the
+one dispatch by M (the mat-vec up to matvec.MAX_M rows, these above).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+
+import torch
+import triton
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from kiln.kernels import CONFIG_DIR, config_name, interpreting, pdl_launch
+from kiln.kernels.formats import FLOAT_VIEW, FORMAT_IDS, SUPPORT
+from kiln.kernels.triton import matmul as _k
+from kiln.weight import Weight
+
+_X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_OUT_DTYPES = (torch.float32, torch.bfloat16)
+# The M buckets of the tuned table: M is looked up as the smallest bucket >= M (above 8192: 8192).
+# The GEMM serves M > matvec.MAX_M = 8, so the first bucket holds M = 9..16.
+M_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+METHODS = ("triton", "dequant")  # the GEMM kernel; dequant_matmul
+
+
+@dataclass(frozen=True)
+class MatmulConfig:
+    block_m: int  # output rows per program (swap_ab: 16..256; else >= 64 for wgmma)
+    block_n: int  # output columns (weight rows) per program (swap_ab: >= 16 * num_warps)
+    block_k: int  # values of K per step: a power of two, >= 32 for the block formats
+    group_m: int  # row tiles per group of the launch order (L2 reuse of the weight tiles)
+    num_warps: int
+    num_stages: int  # software-pipelining depth of the K loop
+    swap_ab: bool = True  # out^T = W @ x^T: the weight tile from registers (triton/matmul.py)
+
+
+def m_bucket(m: int) -> int:
+    """The tuned table's bucket of M: the smallest of M_BUCKETS >= m (the largest above it)."""
+    return next((b for b in M_BUCKETS if m <= b), M_BUCKETS[-1])
+
+
+@functools.cache
+def tuned_configs(device_name: str) -> dict[tuple[str, int, int, int], tuple[str, MatmulConfig]]:
+    """{(format, N, K, M bucket): (method, the fastest Triton config)} measured on this GPU
+    model by scripts/tune_matmul.py, {} if never tuned. The file:
+    {"Q4_K": {"4096x4096": {"512": {"method": "triton", "block_m": 128, ..., "us": ...}}}}."""
+    path = CONFIG_DIR / config_name("matmul", device_name)
+    if not path.exists():
+        return {}
+    out = {}
+    for fmt, shapes in json.loads(path.read_text()).items():
+        for shape, buckets in shapes.items():
+            n, k = (int(v) for v in shape.split("x"))
+            for bucket, c in buckets.items():
+                assert c["method"] in METHODS, f"{path}: {fmt} {shape} {bucket}: {c['method']}"
+                cfg = MatmulConfig(**{f: c[f] for f in MatmulConfig.__dataclass_fields__ if f in c})
+                out[(fmt, n, k, int(bucket))] = (c["method"], cfg)
+    return out
+
+
+def _tuned(qtype: GGMLQuantizationType, n: int, k: int, m: int, device) -> tuple | None:
+    if device is None or device.type != "cuda":
+        return None
+    table = tuned_configs(torch.cuda.get_device_name(device))
+    return table.get((qtype.name, n, k, m_bucket(m)))
+
+
+def default_config(
+    qtype: GGMLQuantizationType,
+    n: int,
+    k: int,
+    m: int,
+    device: torch.device | None = None,
+    tuned: bool = True,
+) -> MatmulConfig:
+    """The Triton config tuned for this (format, N, K, M bucket) on this GPU, else the untuned
+    default for M. Chosen without a GPU at hand, from the sm_90 SASS of the K loop (see
+    kernels/triton/matmul.py): the weight from registers (swap_ab), so that wgmma serves every
+    M and overlaps the dequantization; 16 and 32 rows with BLOCK_K 128 (4 warps, 64 weight rows
+    a warpgroup) for M up to 32; 64 rows up to M = 64; 128 x 128 x 64 on 8 warps up to 1024
+    (M = 512 of a 4096-wide weight is 128 programs, one wave of an H100's 132 SMs); 256 rows
+    above, where the dequantization of a weight tile serves twice the rows (8 warps, 232-246
+    registers, no spills). scripts/tune_matmul.py replaces it per shape."""
+    if tuned:
+        entry = _tuned(qtype, n, k, m, device)
+        if entry is not None:
+            return entry[1]
+    if m <= 16:
+        return MatmulConfig(16, 64, 128, 1, 4, 3)
+    if m <= 32:
+        return MatmulConfig(32, 64, 128, 1, 4, 3)
+    if m <= 64:
+        return MatmulConfig(64, 128, 64, 8, 4, 3)
+    if m <= 1024:
+        return MatmulConfig(128, 128, 64, 8, 8, 3)
+    return MatmulConfig(256, 128, 64, 8, 8, 3)
+
+
+def method(qtype: GGMLQuantizationType, n: int, k: int, m: int, device=None) -> str:
+    """The method for this shape on this GPU, the tuned table's choice: "triton" (the GEMM
+    kernel; also where the table has no entry) or "dequant" (dequant_matmul)."""
+    entry = _tuned(qtype, n, k, m, device)
+    return entry[0] if entry is not None else "triton"
+
+
+def _check_weight(weight: Weight) -> tuple[int, int]:
+    """(N, K) of a weight the kernels read: 2-D, a supported format, uint8 blocks [N, row_bytes]."""
+    assert len(weight.shape) == 2, f"matmul needs a 2-D weight; got {weight.shape}"
+    assert weight.qtype in SUPPORT["matmul"], f"matmul does not support {weight.qtype.name}"
+    assert weight.raw is not None, f"weight {weight.name} has no blocks of its own (merged parts)"
+    n, k = weight.shape
+    raw = weight.raw
+    block_values, type_size = GGML_QUANT_SIZES[weight.qtype]
+    assert raw.dtype == torch.uint8 and raw.dim() == 2 and raw.stride(1) == 1, (
+        f"weight {weight.name}: raw must be uint8 [N, row_bytes] with unit last stride"
+    )
+    assert k % block_values == 0 and tuple(raw.shape) == (n, k // block_values * type_size), (
+        f"weight {weight.name}: raw {tuple(raw.shape)} does not hold {weight.qtype.name} [{n}, {k}]"
+    )
+    return n, k
+
+
+def _check(x: torch.Tensor, weight: Weight, out_dtype: torch.dtype) -> tuple[int, int, int]:
+    """(M, N, K) of a launch: x [M, K] f16/bf16/f32 on the weight's device, a kernel's weight."""
+    assert x.dim() == 2, f"x must be a 2-D [M, K]; got {tuple(x.shape)}"
+    assert x.dtype in _X_DTYPES, f"x must be f16/bf16/f32; got {x.dtype}"
+    assert out_dtype in _OUT_DTYPES, f"the output is float32 or bfloat16; got {out_dtype}"
+    n, k = _check_weight(weight)
+    m = x.shape[0]
+    assert x.shape[1] == k, f"x has K={x.shape[1]}, weight {weight.name} has K={k}"
+    assert x.device == weight.device, f"x on {x.device}, weight on {weight.device}"
+    return m, n, k
+
+
+def _weight_view(weight: Weight) -> torch.Tensor:
+    """The tensor the kernels read: the typed view of a float format, else the uint8 blocks."""
+    raw = weight.raw
+    if weight.qtype not in FLOAT_VIEW:
+        return raw
+    size = FLOAT_VIEW[weight.qtype].itemsize
+    assert raw.data_ptr() % size == 0 and raw.stride(0) % size == 0, (
+        f"weight {weight.name}: {weight.qtype.name} rows must start on {size}-byte boundaries"
+    )
+    return raw.view(FLOAT_VIEW[weight.qtype])
+
+
+def _bf16(x: torch.Tensor) -> torch.Tensor:
+    """x as the kernels read it: bf16 with unit stride along K (one cast for f16/f32 x)."""
+    x = x.to(torch.bfloat16)
+    return x if x.stride(1) == 1 else x.contiguous()
+
+
+def _tile_args(qtype: GGMLQuantizationType, k: int, block_k: int) -> dict:
+    block_values, type_size = GGML_QUANT_SIZES[qtype]
+    assert block_k >= 16 and block_k & (block_k - 1) == 0, f"block_k {block_k}: a power of two"
+    assert block_values == 1 or block_k >= 32, f"block_k {block_k}: {qtype.name} needs >= 32"
+    return {
+        "FMT": FORMAT_IDS[qtype],
+        "BLOCK_K": block_k,
+        "TYPE_SIZE": type_size,
+        "BLOCK_VALUES": block_values,
+        "EVEN_K": k % block_k == 0,
+        "INTERPRETED": interpreting(),
+    }
+
+
+def matmul(
+    x: torch.Tensor,
+    weight: Weight,
+    config: MatmulConfig | None = None,
+    out_dtype: torch.dtype = torch.float32,
+    pdl: bool = False,
+) -> torch.Tensor:
+    """x: [M, K] -> [M, N] out_dtype = x @ W.T on tensor cores: x and the dequantized weight
+    tiles in bf16, fp32 accumulation."""
+    m, n, k = _check(x, weight, out_dtype)
+    out = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        return out.zero_()
+    cfg = config or default_config(weight.qtype, n, k, m, x.device)
+    xb = _bf16(x)
+    w = _weight_view(weight)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+    _k._matmul_kernel[grid](
+        xb,
+        w,
+        out,
+        m,
+        n,
+        k,
+        xb.stride(0),
+        w.stride(0),
+        out.stride(0),
+        K_INTERP=k if interpreting() else 0,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        GROUP_M=cfg.group_m,
+        SWAP_AB=cfg.swap_ab,
+        **_tile_args(weight.qtype, k, cfg.block_k),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        **pdl_launch(pdl),
+    )
+    return out
+
+
+# dequant_matmul's bf16 weight buffers, one per (device, N, K), kept for the process: every
+# weight of a shape is dequantized into the same buffer right before its matmul (stream order
+# keeps the uses apart). The largest shape chosen bounds the memory: e.g. 4096 x 24576 is 192 MiB.
+_BUFFERS: dict[tuple[torch.device, int, int], torch.Tensor] = {}
+# The dequantization kernel's tile: 8 KB of bf16 per program.
+_DEQUANT_TILE = (32, 128)  # (rows, values)
+
+
+def dequantize(weight: Weight, out: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
+    """The weight [N, K] dequantized and rounded to bf16 (round to nearest even, the values the
+    GEMM's tiles hold), into out (bf16 [N, K], unit stride along K) or a new tensor."""
+    n, k = _check_weight(weight)
+    if out is None:
+        out = torch.empty((n, k), dtype=torch.bfloat16, device=weight.device)
+    assert out.dtype == torch.bfloat16 and tuple(out.shape) == (n, k) and out.stride(1) == 1
+    if n == 0 or k == 0:
+        return out
+    block_n, block_k = _DEQUANT_TILE
+    block_k = min(block_k, max(32, triton.next_power_of_2(k)))
+    w = _weight_view(weight)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
+    _k._dequant_kernel[grid](
+        w,
+        out,
+        n,
+        k,
+        w.stride(0),
+        out.stride(0),
+        BLOCK_N=block_n,
+        **_tile_args(weight.qtype, k, block_k),
+        num_warps=4,
+        # Rounded as the reference dequantizes (d * q + m in two roundings, no FMA), so the
+        # buffer is bf16(reference) bit for bit. The kernel moves bytes: the FMUL is free.
+        enable_fp_fusion=False,
+        **pdl_launch(pdl),
+    )
+    return out
+
+
+def dequant_matmul(
+    x: torch.Tensor,
+    weight: Weight,
+    out_dtype: torch.dtype = torch.float32,
+    pdl: bool = False,
+) -> torch.Tensor:
+    """x: [M, K] -> [M, N] out_dtype: the weight dequantized to bf16 into the kept buffer of its
+    shape (dequantize), then torch's bf16 matmul with fp32 accumulation (cuBLAS; on a GPU the
+    fp32 output comes straight from it: torch.mm's out_dtype)."""
+    m, n, k = _check(x, weight, out_dtype)
+    key = (x.device, n, k)
+    buf = _BUFFERS.get(key)
+    if buf is None:
+        buf = _BUFFERS[key] = torch.empty((n, k), dtype=torch.bfloat16, device=x.device)
+    dequantize(weight, buf, pdl=pdl)
+    xb = _bf16(x)
+    if x.device.type == "cuda":
+        if out_dtype == torch.float32:
+            try:
+                return torch.mm(xb, buf.T, out_dtype=torch.float32)
+            except TypeError:  # torch < 2.8: no fp32 output; the bf16 one adds 2^-8 relative
+                return torch.mm(xb, buf.T).float()
+        return torch.mm(xb, buf.T)
+    # CPU (tests): bf16 products are exact in fp32, so this is the same fp32-accumulated sum.
+    return torch.mm(xb.float(), buf.float().T).to(out_dtype)
+
+
+def release_buffers() -> None:
+    """Drop dequant_matmul's kept bf16 buffers (their memory returns to torch's allocator)."""
+    _BUFFERS.clear()

@@ -1,0 +1,219 @@
+"""Quantized GEMM on tensor cores: out[M, N] = x[M, K] @ W[N, K]^T, W read in its GGUF format.
+
+Each program owns a [BLOCK_M, BLOCK_N] tile of the output and walks K one BLOCK_K step at a time:
+the weight tile [BLOCK_N, BLOCK_K] is dequantized in registers with kernels/triton/dequant.py's
+helpers (the mat-vec's and the embedding's) and rounded to bf16, the x tile is loaded as bf16
+(software-pipelined through shared memory), and `tl.dot` multiplies them with fp32 accumulation
+(wgmma on sm_90), in one of two orders (SWAP_AB, a tuned choice):
+- SWAP_AB: acc[BLOCK_N, BLOCK_M] = W_tile @ x_tile^T, the output transposed. The dequantized
+  weight is the left operand, which wgmma reads from registers: it never goes through shared
+  memory, and the wgmma of a step runs while the next step's tile is dequantized (the sm_90
+  compile keeps 3 wgmma groups in flight in the loop). The left operand takes 64 rows a
+  warpgroup, the right one 8..256 columns: BLOCK_N >= 64 * warps / 4, and BLOCK_M from 16 up,
+  so small M runs on wgmma too.
+- otherwise acc[BLOCK_M, BLOCK_N] = x_tile @ W_tile^T: the weight tile is stored to shared
+  memory for wgmma (BLOCK_M >= 64; below, mma.sync) and each step waits for its wgmma, but the
+  dequantization keeps its own register layout and takes fewer instructions.
+Counted in the sm_90 SASS of the K loop (not timed), instructions per weight value and thread at
+128 x 128 x 64, 8 warps, SWAP_AB / not: Q8_0 8.0 / 7.4, Q4_0 9.4 / 8.0, Q4_1 8.6 / 7.8, Q5_0
+14.3 / 12.9, Q5_1 11.0 / 10.5, Q4_K 12.2 / 12.2, Q5_K 15.9 / 16.3, Q6_K 17.9 / 17.6. Per SM and
+step the tensor cores need BLOCK_M * BLOCK_N * BLOCK_K / 2048 cycles at the H100's peak, the
+dequantization about BLOCK_N * BLOCK_K * (instructions per value) / 128 issue cycles: it hides
+under the wgmma only from BLOCK_M = 16 * (instructions per value) on, hence BLOCK_M = 256 for
+large M.
+
+Weight tiles by format family (BLOCK_VALUES), as _weight_tile reads them:
+- float formats (1): w_ptr is typed (f32/f16/bf16) [N, K]; K is masked.
+- block formats: the tile is [BLOCK_N, BLOCK_K // 32, 2, 16] (row, group of 32 values, half,
+  value): group g of the row is legacy block g, or sub-block g % 8 of K-quant super-block g // 8,
+  so BLOCK_K may be any power of two >= 32 for every format. The half is its own axis so that a
+  nibble's shift is the same for every value of a register (the legacy formats keep values i and
+  16 + i in one byte): one load per byte, constant shifts (Q4_0: 12.7 instructions per value with
+  a [.., 32] axis). K is a whole number of blocks (as the mat-vec requires); a step past the last
+  block (K not a multiple of BLOCK_K, EVEN_K off) reads block 0 instead and zeroes those values.
+Rows past M and N are clamped to M - 1 and N - 1 so loads need no mask along them; only the store
+is masked. Programs run in grouped order (GROUP_M row tiles per column sweep), so the weight
+tiles a group reads stay in L2 while its GROUP_M row tiles use them.
+
+`_dequant_kernel` writes the same bf16 tiles to memory: the first half of dequant_matmul
+(kiln/kernels/matmul.py), whose second half is torch's bf16 matmul (cuBLAS).
+
+Only @triton.jit functions live here; kiln/kernels/matmul.py launches them.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from kiln.kernels.triton.dequant import _dequant_k, _dequant_legacy
+from kiln.kernels.triton.pdl import wait_for_inputs
+
+
+@triton.jit
+def _to_bf16(w, INTERPRETED: tl.constexpr):
+    """fp32 -> bf16, rounding to nearest even. Under TRITON_INTERPRET by hand: Triton 3.6's
+    interpreter truncates f32 -> bf16 (the GPU's cvt.rn rounds to nearest even, as torch)."""
+    if INTERPRETED:
+        bits = w.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)  # NaN and inf keep their class
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return w.to(tl.bfloat16)
+
+
+@triton.jit
+def _dot(a, b, acc, INTERPRETED: tl.constexpr):
+    """acc + a @ b for bf16 a, b: tensor cores with fp32 accumulation. Triton 3.6's interpreter
+    multiplies bf16 operands as their uint16 bits; there they go in as fp32 (exact), whose
+    products are exact as the tensor cores' are."""
+    if INTERPRETED:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _weight_tile(
+    w_rows,  # [BLOCK_N, 1] pointers to the tile's weight rows (typed or uint8)
+    k0,  # first value of the step: a multiple of BLOCK_K
+    K,
+    FMT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    TYPE_SIZE: tl.constexpr,
+    BLOCK_VALUES: tl.constexpr,
+    EVEN_K: tl.constexpr,  # K is a multiple of BLOCK_K: no step overruns it
+    INTERPRETED: tl.constexpr,  # under TRITON_INTERPRET (_to_bf16)
+):
+    """bf16 [BLOCK_N, BLOCK_K]: values k0 .. k0 + BLOCK_K of the rows, 0 past K."""
+    if BLOCK_VALUES == 1:
+        k = k0 + tl.arange(0, BLOCK_K)[None, :]
+        if EVEN_K:
+            w = tl.load(w_rows + k)
+        else:
+            w = tl.load(w_rows + k, mask=k < K, other=0.0)
+        if w.dtype != tl.bfloat16:  # f16 and f32 through fp32 (exact for f16)
+            w = _to_bf16(w.to(tl.float32), INTERPRETED)
+    else:
+        G: tl.constexpr = BLOCK_K // 32
+        row4 = tl.expand_dims(tl.expand_dims(w_rows, 2), 3)  # [BLOCK_N, 1, 1, 1]
+        g = k0 // 32 + tl.arange(0, G)[None, :, None, None]  # [1, G, 1, 1]: group of the row
+        h = tl.arange(0, 2)[None, None, :, None]  # [1, 1, 2, 1]: half of the group
+        i = tl.arange(0, 16)[None, None, None, :]  # [1, 1, 1, 16]
+        j = 16 * h + i  # value in the group
+        if not EVEN_K:
+            g_ok = g < K // 32
+            g = tl.where(g_ok, g, 0)  # groups past K read the row's first block
+        if BLOCK_VALUES == 32:
+            w4 = _dequant_legacy(row4 + g * TYPE_SIZE, j, FMT)
+        else:
+            w4 = _dequant_k(row4 + (g // 8) * TYPE_SIZE, g % 8, j, FMT)
+        if not EVEN_K:
+            w4 = tl.where(g_ok, w4, 0.0)
+        w = _to_bf16(tl.reshape(w4, (BLOCK_N, BLOCK_K)), INTERPRETED)
+    return w
+
+
+@triton.jit
+def _matmul_kernel(
+    x_ptr,  # bf16 [M, K], row stride stride_xm, unit stride along K
+    w_ptr,  # float formats: typed [N, K]; block formats: uint8 [N, row_bytes]
+    out_ptr,  # f32 or bf16 [M, N], row stride stride_om, unit stride along N
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,  # in elements of w_ptr's type
+    stride_om,
+    K_INTERP: tl.constexpr,  # K as a constexpr under TRITON_INTERPRET, else 0 (see the loop)
+    FMT: tl.constexpr,  # format id of kernels/triton/dequant.py
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,  # row tiles per group of the launch order
+    SWAP_AB: tl.constexpr,  # acc^T = W_tile @ x_tile^T (the weight from registers; see top)
+    TYPE_SIZE: tl.constexpr,  # bytes per block (block formats)
+    BLOCK_VALUES: tl.constexpr,  # values per block: 1 (floats), 32 (legacy), 256 (K-quants)
+    EVEN_K: tl.constexpr,  # K is a multiple of BLOCK_K
+    INTERPRETED: tl.constexpr,  # under TRITON_INTERPRET (_to_bf16, _dot)
+    PDL: tl.constexpr = False,  # programmatic dependent launch (pdl.py)
+):
+    if PDL:
+        wait_for_inputs()
+    # Grouped order: consecutive programs take GROUP_M row tiles down one column of weight
+    # tiles before the next column, so a weight tile is read from HBM about once per group.
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # 64-bit row offsets: an f32 output projection (151936 x 4096) is 2.5 GB.
+    x_rows = x_ptr + tl.minimum(rm, M - 1).to(tl.int64)[:, None] * stride_xm  # [BLOCK_M, 1]
+    w_rows = w_ptr + tl.minimum(rn, N - 1).to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
+    if SWAP_AB:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # out^T: the weight rows lead
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # Triton 3.6's interpreter holds a scalar argument as a 1-element array, which numpy >= 2.4
+    # refuses to turn into a Python int for range(); there the launcher passes K as a constexpr.
+    # Compiled kernels keep K a runtime value, so one binary serves every K.
+    for k0 in range(0, K_INTERP if K_INTERP > 0 else K, BLOCK_K):
+        kx = k0 + tl.arange(0, BLOCK_K)[None, :]
+        if EVEN_K:
+            xa = tl.load(x_rows + kx)
+        else:
+            xa = tl.load(x_rows + kx, mask=kx < K, other=0.0)
+        w = _weight_tile(
+            w_rows, k0, K, FMT, BLOCK_N, BLOCK_K, TYPE_SIZE, BLOCK_VALUES, EVEN_K, INTERPRETED
+        )
+        if SWAP_AB:
+            acc = _dot(w, tl.trans(xa), acc, INTERPRETED)
+        else:
+            acc = _dot(xa, tl.trans(w), acc, INTERPRETED)
+    out_type = out_ptr.dtype.element_ty
+    if SWAP_AB:
+        out = out_ptr + rm.to(tl.int64)[None, :] * stride_om + rn[:, None]
+        tl.store(out, acc.to(out_type), mask=(rm[None, :] < M) & (rn[:, None] < N))
+    else:
+        out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
+        tl.store(out, acc.to(out_type), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.jit
+def _dequant_kernel(
+    w_ptr,  # float formats: typed [N, K]; block formats: uint8 [N, row_bytes]
+    out_ptr,  # bf16 [N, K], row stride stride_on
+    N,
+    K,
+    stride_wn,  # in elements of w_ptr's type
+    stride_on,
+    FMT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    TYPE_SIZE: tl.constexpr,
+    BLOCK_VALUES: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+    PDL: tl.constexpr = False,
+):
+    """Grid (cdiv(N, BLOCK_N), cdiv(K, BLOCK_K)): program (i, c) writes the bf16 weight tile
+    rows i * BLOCK_N.., values c * BLOCK_K.. (the GEMM's _weight_tile, so both paths round the
+    weight to the same bf16 values)."""
+    if PDL:
+        wait_for_inputs()
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    w_rows = w_ptr + tl.minimum(rn, N - 1).to(tl.int64)[:, None] * stride_wn
+    w = _weight_tile(
+        w_rows, k0, K, FMT, BLOCK_N, BLOCK_K, TYPE_SIZE, BLOCK_VALUES, EVEN_K, INTERPRETED
+    )
+    k = k0 + tl.arange(0, BLOCK_K)[None, :]
+    out = out_ptr + rn.to(tl.int64)[:, None] * stride_on + k
+    tl.store(out, w, mask=(rn[:, None] < N) & (k < K))

@@ -1,0 +1,381 @@
+"""kiln.kernels.matmul (the quantized GEMM and dequant_matmul) and kiln.kernels.linear (the dispatch
+by M) against kiln.ops.reference.linear on random inputs and real quantization.
+
+The GEMM rounds x and the weight to bf16 for the tensor cores, so it is compared with the float32
+reference within tolerances.MATMUL's bound (a random walk of the bf16 roundings: it grows as
+sqrt(K), see there). Outputs are allocated poisoned (NaN) so a tile no program writes fails. On
+the CPU this runs through Triton's interpreter on small shapes (M = 9, 16, 33, 128; odd N; K of
+1..3 blocks); on a GPU the same cases add M = 512 and 2048 on the real 8B sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from gguf.constants import GGMLQuantizationType
+
+from kiln import quant
+from kiln.kernels import config_name
+from kiln.ops.reference import linear as reference
+from kiln.weight import Weight
+from tests.kernels.sm90 import run_compile_check
+from tests.kernels.test_matvec import CAPTURE_PTX, _check, record_launches
+from tests.kernels.test_router import _PoisonedTorch
+from tests.kernels.tolerances import MATMUL
+
+CUDA = torch.cuda.is_available()
+ROOT = Path(__file__).resolve().parents[2]
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+
+FORMATS = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+_T = GGMLQuantizationType
+
+
+def _block(fmt: str) -> int:
+    return quant.get_format(fmt).block_size
+
+
+def _shapes(fmt: str) -> list[tuple[int, int, int]]:
+    """(M, N, K) with the default configs: M = 9 (just above the mat-vec), 16, 33 and 128, odd N,
+    K of 1, 2 and 3 blocks (floats: 100, not a multiple of the tile); on a GPU also M = 512 and
+    2048 on qwen3-8b's sizes (merged QKV, the down projection's K, odd N)."""
+    b = _block(fmt)
+    k1, k2, k3 = (b, 2 * b, 3 * b) if b > 1 else (32, 100, 96)
+    shapes = [(9, 33, k3), (16, 97, k1), (33, 33, k2), (128, 97, k3)]
+    if CUDA:
+        shapes += [(512, 6144, 4096), (2048, 4096, 4096), (512, 4097, 12288), (2048, 33, 4096)]
+        shapes += [(9, 4096, 4096)]
+    return shapes
+
+
+def _weight(fmt: str, n: int, k: int, gen: torch.Generator) -> Weight:
+    qtype = _T[fmt]
+    raw = quant.quantize(torch.randn(n, k, generator=gen, device=gen.device), qtype).to(DEVICE)
+    return Weight(f"w_{fmt}", qtype, (n, k), raw)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator(device=DEVICE).manual_seed(seed)
+
+
+def check_matmul(y: torch.Tensor, x: torch.Tensor, w: Weight, what: str) -> None:
+    """y against the float32 reference within tolerances.MATMUL's bound (and a bf16 output's own
+    rounding); a failure names the worst index, the mismatch count and any NaN/inf."""
+    l2, l1, atol, _reason = MATMUL[w.qtype.name]
+    xf, dense = x.float(), w.dense()
+    ref = reference(xf, w)
+    bound = atol + l1 * (xf.abs() @ dense.abs().T) + l2 * ((xf * xf) @ (dense * dense).T).sqrt()
+    if y.dtype == torch.bfloat16:
+        bound = bound + 2.0**-8 * (ref.abs() + bound)
+    _check(y.float(), ref, bound, what)
+
+
+def _launcher():
+    from kiln.kernels import matmul
+
+    if not CUDA and not matmul.interpreting():
+        pytest.fail(
+            "no CUDA device, and the kernel was compiled, not interpreted: TRITON_INTERPRET must "
+            "be unset or 1 here (tests/conftest.py sets 1 when unset)"
+        )
+    return matmul
+
+
+@pytest.fixture
+def mm(monkeypatch):
+    """kiln.kernels.matmul with its outputs (and dequant_matmul's buffers) allocated poisoned."""
+    mod = _launcher()
+    monkeypatch.setattr(mod, "torch", _PoisonedTorch())
+    monkeypatch.setattr(mod, "_BUFFERS", {})
+    return mod
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_matmul_matches_reference(fmt: str, mm, monkeypatch) -> None:
+    launched = record_launches(monkeypatch)
+    gen = _gen(1234)
+    for m, n, k in _shapes(fmt):
+        w = _weight(fmt, n, k, gen)
+        x = torch.randn(m, k, generator=gen, device=DEVICE)
+        y = mm.matmul(x, w)
+        assert launched[-1][0] == "_matmul_kernel", launched[-1][0]
+        check_matmul(y, x, w, f"{fmt} M={m} N={n} K={k} {mm.default_config(w.qtype, n, k, m)}")
+
+
+# (format, M, N, K, config): the kernel's other paths. x @ W^T order (swap_ab off: the weight
+# through shared memory), K not a multiple of BLOCK_K (EVEN_K off: a step past the last block),
+# several row tiles in a ragged launch group (GROUP_M 2 over 3 row tiles), BLOCK_K of one group
+# and of several super-blocks, a bf16 output.
+_C = "block_m block_n block_k group_m num_warps num_stages swap_ab".split()
+TILINGS = [
+    ("Q4_0", 33, 40, 96, dict(zip(_C, (16, 32, 64, 2, 4, 1, True)))),
+    ("Q4_K", 40, 33, 768, dict(zip(_C, (16, 16, 512, 2, 4, 1, False)))),
+    ("Q6_K", 9, 65, 512, dict(zip(_C, (16, 64, 32, 1, 4, 1, True)))),
+    ("Q5_1", 20, 19, 64, dict(zip(_C, (32, 16, 32, 2, 4, 1, False)))),
+    ("F16", 17, 21, 50, dict(zip(_C, (16, 16, 32, 2, 4, 1, False)))),
+    ("Q8_0", 64, 33, 128, dict(zip(_C, (32, 16, 128, 1, 4, 1, True)))),
+]
+
+
+@pytest.mark.parametrize("out_dtype", (torch.float32, torch.bfloat16), ids=("f32", "bf16"))
+@pytest.mark.parametrize("case", TILINGS, ids=lambda c: f"{c[0]}_M{c[1]}_N{c[2]}_K{c[3]}")
+def test_matmul_tilings(case, out_dtype, mm) -> None:
+    fmt, m, n, k, fields = case
+    cfg = mm.MatmulConfig(**fields)
+    gen = _gen(m * n)
+    w = _weight(fmt, n, k, gen)
+    x = torch.randn(m, k, generator=gen, device=DEVICE).to(torch.float16)
+    y = mm.matmul(x, w, cfg, out_dtype=out_dtype)
+    assert y.dtype == out_dtype and y.shape == (m, n)
+    check_matmul(y, x, w, f"{fmt} M={m} N={n} K={k} {cfg} -> {out_dtype}")
+
+
+def test_tilings_reach_every_path() -> None:
+    """TILINGS cover both dot orders, K with and without a ragged last step, more than one row
+    tile with GROUP_M > 1, for legacy, K-quant and float formats."""
+    mm = _launcher()
+    seen = set()
+    for fmt, m, _n, k, fields in TILINGS:
+        cfg = mm.MatmulConfig(**fields)
+        even = k % cfg.block_k == 0
+        seen.add((_block(fmt), cfg.swap_ab, even))
+        seen.add(("groups", -(-m // cfg.block_m) > cfg.group_m > 1))
+    for want in [(32, True, False), (32, False, True), (256, False, False), (256, True, True)]:
+        assert want in seen, want
+    assert (1, False, False) in seen and ("groups", True) in seen
+
+
+def test_dequant_matmul(mm, monkeypatch) -> None:
+    """dequant_matmul against the reference for every format; dequantize is bf16(reference)
+    bit for bit; two weights of one shape share one kept buffer, each product with its own."""
+    launched = record_launches(monkeypatch)
+    gen = _gen(99)
+    shapes = set()
+    for fmt in FORMATS:
+        b = _block(fmt)
+        m, n, k = (33, 33, 3 * b) if b > 1 else (33, 33, 100)
+        w1, w2 = _weight(fmt, n, k, gen), _weight(fmt, n, k, gen)
+        deq = mm.dequantize(w1)
+        same = deq.view(torch.int16) == w1.dense().to(torch.bfloat16).view(torch.int16)
+        assert bool(same.all()), f"{fmt}: {int((~same).sum())} dequantized values differ"
+        x = torch.randn(m, k, generator=gen, device=DEVICE)
+        y1 = mm.dequant_matmul(x, w1)
+        buf = mm._BUFFERS[(x.device, n, k)]
+        y2 = mm.dequant_matmul(x, w2)
+        assert mm._BUFFERS[(x.device, n, k)] is buf, "a second buffer for the same shape"
+        assert launched[-1][0] == "_dequant_kernel", launched[-1][0]
+        check_matmul(y1, x, w1, f"{fmt} dequant_matmul w1")
+        check_matmul(y2, x, w2, f"{fmt} dequant_matmul w2")
+        yb = mm.dequant_matmul(x, w1, out_dtype=torch.bfloat16)
+        check_matmul(yb, x, w1, f"{fmt} dequant_matmul -> bf16")
+        shapes.add((n, k))
+    assert len(mm._BUFFERS) == len(shapes), "not one buffer per shape"
+
+
+def _q2_k_blocks(n: int, gen: torch.Generator) -> torch.Tensor:
+    """n rows of one random Q2_K super-block (Kiln reads Q2_K but does not write it): random
+    scales and quants, d = dmin = 2^-6 (84 B: scales 16, qs 64, d, dmin)."""
+    raw = torch.randint(0, 256, (n, 84), generator=gen, device=DEVICE, dtype=torch.uint8)
+    raw[:, 80:84] = torch.tensor([2.0**-6] * 2, dtype=torch.float16).view(torch.uint8).to(DEVICE)
+    return raw
+
+
+def test_linear_dispatch(monkeypatch) -> None:
+    """kiln.kernels.linear, and the triton op set's linear through it: M = 8 runs the mat-vec,
+    M = 9 the GEMM, "dequant" in the table dequant_matmul; formats no kernel reads give None (the
+    op set then runs the reference); the bias is added; M = 0 gives [0, N]."""
+    from kiln.kernels import linear as lin
+    from kiln.kernels import matmul as mm
+    from kiln.ops import triton_backend
+
+    launched = record_launches(monkeypatch)
+    gen = _gen(5)
+    w = _weight("Q4_K", 40, 256, gen)
+    bias = Weight("b", _T.F32, (40,), torch.randn(40).view(torch.uint8).to(DEVICE))
+    op = triton_backend.ops()["linear"]
+    for m, kernel in ((1, "_matvec_lanes_m1_kernel"), (8, "_matvec_kernel"), (9, "_matmul_kernel")):
+        x = torch.randn(m, 256, generator=gen, device=DEVICE)
+        y = lin.linear(x, w, bias)
+        assert launched[-1][0] == kernel, f"M={m}: {launched[-1][0]}"
+        assert lin.route(m, w) == {"_matmul_kernel": "triton"}.get(kernel, "matvec")
+        check_matmul(y - bias.dense(), x, w, f"linear M={m}")
+        count = len(launched)
+        assert torch.equal(op(x, w, bias), y), f"M={m}: the op set's linear differs"
+        assert launched[count:] == launched[count - 1 : count], f"M={m}: op set ran {launched[-1]}"
+    assert lin.linear(torch.zeros(0, 256, device=DEVICE), w).shape == (0, 40)
+
+    monkeypatch.setattr(mm, "method", lambda *args: "dequant")
+    x = torch.randn(9, 256, generator=gen, device=DEVICE)
+    y = lin.linear(x, w)
+    assert [name for name, _ in launched[-1:]] == ["_dequant_kernel"], launched[-1][0]
+    check_matmul(y, x, w, "linear M=9 dequant")
+
+    count = len(launched)
+    q2 = Weight("w", _T.Q2_K, (40, 256), _q2_k_blocks(40, gen))
+    x = torch.randn(9, 256, generator=gen, device=DEVICE)
+    assert lin.linear(x, q2) is None and lin.route(9, q2) is None
+    y = op(x, q2)
+    assert torch.equal(y, reference(x, q2)) and y.abs().sum() > 0
+    assert len(launched) == count, "a kernel ran for a format it does not read"
+
+
+def test_matmul_rejects_bad_input() -> None:
+    mm = _launcher()
+    w = _weight("Q8_0", 4, 64, _gen(0))
+    with pytest.raises(AssertionError, match="K=32"):
+        mm.matmul(torch.zeros(9, 32, device=DEVICE), w)
+    with pytest.raises(AssertionError, match="float32 or bfloat16"):
+        mm.matmul(torch.zeros(9, 64, device=DEVICE), w, out_dtype=torch.float16)
+    with pytest.raises(AssertionError, match="does not support Q2_K"):
+        q2 = Weight("w", _T.Q2_K, (4, 256), _q2_k_blocks(4, _gen(0)))
+        mm.matmul(torch.zeros(9, 256, device=DEVICE), q2)
+    with pytest.raises(AssertionError, match="power of two"):
+        mm.matmul(torch.zeros(9, 64, device=DEVICE), w, mm.MatmulConfig(16, 16, 48, 1, 4, 1))
+
+
+def test_tuned_table(tmp_path, monkeypatch) -> None:
+    """The table of scripts/tune_matmul.py: read for its GPU only, by M bucket (9..16 -> 16,
+    above 8192 -> 8192), the method and the Triton config of each entry; shapes and buckets
+    without an entry get the untuned default and the Triton kernel."""
+    from kiln.kernels import matmul as mm
+
+    assert [mm.m_bucket(m) for m in (9, 16, 17, 512, 513, 8192, 100000)] == [
+        16, 16, 32, 512, 1024, 8192, 8192,
+    ]  # fmt: skip
+    monkeypatch.setattr(mm, "CONFIG_DIR", tmp_path)
+    mm.tuned_configs.cache_clear()
+    name = "NVIDIA Test GPU"
+    cfg = dict(zip(_C[:-1], (64, 64, 128, 4, 4, 2)))
+    (tmp_path / config_name("matmul", name)).write_text(
+        json.dumps(
+            {
+                "Q4_K": {
+                    "64x256": {
+                        "512": {"method": "triton", **cfg, "swap_ab": False, "us": 1.0},
+                        "2048": {"method": "dequant", **cfg, "us": 2.0},
+                    }
+                }
+            }
+        )
+    )
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    q4k, cuda = _T.Q4_K, torch.device("cuda")
+    try:
+        tuned = mm.MatmulConfig(64, 64, 128, 4, 4, 2, swap_ab=False)
+        assert mm.default_config(q4k, 64, 256, 300, cuda) == tuned
+        assert mm.method(q4k, 64, 256, 300, cuda) == "triton"
+        assert mm.method(q4k, 64, 256, 1500, cuda) == "dequant"
+        assert mm.default_config(q4k, 64, 256, 1500, cuda) == mm.MatmulConfig(64, 64, 128, 4, 4, 2)
+        untuned = mm.default_config(q4k, 64, 256, 300, cuda, tuned=False)
+        assert untuned != tuned
+        for args in ((q4k, 64, 256, 100, cuda), (q4k, 64, 512, 300, cuda), (q4k, 64, 256, 300)):
+            assert mm.method(*args) == "triton"
+        assert mm.default_config(q4k, 64, 256, 300, torch.device("cpu")) == untuned
+        assert mm.default_config(_T.Q6_K, 64, 256, 300, cuda) == untuned
+    finally:
+        mm.tuned_configs.cache_clear()
+
+
+def test_tune_script_writes_what_the_launcher_reads(tmp_path, monkeypatch, capsys) -> None:
+    """scripts/tune_matmul.py (it measures on a GPU only) parses its flags, and the table it
+    writes (entry, merge: a second run keeps the first run's buckets) is the one default_config
+    and method read."""
+    import importlib.util
+
+    from kiln.kernels import matmul as mm
+
+    spec = importlib.util.spec_from_file_location("_tune_matmul", ROOT / "scripts/tune_matmul.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with pytest.raises(SystemExit) as e:
+        script.parse_args(["--help"])
+    assert e.value.code == 0 and "--buckets" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        script.parse_args(["--buckets", "512,100"])
+    assert e.value.code == 2 and "100 not in" in capsys.readouterr().err
+    if not CUDA:
+        assert script.main([]) == 1 and "needs a CUDA GPU" in capsys.readouterr().err
+    assert all(script.candidates(b) for b in mm.M_BUCKETS)
+
+    name = "NVIDIA Test GPU"
+    path = tmp_path / config_name("matmul", name)
+    first, second = script.candidates(512)[:2]
+    script.merge(path, {"Q4_K": {"64x256": {"512": script.entry(first, 10.0, 20.0, 12.0)}}})
+    script.merge(path, {"Q4_K": {"64x256": {"2048": script.entry(second, 30.0, 20.0, 31.0)}}})
+    monkeypatch.setattr(mm, "CONFIG_DIR", tmp_path)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    mm.tuned_configs.cache_clear()
+    cuda = torch.device("cuda")
+    try:
+        assert mm.default_config(_T.Q4_K, 64, 256, 300, cuda) == first
+        assert mm.method(_T.Q4_K, 64, 256, 300, cuda) == "triton"
+        assert mm.default_config(_T.Q4_K, 64, 256, 2000, cuda) == second
+        assert mm.method(_T.Q4_K, 64, 256, 2000, cuda) == "dequant"  # 20 us < 0.97 * 30 us
+    finally:
+        mm.tuned_configs.cache_clear()
+
+
+# Every format through the GEMM at its default configs for M = 16, 512 and 2048 (16, 128 and 256
+# rows a program), the x @ W^T order at M = 512, and the dequantization kernel: for an H100
+# (sm_90), with the tensor-core instructions of the PTX and the shared memory.
+_COMPILE = CAPTURE_PTX + textwrap.dedent(
+    """
+    import re
+    import torch
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
+    from kiln.kernels import matmul
+    from kiln.weight import Weight
+    from tests.kernels.sm90 import compile_only
+
+    def weight(q, n, k):
+        bv, ts = GGML_QUANT_SIZES[q]
+        return Weight("w", q, (n, k), torch.empty(n, k // bv * ts, dtype=torch.uint8))
+
+    def mma():
+        ops = re.findall(r"\\b(wgmma\\.mma_async|mma\\.sync)\\.", _ptx[-1])
+        return ",".join(sorted(set(ops))) or "none"
+
+    runs = []
+    for q in (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K):
+        runs += [(q, 16, None), (q, 512, None), (q, 2048, None), (q, 0, None)]
+    for q in (T.Q4_0, T.Q4_K, T.Q6_K, T.F16):
+        runs += [(q, 512, matmul.MatmulConfig(128, 128, 64, 8, 8, 3, swap_ab=False))]
+    with compile_only() as done:
+        capture_ptx()
+        for q, m, cfg in runs:
+            w = weight(q, 4096, 4096)
+            if m == 0:
+                matmul.dequantize(w)
+            else:
+                matmul.matmul(torch.empty(m, 4096, dtype=torch.bfloat16), w, cfg)
+            c = done[-1]
+            print(q.name, m, cfg is None, c.kernel, c.shared_bytes, mma())
+    """
+)
+SMEM_LIMIT = 227 * 1024  # an H100's shared memory per block
+
+
+def test_matmul_compiles_for_sm90() -> None:
+    lines = [line.split() for line in run_compile_check(_COMPILE).splitlines()]
+    assert len(lines) == 4 * len(FORMATS) + 4, lines
+    for fmt, m, default, kernel, shared, mma in lines:
+        what = f"{fmt} M={m} {'default' if default == 'True' else 'x @ W^T'}"
+        assert int(shared) <= SMEM_LIMIT, f"{what}: {shared} B of shared memory"
+        if m == "0":
+            assert kernel == "_dequant_kernel" and mma == "none", (what, kernel, mma)
+        else:
+            assert kernel == "_matmul_kernel", (what, kernel)
+            assert mma == "wgmma.mma_async", f"{what}: tensor-core instructions {mma}"
+
+
+@pytest.mark.skipif(not CUDA, reason="a 2.5 GB weight: on a GPU only")
+def test_matmul_large_row_offsets(mm) -> None:
+    """An f32 weight of 151936 x 4096 (qwen3's output projection): rows start past 2**31 bytes."""
+    gen = _gen(3)
+    w = _weight("F32", 151936, 4096, gen)
+    x = torch.randn(33, 4096, generator=gen, device=DEVICE)
+    check_matmul(mm.matmul(x, w), x, w, "F32 M=33 N=151936 K=4096")

@@ -51,7 +51,7 @@ class Completion:
     logprobs: list[Choice] | None = None
 
 
-class _Row:
+class RowState:
     """One sequence being generated: its sampler, history, text held back for stop strings and
     the Completion it fills."""
 
@@ -120,7 +120,7 @@ def generate_stream(
     prompt_cache: reuse its kept sequence for the prompt's common prefix and keep the sequence
     (prompt and reply) in it at the end. logprobs: record each token's log-probability and the
     top-n (0: the chosen token's only)."""
-    row = _Row(tokenizer, prompt_ids, params, result)
+    row = RowState(tokenizer, prompt_ids, params, result)
     if logprobs is not None:
         result.logprobs = []
     if prompt_cache is None:
@@ -172,7 +172,7 @@ def generate_batch(
 
 
 def _generate_wave(engine, tokenizer, prompts, params, results, wave, logprobs) -> None:
-    rows = [_Row(tokenizer, prompts[i], params[i], results[i]) for i in wave]
+    rows = [RowState(tokenizer, prompts[i], params[i], results[i]) for i in wave]
     seqs: list = []
     try:
         logits = []

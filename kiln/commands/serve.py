@@ -1,0 +1,83 @@
+"""`kiln serve -m MODEL`: an OpenAI-compatible HTTP server (see docs/serving.md). The model is
+loaded before the server starts listening, so /health answers "ok" from the first request."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from kiln.cli import command
+from kiln.commands.common import (
+    add_chat_template_args,
+    add_model_args,
+    chat_template_kwargs,
+)
+from kiln.errors import UsageError
+from kiln.fusion import parse_overrides
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+    p.add_argument(
+        "--api-key", metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on every endpoint but /health",
+    )  # fmt: skip
+    p.add_argument(
+        "-np", "--parallel", type=int, default=8, metavar="SLOTS",
+        help="requests decoded at once (KV cache room for SLOTS full contexts; default 8)",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-queue", type=int, default=64, metavar="N",
+        help="requests waiting for a slot before new ones get 429 (default 64)",
+    )  # fmt: skip
+    p.add_argument(
+        "--alias", metavar="NAME",
+        help="the model name clients give (default: -m's file name without .gguf, or the "
+        "known name given)",
+    )  # fmt: skip
+    add_chat_template_args(p)
+
+
+@command("serve", "Serve a model over an OpenAI-compatible HTTP API.", _add_arguments)
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from kiln.llm import LLM
+    from kiln.server import create_app
+
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be in 0..65535, got {args.port}")
+    if args.parallel < 1:
+        raise UsageError(f"-np/--parallel must be >= 1, got {args.parallel}")
+    if args.max_queue < 1:
+        raise UsageError(f"--max-queue must be >= 1, got {args.max_queue}")
+    kwargs = chat_template_kwargs(args)
+    llm = LLM(
+        args.model,
+        device=args.device,
+        n_ctx=args.ctx_size,
+        ubatch=args.ubatch,
+        backend=args.backend,
+        fusions=parse_overrides(args.fusion),
+        threads=args.threads,
+        n_seq=args.parallel,
+    )
+    app = create_app(
+        llm,
+        api_key=args.api_key,
+        model_name=args.alias or _name(args.model),
+        max_queue=args.max_queue,
+        chat_template=args.chat_template,
+        template_kwargs=kwargs,
+    )
+    print(f"kiln: serving {llm.path.name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def _name(model: str) -> str:
+    """The name a client gives for -m MODEL: a known name as typed, a file's name less .gguf."""
+    name = model.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    return name[: -len(".gguf")] if name.lower().endswith(".gguf") else name

@@ -1,0 +1,418 @@
+"""The serving scheduler: one background thread that owns an Engine (which is not thread-safe:
+nothing else may call it) and runs every submitted request in one continuous batch.
+
+    sched = Scheduler(engine, tokenizer, max_queue=64)
+    handle = sched.submit(prompt_ids, params, on_event, logprobs=None)   # from any thread
+    handle.cancel()                                                      # from any thread
+    sched.close()
+
+Each iteration of the loop: cancelled requests leave (their sequence freed at once); waiting
+requests are admitted while a slot (engine.n_seq) and the pool's blocks allow, FIFO; prompts
+are processed in chunks (at most one chunk per request and `engine.ubatch` tokens in all per
+iteration, in one forward), so a long prompt does not stall the running streams; then one
+engine.decode_batch for every running sequence (CUDA graphs with it on the GPU) and one
+sample_batch for all rows, each with its own parameters. Text goes out through generate.py's
+RowState (stop strings, EOS, max_tokens, UTF-8-safe pieces) as Events to the request's callback,
+called on the scheduler thread (it must be quick and must not raise).
+
+Prefix reuse: finished requests leave their sequence in a small LRU with the ids it holds; a
+new request whose prompt shares a prefix with one forks it (copy-on-write blocks) and
+processes only the rest (a chat's next turn). The LRU is dropped, oldest first, when the pool
+needs room.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kiln.errors import KilnError, ModelOutputError, UsageError
+from kiln.runtime.engine import Engine, common_prefix
+from kiln.runtime.generate import Completion, RowState
+from kiln.runtime.kv_pool import Sequence
+from kiln.runtime.sampler import Choice, SamplingParams, sample_batch
+
+
+class QueueFull(KilnError):
+    """The scheduler's waiting queue is full: retry later."""
+
+
+class SchedulerClosed(KilnError):
+    """The scheduler was closed: it takes no more requests."""
+
+
+@dataclass(slots=True)
+class Event:
+    """What a request's callback receives: a sampled token with the text that became final
+    (text may be "" while held back), or the end (done: result filled, or error set)."""
+
+    text: str = ""
+    choice: Choice | None = None
+    done: bool = False
+    result: Completion | None = None
+    error: Exception | None = None
+
+
+class Handle:
+    """A submitted request: cancel() it from any thread (its sequence is freed by the
+    scheduler's next iteration; no further event is sent)."""
+
+    def __init__(self, scheduler: Scheduler):
+        self._scheduler = scheduler
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        if not self.cancelled:
+            self.cancelled = True
+            self._scheduler._wake()
+
+
+class _Request:
+    __slots__ = (
+        "ids", "params", "logprobs", "emit", "handle", "row", "result", "seq", "done_prefill",
+        "next_token", "submitted", "first_token_at",
+    )  # fmt: skip
+
+    def __init__(self, ids, params, logprobs, emit, handle, tokenizer):
+        self.ids, self.params, self.logprobs = ids, params, logprobs
+        self.emit, self.handle = emit, handle
+        self.result = Completion()
+        if logprobs is not None:
+            self.result.logprobs = []
+        self.row = RowState(tokenizer, ids, params, self.result)
+        self.seq: Sequence | None = None
+        self.done_prefill = 0  # prompt tokens in the sequence
+        self.next_token: int | None = None  # sampled, to be decoded
+        self.submitted = time.perf_counter()
+        self.first_token_at: float | None = None
+
+
+class _PrefixCache:
+    """Finished sequences with the ids they hold, least recently used first; registered with
+    the engine so that its reserve() drops them when the pool runs out."""
+
+    def __init__(self, engine: Engine, size: int):
+        self.engine, self.size = engine, size
+        self.entries: collections.OrderedDict[int, tuple[Sequence, list[int]]] = (
+            collections.OrderedDict()
+        )
+        self._key = 0
+        engine.evictable.append(self)
+
+    def put(self, seq: Sequence, ids: list[int]) -> None:
+        if self.size <= 0 or seq.length == 0:
+            seq.free()
+            return
+        self._key += 1
+        self.entries[self._key] = (seq, list(ids[: seq.length]))
+        while len(self.entries) > self.size:
+            self.drop()
+
+    def take(self, ids: list[int]) -> tuple[Sequence | None, int]:
+        """A fork of the entry sharing the longest prefix with ids (at most len(ids) - 1
+        tokens, so the last prompt token is run for its logits) truncated to it, and the
+        prefix length; (None, 0) when none shares a token."""
+        best, best_n = None, 0
+        for key, (seq, held) in self.entries.items():
+            n = min(common_prefix(held, ids), len(ids) - 1, seq.length)
+            if n > best_n:
+                best, best_n = key, n
+        if best is None:
+            return None, 0
+        self.entries.move_to_end(best)
+        fork = self.engine.fork(self.entries[best][0])
+        fork.truncate(best_n)
+        return fork, best_n
+
+    def drop(self, unless: Sequence | None = None) -> bool:
+        """Free the least recently used entry (not `unless`) -> whether one was freed."""
+        for key, (seq, _) in self.entries.items():
+            if seq is not unless:
+                del self.entries[key]
+                seq.free()
+                return True
+        return False
+
+    def clear(self) -> None:
+        while self.drop():
+            pass
+
+    @property
+    def blocks(self) -> int:
+        return sum(len(seq.blocks) for seq, _ in self.entries.values())
+
+
+class Scheduler:
+    def __init__(
+        self,
+        engine: Engine,
+        tokenizer,
+        max_queue: int = 64,
+        prefix_cache: int | None = None,
+        name: str = "kiln-scheduler",
+    ):
+        if max_queue < 1:
+            raise UsageError(f"the queue size (--max-queue) must be >= 1, got {max_queue}")
+        self.engine, self.tokenizer, self.max_queue = engine, tokenizer, max_queue
+        self.cache = _PrefixCache(engine, engine.n_seq if prefix_cache is None else prefix_cache)
+        self._cond = threading.Condition()
+        self._incoming: collections.deque[_Request] = collections.deque()
+        self._calls: collections.deque = collections.deque()
+        self._waiting: collections.deque[_Request] = collections.deque()
+        self._running: list[_Request] = []
+        self._closed = False
+        # read by other threads (metrics): plain ints, updated by the loop
+        self.n_waiting = 0
+        self.n_running = 0
+        self.kv_blocks_used = 0
+        self.iterations = 0
+        self.cancelled = 0  # requests cancelled before their end
+        self.admitted = 0  # requests that got a slot
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    # -- any thread ----------------------------------------------------------------------------
+    def submit(
+        self,
+        ids: list[int],
+        params: SamplingParams,
+        on_event: Callable[[Event], None],
+        logprobs: int | None = None,
+    ) -> Handle:
+        """Queue a request -> its Handle. A prompt that can never fit the context is a
+        UsageError; a full queue is QueueFull."""
+        n_ctx = self.engine.n_ctx
+        if not ids:
+            raise UsageError("the prompt is empty: give at least one token")
+        if len(ids) >= n_ctx:
+            raise UsageError(
+                f"the prompt has {len(ids)} tokens but the context holds {n_ctx} (one more is "
+                f"needed to generate): shorten it, or start the server with a larger context (-c)"
+            )
+        self.engine.check_ids(ids)
+        handle = Handle(self)
+        request = _Request(list(ids), params, logprobs, on_event, handle, self.tokenizer)
+        with self._cond:
+            if self._closed:
+                raise SchedulerClosed("the server is shutting down")
+            if len(self._incoming) + len(self._waiting) >= self.max_queue:
+                raise QueueFull(
+                    f"the queue is full ({self.max_queue} requests waiting): retry later"
+                )
+            self._incoming.append(request)
+            self.n_waiting = len(self._incoming) + len(self._waiting)
+            self._cond.notify()
+        return handle
+
+    def call(self, fn: Callable[[], object], timeout: float = 30.0):
+        """Run fn() on the scheduler thread between iterations -> its result (for state that
+        only that thread may touch: the pool, the prefix cache)."""
+        done = threading.Event()
+        box: list = []
+
+        def run() -> None:
+            try:
+                box.append((True, fn()))
+            except Exception as e:  # handed to the caller
+                box.append((False, e))
+            done.set()
+
+        with self._cond:
+            self._calls.append(run)
+            self._cond.notify()
+        if not done.wait(timeout):
+            raise TimeoutError("the scheduler did not answer")
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
+
+    def clear_cache(self) -> None:
+        """Drop every kept prefix sequence."""
+        self.call(self.cache.clear)
+
+    def close(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    # -- the scheduler thread ------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (
+                    self._closed
+                    or self._incoming
+                    or self._calls
+                    or self._running
+                    or any(r.handle.cancelled for r in self._waiting)
+                ):
+                    self._cond.wait()
+                if self._closed:
+                    break
+                self._waiting.extend(self._incoming)
+                self._incoming.clear()
+                calls = list(self._calls)
+                self._calls.clear()
+            for fn in calls:
+                fn()
+            try:
+                self._iteration()
+            except Exception as e:  # never let the thread die: fail what was running
+                for r in list(self._running):
+                    self._fail(r, e)
+            self.iterations += 1
+            self._publish()
+        for r in list(self._running) + list(self._waiting) + list(self._incoming):
+            self._fail(r, SchedulerClosed("the server is shutting down"))
+        self.cache.clear()
+
+    def _publish(self) -> None:
+        with self._cond:
+            self.n_waiting = len(self._incoming) + len(self._waiting)
+        self.n_running = len(self._running)
+        self.kv_blocks_used = self.engine.pool.max_blocks - 1 - self.engine.pool.free_blocks
+
+    def _iteration(self) -> None:
+        self._drop_cancelled()
+        self._admit()
+        self._prefill()
+        self._decode()
+
+    def _drop_cancelled(self) -> None:
+        for r in [r for r in self._running if r.handle.cancelled]:
+            self._release(r)
+            self.cancelled += 1
+        waiting = len(self._waiting)
+        self._waiting = collections.deque(r for r in self._waiting if not r.handle.cancelled)
+        self.cancelled += waiting - len(self._waiting)
+
+    def _admit(self) -> None:
+        pool = self.engine.pool
+        while self._waiting and len(self._running) < self.engine.n_seq:
+            r = self._waiting[0]
+            if r.row.done:  # max_tokens = 0: nothing to generate
+                self._waiting.popleft()
+                self._finish(r)
+                continue
+            seq, cached = self.cache.take(r.ids)
+            need = -(-(len(r.ids) + 1) // pool.block_size) - (len(seq.blocks) if seq else 0) + 1
+            while pool.free_blocks < need and self.cache.drop(seq):
+                pass
+            if pool.free_blocks < need and self._running:
+                if seq is not None:
+                    seq.free()
+                return  # wait for a running request to finish
+            self._waiting.popleft()
+            self.admitted += 1
+            r.seq = seq if seq is not None else self.engine.new_sequence()
+            r.done_prefill = cached
+            r.result.stats.cached_tokens = cached
+            self._running.append(r)
+
+    def _prefill(self) -> None:
+        budget = self.engine.ubatch
+        entries, owners = [], []
+        for r in self._running:
+            if r.done_prefill >= len(r.ids) or budget <= 0:
+                continue
+            chunk = r.ids[r.done_prefill : r.done_prefill + budget]
+            budget -= len(chunk)
+            entries.append((r.seq, chunk))
+            owners.append(r)
+        if not entries:
+            return
+        t0 = time.perf_counter()
+        try:
+            logits = self.engine.step(entries, "last")
+        except Exception as e:
+            for r in owners:
+                self._fail(r, e)
+            return
+        seconds = time.perf_counter() - t0
+        ready, rows = [], []
+        for i, ((_, chunk), r) in enumerate(zip(entries, owners)):
+            r.done_prefill += len(chunk)
+            r.result.stats.prompt_seconds += seconds
+            if r.done_prefill == len(r.ids):
+                ready.append(r)
+                rows.append(i)
+        if ready:
+            self._sample(ready, logits[rows])
+
+    def _decode(self) -> None:
+        rows = [r for r in self._running if r.next_token is not None]
+        if not rows:
+            return
+        try:
+            logits = self.engine.decode_batch([r.next_token for r in rows], [r.seq for r in rows])
+        except Exception as e:
+            for r in rows:
+                self._fail(r, e)
+            return
+        self._sample(rows, logits)
+
+    def _sample(self, rows: list[_Request], logits) -> None:
+        while rows:
+            try:
+                choices = sample_batch(
+                    logits,
+                    [r.row.sampler for r in rows],
+                    [r.row.history for r in rows],
+                    [r.logprobs for r in rows],
+                )
+            except ModelOutputError as e:  # fail the broken rows, sample the others again
+                bad = set(getattr(e, "rows", range(len(rows))))
+                for i in bad:
+                    self._fail(rows[i], e)
+                keep = [i for i in range(len(rows)) if i not in bad]
+                rows, logits = [rows[i] for i in keep], logits[keep]
+                continue
+            break
+        now = time.perf_counter()
+        for r, choice in zip(rows, choices):
+            if r.first_token_at is None:
+                r.first_token_at = now
+            piece = r.row.take(choice, r.seq.length < self.engine.n_ctx)
+            _emit(r, Event(text=piece, choice=choice))
+            if r.row.done:
+                r.result.stats.generate_seconds = now - r.first_token_at
+                self._finish(r)
+            else:
+                r.next_token = choice.token
+
+    def _finish(self, r: _Request) -> None:
+        piece = r.row.finish()
+        if r in self._running:
+            self._running.remove(r)
+        if r.seq is not None:
+            self.cache.put(r.seq, r.row.history)
+            r.seq = None
+        _emit(r, Event(text=piece, done=True, result=r.result))
+
+    def _fail(self, r: _Request, error: Exception) -> None:
+        self._release(r)
+        _emit(r, Event(done=True, result=r.result, error=error))
+
+    def _release(self, r: _Request) -> None:
+        if r in self._running:
+            self._running.remove(r)
+        if r.seq is not None:
+            r.seq.free()
+            r.seq = None
+        r.next_token = None
+
+
+def _emit(r: _Request, event: Event) -> None:
+    try:
+        r.emit(event)
+    except Exception:  # a callback's failure is its request's, never the loop's
+        r.handle.cancelled = True

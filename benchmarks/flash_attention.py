@@ -18,7 +18,7 @@ keys), not the masked parts of the diagonal blocks; torch is credited the same F
 runs bf16/f16 q, K, V [B, H(kv), L, D] contiguous with a lower-right causal mask (the prompt's
 rows at the end of the keys; at depth 0 the usual causal mask), GQA through enable_gqa where the
 flash backend takes it, else with K/V repeated to H heads (said in the output). Times are the
-median of CUDA-event timed calls. --sweep also times a grid of launch configs at every size and
+median of triton.testing.do_bench. --sweep also times a grid of launch configs at every size and
 prints the best.
 """
 
@@ -27,6 +27,8 @@ from __future__ import annotations
 import argparse
 
 import torch
+import triton
+import triton.testing
 
 from kiln.kernels import flash_attention as fa
 
@@ -48,19 +50,9 @@ SWEEP = (
 )
 
 
-def _time_us(fn, iters: int = 30, warmup: int = 5) -> float:
-    """Median over `iters` timed calls of fn, in us."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return sorted(times)[len(times) // 2]
+def _time_us(fn) -> float:
+    """Median time of fn, in us (triton's do_bench, as benchmarks/matmul.py and matvec.py)."""
+    return 1e3 * float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
 class Prompt:

@@ -109,9 +109,9 @@ class LLM:
         all) -> a Completion, or a list of them in input order."""
         n = _check_logprobs(logprobs)
         if _is_batch(prompt):
-            fitted = [self._prompt_ids(p, dict(options)) for p in prompt]
+            fitted = [self.prompt_ids(p, dict(options)) for p in prompt]
             return self._batch(fitted, params, options, n)
-        ids = self._prompt_ids(prompt, options)
+        ids = self.prompt_ids(prompt, options)
         result = Completion()
         for _ in self._stream(ids, params, options, result, logprobs=n):
             pass
@@ -121,7 +121,7 @@ class LLM:
         self, prompt: str, params: SamplingParams | None = None, **options: Any
     ) -> Iterator[str]:
         """Text pieces as they are generated."""
-        yield from self._stream(self._prompt_ids(prompt, options), params, options, Completion())
+        yield from self._stream(self.prompt_ids(prompt, options), params, options, Completion())
 
     def chat(
         self,
@@ -196,8 +196,9 @@ class LLM:
         finally:
             seq.free()
 
-    def _prompt_ids(self, prompt, options: dict[str, Any]) -> list[int]:
-        """Text is encoded; token ids (a list of ints, a 1-D tensor or array) are checked."""
+    def prompt_ids(self, prompt, options: dict[str, Any]) -> list[int]:
+        """A prompt's ids, fitted to the context (options: truncate=): text is encoded, token ids
+        (a list of ints, a 1-D tensor or array) are checked."""
         if isinstance(prompt, str):
             return self.encode_prompt(prompt, options)
         if isinstance(prompt, (bytes, bytearray)) or not (

@@ -71,13 +71,21 @@ def speeds(rows: list[dict]) -> dict[str, tuple[float, float]]:
 
 
 def kv_bytes(config, tokens: int, n_ctx: int) -> int:
-    """The float32 cache `kiln run` holds for `tokens` (kiln/runtime/kv_cache.py: 256 rows,
-    doubled as needed, at most the context)."""
-    cap = min(256, n_ctx)
-    while cap < tokens:
-        cap = min(2 * cap, n_ctx)
-    per_row = config.n_head_kv * (config.head_dim + config.head_dim_v) * 4
-    return config.n_layer * cap * per_row
+    """The float32 KV pool `kiln run` holds for `tokens`: kiln/runtime/kv_pool.py's own growth
+    from its first allocation, replayed on the meta device (nothing allocated), for the pool of
+    LLM's default n_seq."""
+    import inspect
+
+    import torch
+
+    from kiln.limits import kv_cache_bytes
+    from kiln.llm import LLM
+    from kiln.runtime.kv_pool import KVPool
+
+    n_seq = inspect.signature(LLM).parameters["n_seq"].default
+    pool = KVPool(config, n_ctx, n_seq, torch.device("meta"))
+    pool.reserve(pool.new_sequence(), tokens)
+    return kv_cache_bytes(config, pool.rows, torch.float32)
 
 
 def memory(demo: Path, threads: int) -> list[str]:

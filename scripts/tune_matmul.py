@@ -36,6 +36,8 @@ from kiln.fileio import write_text  # noqa: E402
 from kiln.kernels import CONFIG_DIR, config_name  # noqa: E402
 from kiln.kernels import matmul as mm  # noqa: E402
 from kiln.weight import Weight  # noqa: E402
+from scripts.tune_matvec import TOTAL_BYTES  # noqa: E402
+from scripts.tune_matvec import time_us as _graph_time_us  # noqa: E402
 
 _8B = ["6144x4096", "4096x4096", "24576x4096", "4096x12288", "151936x4096"]  # qwen3-8b
 SHAPES = {
@@ -44,7 +46,6 @@ SHAPES = {
     "Q8_0": _8B + ["4096x1024", "1024x2048", "6144x1024", "1024x3072", "151936x1024"],
     "Q4_0": ["6144x4096", "4096x4096", "28672x4096", "4096x14336", "128256x4096"],  # llama3-8b
 }
-TOTAL_BYTES = 200 << 20  # what the launches of one replay read: 4x an H100's 50 MB L2
 
 
 def candidates(bucket: int) -> list[mm.MatmulConfig]:
@@ -72,26 +73,10 @@ def candidates(bucket: int) -> list[mm.MatmulConfig]:
 
 
 def time_us(launches: list, arg) -> float:
-    """Device time of one launch as a prompt runs it: the launches (each with a different copy
-    of the weight, together larger than the L2 cache), captured in a CUDA graph and replayed;
-    the median of 5 replays over the number of launches, in us."""
-    for launch in launches:  # compiles, and allocates dequant_matmul's buffer, before the capture
-        launch(arg)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for launch in launches:
-            launch(arg)
-    graph.replay()
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return 1e3 * sorted(times)[2] / len(launches)
+    """Device time of one launch as a prompt runs it (the launches, each with a different copy
+    of the weight, together larger than the L2 cache: tune_matvec.time_us), median of 5
+    replays; the first calls also allocate dequant_matmul's buffer before the capture."""
+    return _graph_time_us(launches, arg, replays=5)
 
 
 def shape_launches(qtype, n: int, k: int, m: int) -> tuple[list, list]:

@@ -49,28 +49,29 @@ GRID = [(bn, tile, warps) for bn in (2, 4, 8, 16) for tile in (512, 1024, 2048)
         for warps in (4, 8)]  # fmt: skip
 
 
-def time_us(launches: list, cfg: mv.MatvecConfig) -> float:
-    """Device time of one mat-vec as a decode step runs it: the launches (each reads a different
-    copy of the weight, or other experts; together larger than the L2 cache, so each reads HBM),
-    captured in a CUDA graph and replayed (no host launch gaps); the median of 7 replays over the
-    number of launches, in us."""
+def time_us(launches: list, arg, replays: int = 7) -> float:
+    """Device time of one launch as a step runs it: the launches, each called with `arg` (a
+    config; each reads a different copy of the weight, or other experts; together larger than
+    the L2 cache, so each reads HBM), captured in a CUDA graph and replayed (no host launch
+    gaps); the median of `replays` replays over the number of launches, in us. Also used by
+    scripts/tune_matmul.py."""
     for launch in launches:  # compiles, and settles the allocator before the capture
-        launch(cfg)
+        launch(arg)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for launch in launches:
-            launch(cfg)
+            launch(arg)
     graph.replay()
     times = []
-    for _ in range(7):
+    for _ in range(replays):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         graph.replay()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
-    return 1e3 * sorted(times)[3] / len(launches)
+    return 1e3 * sorted(times)[replays // 2] / len(launches)
 
 
 TOTAL_BYTES = 200 << 20  # what the launches of one replay read: 4x an H100's 50 MB L2

@@ -684,20 +684,11 @@ def check_tests(tests: list[TestInstance], device: torch.device, backend: str = 
         )
 
 
-def kv_pool_tokens(n_ctx: int, n_seq: int, block_size: int | None = None) -> int:
-    """Rows of the KV pool of an Engine of n_seq sequences of n_ctx tokens when full (each
-    sequence's blocks, plus the scratch block: kiln.runtime.kv_pool)."""
-    if block_size is None:
-        block_size = _engine_block_size()
-    return (n_seq * -(-n_ctx // block_size) + 1) * block_size
+def kv_pool_tokens(n_ctx: int, n_seq: int) -> int:
+    """Rows of the KV pool of an Engine of n_seq sequences of n_ctx tokens when full."""
+    from kiln.runtime.kv_pool import full_pool_rows
 
-
-def _engine_block_size() -> int:
-    import inspect
-
-    from kiln.runtime.engine import Engine
-
-    return int(inspect.signature(Engine).parameters["block_size"].default)
+    return full_pool_rows(n_ctx, n_seq)
 
 
 def _pool_tokens(inst: TestInstance) -> int:

@@ -234,7 +234,8 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
     )
 
 
-def load_llm(args: argparse.Namespace):
+def load_llm(args: argparse.Namespace, **options):
+    """The LLM the model flags describe; options: other LLM arguments (n_seq=...)."""
     from kiln.llm import LLM
 
     return LLM(
@@ -245,4 +246,5 @@ def load_llm(args: argparse.Namespace):
         backend=args.backend,
         fusions=parse_overrides(args.fusion),
         threads=getattr(args, "threads", None),
+        **options,
     )

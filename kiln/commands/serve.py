@@ -11,9 +11,9 @@ from kiln.commands.common import (
     add_chat_template_args,
     add_model_args,
     chat_template_kwargs,
+    load_llm,
 )
 from kiln.errors import UsageError
-from kiln.fusion import parse_overrides
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,7 +44,6 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from kiln.llm import LLM
     from kiln.server import create_app
 
     if not 0 <= args.port <= 65535:
@@ -54,16 +53,7 @@ def serve(args: argparse.Namespace) -> int:
     if args.max_queue < 1:
         raise UsageError(f"--max-queue must be >= 1, got {args.max_queue}")
     kwargs = chat_template_kwargs(args)
-    llm = LLM(
-        args.model,
-        device=args.device,
-        n_ctx=args.ctx_size,
-        ubatch=args.ubatch,
-        backend=args.backend,
-        fusions=parse_overrides(args.fusion),
-        threads=args.threads,
-        n_seq=args.parallel,
-    )
+    llm = load_llm(args, n_seq=args.parallel)
     app = create_app(
         llm,
         api_key=args.api_key,

@@ -50,7 +50,7 @@ import triton
 from kiln.kernels import pdl_launch
 from kiln.kernels.triton import attention as _k
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Under TRITON_INTERPRET=1 (CPU tests) @triton.jit gives an InterpretedFunction.
 _INTERPRETED = type(_k._attention_decode_kernel).__name__ == "InterpretedFunction"
 _H100_SMS = 132
@@ -99,6 +99,54 @@ def _triton_stages(num_stages: int) -> int:
     return 2 * num_stages - 1
 
 
+def check_paged(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    block_tables: torch.Tensor,
+    block_size: int,
+    rows: str,
+) -> tuple[int, int, int, int]:
+    """The checks every attention launcher over the paged pool makes of q [rows, H, D], the
+    pools [S, Hkv, D] / [S, Hkv, Dv] and the block tables [B, NB] -> (H, Hkv, D, Dv)."""
+    assert q.dim() == 3, f"q must be [{rows}, H, D]; got {tuple(q.shape)}"
+    assert k_pool.dim() == 3 and v_pool.dim() == 3, (
+        f"pools must be [S, Hkv, D]; got {tuple(k_pool.shape)}, {tuple(v_pool.shape)}"
+    )
+    _, n_head, head_dim = q.shape
+    n_slots, n_kv, _ = k_pool.shape
+    dv = v_pool.shape[2]
+    assert k_pool.shape[2] == head_dim, f"q has D={head_dim}, k_pool D={k_pool.shape[2]}"
+    assert v_pool.shape[:2] == k_pool.shape[:2], (
+        f"v_pool {tuple(v_pool.shape)} does not match k_pool {tuple(k_pool.shape)}"
+    )
+    assert q.is_contiguous() and k_pool.is_contiguous() and v_pool.is_contiguous(), (
+        "q, k_pool and v_pool must be contiguous"
+    )
+    assert q.dtype in DTYPES, f"q must be f16/bf16/f32; got {q.dtype}"
+    assert k_pool.dtype in DTYPES and v_pool.dtype == k_pool.dtype, (
+        f"pools must share one dtype of f16/bf16/f32; got {k_pool.dtype}, {v_pool.dtype}"
+    )
+    assert n_head % n_kv == 0, f"H={n_head} is not a multiple of Hkv={n_kv}"
+    assert head_dim <= MAX_HEAD_DIM and dv <= MAX_HEAD_DIM, (
+        f"head sizes up to {MAX_HEAD_DIM}; got D={head_dim}, Dv={dv}"
+    )
+    assert block_size >= 16 and block_size & (block_size - 1) == 0, (
+        f"block_size must be a power of 2 >= 16; got {block_size}"
+    )
+    assert n_slots % block_size == 0, (
+        f"the pools hold {n_slots} rows, not a whole number of blocks of {block_size}"
+    )
+    assert block_tables.dim() == 2 and block_tables.shape[1] >= 1, (
+        f"block_tables must be [B, NB] with NB >= 1; got {tuple(block_tables.shape)}"
+    )
+    assert block_tables.dtype == torch.int32 and block_tables.stride(1) == 1, (
+        f"block_tables must be int32 with contiguous rows; got {block_tables.dtype} "
+        f"strides {block_tables.stride()}"
+    )
+    return n_head, n_kv, head_dim, dv
+
+
 def attention_decode(
     q: torch.Tensor,
     k_pool: torch.Tensor,
@@ -113,44 +161,13 @@ def attention_decode(
     """q: [B, H, D], row b attending to positions 0..seq_lens[b]-1 of sequence b in the paged
     k_pool/v_pool ([S, Hkv, D] / [S, Hkv, Dv]; blocks block_tables[b] of block_size rows)
     -> f32 [B, H, Dv]."""
-    assert q.dim() == 3, f"q must be [B, H, D]; got {tuple(q.shape)}"
-    assert k_pool.dim() == 3 and v_pool.dim() == 3, (
-        f"pools must be [S, Hkv, D]; got {tuple(k_pool.shape)}, {tuple(v_pool.shape)}"
-    )
-    n_rows, n_head, head_dim = q.shape
-    n_slots, n_kv, _ = k_pool.shape
-    dv = v_pool.shape[2]
-    assert k_pool.shape[2] == head_dim, f"q has D={head_dim}, k_pool D={k_pool.shape[2]}"
-    assert v_pool.shape[:2] == k_pool.shape[:2], (
-        f"v_pool {tuple(v_pool.shape)} does not match k_pool {tuple(k_pool.shape)}"
-    )
-    assert q.is_contiguous() and k_pool.is_contiguous() and v_pool.is_contiguous(), (
-        "q, k_pool and v_pool must be contiguous"
-    )
-    assert q.dtype in _DTYPES, f"q must be f16/bf16/f32; got {q.dtype}"
-    assert k_pool.dtype in _DTYPES and v_pool.dtype == k_pool.dtype, (
-        f"pools must share one dtype of f16/bf16/f32; got {k_pool.dtype}, {v_pool.dtype}"
-    )
-    assert n_head % n_kv == 0, f"H={n_head} is not a multiple of Hkv={n_kv}"
+    n_head, n_kv, head_dim, dv = check_paged(q, k_pool, v_pool, block_tables, block_size, "B")
+    n_rows = q.shape[0]
     group = n_head // n_kv
     assert group <= MAX_GROUP, f"at most {MAX_GROUP} query heads per KV head; got {group}"
-    assert head_dim <= MAX_HEAD_DIM and dv <= MAX_HEAD_DIM, (
-        f"head sizes up to {MAX_HEAD_DIM}; got D={head_dim}, Dv={dv}"
-    )
-    assert block_size >= 16 and block_size & (block_size - 1) == 0, (
-        f"block_size must be a power of 2 >= 16; got {block_size}"
-    )
-    assert n_slots % block_size == 0, (
-        f"the pools hold {n_slots} rows, not a whole number of blocks of {block_size}"
-    )
-    assert block_tables.dim() == 2 and block_tables.shape[0] == n_rows, (
+    assert block_tables.shape[0] == n_rows, (
         f"block_tables must be [B={n_rows}, NB]; got {tuple(block_tables.shape)}"
     )
-    assert block_tables.dtype == torch.int32 and block_tables.stride(1) == 1, (
-        f"block_tables must be int32 with contiguous rows; got {block_tables.dtype} "
-        f"strides {block_tables.stride()}"
-    )
-    assert block_tables.shape[1] >= 1, "block_tables needs at least one block per row"
     assert seq_lens.dtype == torch.int64 and tuple(seq_lens.shape) == (n_rows,), (
         f"seq_lens must be int64 [B={n_rows}]; got {seq_lens.dtype} {tuple(seq_lens.shape)}"
     )

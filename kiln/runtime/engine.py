@@ -23,7 +23,7 @@ from kiln.errors import UsageError
 from kiln.models.common import DecoderModel
 from kiln.runtime.batch import build_batch
 from kiln.runtime.graphs import GraphRunner
-from kiln.runtime.kv_pool import KVPool, KVPoolFull, Sequence
+from kiln.runtime.kv_pool import DEFAULT_BLOCK_SIZE, KVPool, KVPoolFull, Sequence
 
 
 def kv_dtype(backend: str) -> torch.dtype:
@@ -39,7 +39,7 @@ class Engine:
         n_ctx: int,
         ubatch: int = 512,
         n_seq: int = 1,
-        block_size: int = 64,
+        block_size: int = DEFAULT_BLOCK_SIZE,
     ):
         if n_ctx <= 0:
             raise UsageError(f"the context size must be > 0, got {n_ctx}")

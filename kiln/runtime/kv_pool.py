@@ -25,6 +25,13 @@ from kiln.errors import UsageError
 from kiln.limits import check_memory, kv_cache_bytes
 
 SCRATCH_BLOCK = 0
+DEFAULT_BLOCK_SIZE = 64  # tokens per block (the Engine's default)
+
+
+def full_pool_rows(n_ctx: int, n_seq: int, block_size: int = DEFAULT_BLOCK_SIZE) -> int:
+    """Rows of a pool at its limit: n_seq sequences of n_ctx tokens in whole blocks, plus the
+    scratch block."""
+    return (n_seq * -(-n_ctx // block_size) + 1) * block_size
 
 
 class KVPoolFull(UsageError):
@@ -81,7 +88,7 @@ class KVPool:
         n_seq: int,
         device: torch.device,
         dtype: torch.dtype = torch.float32,
-        block_size: int = 64,
+        block_size: int = DEFAULT_BLOCK_SIZE,
         initial_tokens: int = 256,
     ):
         if block_size < 16 or block_size & (block_size - 1):
@@ -89,7 +96,7 @@ class KVPool:
         self.config, self.device, self.dtype = config, device, dtype
         self.n_ctx, self.n_seq, self.block_size = n_ctx, n_seq, block_size
         self.blocks_per_seq = -(-n_ctx // block_size)
-        self.max_blocks = n_seq * self.blocks_per_seq + 1  # + the scratch block
+        self.max_blocks = full_pool_rows(n_ctx, n_seq, block_size) // block_size
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.n_blocks = 0

@@ -305,6 +305,20 @@ def create_app(
     sse_headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
     # -- endpoints -----------------------------------------------------------------------------
+    def sse(request, req, handle, queue, chunk, finish_chunk, path, base) -> StreamingResponse:
+        """The request's stream as Server-Sent Events (chunk / finish_chunk shape each event)."""
+        include = bool(req.stream_options and req.stream_options.include_usage)
+        body = stream(request, handle, queue, chunk, finish_chunk, include, path, base)
+        return StreamingResponse(body, media_type="text/event-stream", headers=sse_headers)
+
+    async def finished(request: Request, handle, queue, path: str):
+        """The whole result of a request answered at once (its error raised as an APIError)."""
+        event = await wait_all(request, handle, queue)
+        count(path, event)
+        if event.error is not None:
+            raise failed(event)
+        return event.result
+
     @app.get("/health")
     async def health():
         return {"status": "ok"}
@@ -357,14 +371,8 @@ def create_app(
                 c = {"index": 0, "delta": {}, "logprobs": lp, "finish_reason": reason}
                 return {**base, "choices": [c]}
 
-            include = bool(req.stream_options and req.stream_options.include_usage)
-            body = stream(request, handle, queue, chunk, finish_chunk, include, path, base)
-            return StreamingResponse(body, media_type="text/event-stream", headers=sse_headers)
-        event = await wait_all(request, handle, queue)
-        count(path, event)
-        if event.error is not None:
-            raise failed(event)
-        result = event.result
+            return sse(request, req, handle, queue, chunk, finish_chunk, path, base)
+        result = await finished(request, handle, queue, path)
         choice = {
             "index": 0,
             "message": {"role": "assistant", "content": result.text},
@@ -380,7 +388,7 @@ def create_app(
         prompt = req.prompt
         if isinstance(prompt, list) and isinstance(prompt[0], str):
             prompt = prompt[0]
-        ids = await prompt_of("prompt", llm._prompt_ids, prompt, {})
+        ids = await prompt_of("prompt", llm.prompt_ids, prompt, {})
         params = params_of(req, 16 if req.max_tokens is None else req.max_tokens, len(ids))
         handle, queue = start(ids, params, req.logprobs)
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -398,14 +406,8 @@ def create_app(
                 c = {"index": 0, "text": "", "logprobs": lp, "finish_reason": reason}
                 return {**base, "choices": [c]}
 
-            include = bool(req.stream_options and req.stream_options.include_usage)
-            body = stream(request, handle, queue, chunk, finish_chunk, include, path, base)
-            return StreamingResponse(body, media_type="text/event-stream", headers=sse_headers)
-        event = await wait_all(request, handle, queue)
-        count(path, event)
-        if event.error is not None:
-            raise failed(event)
-        result = event.result
+            return sse(request, req, handle, queue, chunk, finish_chunk, path, base)
+        result = await finished(request, handle, queue, path)
         choice = {
             "index": 0,
             "text": result.text,

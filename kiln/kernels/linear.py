@@ -19,14 +19,22 @@ from kiln.kernels import matmul, matvec
 from kiln.kernels.formats import SUPPORT
 from kiln.weight import Weight
 
+# What runs M = 2..matvec.MAX_M rows (batched decode): "matvec" (the byte mat-vec kernel, one
+# fp32 accumulator per row) or "exact" (the GEMM on tensor cores with fp32 tiles and tf32x3
+# products). Both are within a few fp32 ulps of the reference.
+BATCH_METHOD = "matvec"
+
 
 def route(m: int, weight: Weight, device: torch.device | None = None) -> str | None:
-    """What runs a linear of M rows with this weight: "matvec", "triton" (the GEMM kernel),
-    "dequant" (dequant_matmul), or None (no kernel reads it: the reference)."""
+    """What runs a linear of M rows with this weight: "matvec", "exact" (the GEMM in fp32,
+    BATCH_METHOD), "triton" (the GEMM kernel), "dequant" (dequant_matmul), or None (no kernel
+    reads it: the reference)."""
     if len(weight.shape) != 2 or weight.raw is None:
         return None
     if m <= matvec.MAX_M:
-        return "matvec" if weight.qtype in SUPPORT["matvec"] else None
+        if weight.qtype not in SUPPORT["matvec"]:
+            return None
+        return "matvec" if m == 1 else BATCH_METHOD
     if weight.qtype not in SUPPORT["matmul"] or weight.qtype == GGMLQuantizationType.F32:
         # An F32 weight (a MoE router, small projections) keeps fp32 math above the mat-vec,
         # as llama.cpp's F32 mat-muls do: the GEMM's bf16 activations moved qwen3moe router
@@ -51,6 +59,8 @@ def linear(
         y = torch.empty((0, weight.shape[0]), dtype=torch.float32, device=x.device)
     elif how == "matvec":
         y = matvec.matvec(x.contiguous(), weight, pdl=pdl)
+    elif how == "exact":
+        y = matmul.matmul(x, weight, exact=True, pdl=pdl)
     elif how == "dequant":
         y = matmul.dequant_matmul(x, weight, pdl=pdl)
     else:

@@ -48,6 +48,12 @@ class MatmulConfig:
     swap_ab: bool = True  # out^T = W @ x^T: the weight tile from registers (triton/matmul.py)
 
 
+# The exact GEMM's config (batched decode, M = 2..8): 16 rows, the weight from registers, 128
+# weight rows a program (no spills at 4 warps in the sm_90 compile of every format; 64 rows with
+# BLOCK_K 128 spill for Q6_K, Q8_0 and F16).
+EXACT_CONFIG = MatmulConfig(16, 128, 64, 1, 4, 3)
+
+
 def m_bucket(m: int) -> int:
     """The tuned table's bucket of M: the smallest of M_BUCKETS >= m (the largest above it)."""
     return next((b for b in M_BUCKETS if m <= b), M_BUCKETS[-1])
@@ -184,17 +190,19 @@ def matmul(
     config: MatmulConfig | None = None,
     out_dtype: torch.dtype = torch.float32,
     pdl: bool = False,
+    exact: bool = False,
 ) -> torch.Tensor:
     """x: [M, K] -> [M, N] out_dtype = x @ W.T on tensor cores: x and the dequantized weight
-    tiles in bf16, fp32 accumulation."""
+    tiles in bf16, fp32 accumulation; exact: x and the weight tiles in fp32, multiplied as
+    three tf32 products (within a few fp32 ulps of the reference: batched decode rows)."""
     m, n, k = _check(x, weight, out_dtype)
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     if m == 0 or n == 0:
         return out
     if k == 0:
         return out.zero_()
-    cfg = config or default_config(weight.qtype, n, k, m, x.device)
-    xb = _bf16(x)
+    cfg = config or (EXACT_CONFIG if exact else default_config(weight.qtype, n, k, m, x.device))
+    xb = x.float().contiguous() if exact else _bf16(x)
     w = _weight_view(weight)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     _k._matmul_kernel[grid](
@@ -213,6 +221,7 @@ def matmul(
         GROUP_M=cfg.group_m,
         SWAP_AB=cfg.swap_ab,
         **_tile_args(weight.qtype, k, cfg.block_k),
+        EXACT=exact,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         **pdl_launch(pdl),

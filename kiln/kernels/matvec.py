@@ -119,11 +119,23 @@ def default_config(
             return cfg
     if USE_WIDE and m == 1 and qtype in SUPPORT["matvec_lanes"]:
         return _LANES_DEFAULT
+    if m > 1:
+        return _rows_config(qtype, m)
     if qtype in FLOAT_VIEW or GGML_QUANT_SIZES[qtype][0] == 32:
         return MatvecConfig(block_n=4, tile_values=512, num_warps=4)
     if qtype == _T.Q6_K:
         return MatvecConfig(block_n=4, tile_values=256, num_warps=4)
     return MatvecConfig(block_n=16, tile_values=256, num_warps=4)
+
+
+def _rows_config(qtype: GGMLQuantizationType, m: int) -> MatvecConfig:
+    """The byte kernel at M > 1 keeps one fp32 accumulator per x row over the program's
+    BLOCK_N x tile values (kernels/triton/matvec.py): at 4 warps, 64 registers a thread for all
+    rows together (BLOCK_N * tile * M_PAD = 8192), so that M = 8 compiles without spills.
+    K-quants' tile is one 256-value super-block."""
+    per_row = 8192 // triton.next_power_of_2(m)  # BLOCK_N * tile
+    tile = 256 if GGML_QUANT_SIZES[qtype][0] == 256 else min(512, per_row // 4)
+    return MatvecConfig(block_n=per_row // tile, tile_values=tile, num_warps=4)
 
 
 def _blocks_per_step(k: int, block_values: int, cfg: MatvecConfig) -> int:

@@ -106,6 +106,28 @@ def test_matmul_matches_reference(fmt: str, mm, monkeypatch) -> None:
         check_matmul(y, x, w, f"{fmt} M={m} N={n} K={k} {mm.default_config(w.qtype, n, k, m)}")
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_exact_matmul_matches_reference(fmt: str, mm, monkeypatch) -> None:
+    """exact=True (batched decode rows): fp32 tiles, tf32x3 products on a GPU (fp32 in the
+    interpreter), within a few fp32 ulps of the reference: the mat-vec's bound, not the bf16
+    one. M = 2, 3 and 8; odd N; on a GPU the 8B model's sizes."""
+    launched = record_launches(monkeypatch)
+    gen = _gen(4321)
+    b = _block(fmt)
+    shapes = [(2, 33, 2 * b if b > 1 else 100), (3, 97, 3 * b if b > 1 else 96)]
+    shapes += [(8, 65, b if b > 1 else 32)]
+    if CUDA:
+        shapes += [(8, 6144, 4096), (2, 4096, 12288), (5, 4097, 4096)]
+    for m, n, k in shapes:
+        w = _weight(fmt, n, k, gen)
+        x = torch.randn(m, k, generator=gen, device=DEVICE)
+        y = mm.matmul(x, w, exact=True)
+        assert launched[-1][0] == "_matmul_kernel", launched[-1][0]
+        xf, dense = x.float(), w.dense()
+        bound = 1e-6 + 4e-6 * (xf.abs() @ dense.abs().T)
+        _check(y, reference(xf, w), bound, f"exact {fmt} M={m} N={n} K={k}")
+
+
 # (format, M, N, K, config): the kernel's other paths. x @ W^T order (swap_ab off: the weight
 # through shared memory), K not a multiple of BLOCK_K (EVEN_K off: a step past the last block),
 # several row tiles in a ragged launch group (GROUP_M 2 over 3 row tiles), BLOCK_K of one group
@@ -207,6 +229,12 @@ def test_linear_dispatch(monkeypatch) -> None:
         assert torch.equal(op(x, w, bias), y), f"M={m}: the op set's linear differs"
         assert launched[count:] == launched[count - 1 : count], f"M={m}: op set ran {launched[-1]}"
     assert lin.linear(torch.zeros(0, 256, device=DEVICE), w).shape == (0, 40)
+    monkeypatch.setattr(lin, "BATCH_METHOD", "exact")
+    x = torch.randn(3, 256, generator=gen, device=DEVICE)
+    assert lin.route(3, w) == "exact" and lin.route(1, w) == "matvec"
+    check_matmul(lin.linear(x, w), x, w, "linear M=3 exact")
+    assert launched[-1][0] == "_matmul_kernel"
+    monkeypatch.setattr(lin, "BATCH_METHOD", "matvec")
 
     monkeypatch.setattr(mm, "method", lambda *args: "dequant")
     x = torch.randn(9, 256, generator=gen, device=DEVICE)

@@ -33,7 +33,13 @@ if CUDA:
               ("tiny-qwen3moe", "q8_0"), ("tiny-qwen3moe", "q4_k_m")]  # fmt: skip
 else:
     MODELS = [("tiny-qwen3", "q8_0"), ("tiny-qwen3moe", "q8_0")]
-PROMPT = [1, 17, 42, 99, 7, 23, 5, 64, 200]  # 9 > matvec.MAX_M: the prompt takes the GEMM path
+# Fed in micro-batches of UBATCH = matvec.MAX_M tokens: a chunk of 8 (flash attention, the
+# batched mat-vec) and one of 1. Not the GEMM: its bf16 rounding of the activations turns a
+# fusion's last-bit differences into 2^-9-sized ones (qkv_norm_rope=0 moved tiny-qwen3's logits
+# by 3.9e-3 on an H200) and flips near-ties of these random models. The GEMM's prompt path is
+# gated by KL divergence on the demo model (tests/test_cuda_decode.py) and by its kernel tests.
+PROMPT = [1, 17, 42, 99, 7, 23, 5, 64, 200]
+UBATCH = 8
 
 
 def preset(name: str):
@@ -53,7 +59,7 @@ SWITCHABLE = [n for n, f in FUSIONS.items() if not f.needs_gpu_backend or CUDA]
 
 def greedy(model, steps: int = STEPS, prompt: list[int] = PROMPT):
     """(tokens, logits [steps, n_vocab]) of greedy decoding after a prompt."""
-    engine = Engine(model, n_ctx=len(prompt) + steps + 1, ubatch=16)
+    engine = Engine(model, n_ctx=len(prompt) + steps + 1, ubatch=UBATCH)
     cache = engine.new_sequence()
     logits = engine.prefill(prompt, cache)[-1]
     tokens, rows = [], []
@@ -99,10 +105,8 @@ def test_all_fusions_off_matches_the_reference_backend(tiny, all_on):
     assert tokens == all_on[0]
     scale = 1 + logits.abs().amax(-1, keepdim=True)
     err = ((all_on[1] - logits).abs() / scale).max().item()
-    # f16 KV cache, and the prompt's mat-muls (9 rows: the GEMM) take bf16 activations and
-    # weights (2^-9 relative rounding each): 4.9e-3 on tiny-qwen3 in the interpreter, 2e-3
-    # before the GEMM. The quality gate of that path is KLD on real models (issue 12).
-    assert err < 1e-2, f"triton vs torch reference: {err:.2e}"
+    # the f16 KV cache, and flash attention's f16 operands for the prompt chunk
+    assert err < 3e-3, f"triton vs torch reference: {err:.2e}"
 
 
 def test_merged_weights_apply_where_types_match(tiny):

@@ -63,12 +63,16 @@ def _to_bf16(w, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
-def _dot(a, b, acc, INTERPRETED: tl.constexpr):
-    """acc + a @ b for bf16 a, b: tensor cores with fp32 accumulation. Triton 3.6's interpreter
-    multiplies bf16 operands as their uint16 bits; there they go in as fp32 (exact), whose
-    products are exact as the tensor cores' are."""
+def _dot(a, b, acc, EXACT: tl.constexpr, INTERPRETED: tl.constexpr):
+    """acc + a @ b on tensor cores with fp32 accumulation: bf16 a, b, or (EXACT) fp32 a, b as
+    three tf32 products (tf32x3: each operand split into a tf32 and its tf32 remainder, the
+    small-small product dropped), within a few fp32 ulps of an fp32 dot. Triton 3.6's
+    interpreter multiplies bf16 operands as their uint16 bits; there they go in as fp32 (exact),
+    whose products are exact as the tensor cores' are."""
     if INTERPRETED:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    elif EXACT:
+        return tl.dot(a, b, acc, input_precision="tf32x3")
     else:
         return tl.dot(a, b, acc)
 
@@ -85,15 +89,18 @@ def _weight_tile(
     BLOCK_VALUES: tl.constexpr,
     EVEN_K: tl.constexpr,  # K is a multiple of BLOCK_K: no step overruns it
     INTERPRETED: tl.constexpr,  # under TRITON_INTERPRET (_to_bf16)
+    EXACT: tl.constexpr = False,  # fp32 values, not rounded to bf16
 ):
-    """bf16 [BLOCK_N, BLOCK_K]: values k0 .. k0 + BLOCK_K of the rows, 0 past K."""
+    """bf16 (EXACT: fp32) [BLOCK_N, BLOCK_K]: values k0 .. k0 + BLOCK_K of the rows, 0 past K."""
     if BLOCK_VALUES == 1:
         k = k0 + tl.arange(0, BLOCK_K)[None, :]
         if EVEN_K:
             w = tl.load(w_rows + k)
         else:
             w = tl.load(w_rows + k, mask=k < K, other=0.0)
-        if w.dtype != tl.bfloat16:  # f16 and f32 through fp32 (exact for f16)
+        if EXACT:
+            w = w.to(tl.float32)
+        elif w.dtype != tl.bfloat16:  # f16 and f32 through fp32 (exact for f16)
             w = _to_bf16(w.to(tl.float32), INTERPRETED)
     else:
         G: tl.constexpr = BLOCK_K // 32
@@ -111,13 +118,15 @@ def _weight_tile(
             w4 = _dequant_k(row4 + (g // 8) * TYPE_SIZE, g % 8, j, FMT)
         if not EVEN_K:
             w4 = tl.where(g_ok, w4, 0.0)
-        w = _to_bf16(tl.reshape(w4, (BLOCK_N, BLOCK_K)), INTERPRETED)
+        w = tl.reshape(w4, (BLOCK_N, BLOCK_K))
+        if not EXACT:
+            w = _to_bf16(w, INTERPRETED)
     return w
 
 
 @triton.jit
 def _matmul_kernel(
-    x_ptr,  # bf16 [M, K], row stride stride_xm, unit stride along K
+    x_ptr,  # bf16 (EXACT: f32) [M, K], row stride stride_xm, unit stride along K
     w_ptr,  # float formats: typed [N, K]; block formats: uint8 [N, row_bytes]
     out_ptr,  # f32 or bf16 [M, N], row stride stride_om, unit stride along N
     M,
@@ -137,6 +146,7 @@ def _matmul_kernel(
     BLOCK_VALUES: tl.constexpr,  # values per block: 1 (floats), 32 (legacy), 256 (K-quants)
     EVEN_K: tl.constexpr,  # K is a multiple of BLOCK_K
     INTERPRETED: tl.constexpr,  # under TRITON_INTERPRET (_to_bf16, _dot)
+    EXACT: tl.constexpr = False,  # fp32 x and weight tiles, tf32x3 products (_dot)
     PDL: tl.constexpr = False,  # programmatic dependent launch (pdl.py)
 ):
     if PDL:
@@ -171,12 +181,22 @@ def _matmul_kernel(
         else:
             xa = tl.load(x_rows + kx, mask=kx < K, other=0.0)
         w = _weight_tile(
-            w_rows, k0, K, FMT, BLOCK_N, BLOCK_K, TYPE_SIZE, BLOCK_VALUES, EVEN_K, INTERPRETED
+            w_rows,
+            k0,
+            K,
+            FMT,
+            BLOCK_N,
+            BLOCK_K,
+            TYPE_SIZE,
+            BLOCK_VALUES,
+            EVEN_K,
+            INTERPRETED,
+            EXACT,
         )
         if SWAP_AB:
-            acc = _dot(w, tl.trans(xa), acc, INTERPRETED)
+            acc = _dot(w, tl.trans(xa), acc, EXACT, INTERPRETED)
         else:
-            acc = _dot(xa, tl.trans(w), acc, INTERPRETED)
+            acc = _dot(xa, tl.trans(w), acc, EXACT, INTERPRETED)
     out_type = out_ptr.dtype.element_ty
     if SWAP_AB:
         out = out_ptr + rm.to(tl.int64)[None, :] * stride_om + rn[:, None]

@@ -97,9 +97,12 @@ def _matvec_kernel(
     l3 = tl.arange(0, L)[None, None, :]
     v3 = s3 * L + l3  # [1, S, L] value offset inside the tile
     m_idx = tl.arange(0, M_PAD)
+    m4 = m_idx[:, None, None, None]  # [M_PAD, 1, 1, 1]
 
-    acc3 = tl.zeros([BLOCK_N, S, L], dtype=tl.float32)  # M == 1: one reduction at the end
-    acc = tl.zeros([BLOCK_N, M_PAD], dtype=tl.float32)  # M > 1: reduced per tile
+    # Each row's products are summed in the same order at every M: per (row, s, l) lane over
+    # the tiles, then across the tile once at the end (no cross-thread reduction in the loop;
+    # M > 1 keeps one such accumulator per x row, the weight tile read once for all of them).
+    acc4 = tl.zeros([M_PAD, BLOCK_N, S, L], dtype=tl.float32)
     # Triton 3.6's interpreter holds a scalar argument as a 1-element array, which numpy >= 2.4
     # refuses to turn into a Python int for range(); there the launcher passes K as a constexpr.
     # Compiled kernels keep K a runtime value, so one binary serves every K.
@@ -117,18 +120,11 @@ def _matvec_kernel(
             k_ok = k < K
             blk = row_base + (k0 // 256) * TYPE_SIZE
             w = _dequant_k(blk, s3, l3, FMT)
-        if M_PAD == 1:
-            xv = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-            acc3 += w * xv
-        else:
-            for m in tl.static_range(M_PAD):
-                xv = tl.load(x_ptr + m * stride_xm + k, mask=k_ok & (m < M), other=0.0)
-                p = tl.sum(tl.sum(w * xv.to(tl.float32), axis=2), axis=1)  # [BLOCK_N]
-                acc += tl.where(m_idx[None, :] == m, p[:, None], 0.0)
-    if M_PAD == 1:
-        acc += tl.sum(tl.sum(acc3, axis=2), axis=1)[:, None]
-    out = out_ptr + m_idx[None, :] * stride_om + rows[:, None]
-    tl.store(out, acc, mask=row_ok[:, None] & (m_idx[None, :] < M))
+        xv = tl.load(x_ptr + m4 * stride_xm + k[None], mask=k_ok[None] & (m4 < M), other=0.0)
+        acc4 += w[None] * xv.to(tl.float32)  # [M_PAD, BLOCK_N, S, L]
+    acc = tl.sum(tl.sum(acc4, axis=3), axis=2)  # [M_PAD, BLOCK_N]
+    out = out_ptr + m_idx[:, None] * stride_om + rows[None, :]
+    tl.store(out, acc, mask=(m_idx[:, None] < M) & row_ok[None, :])
 
 
 # The M = 1 kernel of the block formats, _matvec_lanes_m1_kernel, reads the blocks through wider

@@ -69,6 +69,11 @@ register(
 )
 register("swiglu", "silu(gate) * up of the gate/up result in one kernel")
 register(
+    "moe_grouped",
+    "MoE prompts: the tokens' experts sorted on the device and one grouped GEMM launch per "
+    "weight (off: one launch per expert over the same sorting)",
+)
+register(
     "cuda_graphs",
     "the whole decode step captured once per batch size and replayed",
     needs_gpu_backend=True,

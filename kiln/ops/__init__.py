@@ -125,7 +125,8 @@ def weight_fallbacks(backend: str, weights: dict) -> list[tuple[str, object]]:
 def get_ops(backend: str, fused: dict[str, bool] | None = None) -> OpSet:
     """The op set of a backend; fused[name] False puts the decomposition in place of that fused
     op (default: all fused); fused["pdl"] True launches the triton kernels with programmatic
-    dependent launch (default: off).
+    dependent launch (default: off); fused["moe_grouped"] False runs the triton backend's MoE
+    prompts as one GEMM launch per expert instead of one per weight (default: on).
 
     A backend module gives `ops(pdl) -> {op: function}` for every name of OP_NAMES, `ROUTES`
     ({op: what runs it}) and, where an op is built from others of the set (the triton
@@ -136,7 +137,8 @@ def get_ops(backend: str, fused: dict[str, bool] | None = None) -> OpSet:
     table = module.ops(pdl=pdl)
     assert set(table) == set(OP_NAMES), f"{backend}: ops {sorted(set(OP_NAMES) ^ set(table))}"
     routes = dict(module.ROUTES)
-    ops = SimpleNamespace(name=backend, pdl=pdl, **table)
+    moe_grouped = not fused or fused.get("moe_grouped", True)
+    ops = SimpleNamespace(name=backend, pdl=pdl, moe_grouped=moe_grouped, **table)
     for name in FUSED_OPS:
         if fused is not None and not fused.get(name, True):
             setattr(ops, name, decompose.unfused(name, ops))

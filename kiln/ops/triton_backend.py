@@ -3,8 +3,9 @@ elsewhere. Which is which follows from the op, the weight's format and the shape
 says it; `kiln info --device cuda` prints it): mat-muls run the mat-vec up to matvec.MAX_M rows
 and the quantized GEMM above (bf16 activations: kernels/linear.py); attention runs
 flash-decoding for one query per sequence and flash attention for prompts, both over the paged
-pool; MoE runs the per-row expert kernels up to MAX_M rows and the reference (grouped by expert
-on the host) above; formats a kernel lacks, and F32 weights above MAX_M rows, run the reference.
+pool; MoE runs the per-row expert kernels up to MAX_M rows and the grouped GEMM above (the
+slots sorted by expert on the device: no host synchronization); formats a kernel lacks, and
+F32 weights above MAX_M rows, run the reference.
 
 Every kernel path here keeps the reference's signature and is graph-capturable: no host
 synchronization, launch parameters from shapes only. With `pdl` (the fusion of that name) every
@@ -102,32 +103,44 @@ def ops(pdl: bool = False) -> dict:
 
 
 def compose(ops) -> dict:
-    """moe_ffn over the finished op set (its swiglu is the fused kernel or its decomposition):
-    up to matvec.MAX_M rows, each row's k experts as per-slot mat-vecs (one launch per weight,
-    expert ids read on the device), the weighted sum in one launch; more rows (prompts): the
-    reference, grouped by expert on the host."""
-    from kiln.kernels import matvec, moe
+    """moe_ffn over the finished op set (its swiglu is the fused kernel or its decomposition).
+    Below moe.grouped_min_tokens rows (decode), each row's k experts as per-slot mat-vecs (one
+    launch per weight, expert ids read on the device); from it on (prompts), the slots sorted by
+    expert on the device (moe.plan) and the grouped GEMM, one launch per weight (`moe_grouped`;
+    off: one launch per expert over the same plan). The weighted sum of a token's k rows is one
+    launch either way. Formats no kernel reads run the reference."""
+    from kiln.kernels import moe
     from kiln.kernels import router as moe_router
     from kiln.kernels.formats import SUPPORT
 
     pdl = ops.pdl
+    grouped_linear = moe.grouped_expert_linear if ops.moe_grouped else moe.per_expert_linear
 
     def expert_linear(x, ids, weight):
         if weight.qtype in SUPPORT["expert_linear"]:
             return moe.expert_linear(x.contiguous(), ids, weight, pdl=pdl)
         return reference.expert_linear(x, ids, weight)
 
-    def moe_ffn(x, weights, ids, gate, up, down):
-        if x.shape[0] > matvec.MAX_M:
-            return reference.moe_ffn(x, weights, ids, gate, up, down)
-        if up is None:  # merged gate/up [n_expert, 2F, n_embd]
-            gate_out, up_out = expert_linear(x, ids, gate).chunk(2, dim=-1)  # [T*k, F] each
-        else:
-            gate_out, up_out = expert_linear(x, ids, gate), expert_linear(x, ids, up)
-        out = expert_linear(ops.swiglu(gate_out, up_out), ids, down)  # [T*k, n_embd]
+    def combine(out, weights):
         if out.dtype == weights.dtype == torch.float32:
             return moe_router.combine(out, weights, pdl=pdl)
         return reference.moe_combine(out, weights)
+
+    def moe_ffn(x, weights, ids, gate, up, down):
+        if x.shape[0] < moe.grouped_min_tokens(x.device):
+            linear = expert_linear
+        elif all(moe.grouped_reads(w) for w in (gate, up or gate, down)):
+            grouped = moe.plan(ids, gate.shape[0])
+
+            def linear(rows, _ids, weight):
+                return grouped_linear(rows, grouped, weight, pdl=pdl)
+        else:
+            return reference.moe_ffn(x, weights, ids, gate, up, down)
+        if up is None:  # merged gate/up [n_expert, 2F, n_embd]
+            gate_out, up_out = linear(x, ids, gate).chunk(2, dim=-1)  # [T*k, F] each
+        else:
+            gate_out, up_out = linear(x, ids, gate), linear(x, ids, up)
+        return combine(linear(ops.swiglu(gate_out, up_out), ids, down), weights)
 
     return {"moe_ffn": moe_ffn}
 
@@ -160,6 +173,6 @@ ROUTES = {
     "flash attention kernel over the pool for prompts",
     "swiglu": "kernel",
     "moe_route": "kernel up to 8 rows; reference above",
-    "moe_ffn": "per-row expert mat-vec kernels + combine kernel up to 8 rows; reference "
-    "(grouped by expert) above",
+    "moe_ffn": "per-row expert mat-vec kernels + combine kernel up to 8 rows; above, the "
+    "slots sorted by expert on the device and the grouped GEMM (moe_grouped) + combine kernel",
 }

@@ -19,10 +19,15 @@ from kiln.kernels import matmul, matvec
 from kiln.kernels.formats import SUPPORT
 from kiln.weight import Weight
 
-# What runs M = 2..matvec.MAX_M rows (batched decode): "matvec" (the byte mat-vec kernel, one
-# fp32 accumulator per row) or "exact" (the GEMM on tensor cores with fp32 tiles and tf32x3
-# products). Both are within a few fp32 ulps of the reference.
-BATCH_METHOD = "matvec"
+# What runs M = 2..matvec.MAX_M rows (batched decode): "exact" (the GEMM on tensor cores with
+# fp32 tiles and tf32x3 products: 16 padded rows, the weight dequantized once for all of them) or
+# "matvec" (the byte mat-vec kernel, one fp32 accumulator per row). Both are within a few fp32
+# ulps of the reference. Chosen from the sm_90 SASS of their K loops, not yet from a timing
+# (docs/performance.md, session 7): at M = 8, instructions per weight value and thread, exact
+# 17.5 (Q4_K), 15.1 (Q8_0), 22.6 (Q6_K), 15.4 (Q4_0) against the mat-vec's 95.1, 29.8, 28.6,
+# 103.2; the mat-vec kernel before it (76.2 on Q4_K) decoded qwen3-8b Q4_K_M at 153 t/s at npl 8
+# on an H200, 0.58x npl 1.
+BATCH_METHOD = "exact"
 
 
 def route(m: int, weight: Weight, device: torch.device | None = None) -> str | None:

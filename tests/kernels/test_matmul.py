@@ -207,9 +207,10 @@ def _q2_k_blocks(n: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def test_linear_dispatch(monkeypatch) -> None:
-    """kiln.kernels.linear, and the triton op set's linear through it: M = 8 runs the mat-vec,
-    M = 9 the GEMM, "dequant" in the table dequant_matmul; formats no kernel reads give None (the
-    op set then runs the reference); the bias is added; M = 0 gives [0, N]."""
+    """kiln.kernels.linear, and the triton op set's linear through it: M = 1 runs the mat-vec,
+    M = 2..8 BATCH_METHOD's (the mat-vec or the exact GEMM; both tried), M = 9 the GEMM,
+    "dequant" in the table dequant_matmul; formats no kernel reads give None (the op set then
+    runs the reference); the bias is added; M = 0 gives [0, N]."""
     from kiln.kernels import linear as lin
     from kiln.kernels import matmul as mm
     from kiln.ops import triton_backend
@@ -219,6 +220,7 @@ def test_linear_dispatch(monkeypatch) -> None:
     w = _weight("Q4_K", 40, 256, gen)
     bias = Weight("b", _T.F32, (40,), torch.randn(40).view(torch.uint8).to(DEVICE))
     op = triton_backend.ops()["linear"]
+    monkeypatch.setattr(lin, "BATCH_METHOD", "matvec")
     for m, kernel in ((1, "_matvec_lanes_m1_kernel"), (8, "_matvec_kernel"), (9, "_matmul_kernel")):
         x = torch.randn(m, 256, generator=gen, device=DEVICE)
         y = lin.linear(x, w, bias)
@@ -234,7 +236,6 @@ def test_linear_dispatch(monkeypatch) -> None:
     assert lin.route(3, w) == "exact" and lin.route(1, w) == "matvec"
     check_matmul(lin.linear(x, w), x, w, "linear M=3 exact")
     assert launched[-1][0] == "_matmul_kernel"
-    monkeypatch.setattr(lin, "BATCH_METHOD", "matvec")
 
     monkeypatch.setattr(mm, "method", lambda *args: "dequant")
     x = torch.randn(9, 256, generator=gen, device=DEVICE)

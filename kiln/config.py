@@ -23,7 +23,8 @@ class ArchSpec:
     rope_neox: bool  # qwen: rotate (i, i + d/2); llama GGUFs: adjacent pairs
     qkv_bias: bool = False  # qwen2: Q/K/V projections carry a bias
     qk_norm: bool = False  # qwen3: per-head RMSNorm of Q and K before RoPE
-    moe: bool = False  # qwen3moe: routed experts replace the dense FFN
+    moe: bool = False  # qwen3moe: routed experts replace the dense FFN in every model
+    experts_optional: bool = False  # llama: Mixtral-style experts where expert_count > 0
     moe_normalize: bool = True  # renormalize the top-k router weights to sum to 1
 
 
@@ -102,6 +103,11 @@ class ModelConfig:
         return architectures()[self.arch]
 
     @property
+    def moe(self) -> bool:
+        """Routed experts in place of the dense FFN (qwen3moe; llama with expert_count > 0)."""
+        return self.n_expert > 0
+
+    @property
     def q_dim(self) -> int:
         return self.n_head * self.head_dim
 
@@ -140,14 +146,19 @@ class ModelConfig:
             )
         head_dim = keys.int("attention.key_length", default=n_embd // n_head)
         head_dim_v = keys.int("attention.value_length", default=head_dim)
-        n_expert = keys.int("expert_count", default=0, minimum=0) if spec.moe else 0
-        n_expert_used = keys.int("expert_used_count", default=0, minimum=0) if spec.moe else 0
-        if spec.moe and not (0 < n_expert_used <= n_expert):
+        reads_experts = spec.moe or spec.experts_optional
+        n_expert = keys.int("expert_count", default=0, minimum=0) if reads_experts else 0
+        n_expert_used = keys.int("expert_used_count", default=0, minimum=0) if n_expert else 0
+        if (spec.moe or n_expert) and not (0 < n_expert_used <= n_expert):
             raise ConfigError(
                 f"{src}: {arch} needs 0 < expert_used_count ({n_expert_used}) <= "
                 f"expert_count ({n_expert})"
             )
-        n_ff_expert = keys.int("expert_feed_forward_length", default=0, minimum=0)
+        n_ff = keys.int("feed_forward_length", default=0 if spec.moe else None, minimum=0)
+        # Mixtral-style llama GGUFs size their experts with feed_forward_length
+        n_ff_expert = keys.int(
+            "expert_feed_forward_length", default=n_ff if n_expert else 0, minimum=0
+        )
         tokens = meta.get("tokenizer.ggml.tokens")
         if tokens is not None and not isinstance(tokens, list):
             raise ConfigError(f"{src}: metadata key 'tokenizer.ggml.tokens' must be an array")
@@ -165,7 +176,7 @@ class ModelConfig:
             n_head_kv=n_head_kv,
             head_dim=head_dim,
             head_dim_v=head_dim_v,
-            n_ff=keys.int("feed_forward_length", default=0 if spec.moe else None, minimum=0),
+            n_ff=n_ff,
             n_vocab=keys.int("vocab_size", default=n_vocab_default),
             n_ctx_train=keys.int("context_length"),
             rms_eps=keys.float("attention.layer_norm_rms_epsilon"),
@@ -223,7 +234,7 @@ class ModelConfig:
                 shapes[p + "attn_q_norm.weight"] = (self.head_dim,)
                 shapes[p + "attn_k_norm.weight"] = (self.head_dim,)
             shapes[p + "ffn_norm.weight"] = (e,)
-            if spec.moe:
+            if self.moe:
                 x, f = self.n_expert, self.n_ff_expert
                 shapes[p + "ffn_gate_inp.weight"] = (x, e)
                 shapes[p + "ffn_gate_exps.weight"] = (x, f, e)

@@ -65,3 +65,22 @@ def test_bad_metadata(stories_model, change, error, words):
         ModelConfig.from_gguf(model)
     assert words in str(info.value)
     assert str(stories_model) in str(info.value)
+
+
+def test_llama_with_experts(stories_model):
+    """llama.cpp's llama carries Mixtral-style experts when expert_count > 0: the config reads
+    them (feed_forward_length is one expert's size there); a wrong count is a clear error."""
+    from kiln.gguf.moe_split import experts_from_dense
+
+    dense = read_gguf(stories_model)
+    assert not dense.config.moe and dense.config.n_expert == 0
+    split = experts_from_dense(dense, 4)
+    c = split.config
+    assert c.moe and (c.n_expert, c.n_expert_used, c.n_ff_expert) == (4, 4, 43)
+    bad = dataclasses.replace(
+        split, metadata={**split.metadata, "llama.expert_used_count": 5}, _config=None
+    )
+    with pytest.raises(ConfigError, match="expert_used_count"):
+        _ = bad.config
+    with pytest.raises(UnsupportedError, match="power of two"):
+        experts_from_dense(dense, 3)

@@ -76,7 +76,7 @@ def format_info(model: GGUFModel) -> str:
     rows.append(("context", f"{c.n_ctx_train} tokens (trained)"))
     head = f"{c.n_head} (kv {c.n_head_kv}), head size {c.head_dim}"
     rows.append(("layers", f"{c.n_layer}, embedding {c.n_embd}, heads {head}"))
-    if c.spec.moe:
+    if c.moe:
         experts = f"{c.n_expert} ({c.n_expert_used} used), expert FFN {c.n_ff_expert}"
         rows.append(("experts", experts))
     else:

@@ -61,6 +61,6 @@ def _merge_groups(config, spec: ArchSpec, policy: FusionPolicy) -> list[list[str
         p = f"blk.{i}."
         if policy.merged_qkv:
             groups.append([p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"])
-        if policy.merged_gate_up and not spec.moe:
+        if policy.merged_gate_up and not config.moe:
             groups.append([p + "ffn_gate.weight", p + "ffn_up.weight"])
     return groups

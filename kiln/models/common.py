@@ -52,7 +52,7 @@ class DecoderModel:
         self.lm_head = weights.get("output.weight", weights["token_embd.weight"])
         # layers whose weights were merged (a fusion can be on yet not apply to every layer)
         self.merged_qkv = self._merge(_QKV) if policy.merged_qkv else 0
-        gate_up = _GATE_UP_EXPS if self.spec.moe else _GATE_UP
+        gate_up = _GATE_UP_EXPS if config.moe else _GATE_UP
         self.merged_gate_up = self._merge(gate_up) if policy.merged_gate_up else 0
 
     def _merge(self, names: tuple[tuple[str, ...], str]) -> int:
@@ -137,7 +137,7 @@ class DecoderModel:
 
     def _ffn(self, i: int, x: torch.Tensor) -> torch.Tensor:
         ops, w, p = self.ops, self.w, f"blk.{i}."
-        if self.spec.moe:
+        if self.config.moe:
             return self._moe(i, x)
         if p + "ffn_gate_up.weight" in w:
             gate, up = ops.linear(x, w[p + "ffn_gate_up.weight"]).chunk(2, dim=-1)

@@ -220,7 +220,7 @@ def _forward(model, tokens):
         attn = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).reshape(n_tok, -1)
         x = x + attn @ w[p + "attn_output.weight"].T
         h = _rms_norm(x, w[p + "ffn_norm.weight"], c.rms_eps)
-        x = x + (_moe(w, p, h, c) if c.spec.moe else _ffn(w[p + "ffn_gate.weight"],
+        x = x + (_moe(w, p, h, c) if c.moe else _ffn(w[p + "ffn_gate.weight"],
                                                          w[p + "ffn_up.weight"],
                                                          w[p + "ffn_down.weight"], h))  # fmt: skip
         assert torch.isfinite(x).all(), f"layer {i}"

@@ -1,8 +1,8 @@
 """Every kernel of the GPU decode step, as the model launches it at the real shapes of each
 benchmark preset, compiles for an H100 (sm_90) — checked on the CPU (tests/kernels/sm90.py), one
-layer per model, with and without the fusions. With the `pdl` fusion every kernel is launched
-with programmatic dependent launch and waits (griddepcontrol.wait) for its inputs; without it
-none does."""
+layer per model, with and without the fusions, for a decode batch of 2 and of 1. With the `pdl`
+fusion every kernel is launched with programmatic dependent launch and waits
+(griddepcontrol.wait) for its inputs; without it none does."""
 
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ for fused in (True, False):
         for seq in seqs:  # positions 0..4 written by the reference path (a prompt), no kernel
             engine.pool.reserve(seq, 5)
             seq.length = 5
-        engine.decode_batch([3, 4], seqs)  # a decode batch of 2: every decode kernel
+        engine.decode_batch([3, 4], seqs)  # a decode batch of 2: the batched mat-muls
+        engine.decode(5, seqs[0])  # one sequence: the M = 1 mat-vecs
     names |= {{c.kernel for c in done}}
     wrong = [c.kernel for c in done if (c.launch_pdl, c.waits) != (fused, fused)]
     assert not wrong, f"pdl={{fused}}: launch_pdl or the wait differ in {{wrong}}"
@@ -54,6 +55,7 @@ print(json.dumps(sorted(names)))
 )  # fmt: skip
 def test_decode_step_compiles_for_sm90(preset, qtype):
     names = json.loads(run_compile_check(CODE.format(preset=preset, qtype=qtype)).splitlines()[-1])
-    assert any("matvec" in n for n in names), names
+    assert any("matvec" in n for n in names), names  # M = 1 (and the MoE experts)
+    assert "_matmul_kernel" in names, names  # M = 2: linear.BATCH_METHOD "exact"
     assert any("attention" in n for n in names), names
     assert any("norm" in n for n in names), names

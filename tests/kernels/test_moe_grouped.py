@@ -12,13 +12,16 @@ Qwen3-30B-A3B's expert shapes at 512 tokens.
 
 from __future__ import annotations
 
+import textwrap
+
 import pytest
 import torch
 
 from kiln import quant
 from kiln.ops import reference
-from tests.kernels.test_matmul import FORMATS
-from tests.kernels.test_matvec import _check, record_launches
+from tests.kernels.sm90 import run_compile_check
+from tests.kernels.test_matmul import FORMATS, SMEM_LIMIT
+from tests.kernels.test_matvec import CAPTURE_PTX, _check, record_launches
 from tests.kernels.test_moe import _experts
 from tests.kernels.test_router import _PoisonedTorch
 from tests.kernels.tolerances import MATMUL
@@ -115,3 +118,52 @@ def test_block_sizes(moe, block_m) -> None:
     p = moe.plan(ids, 4, block_m=block_m)
     y = moe.grouped_expert_linear(x, p, w)
     _check(y, reference.expert_linear(x, ids, w), _bound(x, ids, w), f"block_m {block_m}")
+
+
+# The grouped GEMM of every format at each block size, and the exact GEMM (batched decode): for
+# an H100 (sm_90), with the tensor-core instructions of the PTX and the shared memory.
+_COMPILE = CAPTURE_PTX + textwrap.dedent(
+    """
+    import re
+    import torch
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
+    from kiln.kernels import matmul, moe
+    from kiln.weight import Weight
+    from tests.kernels.sm90 import compile_only
+
+    def weight(q, e, n, k):
+        bv, ts = GGML_QUANT_SIZES[q]
+        shape = (e, n, k) if e else (n, k)
+        raw = torch.empty(*shape[:-1], k // bv * ts, dtype=torch.uint8)
+        return Weight("w", q, shape, raw)
+
+    def mma():
+        ops = re.findall(r"\\b(wgmma\\.mma_async|mma\\.sync)\\.", _ptx[-1])
+        return ",".join(sorted(set(ops))) or "none"
+
+    formats = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K)
+    with compile_only() as done:
+        capture_ptx()
+        for q in formats:
+            for bm in (16, 128):
+                slots = torch.zeros(1024, dtype=torch.int32)
+                blocks = torch.zeros(1024 // bm, dtype=torch.int32)
+                plan = moe.GroupedPlan(slots, blocks, 512, 8, 128, bm)
+                moe.grouped_expert_linear(torch.empty(64, 2048), plan, weight(q, 128, 768, 2048))
+                c = done[-1]
+                print("grouped", q.name, bm, c.kernel, c.shared_bytes, mma())
+            matmul.matmul(torch.empty(8, 4096), weight(q, 0, 4096, 4096), exact=True)
+            c = done[-1]
+            print("exact", q.name, 8, c.kernel, c.shared_bytes, mma())
+    """
+)
+
+
+def test_grouped_and_exact_gemm_compile_for_sm90() -> None:
+    lines = [line.split() for line in run_compile_check(_COMPILE).splitlines()]
+    assert len(lines) == 3 * len(FORMATS), lines
+    for what, fmt, m, kernel, shared, mma in lines:
+        assert int(shared) <= SMEM_LIMIT, f"{what} {fmt} {m}: {shared} B of shared memory"
+        want = "_grouped_matmul_kernel" if what == "grouped" else "_matmul_kernel"
+        assert kernel == want, (what, fmt, kernel)
+        assert mma == "wgmma.mma_async", f"{what} {fmt} {m}: tensor-core instructions {mma}"

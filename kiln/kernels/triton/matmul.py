@@ -125,6 +125,55 @@ def _weight_tile(
 
 
 @triton.jit
+def _k_loop(
+    acc,  # [BLOCK_N, BLOCK_M] (SWAP_AB) or [BLOCK_M, BLOCK_N] fp32
+    x_rows,  # [BLOCK_M, 1] pointers to the x rows of the tile
+    w_rows,  # [BLOCK_N, 1] pointers to the weight rows of the tile
+    K,
+    K_INTERP: tl.constexpr,
+    FMT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    TYPE_SIZE: tl.constexpr,
+    BLOCK_VALUES: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+    EXACT: tl.constexpr,
+    SWAP_AB: tl.constexpr,
+):
+    """acc + the tile's products over all of K: per BLOCK_K step the x tile (bf16, or fp32 when
+    EXACT) and the weight tile dequantized in registers, multiplied by _dot in SWAP_AB's order.
+    Shared by the dense GEMM and the grouped one (kernels/triton/moe.py)."""
+    # Triton 3.6's interpreter holds a scalar argument as a 1-element array, which numpy >= 2.4
+    # refuses to turn into a Python int for range(); there the launcher passes K as a constexpr.
+    # Compiled kernels keep K a runtime value, so one binary serves every K.
+    for k0 in range(0, K_INTERP if K_INTERP > 0 else K, BLOCK_K):
+        kx = k0 + tl.arange(0, BLOCK_K)[None, :]
+        if EVEN_K:
+            xa = tl.load(x_rows + kx)
+        else:
+            xa = tl.load(x_rows + kx, mask=kx < K, other=0.0)
+        w = _weight_tile(
+            w_rows,
+            k0,
+            K,
+            FMT,
+            BLOCK_N,
+            BLOCK_K,
+            TYPE_SIZE,
+            BLOCK_VALUES,
+            EVEN_K,
+            INTERPRETED,
+            EXACT,
+        )
+        if SWAP_AB:
+            acc = _dot(w, tl.trans(xa), acc, EXACT, INTERPRETED)
+        else:
+            acc = _dot(xa, tl.trans(w), acc, EXACT, INTERPRETED)
+    return acc
+
+
+@triton.jit
 def _matmul_kernel(
     x_ptr,  # bf16 (EXACT: f32) [M, K], row stride stride_xm, unit stride along K
     w_ptr,  # float formats: typed [N, K]; block formats: uint8 [N, row_bytes]
@@ -171,32 +220,10 @@ def _matmul_kernel(
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # out^T: the weight rows lead
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    # Triton 3.6's interpreter holds a scalar argument as a 1-element array, which numpy >= 2.4
-    # refuses to turn into a Python int for range(); there the launcher passes K as a constexpr.
-    # Compiled kernels keep K a runtime value, so one binary serves every K.
-    for k0 in range(0, K_INTERP if K_INTERP > 0 else K, BLOCK_K):
-        kx = k0 + tl.arange(0, BLOCK_K)[None, :]
-        if EVEN_K:
-            xa = tl.load(x_rows + kx)
-        else:
-            xa = tl.load(x_rows + kx, mask=kx < K, other=0.0)
-        w = _weight_tile(
-            w_rows,
-            k0,
-            K,
-            FMT,
-            BLOCK_N,
-            BLOCK_K,
-            TYPE_SIZE,
-            BLOCK_VALUES,
-            EVEN_K,
-            INTERPRETED,
-            EXACT,
-        )
-        if SWAP_AB:
-            acc = _dot(w, tl.trans(xa), acc, EXACT, INTERPRETED)
-        else:
-            acc = _dot(xa, tl.trans(w), acc, EXACT, INTERPRETED)
+    acc = _k_loop(
+        acc, x_rows, w_rows, K, K_INTERP, FMT, BLOCK_N, BLOCK_K, TYPE_SIZE, BLOCK_VALUES, EVEN_K,
+        INTERPRETED, EXACT, SWAP_AB,
+    )  # fmt: skip
     out_type = out_ptr.dtype.element_ty
     if SWAP_AB:
         out = out_ptr + rm.to(tl.int64)[None, :] * stride_om + rn[:, None]

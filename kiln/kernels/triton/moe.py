@@ -19,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kiln.kernels.triton.matmul import _dot, _weight_tile
+from kiln.kernels.triton.matmul import _k_loop
 from kiln.kernels.triton.pdl import wait_for_inputs
 
 
@@ -64,15 +64,9 @@ def _grouped_matmul_kernel(
         w_base = w_ptr + expert.to(tl.int64) * stride_we
         w_rows = w_base + tl.minimum(rn, N - 1).to(tl.int64)[:, None] * stride_wn
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # out^T: the weight rows lead
-        for k0 in range(0, K_INTERP if K_INTERP > 0 else K, BLOCK_K):
-            kx = k0 + tl.arange(0, BLOCK_K)[None, :]
-            if EVEN_K:
-                xa = tl.load(x_rows + kx)
-            else:
-                xa = tl.load(x_rows + kx, mask=kx < K, other=0.0)
-            w = _weight_tile(
-                w_rows, k0, K, FMT, BLOCK_N, BLOCK_K, TYPE_SIZE, BLOCK_VALUES, EVEN_K, INTERPRETED
-            )
-            acc = _dot(w, tl.trans(xa), acc, False, INTERPRETED)
+        acc = _k_loop(
+            acc, x_rows, w_rows, K, K_INTERP, FMT, BLOCK_N, BLOCK_K, TYPE_SIZE, BLOCK_VALUES,
+            EVEN_K, INTERPRETED, False, True,
+        )  # fmt: skip
         out = out_ptr + slots.to(tl.int64)[None, :] * stride_om + rn[:, None]
         tl.store(out, acc, mask=slot_ok[None, :] & (rn[:, None] < N))

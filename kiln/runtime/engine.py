@@ -58,9 +58,9 @@ class Engine:
             self.device,
             kv_dtype(model.ops.name),
             block_size,
-            # triton: one sequence's whole context (graphs see no growth at batch 1); else 256
-            # rows in all, the scratch block among them (the old one-sequence cache's start)
-            initial_tokens=n_ctx if static else 256 - block_size,
+            # triton: one sequence's whole context (graphs see no growth at batch 1); else the
+            # pool's default start
+            initial_tokens=n_ctx if static else None,
         )
         graphs = static and model.policy.cuda_graphs and self.device.type == "cuda"
         self.graphs = GraphRunner(model, self.pool) if graphs else None

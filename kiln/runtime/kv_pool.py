@@ -89,7 +89,7 @@ class KVPool:
         device: torch.device,
         dtype: torch.dtype = torch.float32,
         block_size: int = DEFAULT_BLOCK_SIZE,
-        initial_tokens: int = 256,
+        initial_tokens: int | None = None,
     ):
         if block_size < 16 or block_size & (block_size - 1):
             raise UsageError(f"the KV block size must be a power of 2 >= 16, got {block_size}")
@@ -103,8 +103,11 @@ class KVPool:
         self.refs: list[int] = []  # per block: sequences holding it (scratch: 1, never freed)
         self._free: list[int] = []  # free block ids, the lowest last (allocated first)
         self.generation = 0  # bumped when the tensors move (a growth)
-        start = min(self.max_blocks, -(-initial_tokens // block_size) + 1)
-        self._grow(max(start, 2))
+        if initial_tokens is None:  # 256 rows in all, the scratch block among them
+            start = max(2, 256 // block_size)
+        else:  # room for initial_tokens, plus the scratch block
+            start = max(2, -(-initial_tokens // block_size) + 1)
+        self._grow(min(self.max_blocks, start))
 
     # -- memory ------------------------------------------------------------------------------
     def _grow(self, n_blocks: int) -> None:

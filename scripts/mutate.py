@@ -61,6 +61,7 @@ MATVEC_TESTS = ("tests/kernels/test_matvec.py", *NOT_SM90)
 # (scripts/ is not in the mutation copy: the tuning script's test stays out)
 MATMUL_TESTS = ("tests/kernels/test_matmul.py", "-k", "not sm90 and not tune_script")
 MOE_TESTS = ("tests/kernels/test_moe.py", *NOT_SM90)
+GROUPED_TESTS = ("tests/kernels/test_moe_grouped.py", *NOT_SM90)
 ROUTER_TESTS = ("tests/kernels/test_router.py", *NOT_SM90)
 EMBEDDING_TESTS = ("tests/kernels/test_embedding.py", *NOT_SM90)
 SAMPLER_TESTS = ("tests/runtime/test_sampler.py",)
@@ -247,8 +248,8 @@ MUTATIONS: list[Mutation] = [
         "matvec_rows_read_row0",
         KERNELS + "matvec.py",
         _one(
-            "xv = tl.load(x_ptr + m * stride_xm + k, mask=k_ok & (m < M), other=0.0)",
-            "xv = tl.load(x_ptr + k, mask=k_ok & (m < M), other=0.0)",
+            "xv = tl.load(x_ptr + m4 * stride_xm + k[None], mask=k_ok[None] & (m4 < M), other=0.0)",
+            "xv = tl.load(x_ptr + k[None], mask=k_ok[None] & (m4 < M), other=0.0)",
         ),
         MATVEC_TESTS,
         "the M > 1 mat-vec multiplies every row's weights by x row 0",
@@ -634,6 +635,23 @@ MUTATIONS: list[Mutation] = [
         ),
         SAMPLER_TESTS,
         "a row's padded penalty entries point at token 0 under the row's penalties",
+    ),
+    Mutation(
+        "grouped_x_row_per_slot",
+        KERNELS + "moe.py",
+        _one(
+            "x_row = tl.where(slot_ok, slots // SLOTS_PER_X, 0)",
+            "x_row = tl.where(slot_ok, slots, 0)",
+        ),
+        GROUPED_TESTS,
+        "the grouped GEMM reads x row s for slot s also where a token's k slots share its row",
+    ),
+    Mutation(
+        "grouped_plan_unpadded",
+        "kiln/kernels/moe.py",
+        _one("padded = (counts + bm - 1) // bm * bm", "padded = counts"),
+        GROUPED_TESTS,
+        "the plan does not pad each expert's run to whole blocks: a block mixes two experts",
     ),
 ]
 

@@ -1,6 +1,7 @@
-"""The one `linear` dispatch by M (rows) of the triton op set: the decode mat-vec up to
-matvec.MAX_M rows, the quantized GEMM above it, or dequant_matmul where the tuned table found
-it faster for this (format, N, K, M bucket) on this GPU (kiln/kernels/matmul.py).
+"""The one `linear` dispatch by M (rows) of the triton op set: the decode mat-vec at one row,
+BATCH_METHOD for 2..matvec.MAX_M rows (batched decode), the quantized GEMM above it, or
+dequant_matmul where the tuned table found it faster for this (format, N, K, M bucket) on this
+GPU (kiln/kernels/matmul.py).
 
     linear(x: [M, K], weight: Weight [N, K], bias: Weight [N] | None) -> [M, N] float32, or None
 

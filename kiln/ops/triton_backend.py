@@ -1,7 +1,8 @@
 """The "triton" backend: the GPU kernels of kiln/kernels where they apply, the torch reference
 elsewhere. Which is which follows from the op, the weight's format and the shapes only (ROUTES
-says it; `kiln info --device cuda` prints it): mat-muls run the mat-vec up to matvec.MAX_M rows
-and the quantized GEMM above (bf16 activations: kernels/linear.py); attention runs
+says it; `kiln info --device cuda` prints it): mat-muls run the mat-vec at one row, the exact
+(fp32) GEMM for 2..matvec.MAX_M rows and the quantized GEMM above (bf16 activations): the one
+dispatch of kernels/linear.py; attention runs
 flash-decoding for one query per sequence and flash attention for prompts, both over the paged
 pool; MoE runs the per-row expert kernels up to MAX_M rows and the grouped GEMM above (the
 slots sorted by expert on the device: no host synchronization); formats a kernel lacks, and
@@ -38,8 +39,9 @@ def ops(pdl: bool = False) -> dict:
         return reference.embedding(weight, ids)
 
     def linear(x: torch.Tensor, weight: Weight, bias: Weight | None = None) -> torch.Tensor:
-        """x: [T, n_in] -> [T, n_out]: kiln.kernels.linear's dispatch by T (the mat-vec up to
-        matvec.MAX_M rows, the quantized GEMM above); the reference where no kernel reads the
+        """x: [T, n_in] -> [T, n_out]: kiln.kernels.linear's dispatch by T (the mat-vec at one
+        row, linear.BATCH_METHOD up to matvec.MAX_M, the quantized GEMM above); the reference
+        where no kernel reads the
         weight."""
         y = kernel_linear(x, weight, bias, pdl=pdl)
         return reference.linear(x, weight, bias) if y is None else y
@@ -162,8 +164,9 @@ def kernel_reads(name: str, qtype) -> bool:
 
 ROUTES = {
     "embedding": "kernel (the mat-vec formats); reference for other formats",
-    "linear": "mat-vec up to 8 rows, quantized GEMM above (tensor cores, bf16 activations); "
-    "F32 weights above 8 rows and other formats: the reference (fp32)",
+    "linear": "mat-vec at 1 row; 2..8 rows: kiln.kernels.linear.BATCH_METHOD (the exact fp32 "
+    "GEMM by default); quantized GEMM above (tensor cores, bf16 activations); F32 weights above "
+    "8 rows and other formats: the reference (fp32)",
     "rms_norm": "kernel",
     "add_rms_norm": "kernel",
     "qk_norm": "kernel",

@@ -31,10 +31,10 @@ def test_format_ids_are_the_dequant_constexprs() -> None:
 def test_support_table() -> None:
     """Each kernel reads formats that have an id; the lanes kernel's formats are exactly those
     kiln.kernels.matvec knows how to read with it (_WIDE); supports() answers from the table."""
-    from kiln.kernels import matvec
+    from kiln.kernels import matvec, matvec_q8
 
     assert set(formats.SUPPORT) == {
-        "matvec", "matvec_lanes", "expert_linear", "matmul", "embedding",
+        "matvec", "matvec_lanes", "matvec_q8", "expert_linear", "matmul", "embedding",
     }  # fmt: skip
     for kernel, types in formats.SUPPORT.items():
         assert types <= set(formats.FORMAT_IDS), kernel
@@ -43,6 +43,7 @@ def test_support_table() -> None:
     assert formats.SUPPORT["matvec_lanes"] <= formats.SUPPORT["matvec"]
     assert set(matvec._WIDE) == formats.SUPPORT["matvec_lanes"]
     assert all(matvec._WIDE[q].fmt == formats.FORMAT_IDS[q] for q in matvec._WIDE)
+    assert set(matvec_q8.VIEW) == set(matvec_q8.LANES) == formats.SUPPORT["matvec_q8"]
 
 
 def _weight(shape: tuple[int, ...], qtype=_T.Q8_0) -> Weight:

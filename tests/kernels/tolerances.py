@@ -35,6 +35,21 @@ MATVEC: dict[tuple[str, torch.dtype], tuple[float, float, str]] = {
     (fmt, act): (2e-5, 1e-6, reason) for fmt, reason in _REASONS.items() for act in _ACT
 }
 
+# The int8-activation mat-vec (kiln/kernels/matvec_q8.py) against reference.linear of the
+# dequantized q8_1 x, by weight format: (rtol, atol, reason). Its products are exact integer dot
+# products of 4 or 8 values; the rest is fp32 roundings of the scale products per lane.
+MATVEC_Q8: dict[str, tuple[float, float, str]] = {
+    "Q8_0": (2e-5, 1e-6, "(d_w * (d_x * dot)): two roundings a lane of 8; summation order"),
+    "Q4_0": (2e-5, 1e-6, "as Q8_0; q - 8 folded into the exact integer dot product"),
+    "Q4_K": (
+        2e-5,
+        1e-6,
+        "(d * sc) * (d_x * dot) - (dmin * m) * (d_x * sum q_x): two products a lane of 8 that may "
+        "cancel; 1 ulp each of the terms' magnitudes; summation order",
+    ),
+    "Q6_K": (2e-5, 1e-6, "(d * sc) * (d_x * dot), q - 32 folded into the integer dot product"),
+}
+
 # The decode fusions (kiln/kernels/norm.py, rope.py, activation.py): op -> (rtol, atol, reason).
 # rtol is relative to the magnitude of the terms (|reference| where nothing cancels; |a| + |b| for
 # a rotated pair, whose a cos - b sin may cancel to ~0).

@@ -1,0 +1,109 @@
+"""Launcher of the int8-activation mat-vec (kernels/triton/matvec_q8.py): x in q8_1, the weight in
+its GGUF blocks, dp4a dot products.
+
+    matvec_q8(x: Q8_1 [M, K], weight: Weight [N, K]) -> [M, N] float32
+
+M is a decode batch (1..8). Its reference is kiln.ops.reference.linear(q8_1.dequantize(x),
+weight): the kernel's integer dot products are exact, so it differs from that only by the fp32
+rounding of the block scales' products and the summation order. Against the bf16/f32 path the
+difference is q8_1's own rounding of x (the quality gate of the norm_quant fusion).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from kiln.kernels import interpreting, pdl_launch
+from kiln.kernels.formats import FORMAT_IDS, SUPPORT
+from kiln.kernels.matvec import MAX_M, MatvecConfig, _aligned, _blocks_per_step
+from kiln.kernels.triton import matvec_q8 as _k
+from kiln.quant.q8_1 import Q8_1
+from kiln.weight import Weight
+
+_T = GGMLQuantizationType
+
+# The integer view each format is read through (rows must start on its items) and its lanes
+# (threads) per block: kernels/triton/matvec_q8.py's top says what a lane reads.
+VIEW = {_T.Q8_0: torch.int16, _T.Q4_0: torch.int16, _T.Q4_K: torch.int64, _T.Q6_K: torch.int16}
+LANES = {_T.Q8_0: 4, _T.Q4_0: 4, _T.Q4_K: 16, _T.Q6_K: 8}
+
+
+def reads(weight: Weight) -> bool:
+    """Whether the int8 mat-vec reads this weight: a format of SUPPORT["matvec_q8"], 2-D, its
+    rows aligned to the format's integer view."""
+    return (
+        len(weight.shape) == 2
+        and weight.raw is not None
+        and weight.qtype in SUPPORT["matvec_q8"]
+        and _aligned(weight.raw, VIEW[weight.qtype].itemsize)
+    )
+
+
+def default_config(m: int) -> MatvecConfig:
+    """Untuned: 8 weight rows a program at one x row, fewer as rows of x add accumulators
+    (M_PAD * lanes-per-thread * BLOCK_N fp32 registers), 2048 values a step, 4 warps."""
+    block_n = max(2, 8 // triton.next_power_of_2(m))
+    return MatvecConfig(block_n=block_n, tile_values=2048, num_warps=4)
+
+
+def matvec_q8(
+    x: Q8_1, weight: Weight, config: MatvecConfig | None = None, pdl: bool = False
+) -> torch.Tensor:
+    """x: q8_1 [M, K] -> [M, N] float32 = dequantize(x) @ W.T."""
+    x.check()
+    m, k = x.shape
+    assert len(weight.shape) == 2, f"matvec_q8 needs a 2-D weight; got {weight.shape}"
+    assert weight.qtype in SUPPORT["matvec_q8"], f"matvec_q8 does not read {weight.qtype.name}"
+    n = weight.shape[0]
+    assert k == weight.shape[1], f"x has K={k}, weight {weight.name} has K={weight.shape[1]}"
+    assert 1 <= m <= MAX_M, f"matvec_q8 is for decode batches of 1..{MAX_M} rows; got M={m}"
+    assert x.qs.device == weight.device, f"x on {x.qs.device}, weight on {weight.device}"
+    raw = weight.raw
+    assert raw.dtype == torch.uint8 and raw.dim() == 2 and raw.stride(1) == 1
+    view = VIEW[weight.qtype]
+    assert _aligned(raw, view.itemsize), (
+        f"weight {weight.name}: rows must start on {view.itemsize}-byte boundaries"
+    )
+    out = torch.empty((m, n), dtype=torch.float32, device=x.qs.device)
+    cfg = config or default_config(m)
+    launch(x, weight.qtype, raw.view(view), out, cfg, pdl=pdl)
+    return out
+
+
+def launch(
+    x: Q8_1,
+    qtype: GGMLQuantizationType,
+    w: torch.Tensor,
+    out: torch.Tensor,
+    cfg: MatvecConfig,
+    pdl: bool = False,
+) -> None:
+    """One launch for checked inputs: w is the weight's integer view [N, row_bytes / item]."""
+    m, k = x.shape
+    n = w.shape[0]
+    block_values = GGML_QUANT_SIZES[qtype][0]
+    per_step = _blocks_per_step(k, block_values, cfg)
+    s = min(max(1, 32 * cfg.num_warps // LANES[qtype]), per_step)
+    _k._matvec_q8_kernel[(triton.cdiv(n, cfg.block_n),)](
+        x.qs.view(torch.int32),
+        x.ds,
+        w,
+        out,
+        m,
+        n,
+        k,
+        w.stride(0),
+        out.stride(0),
+        K_INTERP=k if interpreting() else 0,
+        M_PAD=triton.next_power_of_2(m),
+        BLOCK_N=cfg.block_n,
+        S=s,
+        R=per_step // s,
+        EVEN=(k // block_values) % per_step == 0,
+        FMT=FORMAT_IDS[qtype],
+        DP4A=not interpreting(),
+        num_warps=cfg.num_warps,
+        **pdl_launch(pdl),
+    )

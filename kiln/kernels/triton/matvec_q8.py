@@ -1,0 +1,216 @@
+"""The int8-activation mat-vec: out[m, n] = sum_k x[m, k] * W[n, k] with x in q8_1
+(kiln/quant/q8_1.py: int8 quants, a float32 d and s = d * sum(q) per 32 values) and W in its
+GGUF blocks, for M = 1..8 rows of x read against one pass over the weight.
+
+Why: the bf16-activation mat-vec spends about 7 sm_90 instructions per weight value on Q4_K (a
+LOP3, an FADD and an FFMA per value, plus the scales), which makes it instruction-bound at about
+half of the copy bandwidth. Here four weight quants and four x quants meet in one `dp4a` (a
+4-way int8 dot product with int32 accumulation): a Q4_K word of 8 nibbles costs two LOP3 and
+two dp4a per x row, and the float work (the block scales) is paid once per 8 values of a lane.
+
+Lanes, as in the bf16 lanes kernel (kernels/triton/matvec.py): a tile is [S * QW, BLOCK_N], lane
+j % QW of block j // QW of each of BLOCK_N weight rows, lanes along K so a warp's loads are
+contiguous; x is [M_PAD, S * QW, 1] (loaded once for the BLOCK_N rows) and the accumulator
+[M_PAD, S * QW, BLOCK_N] fp32, summed over the lanes at the end. x's quants are read as int32
+words (4 quants), its (d, s) pairs as float32. A lane's part of one x block (8 values, two words)
+is one int32 dot product, scaled once: acc += (d_w * scale) * (d_x * dot).
+
+Per format, a lane (values of one 32-value x block are always in one lane's word pair):
+- Q8_0 (int16 view, 17 halfwords): 8 bytes = 8 signed quants; 4 lanes a block.
+- Q4_0 (int16 view, 9 halfwords): 4 bytes of qs = values 4i..4i+3 (low nibbles) and 16 + 4i..
+  (high); 4 lanes a block; q - 8 as dp4a(q, x) starting from -8 * sum(x quants of the word).
+- Q4_K (int64 view, 18 words): 8 bytes of qs = 8 low nibbles of sub-block 2c and 8 high nibbles
+  of sub-block 2c + 1; 16 lanes a block; the mins: - dmin * min * d_x * sum(x quants).
+- Q6_K (int16 view, 105 halfwords): half hh, l = l0..l0 + 7 of it for each k = 0..3 (values
+  128 hh + 32 k + l); 8 lanes a block; q - 32 as dp4a from -32 * sum(x quants).
+
+DP4A off (the interpreter cannot run inline PTX) computes the same int32 dot product with shifts
+and multiplies: integer sums are exact in any order, so both give the same bits.
+
+Only @triton.jit functions live here; kiln/kernels/matvec_q8.py launches them.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from kiln.kernels.triton.dequant import Q4_0, Q4_K, Q6_K, Q8_0
+from kiln.kernels.triton.matvec import _f16_lo, _masked_load, _q4_k_scale_min
+from kiln.kernels.triton.pdl import wait_for_inputs
+
+_NIB: tl.constexpr = tl.constexpr(0x0F0F0F0F)
+_ONES: tl.constexpr = tl.constexpr(0x01010101)
+
+
+@triton.jit
+def _dp4a(a, b, c, DP4A: tl.constexpr):
+    """c + sum over the 4 bytes of a and b of a_i * b_i (signed bytes; int32 in and out)."""
+    if DP4A:
+        return tl.inline_asm_elementwise(
+            "dp4a.s32.s32 $0, $1, $2, $3;",
+            "=r,r,r,r",
+            [a, b, c],
+            dtype=tl.int32,
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        a = a + 0 * b  # an int32 tensor also where a is a constant (_ONES)
+        for i in tl.static_range(4):
+            c += ((a << (24 - 8 * i)) >> 24) * ((b << (24 - 8 * i)) >> 24)
+        return c
+
+
+@triton.jit
+def _word(hp, off, ok, EVEN: tl.constexpr):
+    """The int32 of halfwords off, off + 1 at hp (2-byte aligned blocks)."""
+    lo = _masked_load(hp + off, ok, EVEN).to(tl.int32) & 0xFFFF
+    hi = _masked_load(hp + off + 1, ok, EVEN).to(tl.int32)
+    return lo | (hi << 16)
+
+
+@triton.jit
+def _x_block(xq_p, xd_p, w0, blk, xok, DP4A: tl.constexpr):
+    """x words w0, w0 + 1 (8 quants) of every row, the d and s of their block blk, and the sum of
+    the 8 quants (for the formats with an offset): [M_PAD, lanes, 1] each."""
+    a = tl.load(xq_p + w0, mask=xok, other=0)
+    b = tl.load(xq_p + w0 + 1, mask=xok, other=0)
+    d = tl.load(xd_p + 2 * blk, mask=xok, other=0.0)
+    sq = _dp4a(_ONES, b, _dp4a(_ONES, a, tl.zeros_like(a), DP4A), DP4A)
+    return a, b, d, sq
+
+
+@triton.jit
+def _matvec_q8_kernel(
+    xq_ptr,  # int32 [M, K / 4]: the q8_1 quants, 4 a word
+    xd_ptr,  # float32 [M, K / 32, 2]: d, s of each x block
+    w_ptr,  # Q8_0, Q4_0, Q6_K: int16; Q4_K: int64 view [N, row_bytes / word]
+    out_ptr,  # f32 [M, N], row stride stride_om
+    M,
+    N,
+    K,
+    stride_wn,  # in words of w_ptr's type
+    stride_om,
+    K_INTERP: tl.constexpr,  # K as a constexpr under TRITON_INTERPRET, else 0 (matvec.py)
+    M_PAD: tl.constexpr,  # next power of two >= M
+    BLOCK_N: tl.constexpr,
+    S: tl.constexpr,  # blocks per tile
+    R: tl.constexpr,  # tiles per loop step
+    EVEN: tl.constexpr,  # no step overruns K
+    FMT: tl.constexpr,  # Q8_0, Q4_0, Q4_K or Q6_K
+    DP4A: tl.constexpr,  # the dp4a instruction (off under the interpreter)
+    PDL: tl.constexpr = False,
+):
+    KQ: tl.constexpr = FMT == Q4_K
+    Q6: tl.constexpr = FMT == Q6_K
+    BV: tl.constexpr = 256 if (KQ or Q6) else 32  # values per weight block
+    QW: tl.constexpr = 16 if KQ else (8 if Q6 else 4)  # lanes per block
+    WPB: tl.constexpr = 105 if Q6 else (18 if KQ else (17 if FMT == Q8_0 else 9))  # words
+    if PDL:
+        wait_for_inputs()
+    xd_ptr = xd_ptr.to(tl.pointer_type(tl.float32))
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_c = tl.minimum(rows, N - 1).to(tl.int64)
+    j = tl.arange(0, S * QW)[:, None]  # [lanes, 1]
+    sb = j // QW
+    if KQ:  # lane order scrambled, as the bf16 lanes kernel does (kernels/triton/matvec.py)
+        li = (9 * (j % QW)) % QW
+    else:
+        li = j % QW
+    hdr_p = w_ptr + rows_c[None, :] * stride_wn + sb * WPB  # [lanes, BLOCK_N]
+    m3 = tl.arange(0, M_PAD)[:, None, None]  # [M_PAD, 1, 1]
+    kw = K // 4  # x words per row
+    kb = K // 32  # x blocks per row
+    # x words of the lane's first value, and its first x block, in block sb of the tile
+    if KQ:
+        x_w = sb * 64 + 16 * (li // 4) + 2 * (li % 4)  # + 8: the high nibbles' block
+        x_b = sb * 8 + 2 * (li // 4)
+    elif Q6:
+        x_w = sb * 64 + 32 * (li // 4) + 2 * (li % 4)  # + 8 k for k = 0..3
+        x_b = sb * 8 + 4 * (li // 4)
+    elif FMT == Q8_0:
+        x_w = sb * 8 + 2 * li
+        x_b = sb
+    else:  # Q4_0: the low nibbles' word; the high nibbles' word is 4 further
+        x_w = sb * 8 + li
+        x_b = sb
+    xq_p = xq_ptr + m3 * kw + x_w[None]  # [M_PAD, lanes, 1]
+    xd_p = xd_ptr + m3 * (2 * kb) + 2 * x_b[None]
+    acc = tl.zeros([M_PAD, S * QW, BLOCK_N], dtype=tl.float32)
+    nblk = K // BV
+    for k0 in range(0, K_INTERP if K_INTERP > 0 else K, BV * S * R):
+        for r in tl.static_range(R):
+            hp = hdr_p + r * S * WPB
+            ok = k0 // BV + r * S + sb < nblk  # [lanes, 1]
+            xok = ok[None] & (m3 < M)
+            XW = r * S * BV // 4  # this tile's offset in x words
+            XB = r * S * BV // 32
+            if FMT == Q8_0:
+                d = _masked_load(hp, ok, EVEN).to(tl.float16, bitcast=True).to(tl.float32)
+                a, b, dx, _sq = _x_block(xq_p, xd_p, XW, XB, xok, DP4A)
+                w0 = _word(hp, 1 + 4 * li, ok, EVEN)
+                w1 = _word(hp, 3 + 4 * li, ok, EVEN)
+                dot = _dp4a(w1[None], b, _dp4a(w0[None], a, tl.zeros_like(a), DP4A), DP4A)
+                acc += d[None] * (dx * dot.to(tl.float32))
+            elif FMT == Q4_0:
+                d = _masked_load(hp, ok, EVEN).to(tl.float16, bitcast=True).to(tl.float32)
+                w = _word(hp, 1 + 2 * li, ok, EVEN)
+                lo = tl.load(xq_p + XW, mask=xok, other=0)
+                hi = tl.load(xq_p + XW + 4, mask=xok, other=0)
+                dx = tl.load(xd_p + 2 * XB, mask=xok, other=0.0)
+                off = -8 * _dp4a(_ONES, hi, _dp4a(_ONES, lo, tl.zeros_like(lo), DP4A), DP4A)
+                dot = _dp4a((w & _NIB)[None], lo, off, DP4A)
+                dot = _dp4a(((w >> 4) & _NIB)[None], hi, dot, DP4A)
+                acc += d[None] * (dx * dot.to(tl.float32))
+            elif KQ:
+                hdr = _masked_load(hp, ok, EVEN)  # d | dmin << 16 | scales[0..3] << 32
+                h32 = hdr.to(tl.int32)
+                d = _f16_lo(h32)
+                dmin = _f16_lo(h32 >> 16)
+                w1 = _masked_load(hp + 1, ok, EVEN)
+                wa = (hdr >> 32).to(tl.int32)
+                sh = 16 * ((li // 4) % 2)
+                upper = li >= 8
+                sc, mn = _q4_k_scale_min(wa, w1.to(tl.int32), (w1 >> 32).to(tl.int32), sh, upper)
+                sc_h, mn_h = _q4_k_scale_min(
+                    wa, w1.to(tl.int32), (w1 >> 32).to(tl.int32), sh + 8, upper
+                )
+                qs = _masked_load(hp + 2 + li, ok, EVEN)
+                q0 = qs.to(tl.int32)
+                q1 = (qs >> 32).to(tl.int32)
+                a, b, dx, sq = _x_block(xq_p, xd_p, XW, XB, xok, DP4A)
+                dot = _dp4a((q1 & _NIB)[None], b, _dp4a((q0 & _NIB)[None], a, 0 * a, DP4A), DP4A)
+                acc += (d * sc)[None] * (dx * dot.to(tl.float32))
+                acc -= (dmin * mn)[None] * (dx * sq.to(tl.float32))
+                a, b, dx, sq = _x_block(xq_p, xd_p, XW + 8, XB + 1, xok, DP4A)
+                dot = _dp4a(
+                    ((q1 >> 4) & _NIB)[None], b, _dp4a(((q0 >> 4) & _NIB)[None], a, 0 * a, DP4A),
+                    DP4A,
+                )  # fmt: skip
+                acc += (d * sc_h)[None] * (dx * dot.to(tl.float32))
+                acc -= (dmin * mn_h)[None] * (dx * sq.to(tl.float32))
+            else:  # Q6_K: lane li = half hh (li // 4), l0 = 8 (li % 4)
+                hh = li // 4
+                l0h = 4 * (li % 4)  # l0 in halfwords
+                qh0 = _word(hp, 64 + 16 * hh + l0h, ok, EVEN)
+                qh1 = _word(hp, 66 + 16 * hh + l0h, ok, EVEN)
+                d = _masked_load(hp + 104, ok, EVEN).to(tl.float16, bitcast=True).to(tl.float32)
+                up = 24 - 8 * ((li % 4) // 2)  # scale byte g = l0 // 16 of its halfword
+                for k in tl.static_range(4):
+                    ql0 = _word(hp, 32 * hh + 16 * (k % 2) + l0h, ok, EVEN)
+                    ql1 = _word(hp, 32 * hh + 16 * (k % 2) + l0h + 2, ok, EVEN)
+                    c0 = ((ql0 >> (4 * (k // 2))) & _NIB) | (((qh0 >> (2 * k)) & 0x03030303) << 4)
+                    c1 = ((ql1 >> (4 * (k // 2))) & _NIB) | (((qh1 >> (2 * k)) & 0x03030303) << 4)
+                    a, b, dx, sq = _x_block(xq_p, xd_p, XW + 8 * k, XB + k, xok, DP4A)
+                    dot = _dp4a(c1[None], b, _dp4a(c0[None], a, -32 * sq, DP4A), DP4A)
+                    sc_w = _masked_load(hp + 96 + 4 * hh + k, ok, EVEN).to(tl.int32)
+                    sc = ((sc_w << up) >> 24).to(tl.float32)
+                    acc += (d * sc)[None] * (dx * dot.to(tl.float32))
+        hdr_p += S * R * WPB
+        xq_p += S * R * BV // 4
+        xd_p += S * R * BV // 16
+    out = tl.sum(acc, axis=1)  # [M_PAD, BLOCK_N]
+    m2 = tl.arange(0, M_PAD)[:, None]
+    tl.store(out_ptr + m2 * stride_om + rows[None, :], out, mask=(m2 < M) & (rows < N)[None, :])

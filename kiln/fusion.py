@@ -36,6 +36,8 @@ class Fusion:
     builtin: bool
     needs_gpu_backend: bool = False  # CUDA graphs: off unless the triton backend runs on CUDA
     min_capability: tuple[int, int] | None = None  # the oldest CUDA compute capability it runs on
+    needs_triton: bool = False  # off unless the triton backend runs (on CUDA or interpreted)
+    approximate: bool = False  # changes results beyond fp32 rounding: gated by KLD, not tokens
 
     @property
     def env_var(self) -> str:
@@ -51,8 +53,12 @@ def register(
     builtin: bool = True,
     needs_gpu_backend: bool = False,
     min_capability: tuple[int, int] | None = None,
+    needs_triton: bool = False,
+    approximate: bool = False,
 ) -> Fusion:
-    FUSIONS[name] = Fusion(name, summary, builtin, needs_gpu_backend, min_capability)
+    FUSIONS[name] = Fusion(
+        name, summary, builtin, needs_gpu_backend, min_capability, needs_triton, approximate
+    )
     return FUSIONS[name]
 
 
@@ -77,6 +83,16 @@ register(
     "cuda_graphs",
     "the whole decode step captured once per batch size and replayed",
     needs_gpu_backend=True,
+)
+# Off until an A/B on a device turns it on there (its device default), stored with the KLD gate:
+# it rounds the activations of the decode mat-vecs to 8 bits (approximate, unlike the others).
+register(
+    "norm_quant",
+    "decode: (add +) RMSNorm + quantize to q8_1 in one kernel, read by int8 (dp4a) mat-vecs "
+    "(approximate: gated by KLD)",
+    builtin=False,
+    needs_triton=True,
+    approximate=True,
 )
 # Off until an A/B on a device turns it on there (its device default): it changes only when
 # kernels start, not what they compute.
@@ -213,6 +229,8 @@ class FusionPolicy:
                 state, source = f.builtin, "builtin"
             if f.needs_gpu_backend and (device.type != "cuda" or backend != "triton"):
                 state, source = False, f"n/a: needs the triton backend on CUDA (here {backend})"
+            elif f.needs_triton and backend != "triton":
+                state, source = False, f"n/a: needs the triton backend (here {backend})"
             elif f.min_capability and device.type == "cuda":
                 have = torch.cuda.get_device_capability(device)
                 if have < f.min_capability:

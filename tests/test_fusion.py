@@ -21,11 +21,21 @@ def test_builtin_defaults_and_sources_on_a_cpu():
     policy = F.FusionPolicy.resolve("cpu", "torch", env={})
     assert set(policy.states) == set(F.FUSIONS)
     for name, f in F.FUSIONS.items():
-        if f.needs_gpu_backend:  # cuda_graphs, pdl
+        if f.needs_gpu_backend or f.needs_triton:  # cuda_graphs, pdl; norm_quant
             assert not policy.states[name] and policy.sources[name].startswith("n/a")
         else:
             assert policy.states[name] == f.builtin and policy.sources[name] == "builtin"
     assert policy.describe() == "default"
+
+
+def test_norm_quant_needs_the_triton_backend_not_a_gpu():
+    """norm_quant runs wherever the triton backend does (Triton's interpreter too); asked for
+    on another backend it is off, with the reason."""
+    on = F.FusionPolicy.resolve("cpu", "triton", {"norm_quant": True}, env={})
+    assert on.norm_quant and on.sources["norm_quant"] == "cli"
+    off = F.FusionPolicy.resolve("cpu", "cpu", {"norm_quant": True}, env={})
+    assert not off.norm_quant and "triton" in off.sources["norm_quant"]
+    assert F.FUSIONS["norm_quant"].approximate and not F.FUSIONS["swiglu"].approximate
 
 
 def test_command_line_beats_environment_beats_builtin():

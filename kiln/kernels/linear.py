@@ -3,7 +3,13 @@ BATCH_METHOD for 2..matvec.MAX_M rows (batched decode), the quantized GEMM above
 dequant_matmul where the tuned table found it faster for this (format, N, K, M bucket) on this
 GPU (kiln/kernels/matmul.py).
 
-    linear(x: [M, K], weight: Weight [N, K], bias: Weight [N] | None) -> [M, N] float32, or None
+    linear(x: [M, K] or Activation, weight: Weight [N, K], bias: Weight [N] | None)
+        -> [M, N] float32, or None
+
+An Activation (the norm_quant fusion's output: kiln/quant/q8_1.py) is read in q8_1 by the int8
+mat-vec where reads_q8_1 says so, as floats elsewhere. reads_q8_1 is also what the norm_quant op
+asks, per consumer, to decide whether to quantize and whether to write the floats: one function,
+so a consumer never finds the form it needs missing.
 
 None means no kernel reads this weight (a format outside SUPPORT["matvec"] / SUPPORT["matmul"],
 a stacked or merged-from-parts weight, x not 2-D): the caller runs the reference
@@ -16,8 +22,9 @@ from __future__ import annotations
 import torch
 from gguf.constants import GGMLQuantizationType
 
-from kiln.kernels import matmul, matvec
+from kiln.kernels import matmul, matvec, matvec_q8
 from kiln.kernels.formats import SUPPORT
+from kiln.quant.q8_1 import Activation
 from kiln.weight import Weight
 
 # What runs M = 2..matvec.MAX_M rows (batched decode): "exact" (the GEMM on tensor cores with
@@ -29,6 +36,12 @@ from kiln.weight import Weight
 # 103.2; the mat-vec kernel before it (76.2 on Q4_K) decoded qwen3-8b Q4_K_M at 153 t/s at npl 8
 # on an H200, 0.58x npl 1.
 BATCH_METHOD = "exact"
+
+
+def reads_q8_1(m: int, weight: Weight) -> bool:
+    """Whether a linear of M rows with this weight reads its input in q8_1 (the int8 mat-vec)
+    when the input offers it: decode batches (M <= matvec.MAX_M) of the formats it reads."""
+    return 1 <= m <= matvec.MAX_M and matvec_q8.reads(weight)
 
 
 def route(m: int, weight: Weight, device: torch.device | None = None) -> str | None:
@@ -52,10 +65,16 @@ def route(m: int, weight: Weight, device: torch.device | None = None) -> str | N
 
 
 def linear(
-    x: torch.Tensor, weight: Weight, bias: Weight | None = None, pdl: bool = False
+    x: torch.Tensor | Activation, weight: Weight, bias: Weight | None = None, pdl: bool = False
 ) -> torch.Tensor | None:
     """x: [M, K] -> [M, N] float32 = x @ W.T (+ bias), or None where no kernel reads the weight
     (see the top). M = 0 gives an empty [0, N]."""
+    if isinstance(x, Activation):
+        if reads_q8_1(x.rows, weight):
+            y = matvec_q8.matvec_q8(x.q8, weight, pdl=pdl)
+            return y if bias is None else y + bias.dense()
+        assert x.f32 is not None, f"{weight.name} reads floats, which norm_quant did not write"
+        x = x.f32
     if x.dim() != 2:
         return None
     how = route(x.shape[0], weight, x.device)

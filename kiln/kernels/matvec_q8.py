@@ -26,8 +26,14 @@ _T = GGMLQuantizationType
 
 # The integer view each format is read through (rows must start on its items) and its lanes
 # (threads) per block: kernels/triton/matvec_q8.py's top says what a lane reads.
-VIEW = {_T.Q8_0: torch.int16, _T.Q4_0: torch.int16, _T.Q4_K: torch.int64, _T.Q6_K: torch.int16}
-LANES = {_T.Q8_0: 4, _T.Q4_0: 4, _T.Q4_K: 16, _T.Q6_K: 8}
+VIEW = {
+    _T.Q8_0: torch.int16,
+    _T.Q4_0: torch.int16,
+    _T.Q4_1: torch.int32,
+    _T.Q4_K: torch.int64,
+    _T.Q6_K: torch.int16,
+}
+LANES = {_T.Q8_0: 4, _T.Q4_0: 4, _T.Q4_1: 4, _T.Q4_K: 16, _T.Q6_K: 8}
 
 
 def reads(weight: Weight) -> bool:

@@ -5,6 +5,8 @@ kiln.ops.reference.rms_norm, add_rms_norm and qk_norm, with float32 outputs.
     add_rms_norm(x: [..., n], residual: [..., n], weight [n], eps) -> (h, rms_norm(h)) f32,
         h = residual + x
     qk_norm(q: [T, H, D], k: [T, Hkv, D], q_weight [D], k_weight [D], eps) -> (q, k) f32
+    rms_norm_quant(x: [R, n], weight [n], eps, residual=None, write_y=True)
+        -> (h or None, y f32 or None, y in q8_1): the norm_quant fusion
 
 One launch each, one program per row (qk_norm: per head row of q and k), the row in registers.
 Launch parameters depend on shapes only (no host sync), so every launcher is CUDA-graph safe.
@@ -18,6 +20,7 @@ from gguf.constants import GGMLQuantizationType
 
 from kiln.kernels import pdl_launch
 from kiln.kernels.triton import norm as _k
+from kiln.quant.q8_1 import Q8_1, QK
 from kiln.weight import Weight
 
 _X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -167,3 +170,72 @@ def qk_norm(
         **pdl_launch(pdl),
     )
     return q_out, k_out
+
+
+def rms_norm_quant(
+    x: torch.Tensor,
+    weight: Weight,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    write_y: bool = True,
+    pdl: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, Q8_1]:
+    """The norm_quant fusion: (h, y, y in q8_1) with h = residual + x (None without a residual),
+    y = rms_norm(h or x) f32 (None unless write_y), in one launch. x, residual: [R, n], n a
+    multiple of 32. Bit for bit the unfused form (rms_norm_quant_unfused)."""
+    x2 = _rows(x, "norm_quant x")
+    rows, n = x2.shape
+    assert n % QK == 0, f"norm_quant: q8_1 rows are whole blocks of {QK} values; got {n}"
+    r2 = x2
+    if residual is not None:
+        assert residual.shape == x.shape, f"x {tuple(x.shape)} vs residual {tuple(residual.shape)}"
+        r2 = _rows(residual, "norm_quant residual")
+    w = weight_f32(weight, n, x.device)
+    h = (
+        torch.empty((rows, n), dtype=torch.float32, device=x.device)
+        if residual is not None
+        else None
+    )
+    y = torch.empty((rows, n), dtype=torch.float32, device=x.device) if write_y else None
+    q = Q8_1.empty(rows, n, x.device)
+    if rows == 0:
+        return h, y, q
+    block = triton.next_power_of_2(n)
+    _k._rms_norm_quant_kernel[(rows,)](
+        x2,
+        r2,
+        w,
+        h if h is not None else x2,
+        y if y is not None else x2,
+        q.qs,
+        q.ds,
+        n,
+        x2.stride(0),
+        r2.stride(0),
+        eps,
+        BLOCK=block,
+        RESIDUAL=residual is not None,
+        WRITE_Y=write_y,
+        num_warps=num_warps_for(block),
+        **pdl_launch(pdl),
+    )
+    return h, y, q
+
+
+def rms_norm_quant_unfused(
+    x: torch.Tensor,
+    weight: Weight,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    write_y: bool = True,
+    pdl: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, Q8_1]:
+    """norm_quant's unfused form: the add_rms_norm (or rms_norm) launch, then the quantize
+    launch on its float rows."""
+    from kiln.kernels.quantize import quantize_q8_1  # it imports this module's row limits
+
+    if residual is None:
+        h, y = None, rms_norm(x, weight, eps, pdl=pdl)
+    else:
+        h, y = add_rms_norm(x, residual, weight, eps, pdl=pdl)
+    return h, y if write_y else None, quantize_q8_1(y.reshape(-1, y.shape[-1]), pdl=pdl)

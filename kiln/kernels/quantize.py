@@ -17,14 +17,6 @@ from kiln.kernels.triton import quantize as _k
 from kiln.quant.q8_1 import Q8_1, QK
 
 
-def empty_q8_1(m: int, k: int, device: torch.device) -> Q8_1:
-    """An uninitialized q8_1 tensor of M rows of K values (its own buffers)."""
-    return Q8_1(
-        torch.empty((m, k), dtype=torch.int8, device=device),
-        torch.empty((m, k // QK, 2), dtype=torch.float32, device=device),
-    )
-
-
 def quantize_q8_1(x: torch.Tensor, pdl: bool = False) -> Q8_1:
     """x: [M, K] -> its q8_1 form, as kiln.quant.q8_1.quantize."""
     assert x.dim() == 2 and x.stride(1) == 1, "x must be [M, K] with unit stride along K"
@@ -32,7 +24,7 @@ def quantize_q8_1(x: torch.Tensor, pdl: bool = False) -> Q8_1:
     m, k = x.shape
     assert k % QK == 0, f"q8_1 rows are whole blocks of {QK} values; got K={k}"
     assert k <= MAX_N, f"quantize_q8_1: rows of {k} > {MAX_N} values do not fit this kernel"
-    out = empty_q8_1(m, k, x.device)
+    out = Q8_1.empty(m, k, x.device)
     if m == 0:
         return out
     block = triton.next_power_of_2(k)

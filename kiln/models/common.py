@@ -54,6 +54,24 @@ class DecoderModel:
         self.merged_qkv = self._merge(_QKV) if policy.merged_qkv else 0
         gate_up = _GATE_UP_EXPS if config.moe else _GATE_UP
         self.merged_gate_up = self._merge(gate_up) if policy.merged_gate_up else 0
+        self.norm_inputs = self._norm_consumers() if policy.norm_quant else None
+
+    def _norm_consumers(self) -> list[tuple]:
+        """The norm_quant fusion: per layer, the weights that read the normed rows of its attention
+        norm and of its FFN norm, and then those of the output norm (the op decides from them
+        whether to quantize: kiln/ops/triton_backend.py)."""
+        out = []
+        for i in range(self.config.n_layer):
+            p = f"blk.{i}."
+            attn = [self.w[p + n] for n in _ATTN_INPUTS if p + n in self.w]
+            ffn = [self.w[p + n] for n in _FFN_INPUTS if p + n in self.w]
+            out.append((tuple(attn), tuple(ffn)))
+        return [*out, ((self.lm_head,), ())]
+
+    def _consumers(self, i: int, which: int) -> dict:
+        """The consumers argument of a norm (which: 0 attention / output, 1 FFN), when
+        norm_quant is on."""
+        return {} if self.norm_inputs is None else {"consumers": self.norm_inputs[i][which]}
 
     def _merge(self, names: tuple[tuple[str, ...], str]) -> int:
         """Concatenate each layer's (q, k, v) or (gate, up) weights (and biases) into one weight
@@ -81,7 +99,7 @@ class DecoderModel:
         x = self._layers(batch, kv)
         if batch.logit_rows is not None:
             if batch.logit_rows.shape[0] == 0:  # a prompt chunk nobody reads the logits of
-                return x.new_empty((0, self.config.n_vocab))
+                return torch.empty((0, self.config.n_vocab), device=self.device)
             x = x.index_select(0, batch.logit_rows)
         return self.ops.linear(x, self.lm_head)
 
@@ -89,22 +107,24 @@ class DecoderModel:
         """The decoder stack -> the final-normed hidden states [T, n_embd]."""
         c, ops = self.config, self.ops
         h = ops.embedding(self.w["token_embd.weight"], batch.tokens)
-        x = ops.rms_norm(h, self.w["blk.0.attn_norm.weight"], c.rms_eps)
+        x = ops.rms_norm(h, self.w["blk.0.attn_norm.weight"], c.rms_eps, **self._consumers(0, 0))
         for i in range(c.n_layer):
             attn = self._attention(i, x, batch, kv)
-            h, x = ops.add_rms_norm(attn, h, self.w[f"blk.{i}.ffn_norm.weight"], c.rms_eps)
+            h, x = ops.add_rms_norm(
+                attn, h, self.w[f"blk.{i}.ffn_norm.weight"], c.rms_eps, **self._consumers(i, 1)
+            )
             ffn = self._ffn(i, x)
             next_norm = (
                 self.w[f"blk.{i + 1}.attn_norm.weight"]
                 if i + 1 < c.n_layer
                 else self.w["output_norm.weight"]
             )
-            h, x = ops.add_rms_norm(ffn, h, next_norm, c.rms_eps)
+            h, x = ops.add_rms_norm(ffn, h, next_norm, c.rms_eps, **self._consumers(i + 1, 0))
         return x
 
     def _attention(self, i: int, x, batch, kv) -> torch.Tensor:
         c, ops, w, p = self.config, self.ops, self.w, f"blk.{i}."
-        n = x.shape[0]
+        n = batch.tokens.shape[0]
         q_size, kv_size = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
         if p + "attn_qkv.weight" in w:
             qkv = ops.linear(x, w[p + "attn_qkv.weight"], w.get(p + "attn_qkv.bias"))
@@ -158,5 +178,9 @@ class DecoderModel:
 
 
 _QKV = (("attn_q", "attn_k", "attn_v"), "attn_qkv")
+# The weights that read a layer's normed rows, merged or not (norm_quant's consumers).
+_ATTN_INPUTS = ("attn_qkv.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight")
+# MoE layers have none yet: their router and expert kernels read floats only.
+_FFN_INPUTS = ("ffn_gate_up.weight", "ffn_gate.weight", "ffn_up.weight")
 _GATE_UP = (("ffn_gate", "ffn_up"), "ffn_gate_up")
 _GATE_UP_EXPS = (("ffn_gate_exps", "ffn_up_exps"), "ffn_gate_up_exps")

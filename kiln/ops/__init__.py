@@ -126,7 +126,9 @@ def get_ops(backend: str, fused: dict[str, bool] | None = None) -> OpSet:
     """The op set of a backend; fused[name] False puts the decomposition in place of that fused
     op (default: all fused); fused["pdl"] True launches the triton kernels with programmatic
     dependent launch (default: off); fused["moe_grouped"] False runs the triton backend's MoE
-    prompts as one GEMM launch per expert instead of one per weight (default: on).
+    prompts as one GEMM launch per expert instead of one per weight (default: on);
+    fused["norm_quant"] True gives the triton backend's norms a `consumers` argument with which
+    they quantize to q8_1 for the int8 mat-vecs (default: off; triton_backend.norm_quant).
 
     A backend module gives `ops(pdl) -> {op: function}` for every name of OP_NAMES, `ROUTES`
     ({op: what runs it}) and, where an op is built from others of the set (the triton
@@ -138,7 +140,10 @@ def get_ops(backend: str, fused: dict[str, bool] | None = None) -> OpSet:
     assert set(table) == set(OP_NAMES), f"{backend}: ops {sorted(set(OP_NAMES) ^ set(table))}"
     routes = dict(module.ROUTES)
     moe_grouped = not fused or fused.get("moe_grouped", True)
-    ops = SimpleNamespace(name=backend, pdl=pdl, moe_grouped=moe_grouped, **table)
+    norm_quant = bool(fused and fused.get("norm_quant", False))
+    ops = SimpleNamespace(
+        name=backend, pdl=pdl, moe_grouped=moe_grouped, norm_quant=norm_quant, **table
+    )
     for name in FUSED_OPS:
         if fused is not None and not fused.get(name, True):
             setattr(ops, name, decompose.unfused(name, ops))
@@ -146,6 +151,8 @@ def get_ops(backend: str, fused: dict[str, bool] | None = None) -> OpSet:
     if hasattr(module, "compose"):
         for name, fn in module.compose(ops).items():
             setattr(ops, name, fn)
+    if norm_quant:
+        routes.update(getattr(module, "NORM_QUANT_ROUTES", {}))
     return OpSet(
         name=backend,
         routes=tuple((n, routes.get(n, "reference")) for n in OP_NAMES),

@@ -20,6 +20,7 @@ from functools import partial
 import torch
 
 from kiln.ops import reference
+from kiln.quant.q8_1 import Activation
 from kiln.weight import Weight
 
 
@@ -44,7 +45,7 @@ def ops(pdl: bool = False) -> dict:
         where no kernel reads the
         weight."""
         y = kernel_linear(x, weight, bias, pdl=pdl)
-        return reference.linear(x, weight, bias) if y is None else y
+        return reference.linear(floats(x), weight, bias) if y is None else y
 
     def moe_route(x, router, n_used, normalize):
         """Up to matvec.MAX_M rows: softmax + top-k per row in one launch; more (prompts): the
@@ -104,6 +105,47 @@ def ops(pdl: bool = False) -> dict:
     return table
 
 
+def floats(x):
+    """The float rows of a linear's input: x, or an Activation's f32 (which norm_quant writes
+    wherever a consumer reads floats: kernels/linear.py's reads_q8_1)."""
+    if isinstance(x, Activation):
+        assert x.f32 is not None, "norm_quant wrote no floats for a consumer that reads them"
+        return x.f32
+    return x
+
+
+def norm_quant(ops) -> dict:
+    """With the norm_quant fusion on: rms_norm and add_rms_norm given their consumers (the
+    weights that read the normed rows) quantize the rows to q8_1 in the same launch when some
+    consumer reads q8_1 (kernels/linear.py's reads_q8_1, the function linear dispatches by),
+    write the floats only when some consumer reads floats, and return an Activation; otherwise
+    (no consumers given, prompts, formats the int8 mat-vec does not read) the set's own op."""
+    from kiln.kernels import norm
+    from kiln.kernels.linear import reads_q8_1
+
+    plain_rms_norm, plain_add_rms_norm = ops.rms_norm, ops.add_rms_norm
+
+    def forms(x, consumers) -> tuple[bool, bool]:
+        reads = [reads_q8_1(x.shape[0], w) for w in consumers]
+        return any(reads), not all(reads)
+
+    def rms_norm(x, weight, eps, consumers=()):
+        quantize, write_y = forms(x, consumers)
+        if not quantize:
+            return plain_rms_norm(x, weight, eps)
+        _h, y, q8 = norm.rms_norm_quant(x, weight, eps, write_y=write_y, pdl=ops.pdl)
+        return Activation(y, q8)
+
+    def add_rms_norm(x, residual, weight, eps, consumers=()):
+        quantize, write_y = forms(x, consumers)
+        if not quantize:
+            return plain_add_rms_norm(x, residual, weight, eps)
+        h, y, q8 = norm.rms_norm_quant(x, weight, eps, residual, write_y, pdl=ops.pdl)
+        return h, Activation(y, q8)
+
+    return {"rms_norm": rms_norm, "add_rms_norm": add_rms_norm}
+
+
 def compose(ops) -> dict:
     """moe_ffn over the finished op set (its swiglu is the fused kernel or its decomposition).
     Below moe.grouped_min_tokens rows (decode), each row's k experts as per-slot mat-vecs (one
@@ -144,7 +186,10 @@ def compose(ops) -> dict:
             gate_out, up_out = linear(x, ids, gate), linear(x, ids, up)
         return combine(linear(ops.swiglu(gate_out, up_out), ids, down), weights)
 
-    return {"moe_ffn": moe_ffn}
+    composed = {"moe_ffn": moe_ffn}
+    if ops.norm_quant:
+        composed.update(norm_quant(ops))
+    return composed
 
 
 def kernel_reads(name: str, qtype) -> bool:
@@ -178,4 +223,14 @@ ROUTES = {
     "moe_route": "kernel up to 8 rows; reference above",
     "moe_ffn": "per-row expert mat-vec kernels + combine kernel up to 8 rows; above, the "
     "slots sorted by expert on the device and the grouped GEMM (moe_grouped) + combine kernel",
+}
+# What norm_quant changes (kiln fusions / kiln info print it when it is on).
+NORM_QUANT_ROUTES = {
+    "rms_norm": "kernel; with norm_quant and decode rows (<= 8) read by int8 mat-vecs: norm + "
+    "quantize to q8_1 in one kernel",
+    "add_rms_norm": "kernel; with norm_quant and decode rows (<= 8) read by int8 mat-vecs: add + "
+    "norm + quantize to q8_1 in one kernel",
+    "linear": ROUTES["linear"]
+    + "; with norm_quant, decode rows of Q8_0/Q4_0/Q4_1/Q4_K/Q6_K weights: "
+    "the int8 (dp4a) mat-vec on q8_1 activations",
 }

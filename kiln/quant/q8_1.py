@@ -34,6 +34,14 @@ class Q8_1:
     def shape(self) -> tuple[int, int]:
         return tuple(self.qs.shape)
 
+    @staticmethod
+    def empty(m: int, k: int, device: torch.device) -> Q8_1:
+        """Uninitialized rows of K values, in buffers of their own."""
+        return Q8_1(
+            torch.empty((m, k), dtype=torch.int8, device=device),
+            torch.empty((m, k // QK, 2), dtype=torch.float32, device=device),
+        )
+
     def check(self) -> None:
         m, k = self.qs.shape
         assert self.qs.dtype == torch.int8 and self.qs.is_contiguous(), (
@@ -44,6 +52,26 @@ class Q8_1:
             f"q8_1 scales must be float32 [{m}, {k // QK}, 2]; got {self.ds.dtype} {self.ds.shape}"
         )
         assert self.ds.is_contiguous() and self.ds.device == self.qs.device
+
+
+@dataclass(frozen=True)
+class Activation:
+    """Normed rows as their consumers read them (the norm_quant fusion): q8_1 for the int8
+    mat-vecs, float32 where some consumer reads floats (None where none does)."""
+
+    f32: torch.Tensor | None  # [M, K]
+    q8: Q8_1
+
+    @property
+    def rows(self) -> int:
+        return self.q8.qs.shape[0]
+
+    def index_select(self, dim: int, rows: torch.Tensor) -> Activation:
+        """The rows `rows` of both forms (dim 0 only), each a tensor of its own."""
+        assert dim == 0, f"an Activation selects rows (dim 0); got dim {dim}"
+        f32 = None if self.f32 is None else self.f32.index_select(0, rows)
+        q8 = Q8_1(self.q8.qs.index_select(0, rows), self.q8.ds.index_select(0, rows))
+        return Activation(f32, q8)
 
 
 def round_half_away(v: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ Per format, a lane (values of one 32-value x block are always in one lane's word
 - Q8_0 (int16 view, 17 halfwords): 8 bytes = 8 signed quants; 4 lanes a block.
 - Q4_0 (int16 view, 9 halfwords): 4 bytes of qs = values 4i..4i+3 (low nibbles) and 16 + 4i..
   (high); 4 lanes a block; q - 8 as dp4a(q, x) starting from -8 * sum(x quants of the word).
+- Q4_1 (int32 view, 5 words: d | m << 16, then qs): the lanes of Q4_0; + m * d_x * sum(x quants).
 - Q4_K (int64 view, 18 words): 8 bytes of qs = 8 low nibbles of sub-block 2c and 8 high nibbles
   of sub-block 2c + 1; 16 lanes a block; the mins: - dmin * min * d_x * sum(x quants).
 - Q6_K (int16 view, 105 halfwords): half hh, l = l0..l0 + 7 of it for each k = 0..3 (values
@@ -35,7 +36,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kiln.kernels.triton.dequant import Q4_0, Q4_K, Q6_K, Q8_0
+from kiln.kernels.triton.dequant import Q4_0, Q4_1, Q4_K, Q6_K, Q8_0
 from kiln.kernels.triton.matvec import _f16_lo, _masked_load, _q4_k_scale_min
 from kiln.kernels.triton.pdl import wait_for_inputs
 
@@ -85,7 +86,7 @@ def _x_block(xq_p, xd_p, w0, blk, xok, DP4A: tl.constexpr):
 def _matvec_q8_kernel(
     xq_ptr,  # int32 [M, K / 4]: the q8_1 quants, 4 a word
     xd_ptr,  # float32 [M, K / 32, 2]: d, s of each x block
-    w_ptr,  # Q8_0, Q4_0, Q6_K: int16; Q4_K: int64 view [N, row_bytes / word]
+    w_ptr,  # Q8_0, Q4_0, Q6_K: int16; Q4_1: int32; Q4_K: int64 view [N, row_bytes / word]
     out_ptr,  # f32 [M, N], row stride stride_om
     M,
     N,
@@ -98,7 +99,7 @@ def _matvec_q8_kernel(
     S: tl.constexpr,  # blocks per tile
     R: tl.constexpr,  # tiles per loop step
     EVEN: tl.constexpr,  # no step overruns K
-    FMT: tl.constexpr,  # Q8_0, Q4_0, Q4_K or Q6_K
+    FMT: tl.constexpr,  # Q8_0, Q4_0, Q4_1, Q4_K or Q6_K
     DP4A: tl.constexpr,  # the dp4a instruction (off under the interpreter)
     PDL: tl.constexpr = False,
 ):
@@ -106,7 +107,9 @@ def _matvec_q8_kernel(
     Q6: tl.constexpr = FMT == Q6_K
     BV: tl.constexpr = 256 if (KQ or Q6) else 32  # values per weight block
     QW: tl.constexpr = 16 if KQ else (8 if Q6 else 4)  # lanes per block
-    WPB: tl.constexpr = 105 if Q6 else (18 if KQ else (17 if FMT == Q8_0 else 9))  # words
+    WPB: tl.constexpr = (
+        105 if Q6 else (18 if KQ else (17 if FMT == Q8_0 else (5 if FMT == Q4_1 else 9)))
+    )  # words a block
     if PDL:
         wait_for_inputs()
     xd_ptr = xd_ptr.to(tl.pointer_type(tl.float32))
@@ -133,7 +136,7 @@ def _matvec_q8_kernel(
     elif FMT == Q8_0:
         x_w = sb * 8 + 2 * li
         x_b = sb
-    else:  # Q4_0: the low nibbles' word; the high nibbles' word is 4 further
+    else:  # Q4_0, Q4_1: the low nibbles' word; the high nibbles' word is 4 further
         x_w = sb * 8 + li
         x_b = sb
     xq_p = xq_ptr + m3 * kw + x_w[None]  # [M_PAD, lanes, 1]
@@ -164,6 +167,18 @@ def _matvec_q8_kernel(
                 dot = _dp4a((w & _NIB)[None], lo, off, DP4A)
                 dot = _dp4a(((w >> 4) & _NIB)[None], hi, dot, DP4A)
                 acc += d[None] * (dx * dot.to(tl.float32))
+            elif FMT == Q4_1:
+                hdr = _masked_load(hp, ok, EVEN)  # d | m << 16
+                d = _f16_lo(hdr)
+                mw = _f16_lo(hdr >> 16)
+                w = _masked_load(hp + 1 + li, ok, EVEN)
+                lo = tl.load(xq_p + XW, mask=xok, other=0)
+                hi = tl.load(xq_p + XW + 4, mask=xok, other=0)
+                dx = tl.load(xd_p + 2 * XB, mask=xok, other=0.0)
+                sq = _dp4a(_ONES, hi, _dp4a(_ONES, lo, tl.zeros_like(lo), DP4A), DP4A)
+                dot = _dp4a((w & _NIB)[None], lo, tl.zeros_like(lo), DP4A)
+                dot = _dp4a(((w >> 4) & _NIB)[None], hi, dot, DP4A)
+                acc += d[None] * (dx * dot.to(tl.float32)) + mw[None] * (dx * sq.to(tl.float32))
             elif KQ:
                 hdr = _masked_load(hp, ok, EVEN)  # d | dmin << 16 | scales[0..3] << 32
                 h32 = hdr.to(tl.int32)

@@ -1,0 +1,141 @@
+"""The norm_quant fusion (q8_1 activations for the int8 mat-vecs): its kernel against its unfused
+form, the one decision of which form each consumer reads, the toggle, and the quality gate of the
+decode path on tiny models (the demo model's gate, 512 tokens, is in tests/test_cuda_decode.py).
+
+norm_quant is approximate: tokens may differ from the float path where logits nearly tie, so
+the gate is the KL divergence of the next-token distributions, not token equality.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from gguf.constants import GGMLQuantizationType
+
+from kiln import quant
+from kiln.gguf.synthetic import PRESETS
+from kiln.gguf.synthetic import build_model as synthetic
+from kiln.kernels import norm
+from kiln.models import build_model
+from kiln.ops import get_ops
+from kiln.quant.q8_1 import Activation
+from kiln.runtime.engine import Engine
+from kiln.weight import Weight
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+PROMPT = [1, 17, 42, 99, 7, 23, 5, 64, 200]
+STEPS = 64 if CUDA else 3
+
+
+def _norm_weight(n: int, gen: torch.Generator) -> Weight:
+    w = torch.randn(n, generator=gen).contiguous()
+    return Weight("n", GGMLQuantizationType.F32, (n,), w.view(torch.uint8).to(DEVICE))
+
+
+@pytest.mark.parametrize("rows,n", [(1, 64), (3, 576), (8, 4096)])
+@pytest.mark.parametrize("residual", (False, True), ids=("norm", "add_norm"))
+def test_fused_kernel_equals_its_unfused_form(rows: int, n: int, residual: bool) -> None:
+    """One launch (rms_norm_quant) against the add_rms_norm/rms_norm launch + the quantize
+    launch: the same bits in h, the float rows and the q8_1 rows, with and without floats."""
+    gen = torch.Generator().manual_seed(rows * n)
+    w = _norm_weight(n, gen)
+    x = torch.randn(rows, n, generator=gen).to(DEVICE)
+    r = torch.randn(rows, n, generator=gen).to(DEVICE) if residual else None
+    for write_y in (True, False):
+        fused = norm.rms_norm_quant(x, w, 1e-6, r, write_y)
+        unfused = norm.rms_norm_quant_unfused(x, w, 1e-6, r, write_y)
+        for got, want, what in zip(fused[:2], unfused[:2], ("h", "y"), strict=True):
+            assert (got is None) == (want is None), what
+            assert got is None or torch.equal(got, want), f"{what} differs"
+        assert torch.equal(fused[2].qs, unfused[2].qs) and torch.equal(fused[2].ds, unfused[2].ds)
+
+
+def _weight(qtype: str, n: int, k: int) -> Weight:
+    raw = quant.quantize(torch.randn(n, k), GGMLQuantizationType[qtype]).to(DEVICE)
+    return Weight(f"w_{qtype}", GGMLQuantizationType[qtype], (n, k), raw)
+
+
+def test_each_consumer_finds_the_form_it_reads() -> None:
+    """kernels/linear.py's reads_q8_1 decides both what the norm writes and what linear reads:
+    all consumers int8 -> q8_1 only; some float -> both; none int8 (or a prompt) -> floats."""
+    ops = get_ops("triton", {"norm_quant": True})
+    gen = torch.Generator().manual_seed(2)
+    w = _norm_weight(64, gen)
+    x, r = torch.randn(2, 64, generator=gen).to(DEVICE), torch.randn(2, 64).to(DEVICE)
+    q8, f16 = _weight("Q8_0", 16, 64), _weight("F16", 16, 64)
+    _h, only_q8 = ops.add_rms_norm(x, r, w, 1e-6, consumers=(q8,))
+    assert isinstance(only_q8, Activation) and only_q8.f32 is None
+    _h, both = ops.add_rms_norm(x, r, w, 1e-6, consumers=(q8, f16))
+    assert isinstance(both, Activation) and both.f32 is not None
+    plain = ops.rms_norm(x, w, 1e-6, consumers=(f16,))
+    assert isinstance(plain, torch.Tensor)
+    prompt = ops.rms_norm(torch.randn(9, 64).to(DEVICE), w, 1e-6, consumers=(q8,))
+    assert isinstance(prompt, torch.Tensor), "9 rows run the GEMM, which reads floats"
+    for weight in (q8, f16):  # each reads its own form, and both agree with the floats
+        y = ops.linear(both, weight)
+        want = ops.linear(both.f32, weight)
+        assert y.shape == want.shape and (y - want).abs().max() < 0.1 * want.abs().max()
+    with pytest.raises(AssertionError, match="reads floats"):
+        ops.linear(only_q8, f16)
+
+
+def _micro(name: str):
+    """A one-layer, 64-wide variant of a tiny preset (the interpreter is slow)."""
+    if CUDA:
+        return PRESETS[name]
+    return dataclasses.replace(
+        PRESETS[name], name=f"micro-{name}", n_layer=1, n_embd=64, n_head=2, n_head_kv=1,
+        head_dim=32, n_ff=64, n_ff_expert=32,
+    )  # fmt: skip
+
+
+def _decode_logits(model) -> torch.Tensor:
+    """The logits of the prompt's last token (chunks of 8 rows and 1: both decode-shaped) and
+    of STEPS decoded tokens (fixed ids, the same for every path compared)."""
+    engine = Engine(model, n_ctx=len(PROMPT) + STEPS + 1, ubatch=8)
+    cache = engine.new_sequence()
+    rows = [engine.prefill(PROMPT, cache)[-1].float().cpu()]
+    for t in range(STEPS):
+        rows.append(engine.decode((7 * t + 3) % 200, cache)[-1].float().cpu())
+    return torch.stack(rows)
+
+
+def _launched(monkeypatch) -> list[str]:
+    from triton.runtime.jit import JITFunction
+
+    from kiln.kernels.triton import matvec_q8
+
+    cls = type(matvec_q8._matvec_q8_kernel)  # InterpretedFunction on the CPU
+    run = cls.run
+    names: list[str] = []
+
+    def recording(self, *args, **kwargs):
+        names.append(self.fn.__name__)
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "run", recording)
+    assert cls is JITFunction or cls.__name__ == "InterpretedFunction"
+    return names
+
+
+@pytest.mark.parametrize("name,qtype", [("tiny-qwen3", "q8_0"), ("tiny-llama", "q4_k_m")])
+def test_decode_quality_and_the_toggle(name: str, qtype: str, monkeypatch) -> None:
+    """norm_quant on: the fused norm and the int8 mat-vecs run, and the next-token
+    distributions stay within the gate (mean KLD < 2e-3, same top token >= 99%) of the float
+    path; off: neither kernel runs (the toggle really turns it off)."""
+    gguf = synthetic(_micro(name), qtype, device=DEVICE)
+    launched = _launched(monkeypatch)
+    on = _decode_logits(build_model(gguf, DEVICE, backend="triton", fusions={"norm_quant": True}))
+    assert "_matvec_q8_kernel" in launched and "_rms_norm_quant_kernel" in launched
+    launched.clear()
+    off = _decode_logits(build_model(gguf, DEVICE, backend="triton", fusions={"norm_quant": False}))
+    assert "_matvec_q8_kernel" not in launched and "_rms_norm_quant_kernel" not in launched
+    log_p, log_q = torch.log_softmax(off.double(), -1), torch.log_softmax(on.double(), -1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    same_top = (on.argmax(-1) == off.argmax(-1)).double().mean().item()
+    print(f"{name} {qtype}: mean KLD {kl.mean().item():.2e}, max {kl.max().item():.2e}, top-1 "
+          f"{same_top:.4f}")  # fmt: skip
+    assert kl.mean().item() < 2e-3 and same_top >= 0.99

@@ -27,15 +27,15 @@ from kiln.kernels.formats import SUPPORT
 from kiln.quant.q8_1 import Activation
 from kiln.weight import Weight
 
-# What runs M = 2..matvec.MAX_M rows (batched decode): "exact" (the GEMM on tensor cores with
-# fp32 tiles and tf32x3 products: 16 padded rows, the weight dequantized once for all of them) or
-# "matvec" (the byte mat-vec kernel, one fp32 accumulator per row). Both are within a few fp32
-# ulps of the reference. Chosen from the sm_90 SASS of their K loops, not yet from a timing
-# (docs/performance.md, session 7): at M = 8, instructions per weight value and thread, exact
-# 17.5 (Q4_K), 15.1 (Q8_0), 22.6 (Q6_K), 15.4 (Q4_0) against the mat-vec's 95.1, 29.8, 28.6,
-# 103.2; the mat-vec kernel before it (76.2 on Q4_K) decoded qwen3-8b Q4_K_M at 153 t/s at npl 8
-# on an H200, 0.58x npl 1.
-BATCH_METHOD = "exact"
+# What runs M = 2..matvec.MAX_M rows (batched decode): "matvec" (the byte mat-vec kernel, one fp32
+# accumulator per row, the weight read once for all rows) or "exact" (the GEMM on tensor cores
+# with fp32 tiles and tf32x3 products, 16 padded rows). Both are within a few fp32 ulps of the
+# reference. Measured on an H200 (.base/bm2.py, session 8, us per call): 4096 x 4096 Q4_K at
+# M = 2 / 8: matvec 46.8 / 90.0, exact 186.2 / 186.0; 24576 x 4096 Q4_K 107.5 / 474.5 against
+# 272.4 / 273.2; 4096 x 12288 Q6_K 76.5 / 161.7 against 498.9 / 499.3; Q8_0 4096 x 4096
+# 21.9 / 52.2 against 192.8 / 190.7. (Session 7 had chosen "exact" from sm_90 instruction
+# counts alone: its K loop issues fewer instructions per value at M = 8 but runs 4-8x slower.)
+BATCH_METHOD = "matvec"
 
 
 def reads_q8_1(m: int, weight: Weight) -> bool:
@@ -45,9 +45,9 @@ def reads_q8_1(m: int, weight: Weight) -> bool:
 
 
 def route(m: int, weight: Weight, device: torch.device | None = None) -> str | None:
-    """What runs a linear of M rows with this weight: "matvec", "exact" (the GEMM in fp32,
-    BATCH_METHOD), "triton" (the GEMM kernel), "dequant" (dequant_matmul), or None (no kernel
-    reads it: the reference)."""
+    """What runs a linear of M rows with this weight: "matvec" (1 row; 2..8 with BATCH_METHOD),
+    "exact" (the GEMM in fp32, BATCH_METHOD "exact"), "triton" (the GEMM kernel), "dequant"
+    (dequant_matmul), or None (no kernel reads it: the reference)."""
     if len(weight.shape) != 2 or weight.raw is None:
         return None
     if m <= matvec.MAX_M:

@@ -209,9 +209,9 @@ def kernel_reads(name: str, qtype) -> bool:
 
 ROUTES = {
     "embedding": "kernel (the mat-vec formats); reference for other formats",
-    "linear": "mat-vec at 1 row; 2..8 rows: kiln.kernels.linear.BATCH_METHOD (the exact fp32 "
-    "GEMM by default); quantized GEMM above (tensor cores, bf16 activations); F32 weights above "
-    "8 rows and other formats: the reference (fp32)",
+    "linear": "mat-vec at 1 row; 2..8 rows: kiln.kernels.linear.BATCH_METHOD (the mat-vec "
+    "by default, the weight read once for all rows); quantized GEMM above (tensor cores, bf16 "
+    "activations); F32 weights above 8 rows and other formats: the reference (fp32)",
     "rms_norm": "kernel",
     "add_rms_norm": "kernel",
     "qk_norm": "kernel",

@@ -111,6 +111,9 @@ class GraphRunner:
         if self.pool.generation != self._generation:  # the pool grew: its tensors moved
             self._graphs.clear()
             self._generation = self.pool.generation
+            # With its last graph gone the allocator frees the private pool; capturing into the
+            # old handle then fails an internal assert (seen on an H200, torch 2.11).
+            self._mempool = None
         size = self.bucket(len(seqs))
         graph = self._graphs.get(size)
         if graph is None:

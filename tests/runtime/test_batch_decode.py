@@ -134,4 +134,12 @@ def test_a_mixed_step_equals_its_parts(tiny, backend):
 
     (mixed, n1), (alone, n2) = run(True), run(False)
     assert n1 == n2 == [len(prompts[1]) + 1, len(prompts[2]) + len(chunk), len(prompts[2])]
-    torch.testing.assert_close(mixed, alone, rtol=1e-4, atol=1e-4)
+    if backend == "triton" and CUDA:
+        # Together the step has more than 8 rows: every row runs the quantized GEMM with bf16
+        # activations, where alone the decode row runs the fp32 mat-vec (kernels/linear.py):
+        # measured 0.028 apart at most on these models' logits (H200).
+        assert torch.equal(mixed.argmax(-1), alone.argmax(-1))
+        err = ((mixed - alone).abs() / (1 + alone.abs().amax(-1, keepdim=True))).max().item()
+        assert err < 2e-2, f"mixed step vs its parts: {err:.2e} relative to 1 + max|logit|"
+    else:
+        torch.testing.assert_close(mixed, alone, rtol=1e-4, atol=1e-4)

@@ -75,11 +75,13 @@ def test_bad_engine_settings(stories_engine):
 
 
 def test_triton_engine_keeps_an_f16_pool_of_the_full_context(stories_model):
-    """The triton backend's engine (Triton's interpreter here) starts its f16 pool at one full
+    """The triton backend's engine (Triton's interpreter on a CPU) starts its f16 pool at one full
     context, so a single sequence never makes it grow (captured graphs read its tensors); a
     freed sequence is refused, not silently decoded into blocks someone else may own."""
-    engine = Engine(build_model(read_gguf(stories_model), backend="triton"), n_ctx=32)
-    assert engine.graphs is None  # no CUDA graphs on a CPU
+    cuda = torch.cuda.is_available()
+    model = build_model(read_gguf(stories_model), "cuda" if cuda else "cpu", backend="triton")
+    engine = Engine(model, n_ctx=32)
+    assert (engine.graphs is not None) == cuda  # CUDA graphs on a GPU only
     assert engine.pool.dtype == torch.float16 and engine.pool.rows >= 32
     seq = engine.new_sequence()
     engine.prefill([1, 2, 3], seq)

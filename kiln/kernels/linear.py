@@ -40,8 +40,9 @@ BATCH_METHOD = "matvec"
 
 def reads_q8_1(m: int, weight: Weight) -> bool:
     """Whether a linear of M rows with this weight reads its input in q8_1 (the int8 mat-vec)
-    when the input offers it: decode batches (M <= matvec.MAX_M) of the formats it reads."""
-    return 1 <= m <= matvec.MAX_M and matvec_q8.reads(weight)
+    when the input offers it: decode batches (M <= matvec.MAX_M) of the formats it reads, at
+    the row counts where it is the faster (matvec_q8.BF16_FASTER_UP_TO)."""
+    return 1 <= m <= matvec.MAX_M and matvec_q8.reads(weight, m)
 
 
 def route(m: int, weight: Weight, device: torch.device | None = None) -> str | None:

@@ -36,14 +36,25 @@ VIEW = {
 LANES = {_T.Q8_0: 4, _T.Q4_0: 4, _T.Q4_1: 4, _T.Q4_K: 16, _T.Q6_K: 8}
 
 
-def reads(weight: Weight) -> bool:
-    """Whether the int8 mat-vec reads this weight: a format of SUPPORT["matvec_q8"], 2-D, its
-    rows aligned to the format's integer view."""
+# Up to how many rows the bf16-activation mat-vec is faster than this kernel, where it is:
+# measured on an H200 (.base/bm2.py, session 8; us per call, this kernel without the quantize
+# launch that norm_quant folds into the norm): Q6_K 4096 x 12288 at M = 1 39.6 against 32.7
+# (M = 2: 43.1 against 76.5); Q8_0 4096 x 4096 at M = 1 24.4 against 23.4, M = 2 27.7 against
+# 21.9 (M = 8: 47.4 against 52.2; M = 4 not measured). Q4_K wins at every M (4096 x 4096: 21.9,
+# 25.3, 41.6 against 24.6, 46.8, 90.0 at M = 1, 2, 8); Q4_0 and Q4_1 are not timed yet (their
+# K loop issues 2.5 sm_90 instructions a weight value at M = 1 against the bf16 kernel's 4.6).
+BF16_FASTER_UP_TO = {_T.Q6_K: 1, _T.Q8_0: 4}
+
+
+def reads(weight: Weight, m: int = 1) -> bool:
+    """Whether the int8 mat-vec reads this weight at M rows: a format of SUPPORT["matvec_q8"],
+    2-D, its rows aligned to the format's integer view, and M past BF16_FASTER_UP_TO."""
     return (
         len(weight.shape) == 2
         and weight.raw is not None
         and weight.qtype in SUPPORT["matvec_q8"]
         and _aligned(weight.raw, VIEW[weight.qtype].itemsize)
+        and m > BF16_FASTER_UP_TO.get(weight.qtype, 0)
     )
 
 

@@ -90,7 +90,7 @@ def test_matvec_q8_matches_reference(fmt: str) -> None:
     for m, n, k, cfg in _shapes(block):
         raw = quant.quantize(torch.randn(n, k, generator=gen), qtype).to(DEVICE)
         w = Weight(f"w_{fmt}", qtype, (n, k), raw)
-        assert matvec_q8.reads(w)
+        assert matvec_q8.reads(w, 8)
         x = q8_1.quantize(torch.randn(m, k, generator=gen))
         x = q8_1.Q8_1(x.qs.to(DEVICE), x.ds.to(DEVICE))
         y = matvec_q8.matvec_q8(x, w, cfg)
@@ -110,6 +110,10 @@ def test_matvec_q8_rejects_bad_input() -> None:
         matvec_q8.matvec_q8(q8_1.quantize(torch.randn(9, 64, generator=gen)), w)
     f16 = Weight("w", GGMLQuantizationType.F16, (4, 64), quant.quantize(torch.randn(4, 64), "F16"))
     assert not matvec_q8.reads(f16)
+    q6 = Weight(
+        "w", GGMLQuantizationType.Q6_K, (4, 256), quant.quantize(torch.randn(4, 256), "Q6_K")
+    )
+    assert not matvec_q8.reads(q6, 1) and matvec_q8.reads(q6, 2), "Q6_K: the bf16 kernel at M = 1"
     with pytest.raises(AssertionError, match="does not read F16"):
         matvec_q8.matvec_q8(q8_1.quantize(torch.randn(1, 64, generator=gen)), f16)
 

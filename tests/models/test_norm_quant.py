@@ -65,7 +65,7 @@ def test_each_consumer_finds_the_form_it_reads() -> None:
     gen = torch.Generator().manual_seed(2)
     w = _norm_weight(64, gen)
     x, r = torch.randn(2, 64, generator=gen).to(DEVICE), torch.randn(2, 64).to(DEVICE)
-    q8, f16 = _weight("Q8_0", 16, 64), _weight("F16", 16, 64)
+    q8, f16 = _weight("Q4_0", 16, 64), _weight("F16", 16, 64)
     _h, only_q8 = ops.add_rms_norm(x, r, w, 1e-6, consumers=(q8,))
     assert isinstance(only_q8, Activation) and only_q8.f32 is None
     _h, both = ops.add_rms_norm(x, r, w, 1e-6, consumers=(q8, f16))
@@ -121,7 +121,7 @@ def _launched(monkeypatch) -> list[str]:
     return names
 
 
-@pytest.mark.parametrize("name,qtype", [("tiny-qwen3", "q8_0"), ("tiny-llama", "q4_k_m")])
+@pytest.mark.parametrize("name,qtype", [("tiny-qwen3", "q4_0"), ("tiny-llama", "q4_k_m")])
 def test_decode_quality_and_the_toggle(name: str, qtype: str, monkeypatch) -> None:
     """norm_quant on: the fused norm and the int8 mat-vecs run, and the next-token
     distributions stay within the gate (mean KLD < 2e-3) of the float path; off: neither kernel

@@ -123,7 +123,11 @@ def rms_norm(x: torch.Tensor, weight: Weight, eps: float) -> torch.Tensor:
     n = w.shape[-1]
     if x.dtype == torch.float32 and x.dim() == 2 and x.shape[0] == 1 and x.is_contiguous():
         v = x.view(-1)
-        return torch.mul(x, w).mul_(1.0 / math.sqrt(torch.dot(v, v).item() / n + eps))
+        s = torch.dot(v, v)
+        # the scale goes in as the dot's own 0-dim tensor, refilled: a Python float is wrapped
+        # in a new tensor at every call (a 576-wide mul_ by a float: 2.2 us, by a tensor: 0.8)
+        s.fill_(1.0 / math.sqrt(s.item() / n + eps))
+        return torch.mul(x, w).mul_(s)
     return F.rms_norm(x if x.dtype == torch.float32 else x.float(), (n,), w, eps)
 
 
@@ -277,7 +281,13 @@ def _adjacent_heads(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
 
 def attention(q: torch.Tensor, k_pool, v_pool, batch, scale: float) -> torch.Tensor:
     """The reference's attention over the paged pool (kiln.ops.reference.attention), each
-    sequence's keys a slice of the pool where its blocks are consecutive (the usual case)."""
+    sequence's keys a slice of the pool where its blocks are consecutive (the usual case). The
+    decode step of one such sequence reads its slice directly: per_sequence's slices of the
+    queries and positions and its loop cost 4 us a layer, 0.1 ms a token on the demo model."""
+    if batch.query_lens == (1,) and batch.first_rows[0] is not None:
+        first, length = batch.first_rows[0], batch.kv_lens[0]
+        end = first + length
+        return _one_query(q, k_pool[first:end], v_pool[first:end], length, scale)
     return reference.per_sequence(
         q, k_pool, v_pool, batch, lambda qs, k, v, pos: _causal(qs, k, v, pos, scale)
     )

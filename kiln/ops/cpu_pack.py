@@ -308,9 +308,30 @@ def _refine(form, x: torch.Tensor, y: torch.Tensor) -> None:
     step = max(1, REFINE_VALUES // (top * form.k))
     for r in range(0, x.shape[0], step):
         xs, ys = x[r : r + step], y[r : r + step]
-        idx = ys.topk(top, dim=1).indices  # [m, top]
+        idx = _top_indices(ys, top)  # [m, top]
         w = form.rows(idx.flatten()).view(*idx.shape, form.k)  # [m, top, k]
         ys.scatter_(1, idx, torch.bmm(w, xs[:, :, None]).squeeze(-1))
+
+
+TOP_BLOCK = 64  # values per block of _top_indices
+
+
+def _top_indices(y: torch.Tensor, top: int) -> torch.Tensor:
+    """The indices of each row's `top` largest values (in no order), as topk's: the rows'
+    `top` blocks of TOP_BLOCK values with the largest maxima, then the largest values among
+    those. A value of the row's top lies in a block whose maximum is at least that value, and
+    at most `top` blocks hold one, so those blocks hold them all. torch.topk over a row costs
+    with its length: 270 us for the demo model's 49152 logits, against 25 us here (one thread)."""
+    m, n = y.shape
+    blocks = n // TOP_BLOCK
+    if blocks < 2 * top:
+        return y.topk(top, dim=1, sorted=False).indices
+    full = blocks * TOP_BLOCK
+    best = y[:, :full].view(m, blocks, TOP_BLOCK).amax(-1).topk(top, dim=1, sorted=False).indices
+    idx = (best[:, :, None] * TOP_BLOCK + torch.arange(TOP_BLOCK, device=y.device)).view(m, -1)
+    if full < n:  # the last values, short of a block: candidates all
+        idx = torch.cat([idx, torch.arange(full, n, device=y.device).expand(m, -1)], dim=1)
+    return idx.gather(1, y.gather(1, idx).topk(top, dim=1, sorted=False).indices)
 
 
 class Int8Blocks:
@@ -334,10 +355,11 @@ class Int8Blocks:
         return sum(t.numel() * t.element_size() for t in (self.q, self.d, self.exact))
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
-        xs = x.to(torch.bfloat16).reshape(x.shape[0], -1, GROUP)
-        y = torch._weight_int8pack_mm(xs[:, 0].contiguous(), self.q[0], self.d[0]).float()
+        # [G, M, 32]: each block's activations contiguous, one copy for all blocks
+        xs = x.to(torch.bfloat16).reshape(x.shape[0], -1, GROUP).transpose(0, 1).contiguous()
+        y = torch._weight_int8pack_mm(xs[0], self.q[0], self.d[0]).float()
         for g in range(1, self.q.shape[0]):
-            y += torch._weight_int8pack_mm(xs[:, g].contiguous(), self.q[g], self.d[g])
+            y += torch._weight_int8pack_mm(xs[g], self.q[g], self.d[g])
         _refine(self, x, y)
         return y
 

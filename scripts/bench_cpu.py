@@ -37,15 +37,28 @@ def log(line: str) -> None:
     print(f"# {line}", file=sys.stderr, flush=True)
 
 
+# Peak RSS is the child's ru_maxrss, which on Linux starts at the RSS of the process that spawned
+# it (the spawned copy's high-water mark survives exec): spawned from this script once it has
+# imported torch, even `python -c pass` reads about 225 MB. So children are spawned by this small
+# launcher (a bare interpreter, ~10 MB), below any peak measured here.
+_LAUNCHER = (
+    "import os, subprocess, sys\n"
+    "p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)\n"
+    "_, status, usage = os.wait4(p.pid, 0)\n"
+    "print(usage.ru_maxrss, os.waitstatus_to_exitcode(status))\n"
+)
+
+
 def peak_rss_mb(cmd: list[str]) -> tuple[float, int]:
     """Run cmd; -> (its peak resident set in MB, exit status)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    if proc.returncode != 0:
-        log(f"failed ({proc.returncode}): {' '.join(cmd)}\n{err[-2000:]}")
-    return usage.ru_maxrss / 1024, proc.returncode  # Linux: KiB
+    r = subprocess.run([sys.executable, "-c", _LAUNCHER, *cmd], capture_output=True, text=True)
+    if r.returncode != 0 or not r.stdout.strip():
+        log(f"launcher failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr[-2000:]}")
+        return float("nan"), r.returncode or 1
+    kib, code = (int(v) for v in r.stdout.split()[-2:])
+    if code != 0:
+        log(f"failed ({code}): {' '.join(cmd)}\n{r.stderr[-2000:]}")
+    return kib / 1024, code  # Linux: KiB
 
 
 def run_json(cmd: list[str], what: str) -> list[dict]:

@@ -5,6 +5,7 @@ Every way a file can be wrong ends in a GGUFError that names the file and the pr
 
 from __future__ import annotations
 
+import mmap
 import os
 from pathlib import Path
 from typing import Any
@@ -48,9 +49,25 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFModel:
         tensors[t.name] = _raw_tensor(reader, t)
 
     version = int(reader.fields["GGUF.version"].parts[0][0])
+    _release_header(reader)
     return GGUFModel(
         metadata, tensors, metadata_types, path=path, version=version, file_size=file_size
     )
+
+
+def _release_header(reader: FastGGUFReader) -> None:
+    """Drop the header's pages (metadata, tensor infos) from this process's memory: everything
+    in them has been decoded into Python objects, and the map stays open for the tensors (their
+    pages are the file's, unchanged; a later read maps them again). About 1.7 MB for the demo
+    model's vocabulary, counted in `kiln run`'s peak RSS otherwise."""
+    m = getattr(reader.data, "_mmap", None)
+    length = int(reader.data_offset) // mmap.PAGESIZE * mmap.PAGESIZE
+    if m is None or length == 0 or not hasattr(m, "madvise"):
+        return
+    try:
+        m.madvise(mmap.MADV_DONTNEED, 0, length)
+    except (OSError, ValueError):  # advice only
+        pass
 
 
 def _field_value(path: Path, key: str, fld) -> Any:

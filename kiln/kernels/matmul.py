@@ -12,8 +12,8 @@ kiln.ops.reference.linear(x.float(), weight) within the bf16 bound of tests/kern
 a few fp32 ulps of the reference, for batched decode. Which of the two runs for a shape is data:
 `method` reads the table that scripts/tune_matmul.py measured on this GPU
 (kernels/configs/matmul,device=<gpu>.json, named by kiln.kernels.config_name); without an entry,
-the Triton kernel. kiln/kernels/linear.py is the one dispatch by M (the mat-vec at one row, the
-exact GEMM up to matvec.MAX_M rows, these above).
+the Triton kernel. kiln/kernels/linear.py is the one dispatch by M (the mat-vec up to
+matvec.MAX_M rows, or the exact GEMM where BATCH_METHOD asks for it; these above).
 """
 
 from __future__ import annotations

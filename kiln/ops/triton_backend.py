@@ -1,8 +1,8 @@
 """The "triton" backend: the GPU kernels of kiln/kernels where they apply, the torch reference
 elsewhere. Which is which follows from the op, the weight's format and the shapes only (ROUTES
-says it; `kiln info --device cuda` prints it): mat-muls run the mat-vec at one row, the exact
-(fp32) GEMM for 2..matvec.MAX_M rows and the quantized GEMM above (bf16 activations): the one
-dispatch of kernels/linear.py; attention runs
+says it; `kiln info --device cuda` prints it): mat-muls run the mat-vec up to matvec.MAX_M rows
+(linear.BATCH_METHOD from 2) and the quantized GEMM above (bf16 activations): the one dispatch of
+kernels/linear.py; attention runs
 flash-decoding for one query per sequence and flash attention for prompts, both over the paged
 pool; MoE runs the per-row expert kernels up to MAX_M rows and the grouped GEMM above (the
 slots sorted by expert on the device: no host synchronization); formats a kernel lacks, and

@@ -61,6 +61,7 @@ MATVEC_TESTS = ("tests/kernels/test_matvec.py", *NOT_SM90)
 # (scripts/ is not in the mutation copy: the tuning script's test stays out)
 MATMUL_TESTS = ("tests/kernels/test_matmul.py", "-k", "not sm90 and not tune_script")
 MOE_TESTS = ("tests/kernels/test_moe.py", *NOT_SM90)
+Q8_TESTS = ("tests/kernels/test_matvec_q8.py", *NOT_SM90)
 GROUPED_TESTS = ("tests/kernels/test_moe_grouped.py", *NOT_SM90)
 ROUTER_TESTS = ("tests/kernels/test_router.py", *NOT_SM90)
 EMBEDDING_TESTS = ("tests/kernels/test_embedding.py", *NOT_SM90)
@@ -236,6 +237,39 @@ MUTATIONS: list[Mutation] = [
         _one("head = kvh * GROUP + r % GROUP", "head = kvh + r % GROUP * (H // GROUP)"),
         FLASH_TESTS,
         "prompt attention: query heads grouped by stride Hkv instead of consecutively",
+    ),
+    Mutation(
+        "q8_q4k_min_sign",
+        KERNELS + "matvec_q8.py",
+        _one(
+            "acc -= (dmin * mn)[None] * (dx * sq.to(tl.float32))",
+            "acc += (dmin * mn)[None] * (dx * sq.to(tl.float32))",
+        ),
+        Q8_TESTS,
+        "int8 mat-vec, Q4_K: the low sub-block's minimum added instead of subtracted",
+    ),
+    Mutation(
+        "q8_q6k_offset",
+        KERNELS + "matvec_q8.py",
+        _one("_dp4a(c0[None], a, -32 * sq, DP4A)", "_dp4a(c0[None], a, -31 * sq, DP4A)"),
+        Q8_TESTS,
+        "int8 mat-vec, Q6_K: quants centred on 31 instead of 32",
+    ),
+    Mutation(
+        "q8_rounding",
+        KERNELS + "quantize.py",
+        _one("q = t + (2.0 * (r - t.to(tl.float32))).to(tl.int32)", "q = t"),
+        Q8_TESTS,
+        "q8_1 quantize truncates instead of rounding half away from zero",
+    ),
+    Mutation(
+        "norm_quant_scale_block",
+        KERNELS + "quantize.py",
+        _one(
+            "tl.store(ds_ptr + 2 * blk, d, mask=ok)", "tl.store(ds_ptr + 2 * blk, 2 * d, mask=ok)"
+        ),
+        Q8_TESTS,
+        "q8_1 quantize stores twice the block scale",
     ),
     Mutation(
         "matvec_lanes_affine_min",

@@ -33,16 +33,18 @@ VIEW = {
     _T.Q4_K: torch.int64,
     _T.Q6_K: torch.int16,
 }
-LANES = {_T.Q8_0: 4, _T.Q4_0: 4, _T.Q4_1: 4, _T.Q4_K: 16, _T.Q6_K: 8}
+LANES = {_T.Q8_0: 4, _T.Q4_0: 4, _T.Q4_1: 4, _T.Q4_K: 8, _T.Q6_K: 8}
 
 
 # Up to how many rows the bf16-activation mat-vec is faster than this kernel, where it is:
 # measured on an H200 (.base/bm2.py, session 8; us per call, this kernel without the quantize
-# launch that norm_quant folds into the norm): Q6_K 4096 x 12288 at M = 1 39.6 against 32.7
-# (M = 2: 43.1 against 76.5); Q8_0 4096 x 4096 at M = 1 24.4 against 23.4, M = 2 27.7 against
-# 21.9 (M = 8: 47.4 against 52.2; M = 4 not measured). Q4_K wins at every M (4096 x 4096: 21.9,
-# 25.3, 41.6 against 24.6, 46.8, 90.0 at M = 1, 2, 8); Q4_0 and Q4_1 are not timed yet (their
-# K loop issues 2.5 sm_90 instructions a weight value at M = 1 against the bf16 kernel's 4.6).
+# launch that norm_quant folds into the norm), with the kernel's first lanes and 2048 values a
+# step, before default_config's change cut its instructions a value by 30-40%: Q6_K 4096 x
+# 12288 at M = 1 39.6 against 32.7 (M = 2: 43.1 against 76.5); Q8_0 4096 x 4096 at M = 1 24.4
+# against 23.4, M = 2 27.7 against 21.9 (M = 8: 47.4 against 52.2; M = 4 not measured). Q4_K
+# wins at every M (4096 x 4096: 21.9, 25.3, 41.6 against 24.6, 46.8, 90.0 at M = 1, 2, 8); Q4_0
+# and Q4_1 are not timed yet (sm_90 K loop: 2.3 instructions a weight value at M = 1 against
+# the bf16 kernel's 4.6). To be measured again with the present kernel.
 BF16_FASTER_UP_TO = {_T.Q6_K: 1, _T.Q8_0: 4}
 
 
@@ -60,9 +62,12 @@ def reads(weight: Weight, m: int = 1) -> bool:
 
 def default_config(m: int) -> MatvecConfig:
     """Untuned: 8 weight rows a program at one x row, fewer as rows of x add accumulators
-    (M_PAD * lanes-per-thread * BLOCK_N fp32 registers), 2048 values a step, 4 warps."""
+    (M_PAD * lanes-per-thread * BLOCK_N fp32 registers), 4 warps, 4096 values a step: for
+    every format one lane per thread or more (Q4_K and Q6_K at 2048 left half the threads
+    without a lane of their own, and the sm_90 K loop then moved x through shared memory: Q4_K
+    4.6 and Q6_K 6.0 instructions a weight value at M = 1 against 2.6 and 3.5 at 4096)."""
     block_n = max(2, 8 // triton.next_power_of_2(m))
-    return MatvecConfig(block_n=block_n, tile_values=2048, num_warps=4)
+    return MatvecConfig(block_n=block_n, tile_values=4096, num_warps=4)
 
 
 def matvec_q8(

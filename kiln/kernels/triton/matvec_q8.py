@@ -20,8 +20,10 @@ Per format, a lane (values of one 32-value x block are always in one lane's word
 - Q4_0 (int16 view, 9 halfwords): 4 bytes of qs = values 4i..4i+3 (low nibbles) and 16 + 4i..
   (high); 4 lanes a block; q - 8 as dp4a(q, x) starting from -8 * sum(x quants of the word).
 - Q4_1 (int32 view, 5 words: d | m << 16, then qs): the lanes of Q4_0; + m * d_x * sum(x quants).
-- Q4_K (int64 view, 18 words): 8 bytes of qs = 8 low nibbles of sub-block 2c and 8 high nibbles
-  of sub-block 2c + 1; 16 lanes a block; the mins: - dmin * min * d_x * sum(x quants).
+- Q4_K (int64 view, 18 words): 16 bytes of qs (two words) = 16 low nibbles of sub-block 2c and
+  16 high nibbles of sub-block 2c + 1; 8 lanes a block, so the scale decoding is paid once per
+  32 values (16 bytes a lane: sm_90 K loop 2.6 instructions a weight value at M = 1 against 4.1
+  with 8 bytes); the mins: - dmin * min * d_x * sum(x quants).
 - Q6_K (int16 view, 105 halfwords): half hh, l = l0..l0 + 7 of it for each k = 0..3 (values
   128 hh + 32 k + l); 8 lanes a block; q - 32 as dp4a from -32 * sum(x quants).
 
@@ -106,7 +108,7 @@ def _matvec_q8_kernel(
     KQ: tl.constexpr = FMT == Q4_K
     Q6: tl.constexpr = FMT == Q6_K
     BV: tl.constexpr = 256 if (KQ or Q6) else 32  # values per weight block
-    QW: tl.constexpr = 16 if KQ else (8 if Q6 else 4)  # lanes per block
+    QW: tl.constexpr = 8 if (KQ or Q6) else 4  # lanes per block
     WPB: tl.constexpr = (
         105 if Q6 else (18 if KQ else (17 if FMT == Q8_0 else (5 if FMT == Q4_1 else 9)))
     )  # words a block
@@ -118,18 +120,15 @@ def _matvec_q8_kernel(
     rows_c = tl.minimum(rows, N - 1).to(tl.int64)
     j = tl.arange(0, S * QW)[:, None]  # [lanes, 1]
     sb = j // QW
-    if KQ:  # lane order scrambled, as the bf16 lanes kernel does (kernels/triton/matvec.py)
-        li = (9 * (j % QW)) % QW
-    else:
-        li = j % QW
+    li = j % QW
     hdr_p = w_ptr + rows_c[None, :] * stride_wn + sb * WPB  # [lanes, BLOCK_N]
     m3 = tl.arange(0, M_PAD)[:, None, None]  # [M_PAD, 1, 1]
     kw = K // 4  # x words per row
     kb = K // 32  # x blocks per row
     # x words of the lane's first value, and its first x block, in block sb of the tile
     if KQ:
-        x_w = sb * 64 + 16 * (li // 4) + 2 * (li % 4)  # + 8: the high nibbles' block
-        x_b = sb * 8 + 2 * (li // 4)
+        x_w = sb * 64 + 16 * (li // 2) + 4 * (li % 2)  # + 8: the high nibbles' block
+        x_b = sb * 8 + 2 * (li // 2)
     elif Q6:
         x_w = sb * 64 + 32 * (li // 4) + 2 * (li % 4)  # + 8 k for k = 0..3
         x_b = sb * 8 + 4 * (li // 4)
@@ -186,26 +185,32 @@ def _matvec_q8_kernel(
                 dmin = _f16_lo(h32 >> 16)
                 w1 = _masked_load(hp + 1, ok, EVEN)
                 wa = (hdr >> 32).to(tl.int32)
-                sh = 16 * ((li // 4) % 2)
-                upper = li >= 8
+                sh = 16 * ((li // 2) % 2)
+                upper = li >= 4
                 sc, mn = _q4_k_scale_min(wa, w1.to(tl.int32), (w1 >> 32).to(tl.int32), sh, upper)
                 sc_h, mn_h = _q4_k_scale_min(
                     wa, w1.to(tl.int32), (w1 >> 32).to(tl.int32), sh + 8, upper
                 )
-                qs = _masked_load(hp + 2 + li, ok, EVEN)
-                q0 = qs.to(tl.int32)
-                q1 = (qs >> 32).to(tl.int32)
-                a, b, dx, sq = _x_block(xq_p, xd_p, XW, XB, xok, DP4A)
-                dot = _dp4a((q1 & _NIB)[None], b, _dp4a((q0 & _NIB)[None], a, 0 * a, DP4A), DP4A)
+                dot = tl.zeros([M_PAD, S * QW, BLOCK_N], dtype=tl.int32)
+                dot_h = tl.zeros([M_PAD, S * QW, BLOCK_N], dtype=tl.int32)
+                sq = tl.zeros([M_PAD, S * QW, 1], dtype=tl.int32)
+                sq_h = tl.zeros([M_PAD, S * QW, 1], dtype=tl.int32)
+                for i in tl.static_range(2):  # the lane's two 8-byte words of qs
+                    qs = _masked_load(hp + 2 + 2 * li + i, ok, EVEN)
+                    for e in tl.static_range(2):  # their 4-byte halves
+                        q = (qs >> (32 * e)).to(tl.int32)
+                        a = tl.load(xq_p + XW + 2 * i + e, mask=xok, other=0)
+                        b = tl.load(xq_p + XW + 8 + 2 * i + e, mask=xok, other=0)
+                        dot = _dp4a((q & _NIB)[None], a, dot, DP4A)
+                        dot_h = _dp4a(((q >> 4) & _NIB)[None], b, dot_h, DP4A)
+                        sq = _dp4a(_ONES, a, sq, DP4A)
+                        sq_h = _dp4a(_ONES, b, sq_h, DP4A)
+                dx = tl.load(xd_p + 2 * XB, mask=xok, other=0.0)
+                dx_h = tl.load(xd_p + 2 * XB + 2, mask=xok, other=0.0)
                 acc += (d * sc)[None] * (dx * dot.to(tl.float32))
                 acc -= (dmin * mn)[None] * (dx * sq.to(tl.float32))
-                a, b, dx, sq = _x_block(xq_p, xd_p, XW + 8, XB + 1, xok, DP4A)
-                dot = _dp4a(
-                    ((q1 >> 4) & _NIB)[None], b, _dp4a(((q0 >> 4) & _NIB)[None], a, 0 * a, DP4A),
-                    DP4A,
-                )  # fmt: skip
-                acc += (d * sc_h)[None] * (dx * dot.to(tl.float32))
-                acc -= (dmin * mn_h)[None] * (dx * sq.to(tl.float32))
+                acc += (d * sc_h)[None] * (dx_h * dot_h.to(tl.float32))
+                acc -= (dmin * mn_h)[None] * (dx_h * sq_h.to(tl.float32))
             else:  # Q6_K: lane li = half hh (li // 4), l0 = 8 (li % 4)
                 hh = li // 4
                 l0h = 4 * (li % 4)  # l0 in halfwords

@@ -1,6 +1,7 @@
 """Every kernel of the GPU decode step, as the model launches it at the real shapes of each
 benchmark preset, compiles for an H100 (sm_90) — checked on the CPU (tests/kernels/sm90.py), one
-layer per model, with and without the fusions, for a decode batch of 2 and of 1. With the `pdl`
+layer per model, with and without the fusions (norm_quant's int8 mat-vecs among them), for a
+decode batch of 2 and of 1. With the `pdl`
 fusion every kernel is launched with programmatic dependent launch and waits
 (griddepcontrol.wait) for its inputs; without it none does."""
 
@@ -56,6 +57,8 @@ print(json.dumps(sorted(names)))
 def test_decode_step_compiles_for_sm90(preset, qtype):
     names = json.loads(run_compile_check(CODE.format(preset=preset, qtype=qtype)).splitlines()[-1])
     assert any("matvec" in n for n in names), names  # M = 1 (and the MoE experts)
-    assert "_matmul_kernel" in names, names  # M = 2: linear.BATCH_METHOD "exact"
+    assert "_matvec_kernel" in names, names  # M = 2: linear.BATCH_METHOD "matvec"
+    if qtype != "q8_0":  # norm_quant (fused on): Q8_0 stays on the bf16 kernel up to 4 rows
+        assert {"_matvec_q8_kernel", "_rms_norm_quant_kernel"} <= set(names), names
     assert any("attention" in n for n in names), names
     assert any("norm" in n for n in names), names

@@ -36,16 +36,16 @@ VIEW = {
 LANES = {_T.Q8_0: 4, _T.Q4_0: 4, _T.Q4_1: 4, _T.Q4_K: 8, _T.Q6_K: 8}
 
 
-# Up to how many rows the bf16-activation mat-vec is faster than this kernel, where it is:
-# measured on an H200 (.base/bm2.py, session 8; us per call, this kernel without the quantize
-# launch that norm_quant folds into the norm), with the kernel's first lanes and 2048 values a
-# step, before default_config's change cut its instructions a value by 30-40%: Q6_K 4096 x
-# 12288 at M = 1 39.6 against 32.7 (M = 2: 43.1 against 76.5); Q8_0 4096 x 4096 at M = 1 24.4
-# against 23.4, M = 2 27.7 against 21.9 (M = 8: 47.4 against 52.2; M = 4 not measured). Q4_K
-# wins at every M (4096 x 4096: 21.9, 25.3, 41.6 against 24.6, 46.8, 90.0 at M = 1, 2, 8); Q4_0
-# and Q4_1 are not timed yet (sm_90 K loop: 2.3 instructions a weight value at M = 1 against
-# the bf16 kernel's 4.6). To be measured again with the present kernel.
-BF16_FASTER_UP_TO = {_T.Q6_K: 1, _T.Q8_0: 4}
+# Up to how many rows the bf16-activation mat-vec (tuned on the H100) is faster than this kernel
+# at its default config, where it is: measured on an H100 (.base/sweep_q8.py, session 8, triton's
+# do_bench, us per call, without the quantize launch that norm_quant folds into the norm; random
+# weights): Q8_0 4096 x 4096 at M = 1 17.8 against 15.9 (M = 2: 20.1 against 22.4; M = 8: 46.0
+# against 52.4). Everything else measured wins at every M: Q4_K 24576 x 4096 31.7 / 48.2 / 191.2
+# against 41.3 / 107.7 / 473.2 at M = 1 / 2 / 8 (4096 x 4096: 10.8 / 13.8 / 37.2 against 12.3 /
+# 27.8 / 89.3), Q6_K 4096 x 12288 33.3 / 39.5 / 118.9 against 37.8 / 78.1 / 162.6. Q4_0 and
+# Q4_1 are not timed (sm_90 K loop: 2.3 instructions a weight value at M = 1 against the bf16
+# kernel's 4.6).
+BF16_FASTER_UP_TO = {_T.Q8_0: 1}
 
 
 def reads(weight: Weight, m: int = 1) -> bool:

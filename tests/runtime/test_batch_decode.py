@@ -107,7 +107,9 @@ def test_graph_buckets_pad_rows_without_touching_the_sequences():
     graphed, eager = _engine(gguf, "triton", True), _engine(gguf, "triton", False)
     for b in (3, 5):
         assert _batched(graphed, prompts[:b], 64) == _batched(eager, prompts[:b], 64)
-    assert sorted(graphed.graphs._graphs) == [4, 8]
+        assert graphed.graphs.bucket(b) in graphed.graphs._graphs
+    # (the bucket of 4 may be gone: a pool that grows drops every graph captured on its tensors)
+    assert (graphed.graphs.bucket(3), graphed.graphs.bucket(5)) == (4, 8)
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"] if not CUDA else ["torch", "triton"])

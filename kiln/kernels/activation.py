@@ -2,6 +2,7 @@
 kiln.ops.reference.swiglu.
 
     swiglu(gate: [T, F], up: [T, F]) -> f32 [T, F] = silu(gate) * up
+    swiglu_quant(gate, up, write_y=True) -> (f32 [T, F] or None, the same in q8_1): norm_quant's
 
 gate and up may be the column halves of a merged gate/up result (row stride 2F); one launch,
 launch parameters from shapes only (CUDA-graph safe).
@@ -14,6 +15,7 @@ import triton
 
 from kiln.kernels import pdl_launch
 from kiln.kernels.triton import activation as _k
+from kiln.quant.q8_1 import Q8_1, QK
 
 _X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Columns per program: 1024 fp32 over 4 warps is 8 values (two 16-byte loads) per thread; at
@@ -55,3 +57,45 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, pdl: bool = False) -> torch.Ten
         **pdl_launch(pdl),
     )
     return out
+
+
+def swiglu_quant(
+    gate: torch.Tensor, up: torch.Tensor, write_y: bool = True, pdl: bool = False
+) -> tuple[torch.Tensor | None, Q8_1]:
+    """silu(gate) * up (f32, None unless write_y) and its q8_1 form, one launch; F a multiple of
+    32. Bit for bit the unfused form (swiglu_quant_unfused)."""
+    _check(gate, "swiglu gate")
+    _check(up, "swiglu up")
+    assert gate.shape == up.shape, f"gate {tuple(gate.shape)} vs up {tuple(up.shape)}"
+    t, f = gate.shape
+    assert f % QK == 0, f"swiglu_quant: q8_1 rows are whole blocks of {QK} values; got F={f}"
+    out = torch.empty((t, f), dtype=torch.float32, device=gate.device) if write_y else None
+    q = Q8_1.empty(t, f, gate.device)
+    if t == 0:
+        return out, q
+    block = min(BLOCK, triton.next_power_of_2(f))
+    _k._swiglu_quant_kernel[(t, triton.cdiv(f, block))](
+        gate,
+        up,
+        out if out is not None else q.ds,
+        q.qs,
+        q.ds,
+        f,
+        gate.stride(0),
+        up.stride(0),
+        BLOCK=block,
+        WRITE_Y=write_y,
+        num_warps=max(1, min(4, block // 256)),
+        **pdl_launch(pdl),
+    )
+    return out, q
+
+
+def swiglu_quant_unfused(
+    gate: torch.Tensor, up: torch.Tensor, write_y: bool = True, pdl: bool = False
+) -> tuple[torch.Tensor | None, Q8_1]:
+    """swiglu_quant's unfused form: the swiglu launch, then the quantize launch."""
+    from kiln.kernels.quantize import quantize_q8_1
+
+    y = swiglu(gate, up, pdl=pdl)
+    return (y if write_y else None), quantize_q8_1(y, pdl=pdl)

@@ -164,7 +164,9 @@ class DecoderModel:
         else:
             gate = ops.linear(x, w[p + "ffn_gate.weight"])
             up = ops.linear(x, w[p + "ffn_up.weight"])
-        return ops.linear(ops.swiglu(gate, up), w[p + "ffn_down.weight"])
+        down = w[p + "ffn_down.weight"]
+        kw = {} if self.norm_inputs is None else {"consumers": (down,)}  # norm_quant
+        return ops.linear(ops.swiglu(gate, up, **kw), down)
 
     def _moe(self, i: int, x: torch.Tensor) -> torch.Tensor:
         c, ops, w, p = self.config, self.ops, self.w, f"blk.{i}."

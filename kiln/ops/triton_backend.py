@@ -115,15 +115,17 @@ def floats(x):
 
 
 def norm_quant(ops) -> dict:
-    """With the norm_quant fusion on: rms_norm and add_rms_norm given their consumers (the
-    weights that read the normed rows) quantize the rows to q8_1 in the same launch when some
-    consumer reads q8_1 (kernels/linear.py's reads_q8_1, the function linear dispatches by),
-    write the floats only when some consumer reads floats, and return an Activation; otherwise
-    (no consumers given, prompts, formats the int8 mat-vec does not read) the set's own op."""
-    from kiln.kernels import norm
+    """With the norm_quant fusion on: rms_norm, add_rms_norm and swiglu given their consumers
+    (the weights that read their rows: QKV, gate/up, down) quantize the rows to q8_1 in the
+    same launch when some consumer reads q8_1 (kernels/linear.py's reads_q8_1, by which linear
+    dispatches), write the floats only when some consumer reads floats, and return an
+    Activation; otherwise (no consumers given, prompts, formats the int8 mat-vec does not read)
+    the set's own op."""
+    from kiln.kernels import activation, norm
     from kiln.kernels.linear import reads_q8_1
 
     plain_rms_norm, plain_add_rms_norm = ops.rms_norm, ops.add_rms_norm
+    plain_swiglu = ops.swiglu
 
     def forms(x, consumers) -> tuple[bool, bool]:
         reads = [reads_q8_1(x.shape[0], w) for w in consumers]
@@ -143,7 +145,14 @@ def norm_quant(ops) -> dict:
         h, y, q8 = norm.rms_norm_quant(x, weight, eps, residual, write_y, pdl=ops.pdl)
         return h, Activation(y, q8)
 
-    return {"rms_norm": rms_norm, "add_rms_norm": add_rms_norm}
+    def swiglu(gate, up, consumers=()):
+        quantize, write_y = forms(gate, consumers)
+        if not quantize:
+            return plain_swiglu(gate, up)
+        y, q8 = activation.swiglu_quant(gate, up, write_y, pdl=ops.pdl)
+        return Activation(y, q8)
+
+    return {"rms_norm": rms_norm, "add_rms_norm": add_rms_norm, "swiglu": swiglu}
 
 
 def compose(ops) -> dict:

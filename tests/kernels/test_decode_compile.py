@@ -60,5 +60,7 @@ def test_decode_step_compiles_for_sm90(preset, qtype):
     assert "_matvec_kernel" in names, names  # M = 2: linear.BATCH_METHOD "matvec"
     # norm_quant (fused on): the int8 mat-vec (Q8_0 from 2 rows: the decode batch of 2)
     assert {"_matvec_q8_kernel", "_rms_norm_quant_kernel"} <= set(names), names
+    if "a3b" not in preset:  # a dense FFN: its down mat-vec reads the SwiGLU result in q8_1
+        assert "_swiglu_quant_kernel" in names, names
     assert any("attention" in n for n in names), names
     assert any("norm" in n for n in names), names

@@ -17,7 +17,7 @@ from gguf.constants import GGMLQuantizationType
 from kiln import quant
 from kiln.gguf.synthetic import PRESETS
 from kiln.gguf.synthetic import build_model as synthetic
-from kiln.kernels import norm
+from kiln.kernels import activation, norm
 from kiln.models import build_model
 from kiln.ops import get_ops
 from kiln.quant.q8_1 import Activation
@@ -51,6 +51,19 @@ def test_fused_kernel_equals_its_unfused_form(rows: int, n: int, residual: bool)
             assert (got is None) == (want is None), what
             assert got is None or torch.equal(got, want), f"{what} differs"
         assert torch.equal(fused[2].qs, unfused[2].qs) and torch.equal(fused[2].ds, unfused[2].ds)
+
+
+@pytest.mark.parametrize("t,f", [(1, 64), (3, 1536), (2, 2144)])
+def test_fused_swiglu_equals_its_unfused_form(t: int, f: int) -> None:
+    """swiglu + quantize in one launch against the swiglu launch + the quantize launch, on the
+    strided halves of a merged gate/up result (F = 2144: a last program of 96 columns)."""
+    gu = torch.randn(t, 2 * f, generator=torch.Generator().manual_seed(f)).to(DEVICE)
+    gate, up = gu[:, :f], gu[:, f:]
+    for write_y in (True, False):
+        y, q = activation.swiglu_quant(gate, up, write_y)
+        y_u, q_u = activation.swiglu_quant_unfused(gate, up, write_y)
+        assert (y is None) == (y_u is None) and (y is None or torch.equal(y, y_u))
+        assert torch.equal(q.qs, q_u.qs) and torch.equal(q.ds, q_u.ds)
 
 
 def _weight(qtype: str, n: int, k: int) -> Weight:
@@ -129,10 +142,12 @@ def test_decode_quality_and_the_toggle(name: str, qtype: str, monkeypatch) -> No
     gguf = synthetic(_micro(name), qtype, device=DEVICE)
     launched = _launched(monkeypatch)
     on = _decode_logits(build_model(gguf, DEVICE, backend="triton", fusions={"norm_quant": True}))
-    assert "_matvec_q8_kernel" in launched and "_rms_norm_quant_kernel" in launched
+    assert {"_matvec_q8_kernel", "_rms_norm_quant_kernel", "_swiglu_quant_kernel"} <= set(launched)
     launched.clear()
     off = _decode_logits(build_model(gguf, DEVICE, backend="triton", fusions={"norm_quant": False}))
-    assert "_matvec_q8_kernel" not in launched and "_rms_norm_quant_kernel" not in launched
+    assert not {"_matvec_q8_kernel", "_rms_norm_quant_kernel", "_swiglu_quant_kernel"} & set(
+        launched
+    )
     log_p, log_q = torch.log_softmax(off.double(), -1), torch.log_softmax(on.double(), -1)
     kl = (log_p.exp() * (log_p - log_q)).sum(-1)
     same_top = (on.argmax(-1) == off.argmax(-1)).double().mean().item()

@@ -6,8 +6,10 @@ llama.cpp's block_q8_1 is 32 int8 quants with an f16 scale d and an f16 s = d * 
 36-byte struct. Kiln keeps the same values in two tensors of their own: the quants contiguous
 (a mat-vec lane loads 4 or 8 of them as one word, aligned, beside the weight's own lanes) and
 d, s side by side in float32 (one 8-byte load per block). float32 instead of f16 costs 4 more
-bytes a block of 32 (a 4096-wide row: 512 B more) and drops two roundings llama.cpp has; s
-serves the formats with an offset (Q4_1, Q5_1, Q4_K's mins: m * sum(x) = m * s).
+bytes a block of 32 (a 4096-wide row: 512 B more) and drops two roundings llama.cpp has. s is
+llama.cpp's whole-block sum for the formats with an offset (Q4_1, Q5_1, Q4_K's mins: m * sum(x)
+= m * s); Kiln's mat-vec lanes hold a part of a block each, so they sum their own x quants
+instead (shared by a program's weight rows) and do not read it.
 
 Quantization, as llama.cpp's CUDA quantize_q8_1: d = amax / 127 and q = roundf(x / d) (round half
 away from zero; q = 0 where amax = 0), both divisions correctly rounded, so the kernel

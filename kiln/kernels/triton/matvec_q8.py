@@ -5,15 +5,16 @@ GGUF blocks, for M = 1..8 rows of x read against one pass over the weight.
 Why: the bf16-activation mat-vec spends about 7 sm_90 instructions per weight value on Q4_K (a
 LOP3, an FADD and an FFMA per value, plus the scales), which makes it instruction-bound at about
 half of the copy bandwidth. Here four weight quants and four x quants meet in one `dp4a` (a
-4-way int8 dot product with int32 accumulation): a Q4_K word of 8 nibbles costs two LOP3 and
-two dp4a per x row, and the float work (the block scales) is paid once per 8 values of a lane.
+4-way int8 dot product with int32 accumulation): 8 Q4_K nibbles cost two LOP3 and two dp4a per
+x row, and the float work (the block scales) is paid once per lane and x block (8 or 16 values).
 
 Lanes, as in the bf16 lanes kernel (kernels/triton/matvec.py): a tile is [S * QW, BLOCK_N], lane
 j % QW of block j // QW of each of BLOCK_N weight rows, lanes along K so a warp's loads are
 contiguous; x is [M_PAD, S * QW, 1] (loaded once for the BLOCK_N rows) and the accumulator
 [M_PAD, S * QW, BLOCK_N] fp32, summed over the lanes at the end. x's quants are read as int32
-words (4 quants), its (d, s) pairs as float32. A lane's part of one x block (8 values, two words)
-is one int32 dot product, scaled once: acc += (d_w * scale) * (d_x * dot).
+words (4 quants), its d as float32 (s is not read: the offsets use the lane's own sums of x
+quants, which the BLOCK_N rows share). A lane's part of one x block is one int32 dot product,
+scaled once: acc += (d_w * scale) * (d_x * dot).
 
 Per format, a lane (values of one 32-value x block are always in one lane's word pair):
 - Q8_0 (int16 view, 17 halfwords): 8 bytes = 8 signed quants; 4 lanes a block.

@@ -256,6 +256,16 @@ MUTATIONS: list[Mutation] = [
         "int8 mat-vec, Q6_K: quants centred on 31 instead of 32",
     ),
     Mutation(
+        "q8_q5_fifth_bit",
+        KERNELS + "matvec_q8.py",
+        _one(
+            "(((bits & 15) * 0x00204081) & 0x01010101) << 4",
+            "(((bits & 15) * 0x00204080) & 0x01010101) << 4",
+        ),
+        Q8_TESTS,
+        "int8 mat-vec, Q5_0/Q5_1: the fifth bit of each lane's first value dropped",
+    ),
+    Mutation(
         "q8_rounding",
         KERNELS + "quantize.py",
         _one("q = t + (2.0 * (r - t.to(tl.float32))).to(tl.int32)", "q = t"),

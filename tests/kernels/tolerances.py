@@ -42,6 +42,8 @@ MATVEC_Q8: dict[str, tuple[float, float, str]] = {
     "Q8_0": (2e-5, 1e-6, "(d_w * (d_x * dot)): two roundings a lane of 8; summation order"),
     "Q4_0": (2e-5, 1e-6, "as Q8_0; q - 8 folded into the exact integer dot product"),
     "Q4_1": (2e-5, 1e-6, "d * (d_x * dot) + m * (d_x * sum q_x): 4 roundings a lane of 8"),
+    "Q5_0": (2e-5, 1e-6, "as Q4_0; q - 16 folded into the exact integer dot product"),
+    "Q5_1": (2e-5, 1e-6, "as Q4_1"),
     "Q4_K": (
         2e-5,
         1e-6,

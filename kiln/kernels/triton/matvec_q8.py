@@ -21,6 +21,8 @@ Per format, a lane (values of one 32-value x block are always in one lane's word
 - Q4_0 (int16 view, 9 halfwords): 4 bytes of qs = values 4i..4i+3 (low nibbles) and 16 + 4i..
   (high); 4 lanes a block; q - 8 as dp4a(q, x) starting from -8 * sum(x quants of the word).
 - Q4_1 (int32 view, 5 words: d | m << 16, then qs): the lanes of Q4_0; + m * d_x * sum(x quants).
+- Q5_0 (int16 view, 11 halfwords: d, qh, qs), Q5_1 (int32 view, 6 words: d | m << 16, qh, qs):
+  the lanes of Q4_0, each nibble's fifth bit (bit v of qh for value v) put above it in its byte.
 - Q4_K (int64 view, 18 words): 16 bytes of qs (two words) = 16 low nibbles of sub-block 2c and
   16 high nibbles of sub-block 2c + 1; 8 lanes a block, so the scale decoding is paid once per
   32 values (16 bytes a lane: sm_90 K loop 2.6 instructions a weight value at M = 1 against 4.1
@@ -39,7 +41,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kiln.kernels.triton.dequant import Q4_0, Q4_1, Q4_K, Q6_K, Q8_0
+from kiln.kernels.triton.dequant import Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q6_K, Q8_0
 from kiln.kernels.triton.matvec import _f16_lo, _masked_load, _q4_k_scale_min
 from kiln.kernels.triton.pdl import wait_for_inputs
 
@@ -67,6 +69,14 @@ def _dp4a(a, b, c, DP4A: tl.constexpr):
 
 
 @triton.jit
+def _fifth_bits(bits):
+    """Bits 0..3 of int32 `bits` moved to bit 4 of bytes 0..3 (Q5's fifth bit of 4 values): one
+    multiply by 1 + 2^7 + 2^14 + 2^21 puts bit i at bits i, i + 7, i + 14, i + 21 (16 distinct
+    places: no carries), of which 8 i is the one kept."""
+    return (((bits & 15) * 0x00204081) & 0x01010101) << 4
+
+
+@triton.jit
 def _word(hp, off, ok, EVEN: tl.constexpr):
     """The int32 of halfwords off, off + 1 at hp (2-byte aligned blocks)."""
     lo = _masked_load(hp + off, ok, EVEN).to(tl.int32) & 0xFFFF
@@ -89,7 +99,7 @@ def _x_block(xq_p, xd_p, w0, blk, xok, DP4A: tl.constexpr):
 def _matvec_q8_kernel(
     xq_ptr,  # int32 [M, K / 4]: the q8_1 quants, 4 a word
     xd_ptr,  # float32 [M, K / 32, 2]: d, s of each x block
-    w_ptr,  # Q8_0, Q4_0, Q6_K: int16; Q4_1: int32; Q4_K: int64 view [N, row_bytes / word]
+    w_ptr,  # Q8_0, Q4_0, Q5_0, Q6_K: int16; Q4_1, Q5_1: int32; Q4_K: int64 [N, row_bytes / word]
     out_ptr,  # f32 [M, N], row stride stride_om
     M,
     N,
@@ -102,7 +112,7 @@ def _matvec_q8_kernel(
     S: tl.constexpr,  # blocks per tile
     R: tl.constexpr,  # tiles per loop step
     EVEN: tl.constexpr,  # no step overruns K
-    FMT: tl.constexpr,  # Q8_0, Q4_0, Q4_1, Q4_K or Q6_K
+    FMT: tl.constexpr,  # Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K or Q6_K
     DP4A: tl.constexpr,  # the dp4a instruction (off under the interpreter)
     PDL: tl.constexpr = False,
 ):
@@ -111,8 +121,9 @@ def _matvec_q8_kernel(
     BV: tl.constexpr = 256 if (KQ or Q6) else 32  # values per weight block
     QW: tl.constexpr = 8 if (KQ or Q6) else 4  # lanes per block
     WPB: tl.constexpr = (
-        105 if Q6 else (18 if KQ else (17 if FMT == Q8_0 else (5 if FMT == Q4_1 else 9)))
-    )  # words a block
+        105 if Q6 else (18 if KQ else (17 if FMT == Q8_0 else (5 if FMT == Q4_1 else (
+            11 if FMT == Q5_0 else (6 if FMT == Q5_1 else 9)))))
+    )  # words a block  # fmt: skip
     if PDL:
         wait_for_inputs()
     xd_ptr = xd_ptr.to(tl.pointer_type(tl.float32))
@@ -136,7 +147,7 @@ def _matvec_q8_kernel(
     elif FMT == Q8_0:
         x_w = sb * 8 + 2 * li
         x_b = sb
-    else:  # Q4_0, Q4_1: the low nibbles' word; the high nibbles' word is 4 further
+    else:  # Q4_0, Q4_1, Q5_0, Q5_1: the low nibbles' word; the high nibbles' word is 4 further
         x_w = sb * 8 + li
         x_b = sb
     xq_p = xq_ptr + m3 * kw + x_w[None]  # [M_PAD, lanes, 1]
@@ -167,6 +178,29 @@ def _matvec_q8_kernel(
                 dot = _dp4a((w & _NIB)[None], lo, off, DP4A)
                 dot = _dp4a(((w >> 4) & _NIB)[None], hi, dot, DP4A)
                 acc += d[None] * (dx * dot.to(tl.float32))
+            elif FMT == Q5_0 or FMT == Q5_1:
+                if FMT == Q5_0:  # halfwords: d, qh lo, qh hi, then qs
+                    d = _masked_load(hp, ok, EVEN).to(tl.float16, bitcast=True).to(tl.float32)
+                    qh = _word(hp, 1, ok, EVEN)
+                    w = _word(hp, 3 + 2 * li, ok, EVEN)
+                else:  # words: d | m << 16, qh, then qs
+                    hdr = _masked_load(hp, ok, EVEN)
+                    d = _f16_lo(hdr)
+                    mw = _f16_lo(hdr >> 16)
+                    qh = _masked_load(hp + 1, ok, EVEN)
+                    w = _masked_load(hp + 2 + li, ok, EVEN)
+                lo = tl.load(xq_p + XW, mask=xok, other=0)
+                hi = tl.load(xq_p + XW + 4, mask=xok, other=0)
+                dx = tl.load(xd_p + 2 * XB, mask=xok, other=0.0)
+                sq = _dp4a(_ONES, hi, _dp4a(_ONES, lo, tl.zeros_like(lo), DP4A), DP4A)
+                q_lo = (w & _NIB) | _fifth_bits(qh >> (4 * li))
+                q_hi = ((w >> 4) & _NIB) | _fifth_bits(qh >> (16 + 4 * li))
+                off = -16 * sq if FMT == Q5_0 else tl.zeros_like(sq)
+                dot = _dp4a(q_lo[None], lo, off, DP4A)
+                dot = _dp4a(q_hi[None], hi, dot, DP4A)
+                acc += d[None] * (dx * dot.to(tl.float32))
+                if FMT == Q5_1:
+                    acc += mw[None] * (dx * sq.to(tl.float32))
             elif FMT == Q4_1:
                 hdr = _masked_load(hp, ok, EVEN)  # d | m << 16
                 d = _f16_lo(hdr)

@@ -50,7 +50,9 @@ _DEQUANT = frozenset(FORMAT_IDS)
 SUPPORT: dict[str, frozenset[GGMLQuantizationType]] = {
     "matvec": _DEQUANT,
     "matvec_lanes": frozenset((_T.Q8_0, _T.Q4_0, _T.Q4_1, _T.Q5_0, _T.Q5_1, _T.Q4_K, _T.Q6_K)),
-    "matvec_q8": frozenset((_T.Q8_0, _T.Q4_0, _T.Q4_1, _T.Q5_0, _T.Q5_1, _T.Q4_K, _T.Q6_K)),
+    "matvec_q8": frozenset(
+        (_T.Q8_0, _T.Q4_0, _T.Q4_1, _T.Q5_0, _T.Q5_1, _T.Q4_K, _T.Q5_K, _T.Q6_K)
+    ),
     "expert_linear": _DEQUANT,
     "matmul": _DEQUANT,
     "embedding": _DEQUANT,

@@ -33,9 +33,19 @@ VIEW = {
     _T.Q5_0: torch.int16,
     _T.Q5_1: torch.int32,
     _T.Q4_K: torch.int64,
+    _T.Q5_K: torch.int64,
     _T.Q6_K: torch.int16,
 }
-LANES = {_T.Q8_0: 4, _T.Q4_0: 4, _T.Q4_1: 4, _T.Q5_0: 4, _T.Q5_1: 4, _T.Q4_K: 8, _T.Q6_K: 8}
+LANES = {
+    _T.Q8_0: 4,
+    _T.Q4_0: 4,
+    _T.Q4_1: 4,
+    _T.Q5_0: 4,
+    _T.Q5_1: 4,
+    _T.Q4_K: 8,
+    _T.Q5_K: 8,
+    _T.Q6_K: 8,
+}
 
 
 # Up to how many rows the bf16-activation mat-vec (tuned on the H100) is faster than this kernel
@@ -45,8 +55,8 @@ LANES = {_T.Q8_0: 4, _T.Q4_0: 4, _T.Q4_1: 4, _T.Q5_0: 4, _T.Q5_1: 4, _T.Q4_K: 8,
 # against 52.4). Everything else measured wins at every M: Q4_K 24576 x 4096 31.7 / 48.2 / 191.2
 # against 41.3 / 107.7 / 473.2 at M = 1 / 2 / 8 (4096 x 4096: 10.8 / 13.8 / 37.2 against 12.3 /
 # 27.8 / 89.3), Q6_K 4096 x 12288 33.3 / 39.5 / 118.9 against 37.8 / 78.1 / 162.6. Q4_0, Q4_1,
-# Q5_0 and Q5_1 are not timed (sm_90 K loop at M = 1, instructions a weight value: Q4_0 2.3, Q5_0
-# 3.5 against the bf16 kernel's 4.6 and 8.2).
+# Q5_0, Q5_1 and Q5_K are not timed (sm_90 K loop at M = 1, instructions a weight value: Q4_0
+# 2.3, Q5_0 3.5, Q5_K 3.5 against the bf16 kernel's 4.6, 8.2 and its byte kernel for Q5_K).
 BF16_FASTER_UP_TO = {_T.Q8_0: 1}
 
 

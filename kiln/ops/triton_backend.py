@@ -240,6 +240,6 @@ NORM_QUANT_ROUTES = {
     "add_rms_norm": "kernel; with norm_quant and decode rows (<= 8) read by int8 mat-vecs: add + "
     "norm + quantize to q8_1 in one kernel",
     "linear": ROUTES["linear"]
-    + "; with norm_quant, decode rows of Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/Q4_K/Q6_K weights: "
+    + "; with norm_quant, decode rows of Q8_0/Q4_x/Q5_x/Q4_K/Q5_K/Q6_K weights: "
     "the int8 (dp4a) mat-vec on q8_1 activations",
 }

@@ -26,7 +26,7 @@ from tests.kernels.tolerances import MATVEC_Q8
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
-FORMATS = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q6_K")
+FORMATS = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 
 
 def test_reference_quantizer_contract() -> None:
@@ -128,7 +128,7 @@ from kiln.weight import Weight
 from tests.kernels.sm90 import compile_only
 
 with compile_only() as done:
-    for qt in (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q6_K):
+    for qt in (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K):
         bv, ts = GGML_QUANT_SIZES[qt]
         w = Weight("w", qt, (4096, 4096), torch.zeros(4096, 4096 // bv * ts, dtype=torch.uint8))
         for m in (1, 2, 8):
@@ -146,5 +146,5 @@ def test_matvec_q8_kernels_compile_for_sm90() -> None:
     PTX, which the interpreter never sees)."""
     out = run_compile_check(_COMPILE.format(root=str(ROOT)))
     names = [line.split()[0] for line in out.splitlines() if line.strip()]
-    assert names.count("_matvec_q8_kernel") == 21, out
+    assert names.count("_matvec_q8_kernel") == 24, out
     assert names.count("_quantize_q8_1_kernel") == 2, out

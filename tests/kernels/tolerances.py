@@ -50,6 +50,7 @@ MATVEC_Q8: dict[str, tuple[float, float, str]] = {
         "(d * sc) * (d_x * dot) - (dmin * m) * (d_x * sum q_x): two products a lane of 8 that may "
         "cancel; 1 ulp each of the terms' magnitudes; summation order",
     ),
+    "Q5_K": (2e-5, 1e-6, "as Q4_K"),
     "Q6_K": (2e-5, 1e-6, "(d * sc) * (d_x * dot), q - 32 folded into the integer dot product"),
 }
 

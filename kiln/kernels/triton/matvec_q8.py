@@ -27,6 +27,8 @@ Per format, a lane (values of one 32-value x block are always in one lane's word
   16 high nibbles of sub-block 2c + 1; 8 lanes a block, so the scale decoding is paid once per
   32 values (16 bytes a lane: sm_90 K loop 2.6 instructions a weight value at M = 1 against 4.1
   with 8 bytes); the mins: - dmin * min * d_x * sum(x quants).
+- Q5_K (int64 view, 22 words: Q4_K's header, 4 words of qh, then qs): the lanes of Q4_K; value
+  i of a 32-byte run c of qs has its fifth bit at bit 2c (low nibble) or 2c + 1 (high) of qh[i].
 - Q6_K (int16 view, 105 halfwords): half hh, l = l0..l0 + 7 of it for each k = 0..3 (values
   128 hh + 32 k + l); 8 lanes a block; q - 32 as dp4a from -32 * sum(x quants).
 
@@ -41,7 +43,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kiln.kernels.triton.dequant import Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q6_K, Q8_0
+from kiln.kernels.triton.dequant import Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0
 from kiln.kernels.triton.matvec import _f16_lo, _masked_load, _q4_k_scale_min
 from kiln.kernels.triton.pdl import wait_for_inputs
 
@@ -99,7 +101,7 @@ def _x_block(xq_p, xd_p, w0, blk, xok, DP4A: tl.constexpr):
 def _matvec_q8_kernel(
     xq_ptr,  # int32 [M, K / 4]: the q8_1 quants, 4 a word
     xd_ptr,  # float32 [M, K / 32, 2]: d, s of each x block
-    w_ptr,  # Q8_0, Q4_0, Q5_0, Q6_K: int16; Q4_1, Q5_1: int32; Q4_K: int64 [N, row_bytes / word]
+    w_ptr,  # Q8_0, Q4_0, Q5_0, Q6_K: int16; Q4_1, Q5_1: int32; Q4_K, Q5_K: int64 [N, words]
     out_ptr,  # f32 [M, N], row stride stride_om
     M,
     N,
@@ -112,17 +114,18 @@ def _matvec_q8_kernel(
     S: tl.constexpr,  # blocks per tile
     R: tl.constexpr,  # tiles per loop step
     EVEN: tl.constexpr,  # no step overruns K
-    FMT: tl.constexpr,  # Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K or Q6_K
+    FMT: tl.constexpr,  # Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K or Q6_K
     DP4A: tl.constexpr,  # the dp4a instruction (off under the interpreter)
     PDL: tl.constexpr = False,
 ):
-    KQ: tl.constexpr = FMT == Q4_K
+    KQ: tl.constexpr = FMT == Q4_K or FMT == Q5_K  # Q5_K: Q4_K's layout with qh before qs
     Q6: tl.constexpr = FMT == Q6_K
     BV: tl.constexpr = 256 if (KQ or Q6) else 32  # values per weight block
     QW: tl.constexpr = 8 if (KQ or Q6) else 4  # lanes per block
     WPB: tl.constexpr = (
-        105 if Q6 else (18 if KQ else (17 if FMT == Q8_0 else (5 if FMT == Q4_1 else (
-            11 if FMT == Q5_0 else (6 if FMT == Q5_1 else 9)))))
+        105 if Q6 else (22 if FMT == Q5_K else (18 if KQ else (17 if FMT == Q8_0 else (
+            5 if FMT == Q4_1 else (
+            11 if FMT == Q5_0 else (6 if FMT == Q5_1 else 9))))))
     )  # words a block  # fmt: skip
     if PDL:
         wait_for_inputs()
@@ -231,13 +234,23 @@ def _matvec_q8_kernel(
                 sq = tl.zeros([M_PAD, S * QW, 1], dtype=tl.int32)
                 sq_h = tl.zeros([M_PAD, S * QW, 1], dtype=tl.int32)
                 for i in tl.static_range(2):  # the lane's two 8-byte words of qs
-                    qs = _masked_load(hp + 2 + 2 * li + i, ok, EVEN)
+                    if FMT == Q5_K:  # words 2..5: qh; byte v's bit 2c, 2c + 1: the fifth bits
+                        qs = _masked_load(hp + 6 + 2 * li + i, ok, EVEN)
+                        qh = _masked_load(hp + 2 + 2 * (li % 2) + i, ok, EVEN)
+                    else:
+                        qs = _masked_load(hp + 2 + 2 * li + i, ok, EVEN)
                     for e in tl.static_range(2):  # their 4-byte halves
                         q = (qs >> (32 * e)).to(tl.int32)
+                        q_lo = q & _NIB
+                        q_hi = (q >> 4) & _NIB
+                        if FMT == Q5_K:
+                            h = (qh >> (32 * e)).to(tl.int32) >> (2 * (li // 2))
+                            q_lo = q_lo | ((h & 0x01010101) << 4)
+                            q_hi = q_hi | ((h & 0x02020202) << 3)
                         a = tl.load(xq_p + XW + 2 * i + e, mask=xok, other=0)
                         b = tl.load(xq_p + XW + 8 + 2 * i + e, mask=xok, other=0)
-                        dot = _dp4a((q & _NIB)[None], a, dot, DP4A)
-                        dot_h = _dp4a(((q >> 4) & _NIB)[None], b, dot_h, DP4A)
+                        dot = _dp4a(q_lo[None], a, dot, DP4A)
+                        dot_h = _dp4a(q_hi[None], b, dot_h, DP4A)
                         sq = _dp4a(_ONES, a, sq, DP4A)
                         sq_h = _dp4a(_ONES, b, sq_h, DP4A)
                 dx = tl.load(xd_p + 2 * XB, mask=xok, other=0.0)

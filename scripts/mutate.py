@@ -146,7 +146,7 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "swiglu_exp_sign",
         KERNELS + "activation.py",
-        _one("y = g / (1.0 + tl.exp(-g)) * u", "y = g / (1.0 + tl.exp(g)) * u"),
+        _one("return g / (1.0 + tl.exp(-g)) * u", "return g / (1.0 + tl.exp(g)) * u"),
         ACTIVATION_TESTS,
         "silu(g) computed as g * sigmoid(-g)",
     ),

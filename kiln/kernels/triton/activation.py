@@ -15,6 +15,12 @@ from kiln.kernels.triton.quantize import _store_q8_1_row
 
 
 @triton.jit
+def _silu_mul(g, u):
+    """silu(g) * u in fp32, torch's formula: the one place both SwiGLU kernels compute it."""
+    return g / (1.0 + tl.exp(-g)) * u
+
+
+@triton.jit
 def _swiglu_kernel(
     g_ptr,  # [T, F] f32/f16/bf16, row stride stride_g, unit stride along F
     u_ptr,  # [T, F] f32/f16/bf16, row stride stride_u
@@ -32,7 +38,7 @@ def _swiglu_kernel(
     mask = cols < F
     g = tl.load(g_ptr + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
-    y = g / (1.0 + tl.exp(-g)) * u
+    y = _silu_mul(g, u)
     tl.store(out_ptr + row * F + cols, y, mask=mask)
 
 
@@ -60,7 +66,7 @@ def _swiglu_quant_kernel(
     mask = cols < F
     g = tl.load(g_ptr + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
-    y = g / (1.0 + tl.exp(-g)) * u
+    y = _silu_mul(g, u)
     if WRITE_Y:
         tl.store(out_ptr + row * F + cols, y, mask=mask)
     first = row * F + col0

@@ -171,51 +171,6 @@ def _matvec_q8_kernel(
                 w1 = _word(hp, 3 + 4 * li, ok, EVEN)
                 dot = _dp4a(w1[None], b, _dp4a(w0[None], a, tl.zeros_like(a), DP4A), DP4A)
                 acc += d[None] * (dx * dot.to(tl.float32))
-            elif FMT == Q4_0:
-                d = _masked_load(hp, ok, EVEN).to(tl.float16, bitcast=True).to(tl.float32)
-                w = _word(hp, 1 + 2 * li, ok, EVEN)
-                lo = tl.load(xq_p + XW, mask=xok, other=0)
-                hi = tl.load(xq_p + XW + 4, mask=xok, other=0)
-                dx = tl.load(xd_p + 2 * XB, mask=xok, other=0.0)
-                off = -8 * _dp4a(_ONES, hi, _dp4a(_ONES, lo, tl.zeros_like(lo), DP4A), DP4A)
-                dot = _dp4a((w & _NIB)[None], lo, off, DP4A)
-                dot = _dp4a(((w >> 4) & _NIB)[None], hi, dot, DP4A)
-                acc += d[None] * (dx * dot.to(tl.float32))
-            elif FMT == Q5_0 or FMT == Q5_1:
-                if FMT == Q5_0:  # halfwords: d, qh lo, qh hi, then qs
-                    d = _masked_load(hp, ok, EVEN).to(tl.float16, bitcast=True).to(tl.float32)
-                    qh = _word(hp, 1, ok, EVEN)
-                    w = _word(hp, 3 + 2 * li, ok, EVEN)
-                else:  # words: d | m << 16, qh, then qs
-                    hdr = _masked_load(hp, ok, EVEN)
-                    d = _f16_lo(hdr)
-                    mw = _f16_lo(hdr >> 16)
-                    qh = _masked_load(hp + 1, ok, EVEN)
-                    w = _masked_load(hp + 2 + li, ok, EVEN)
-                lo = tl.load(xq_p + XW, mask=xok, other=0)
-                hi = tl.load(xq_p + XW + 4, mask=xok, other=0)
-                dx = tl.load(xd_p + 2 * XB, mask=xok, other=0.0)
-                sq = _dp4a(_ONES, hi, _dp4a(_ONES, lo, tl.zeros_like(lo), DP4A), DP4A)
-                q_lo = (w & _NIB) | _fifth_bits(qh >> (4 * li))
-                q_hi = ((w >> 4) & _NIB) | _fifth_bits(qh >> (16 + 4 * li))
-                off = -16 * sq if FMT == Q5_0 else tl.zeros_like(sq)
-                dot = _dp4a(q_lo[None], lo, off, DP4A)
-                dot = _dp4a(q_hi[None], hi, dot, DP4A)
-                acc += d[None] * (dx * dot.to(tl.float32))
-                if FMT == Q5_1:
-                    acc += mw[None] * (dx * sq.to(tl.float32))
-            elif FMT == Q4_1:
-                hdr = _masked_load(hp, ok, EVEN)  # d | m << 16
-                d = _f16_lo(hdr)
-                mw = _f16_lo(hdr >> 16)
-                w = _masked_load(hp + 1 + li, ok, EVEN)
-                lo = tl.load(xq_p + XW, mask=xok, other=0)
-                hi = tl.load(xq_p + XW + 4, mask=xok, other=0)
-                dx = tl.load(xd_p + 2 * XB, mask=xok, other=0.0)
-                sq = _dp4a(_ONES, hi, _dp4a(_ONES, lo, tl.zeros_like(lo), DP4A), DP4A)
-                dot = _dp4a((w & _NIB)[None], lo, tl.zeros_like(lo), DP4A)
-                dot = _dp4a(((w >> 4) & _NIB)[None], hi, dot, DP4A)
-                acc += d[None] * (dx * dot.to(tl.float32)) + mw[None] * (dx * sq.to(tl.float32))
             elif KQ:
                 hdr = _masked_load(hp, ok, EVEN)  # d | dmin << 16 | scales[0..3] << 32
                 h32 = hdr.to(tl.int32)
@@ -259,7 +214,7 @@ def _matvec_q8_kernel(
                 acc -= (dmin * mn)[None] * (dx * sq.to(tl.float32))
                 acc += (d * sc_h)[None] * (dx_h * dot_h.to(tl.float32))
                 acc -= (dmin * mn_h)[None] * (dx_h * sq_h.to(tl.float32))
-            else:  # Q6_K: lane li = half hh (li // 4), l0 = 8 (li % 4)
+            elif Q6:  # lane li = half hh (li // 4), l0 = 8 (li % 4)
                 hh = li // 4
                 l0h = 4 * (li % 4)  # l0 in halfwords
                 qh0 = _word(hp, 64 + 16 * hh + l0h, ok, EVEN)
@@ -276,6 +231,44 @@ def _matvec_q8_kernel(
                     sc_w = _masked_load(hp + 96 + 4 * hh + k, ok, EVEN).to(tl.int32)
                     sc = ((sc_w << up) >> 24).to(tl.float32)
                     acc += (d * sc)[None] * (dx * dot.to(tl.float32))
+            else:  # Q4_0, Q4_1, Q5_0, Q5_1: a word of nibbles (Q5: and their fifth bits)
+                if FMT == Q4_0 or FMT == Q5_0:  # halfwords: d, (Q5_0: qh lo, qh hi), then qs
+                    d = _masked_load(hp, ok, EVEN).to(tl.float16, bitcast=True).to(tl.float32)
+                    if FMT == Q5_0:
+                        qh = _word(hp, 1, ok, EVEN)
+                        w = _word(hp, 3 + 2 * li, ok, EVEN)
+                    else:
+                        w = _word(hp, 1 + 2 * li, ok, EVEN)
+                else:  # words: d | m << 16, (Q5_1: qh), then qs
+                    hdr = _masked_load(hp, ok, EVEN)
+                    d = _f16_lo(hdr)
+                    mw = _f16_lo(hdr >> 16)
+                    if FMT == Q5_1:
+                        qh = _masked_load(hp + 1, ok, EVEN)
+                        w = _masked_load(hp + 2 + li, ok, EVEN)
+                    else:
+                        w = _masked_load(hp + 1 + li, ok, EVEN)
+                lo = tl.load(xq_p + XW, mask=xok, other=0)
+                hi = tl.load(xq_p + XW + 4, mask=xok, other=0)
+                dx = tl.load(xd_p + 2 * XB, mask=xok, other=0.0)
+                sq = _dp4a(_ONES, hi, _dp4a(_ONES, lo, tl.zeros_like(lo), DP4A), DP4A)
+                q_lo = w & _NIB
+                q_hi = (w >> 4) & _NIB
+                if FMT == Q5_0 or FMT == Q5_1:
+                    q_lo = q_lo | _fifth_bits(qh >> (4 * li))
+                    q_hi = q_hi | _fifth_bits(qh >> (16 + 4 * li))
+                if FMT == Q4_0:
+                    off = -8 * sq
+                elif FMT == Q5_0:
+                    off = -16 * sq
+                else:
+                    off = tl.zeros_like(sq)
+                dot = _dp4a(q_lo[None], lo, off, DP4A)
+                dot = _dp4a(q_hi[None], hi, dot, DP4A)
+                if FMT == Q4_1 or FMT == Q5_1:  # + m * sum(x)
+                    acc += d[None] * (dx * dot.to(tl.float32)) + mw[None] * (dx * sq.to(tl.float32))
+                else:
+                    acc += d[None] * (dx * dot.to(tl.float32))
         hdr_p += S * R * WPB
         xq_p += S * R * BV // 4
         xd_p += S * R * BV // 16

@@ -70,12 +70,10 @@ def linear(
 ) -> torch.Tensor | None:
     """x: [M, K] -> [M, N] float32 = x @ W.T (+ bias), or None where no kernel reads the weight
     (see the top). M = 0 gives an empty [0, N]."""
-    if isinstance(x, Activation):
-        if reads_q8_1(x.rows, weight):
-            y = matvec_q8.matvec_q8(x.q8, weight, pdl=pdl)
-            return y if bias is None else y + bias.dense()
-        assert x.f32 is not None, f"{weight.name} reads floats, which norm_quant did not write"
-        x = x.f32
+    if isinstance(x, Activation) and reads_q8_1(x.rows, weight):
+        y = matvec_q8.matvec_q8(x.q8, weight, pdl=pdl)
+        return y if bias is None else y + bias.dense()
+    x = Activation.floats(x, weight.name)
     if x.dim() != 2:
         return None
     how = route(x.shape[0], weight, x.device)

@@ -146,13 +146,16 @@ def _blocks_per_step(k: int, block_values: int, cfg: MatvecConfig) -> int:
     return min(per_step, triton.next_power_of_2(k // block_values))
 
 
-def _lanes_tiling(k: int, qtype: GGMLQuantizationType, cfg: MatvecConfig) -> dict[str, int | bool]:
-    """S, R, EVEN of _matvec_lanes_m1_kernel: a step of _blocks_per_step blocks is R tiles of S
-    blocks, a tile one lane per thread where it can (LanesFormat.lanes); EVEN when no step
+def _lanes_tiling(
+    k: int, qtype: GGMLQuantizationType, cfg: MatvecConfig, lanes: int | None = None
+) -> dict[str, int | bool]:
+    """S, R, EVEN of the lanes kernels (_matvec_lanes_m1_kernel; with `lanes`, the int8
+    mat-vec's): a step of _blocks_per_step blocks is R tiles of S blocks, a tile one lane per
+    thread where it can (lanes per block: LanesFormat.lanes unless given); EVEN when no step
     overruns K."""
     block_values = GGML_QUANT_SIZES[qtype][0]
     per_step = _blocks_per_step(k, block_values, cfg)
-    s = min(max(1, 32 * cfg.num_warps // _WIDE[qtype].lanes), per_step)
+    s = min(max(1, 32 * cfg.num_warps // (lanes or _WIDE[qtype].lanes)), per_step)
     return {"S": s, "R": per_step // s, "EVEN": (k // block_values) % per_step == 0}
 
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import torch
 import triton
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.constants import GGMLQuantizationType
 
 from kiln.kernels import interpreting, pdl_launch
 from kiln.kernels.formats import FORMAT_IDS, SUPPORT
-from kiln.kernels.matvec import MAX_M, MatvecConfig, _aligned, _blocks_per_step
+from kiln.kernels.matvec import MAX_M, MatvecConfig, _aligned, _lanes_tiling
 from kiln.kernels.triton import matvec_q8 as _k
 from kiln.quant.q8_1 import Q8_1
 from kiln.weight import Weight
@@ -117,9 +117,6 @@ def launch(
     """One launch for checked inputs: w is the weight's integer view [N, row_bytes / item]."""
     m, k = x.shape
     n = w.shape[0]
-    block_values = GGML_QUANT_SIZES[qtype][0]
-    per_step = _blocks_per_step(k, block_values, cfg)
-    s = min(max(1, 32 * cfg.num_warps // LANES[qtype]), per_step)
     _k._matvec_q8_kernel[(triton.cdiv(n, cfg.block_n),)](
         x.qs.view(torch.int32),
         x.ds,
@@ -133,9 +130,7 @@ def launch(
         K_INTERP=k if interpreting() else 0,
         M_PAD=triton.next_power_of_2(m),
         BLOCK_N=cfg.block_n,
-        S=s,
-        R=per_step // s,
-        EVEN=(k // block_values) % per_step == 0,
+        **_lanes_tiling(k, qtype, cfg, LANES[qtype]),
         FMT=FORMAT_IDS[qtype],
         DP4A=not interpreting(),
         num_warps=cfg.num_warps,

@@ -57,20 +57,23 @@ class DecoderModel:
         self.norm_inputs = self._norm_consumers() if policy.norm_quant else None
 
     def _norm_consumers(self) -> list[tuple]:
-        """The norm_quant fusion: per layer, the weights that read the normed rows of its attention
-        norm and of its FFN norm, and then those of the output norm (the op decides from them
-        whether to quantize: kiln/ops/triton_backend.py)."""
+        """The norm_quant fusion: per layer, the weights that read the rows of its attention norm,
+        of its FFN norm and of its SwiGLU (_ATTN, _FFN, _DOWN), and then those of the output norm
+        (the op decides from them whether to quantize: kiln/ops/triton_backend.py)."""
         out = []
         for i in range(self.config.n_layer):
             p = f"blk.{i}."
-            attn = [self.w[p + n] for n in _ATTN_INPUTS if p + n in self.w]
-            ffn = [self.w[p + n] for n in _FFN_INPUTS if p + n in self.w]
-            out.append((tuple(attn), tuple(ffn)))
-        return [*out, ((self.lm_head,), ())]
+            out.append(
+                tuple(
+                    tuple(self.w[p + n] for n in names if p + n in self.w)
+                    for names in (_ATTN_INPUTS, _FFN_INPUTS, _DOWN_INPUTS)
+                )
+            )
+        return [*out, ((self.lm_head,), (), ())]
 
     def _consumers(self, i: int, which: int) -> dict:
-        """The consumers argument of a norm (which: 0 attention / output, 1 FFN), when
-        norm_quant is on."""
+        """The consumers argument of an op whose rows layer i's weights `which` (_ATTN, _FFN,
+        _DOWN; layer n_layer: the output norm's) read, when norm_quant is on."""
         return {} if self.norm_inputs is None else {"consumers": self.norm_inputs[i][which]}
 
     def _merge(self, names: tuple[tuple[str, ...], str]) -> int:
@@ -107,11 +110,13 @@ class DecoderModel:
         """The decoder stack -> the final-normed hidden states [T, n_embd]."""
         c, ops = self.config, self.ops
         h = ops.embedding(self.w["token_embd.weight"], batch.tokens)
-        x = ops.rms_norm(h, self.w["blk.0.attn_norm.weight"], c.rms_eps, **self._consumers(0, 0))
+        x = ops.rms_norm(
+            h, self.w["blk.0.attn_norm.weight"], c.rms_eps, **self._consumers(0, _ATTN)
+        )
         for i in range(c.n_layer):
             attn = self._attention(i, x, batch, kv)
             h, x = ops.add_rms_norm(
-                attn, h, self.w[f"blk.{i}.ffn_norm.weight"], c.rms_eps, **self._consumers(i, 1)
+                attn, h, self.w[f"blk.{i}.ffn_norm.weight"], c.rms_eps, **self._consumers(i, _FFN)
             )
             ffn = self._ffn(i, x)
             next_norm = (
@@ -119,7 +124,7 @@ class DecoderModel:
                 if i + 1 < c.n_layer
                 else self.w["output_norm.weight"]
             )
-            h, x = ops.add_rms_norm(ffn, h, next_norm, c.rms_eps, **self._consumers(i + 1, 0))
+            h, x = ops.add_rms_norm(ffn, h, next_norm, c.rms_eps, **self._consumers(i + 1, _ATTN))
         return x
 
     def _attention(self, i: int, x, batch, kv) -> torch.Tensor:
@@ -164,9 +169,8 @@ class DecoderModel:
         else:
             gate = ops.linear(x, w[p + "ffn_gate.weight"])
             up = ops.linear(x, w[p + "ffn_up.weight"])
-        down = w[p + "ffn_down.weight"]
-        kw = {} if self.norm_inputs is None else {"consumers": (down,)}  # norm_quant
-        return ops.linear(ops.swiglu(gate, up, **kw), down)
+        act = ops.swiglu(gate, up, **self._consumers(i, _DOWN))
+        return ops.linear(act, w[p + "ffn_down.weight"])
 
     def _moe(self, i: int, x: torch.Tensor) -> torch.Tensor:
         c, ops, w, p = self.config, self.ops, self.w, f"blk.{i}."
@@ -184,5 +188,7 @@ _QKV = (("attn_q", "attn_k", "attn_v"), "attn_qkv")
 _ATTN_INPUTS = ("attn_qkv.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight")
 # MoE layers have none yet: their router and expert kernels read floats only.
 _FFN_INPUTS = ("ffn_gate_up.weight", "ffn_gate.weight", "ffn_up.weight")
+_DOWN_INPUTS = ("ffn_down.weight",)
+_ATTN, _FFN, _DOWN = 0, 1, 2  # which consumers of a layer (DecoderModel._consumers)
 _GATE_UP = (("ffn_gate", "ffn_up"), "ffn_gate_up")
 _GATE_UP_EXPS = (("ffn_gate_exps", "ffn_up_exps"), "ffn_gate_up_exps")

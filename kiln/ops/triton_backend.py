@@ -40,12 +40,13 @@ def ops(pdl: bool = False) -> dict:
         return reference.embedding(weight, ids)
 
     def linear(x: torch.Tensor, weight: Weight, bias: Weight | None = None) -> torch.Tensor:
-        """x: [T, n_in] -> [T, n_out]: kiln.kernels.linear's dispatch by T (the mat-vec at one
-        row, linear.BATCH_METHOD up to matvec.MAX_M, the quantized GEMM above); the reference
-        where no kernel reads the
-        weight."""
+        """x: [T, n_in] (or norm_quant's Activation) -> [T, n_out]: kiln.kernels.linear's
+        dispatch by T (the mat-vec at one row, linear.BATCH_METHOD up to matvec.MAX_M, the
+        quantized GEMM above); the reference where no kernel reads the weight."""
         y = kernel_linear(x, weight, bias, pdl=pdl)
-        return reference.linear(floats(x), weight, bias) if y is None else y
+        if y is None:
+            return reference.linear(Activation.floats(x, weight.name), weight, bias)
+        return y
 
     def moe_route(x, router, n_used, normalize):
         """Up to matvec.MAX_M rows: softmax + top-k per row in one launch; more (prompts): the
@@ -103,15 +104,6 @@ def ops(pdl: bool = False) -> dict:
         "moe_ffn": reference.moe_ffn,  # composed below, once the set's swiglu is known
     }
     return table
-
-
-def floats(x):
-    """The float rows of a linear's input: x, or an Activation's f32 (which norm_quant writes
-    wherever a consumer reads floats: kernels/linear.py's reads_q8_1)."""
-    if isinstance(x, Activation):
-        assert x.f32 is not None, "norm_quant wrote no floats for a consumer that reads them"
-        return x.f32
-    return x
 
 
 def norm_quant(ops) -> dict:
@@ -239,6 +231,8 @@ NORM_QUANT_ROUTES = {
     "quantize to q8_1 in one kernel",
     "add_rms_norm": "kernel; with norm_quant and decode rows (<= 8) read by int8 mat-vecs: add + "
     "norm + quantize to q8_1 in one kernel",
+    "swiglu": "kernel; with norm_quant and decode rows (<= 8) whose down weight an int8 mat-vec "
+    "reads: swiglu + quantize to q8_1 in one kernel",
     "linear": ROUTES["linear"]
     + "; with norm_quant, decode rows of Q8_0/Q4_x/Q5_x/Q4_K/Q5_K/Q6_K weights: "
     "the int8 (dp4a) mat-vec on q8_1 activations",

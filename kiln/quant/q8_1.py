@@ -68,6 +68,15 @@ class Activation:
     def rows(self) -> int:
         return self.q8.qs.shape[0]
 
+    @staticmethod
+    def floats(x: torch.Tensor | Activation, reader: str) -> torch.Tensor:
+        """The float rows a consumer (`reader`, for the message) reads from x: x itself, or an
+        Activation's f32, which norm_quant writes wherever a consumer reads floats."""
+        if not isinstance(x, Activation):
+            return x
+        assert x.f32 is not None, f"{reader} reads floats, which norm_quant did not write"
+        return x.f32
+
     def index_select(self, dim: int, rows: torch.Tensor) -> Activation:
         """The rows `rows` of both forms (dim 0 only), each a tensor of its own."""
         assert dim == 0, f"an Activation selects rows (dim 0); got dim {dim}"

@@ -33,29 +33,27 @@ def _check(x: torch.Tensor, what: str) -> None:
     )
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor, pdl: bool = False) -> torch.Tensor:
-    """gate, up: [T, F] -> silu(gate) * up, f32 [T, F]."""
+def _launch_shape(gate: torch.Tensor, up: torch.Tensor) -> tuple[tuple[int, int], dict]:
+    """Checks gate and up; -> the grid and the BLOCK / num_warps of both SwiGLU kernels."""
     _check(gate, "swiglu gate")
     _check(up, "swiglu up")
     assert gate.shape == up.shape, f"gate {tuple(gate.shape)} vs up {tuple(up.shape)}"
     assert gate.device == up.device, f"gate on {gate.device}, up on {up.device}"
     t, f = gate.shape
+    block = min(BLOCK, triton.next_power_of_2(max(f, 1)))
+    return (t, triton.cdiv(f, block)), {"BLOCK": block, "num_warps": max(1, min(4, block // 256))}
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, pdl: bool = False) -> torch.Tensor:
+    """gate, up: [T, F] -> silu(gate) * up, f32 [T, F]."""
+    grid, meta = _launch_shape(gate, up)
+    t, f = gate.shape
     out = torch.empty((t, f), dtype=torch.float32, device=gate.device)
     if out.numel() == 0:
         return out
-    block = min(BLOCK, triton.next_power_of_2(f))
-    grid = (t, triton.cdiv(f, block))
     _k._swiglu_kernel[grid](
-        gate,
-        up,
-        out,
-        f,
-        gate.stride(0),
-        up.stride(0),
-        BLOCK=block,
-        num_warps=max(1, min(4, block // 256)),
-        **pdl_launch(pdl),
-    )
+        gate, up, out, f, gate.stride(0), up.stride(0), **meta, **pdl_launch(pdl)
+    )  # fmt: skip
     return out
 
 
@@ -64,17 +62,14 @@ def swiglu_quant(
 ) -> tuple[torch.Tensor | None, Q8_1]:
     """silu(gate) * up (f32, None unless write_y) and its q8_1 form, one launch; F a multiple of
     32. Bit for bit the unfused form (swiglu_quant_unfused)."""
-    _check(gate, "swiglu gate")
-    _check(up, "swiglu up")
-    assert gate.shape == up.shape, f"gate {tuple(gate.shape)} vs up {tuple(up.shape)}"
+    grid, meta = _launch_shape(gate, up)
     t, f = gate.shape
     assert f % QK == 0, f"swiglu_quant: q8_1 rows are whole blocks of {QK} values; got F={f}"
     out = torch.empty((t, f), dtype=torch.float32, device=gate.device) if write_y else None
     q = Q8_1.empty(t, f, gate.device)
     if t == 0:
         return out, q
-    block = min(BLOCK, triton.next_power_of_2(f))
-    _k._swiglu_quant_kernel[(t, triton.cdiv(f, block))](
+    _k._swiglu_quant_kernel[grid](
         gate,
         up,
         out if out is not None else q.ds,
@@ -83,9 +78,8 @@ def swiglu_quant(
         f,
         gate.stride(0),
         up.stride(0),
-        BLOCK=block,
         WRITE_Y=write_y,
-        num_warps=max(1, min(4, block // 256)),
+        **meta,
         **pdl_launch(pdl),
     )
     return out, q

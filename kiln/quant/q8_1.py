@@ -58,8 +58,8 @@ class Q8_1:
 
 @dataclass(frozen=True)
 class Activation:
-    """Normed rows as their consumers read them (the norm_quant fusion): q8_1 for the int8
-    mat-vecs, float32 where some consumer reads floats (None where none does)."""
+    """A norm's or SwiGLU's rows as their consumers read them (the norm_quant fusion): q8_1 for
+    the int8 mat-vecs, float32 where some consumer reads floats (None where none does)."""
 
     f32: torch.Tensor | None  # [M, K]
     q8: Q8_1

@@ -10,6 +10,7 @@ Kernels (the keys of SUPPORT):
     "matvec_lanes"   its M = 1 kernel on integer views of the blocks (_matvec_lanes_m1_kernel),
                      taken where the format has one (kiln.kernels.matvec._WIDE says how it reads it)
     "matvec_q8"      kiln.kernels.matvec_q8.matvec_q8: x in q8_1, int8 dot products (M <= 8)
+    "matmul_q8"      kiln.kernels.matmul_q8.matmul_q8: x in q8_1, int8 tensor-core tiles (any M)
     "expert_linear"  kiln.kernels.moe.expert_linear: the mat-vec kernels with EXPERTS on
     "matmul"         kiln.kernels.matmul: the quantized GEMM (M > matvec.MAX_M) and dequant_matmul
     "embedding"      kiln.kernels.embedding.embedding
@@ -51,6 +52,9 @@ SUPPORT: dict[str, frozenset[GGMLQuantizationType]] = {
     "matvec": _DEQUANT,
     "matvec_lanes": frozenset((_T.Q8_0, _T.Q4_0, _T.Q4_1, _T.Q5_0, _T.Q5_1, _T.Q4_K, _T.Q6_K)),
     "matvec_q8": frozenset(
+        (_T.Q8_0, _T.Q4_0, _T.Q4_1, _T.Q5_0, _T.Q5_1, _T.Q4_K, _T.Q5_K, _T.Q6_K)
+    ),
+    "matmul_q8": frozenset(
         (_T.Q8_0, _T.Q4_0, _T.Q4_1, _T.Q5_0, _T.Q5_1, _T.Q4_K, _T.Q5_K, _T.Q6_K)
     ),
     "expert_linear": _DEQUANT,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from gguf.constants import GGMLQuantizationType
 
-from kiln.kernels import matmul, matvec, matvec_q8
+from kiln.kernels import matmul, matmul_q8, matvec, matvec_q8
 from kiln.kernels.formats import SUPPORT
 from kiln.quant.q8_1 import Activation
 from kiln.weight import Weight
@@ -36,6 +36,13 @@ from kiln.weight import Weight
 # 21.9 / 52.2 against 192.8 / 190.7. (Session 7 had chosen "exact" from sm_90 instruction
 # counts alone: its K loop issues fewer instructions per value at M = 8 but runs 4-8x slower.)
 BATCH_METHOD = "matvec"
+
+# What reads a q8_1 Activation of 2..matvec.MAX_M rows: "matvec_q8" (the dp4a mat-vec, each lane
+# M_PAD accumulators: 6x its M = 1 time at M = 8 on the 8B model's gate/up, H100, session 8) or
+# "matmul_q8" (int8 tensor-core tiles, kiln/kernels/matmul_q8.py: fewer instructions a weight
+# value from M = 2 on in the sm_90 K loop, not yet timed on a GPU). The default stays the timed
+# kernel until a GPU run says otherwise (docs/performance.md).
+Q8_BATCH_METHOD = "matvec_q8"
 
 
 def reads_q8_1(m: int, weight: Weight) -> bool:
@@ -71,7 +78,10 @@ def linear(
     """x: [M, K] -> [M, N] float32 = x @ W.T (+ bias), or None where no kernel reads the weight
     (see the top). M = 0 gives an empty [0, N]."""
     if isinstance(x, Activation) and reads_q8_1(x.rows, weight):
-        y = matvec_q8.matvec_q8(x.q8, weight, pdl=pdl)
+        if x.rows > 1 and Q8_BATCH_METHOD == "matmul_q8" and matmul_q8.reads(weight):
+            y = matmul_q8.matmul_q8(x.q8, weight, pdl=pdl)
+        else:
+            y = matvec_q8.matvec_q8(x.q8, weight, pdl=pdl)
         return y if bias is None else y + bias.dense()
     x = Activation.floats(x, weight.name)
     if x.dim() != 2:

@@ -62,6 +62,7 @@ MATVEC_TESTS = ("tests/kernels/test_matvec.py", *NOT_SM90)
 MATMUL_TESTS = ("tests/kernels/test_matmul.py", "-k", "not sm90 and not tune_script")
 MOE_TESTS = ("tests/kernels/test_moe.py", *NOT_SM90)
 Q8_TESTS = ("tests/kernels/test_matvec_q8.py", *NOT_SM90)
+MMQ_TESTS = ("tests/kernels/test_matmul_q8.py", *NOT_SM90)
 GROUPED_TESTS = ("tests/kernels/test_moe_grouped.py", *NOT_SM90)
 ROUTER_TESTS = ("tests/kernels/test_router.py", *NOT_SM90)
 EMBEDDING_TESTS = ("tests/kernels/test_embedding.py", *NOT_SM90)
@@ -254,6 +255,40 @@ MUTATIONS: list[Mutation] = [
         _one("_dp4a(c0[None], a, -32 * sq, DP4A)", "_dp4a(c0[None], a, -31 * sq, DP4A)"),
         Q8_TESTS,
         "int8 mat-vec, Q6_K: quants centred on 31 instead of 32",
+    ),
+    Mutation(
+        "mmq_offset_dropped",
+        KERNELS + "matmul_q8.py",
+        _one(
+            "acc += s * (dot.to(tl.float32) * xd) + o * xs",
+            "acc += s * (dot.to(tl.float32) * xd)",
+        ),
+        MMQ_TESTS,
+        "int8 tensor-core GEMM: the groups' offsets (Q4_1's m, Q4_K's minimums) dropped",
+    ),
+    Mutation(
+        "mmq_q6k_halves",
+        KERNELS + "matmul_q8.py",
+        _one(
+            "lo = tl.dot(q, tl.where(i < 16, xq, zero)",
+            "lo = tl.dot(q, tl.where(i < 15, xq, zero)",
+        ),
+        MMQ_TESTS,
+        "int8 tensor-core GEMM, Q6_K: value 15 of each group left out of the first half's dot",
+    ),
+    Mutation(
+        "mmq_split_start",
+        KERNELS + "matmul_q8.py",
+        _one("g0 = pid_k * SPLIT_GROUPS + step * GROUPS", "g0 = pid_k * SPLIT_GROUPS + step"),
+        MMQ_TESTS,
+        "int8 tensor-core GEMM: the K step advances by one group instead of GROUPS",
+    ),
+    Mutation(
+        "mmq_last_split_mask",
+        KERNELS + "matmul_q8.py",
+        _one("live = tl.where(g < groups, 1.0, 0.0)", "live = tl.where(g < groups + 1, 1.0, 0.0)"),
+        MMQ_TESTS,
+        "int8 tensor-core GEMM: a step past K counts group 0 once more",
     ),
     Mutation(
         "q8_q5_fifth_bit",

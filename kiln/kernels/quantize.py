@@ -17,6 +17,11 @@ from kiln.kernels.triton import quantize as _k
 from kiln.quant.q8_1 import Q8_1, QK
 
 
+def fits(k: int) -> bool:
+    """Whether quantize_q8_1 takes rows of k values (whole blocks, at most MAX_N)."""
+    return k % QK == 0 and k <= MAX_N
+
+
 def quantize_q8_1(x: torch.Tensor, pdl: bool = False) -> Q8_1:
     """x: [M, K] -> its q8_1 form, as kiln.quant.q8_1.quantize."""
     assert x.dim() == 2 and x.stride(1) == 1, "x must be [M, K] with unit stride along K"

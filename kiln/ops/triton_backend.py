@@ -112,8 +112,8 @@ def norm_quant(ops) -> dict:
     same launch when some consumer reads q8_1 (kernels/linear.py's reads_q8_1, by which linear
     dispatches), write the floats only when some consumer reads floats, and return an
     Activation; otherwise (no consumers given, prompts, formats the int8 mat-vec does not read)
-    the set's own op."""
-    from kiln.kernels import activation, norm
+    the set's own op. linear quantizes float rows of 2..8 that an int8 kernel reads."""
+    from kiln.kernels import activation, norm, quantize
     from kiln.kernels.linear import reads_q8_1
 
     plain_rms_norm, plain_add_rms_norm = ops.rms_norm, ops.add_rms_norm
@@ -144,7 +144,25 @@ def norm_quant(ops) -> dict:
         y, q8 = activation.swiglu_quant(gate, up, write_y, pdl=ops.pdl)
         return Activation(y, q8)
 
-    return {"rms_norm": rms_norm, "add_rms_norm": add_rms_norm, "swiglu": swiglu}
+    plain_linear = ops.linear
+
+    def linear(x, weight, bias=None):
+        """Float rows of a decode batch of 2..8 (the attention's output: no norm before it to
+        quantize them) that an int8 kernel reads: quantized to q8_1 by a launch of their own
+        first, as llama.cpp quantizes every mat-vec input. Not at one row: there the bf16
+        mat-vec (4096 x 4096 Q4_K, H100: 12.3 us) beats the launch plus the int8 one (10.8 us
+        + ~3), where from two rows on the int8 kernel wins by far (13.8 against 27.8 us)."""
+        if (
+            isinstance(x, torch.Tensor)
+            and x.dim() == 2
+            and x.shape[0] > 1
+            and quantize.fits(x.shape[1])
+            and reads_q8_1(x.shape[0], weight)
+        ):
+            x = Activation(None, quantize.quantize_q8_1(x.contiguous(), pdl=ops.pdl))
+        return plain_linear(x, weight, bias)
+
+    return {"rms_norm": rms_norm, "add_rms_norm": add_rms_norm, "swiglu": swiglu, "linear": linear}
 
 
 def compose(ops) -> dict:
@@ -235,5 +253,6 @@ NORM_QUANT_ROUTES = {
     "reads: swiglu + quantize to q8_1 in one kernel",
     "linear": ROUTES["linear"]
     + "; with norm_quant, decode rows of Q8_0/Q4_x/Q5_x/Q4_K/Q5_K/Q6_K weights: "
-    "the int8 (dp4a) mat-vec on q8_1 activations",
+    "the int8 (dp4a) mat-vec on q8_1 activations (float rows of 2..8, the attention's "
+    "output, quantized by a launch of their own first)",
 }

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from gguf.constants import GGMLQuantizationType
 
-from kiln.kernels import matmul, matmul_q8, matvec, matvec_q8
+from kiln.kernels import matmul, matmul_q8, matvec, matvec_q8, moe
 from kiln.kernels.formats import SUPPORT
 from kiln.quant.q8_1 import Activation
 from kiln.weight import Weight
@@ -48,7 +48,12 @@ Q8_BATCH_METHOD = "matvec_q8"
 def reads_q8_1(m: int, weight: Weight) -> bool:
     """Whether a linear of M rows with this weight reads its input in q8_1 (the int8 mat-vec)
     when the input offers it: decode batches (M <= matvec.MAX_M) of the formats it reads, at
-    the row counts where it is the faster (matvec_q8.BF16_FASTER_UP_TO)."""
+    the row counts where it is the faster (matvec_q8.BF16_FASTER_UP_TO). An expert stack
+    [n_expert, N, K] of a MoE layer of M tokens: where the layer runs the per-slot expert
+    mat-vecs (M below moe.grouped_min_tokens, as the triton backend's moe_ffn decides) and the
+    int8 one reads the format at one row a slot."""
+    if len(weight.shape) == 3:
+        return 1 <= m < moe.grouped_min_tokens(weight.device) and matvec_q8.reads(weight, 1)
     return 1 <= m <= matvec.MAX_M and matvec_q8.reads(weight, m)
 
 

@@ -62,9 +62,10 @@ BF16_FASTER_UP_TO = {_T.Q8_0: 1}
 
 def reads(weight: Weight, m: int = 1) -> bool:
     """Whether the int8 mat-vec reads this weight at M rows: a format of SUPPORT["matvec_q8"],
-    2-D, its rows aligned to the format's integer view, and M past BF16_FASTER_UP_TO."""
+    2-D (or an expert stack [n_expert, N, K]: expert_matvec_q8, M = 1 a slot), its rows aligned
+    to the format's integer view, and M past BF16_FASTER_UP_TO."""
     return (
-        len(weight.shape) == 2
+        len(weight.shape) in (2, 3)
         and weight.raw is not None
         and weight.qtype in SUPPORT["matvec_q8"]
         and _aligned(weight.raw, VIEW[weight.qtype].itemsize)
@@ -106,6 +107,47 @@ def matvec_q8(
     return out
 
 
+def expert_matvec_q8(
+    x: Q8_1,
+    ids: torch.Tensor,
+    weight: Weight,
+    config: MatvecConfig | None = None,
+    pdl: bool = False,
+) -> torch.Tensor:
+    """The MoE decode mat-vec on q8_1 rows (kiln/kernels/moe.py's expert_linear, int8): x [T, K]
+    (a token's k slots read its row) or [T * k, K] (a row per slot), ids [T, k] -> [T * k, N]
+    float32, row t * k + j = dequantize(x)[t or t * k + j] @ W[ids[t, j]].T. ids must lie in
+    [0, n_expert): they are read on the device and not checked."""
+    x.check()
+    rows, k = x.shape
+    assert ids.dim() == 2 and ids.dtype in (torch.int32, torch.int64) and ids.is_contiguous(), (
+        f"ids must be a contiguous [T, k] int32/int64 tensor; got {ids.dtype} {tuple(ids.shape)}"
+    )
+    assert len(weight.shape) == 3, f"need a [n_expert, N, K] weight; got {weight.shape}"
+    assert weight.qtype in SUPPORT["matvec_q8"], f"matvec_q8 does not read {weight.qtype.name}"
+    t, used = ids.shape
+    slots = t * used
+    _e, n, wk = weight.shape
+    assert k == wk, f"x has K={k}, weight {weight.name} has K={wk}"
+    assert rows in (t, slots), (
+        f"x must have one row per token ({t}) or one per slot ({t}*{used}={slots}); got {rows}"
+    )
+    assert x.qs.device == weight.device == ids.device, (
+        f"x on {x.qs.device}, ids on {ids.device}, weight on {weight.device}"
+    )
+    raw = weight.raw
+    assert raw.dtype == torch.uint8 and raw.dim() == 3 and raw.stride(2) == 1
+    view = VIEW[weight.qtype]
+    assert _aligned(raw, view.itemsize), (
+        f"weight {weight.name}: rows must start on {view.itemsize}-byte boundaries"
+    )
+    out = torch.empty((slots, n), dtype=torch.float32, device=x.qs.device)
+    if slots:
+        per_x = used if rows == t and used > 1 else 1
+        launch(x, weight.qtype, raw.view(view), out, config or default_config(1), pdl, ids, per_x)
+    return out
+
+
 def launch(
     x: Q8_1,
     qtype: GGMLQuantizationType,
@@ -113,11 +155,17 @@ def launch(
     out: torch.Tensor,
     cfg: MatvecConfig,
     pdl: bool = False,
+    ids: torch.Tensor | None = None,
+    slots_per_x: int = 1,
 ) -> None:
-    """One launch for checked inputs: w is the weight's integer view [N, row_bytes / item]."""
-    m, k = x.shape
-    n = w.shape[0]
-    _k._matvec_q8_kernel[(triton.cdiv(n, cfg.block_n),)](
+    """One launch for checked inputs: w is the weight's integer view [N, row_bytes / item], or
+    with ids [T, k] an expert stack [n_expert, N, row_bytes / item] (one M = 1 program column
+    a slot; x row s // slots_per_x for slot s)."""
+    experts = ids is not None
+    m, k = (1, x.shape[1]) if experts else x.shape
+    n = w.shape[-2]
+    grid = (triton.cdiv(n, cfg.block_n), ids.numel() if experts else 1)
+    _k._matvec_q8_kernel[grid](
         x.qs.view(torch.int32),
         x.ds,
         w,
@@ -125,9 +173,13 @@ def launch(
         m,
         n,
         k,
-        w.stride(0),
+        w.stride(-2),
         out.stride(0),
+        ids,
+        w.stride(0) if experts else 0,
         K_INTERP=k if interpreting() else 0,
+        EXPERTS=experts,
+        SLOTS_PER_X=slots_per_x,
         M_PAD=triton.next_power_of_2(m),
         BLOCK_N=cfg.block_n,
         **_lanes_tiling(k, qtype, cfg, LANES[qtype]),

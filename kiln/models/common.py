@@ -219,10 +219,14 @@ class _Block:
 
 
 _QKV = (("attn_q", "attn_k", "attn_v"), "attn_qkv")
-# The weights that read a layer's normed rows, merged or not (norm_quant's consumers).
+# The weights that read a layer's normed rows, merged or not (norm_quant's consumers). A MoE
+# layer's FFN norm: the router and the experts' gate/up stacks (the SwiGLU rows of its slots
+# are the triton backend's moe_ffn's own business).
 _ATTN_INPUTS = ("attn_qkv.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight")
-# MoE layers have none yet: their router and expert kernels read floats only.
-_FFN_INPUTS = ("ffn_gate_up.weight", "ffn_gate.weight", "ffn_up.weight")
+_FFN_INPUTS = (
+    "ffn_gate_up.weight", "ffn_gate.weight", "ffn_up.weight", "ffn_gate_inp.weight",
+    "ffn_gate_up_exps.weight", "ffn_gate_exps.weight", "ffn_up_exps.weight",
+)  # fmt: skip
 _DOWN_INPUTS = ("ffn_down.weight",)
 _ATTN, _FFN, _DOWN = 0, 1, 2  # which consumers of a layer (DecoderModel._consumers)
 _GATE_UP = (("ffn_gate", "ffn_up"), "ffn_gate_up")

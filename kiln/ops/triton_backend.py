@@ -172,17 +172,32 @@ def compose(ops) -> dict:
     expert on the device (moe.plan) and the grouped GEMM, one launch per weight (`moe_grouped`;
     off: one launch per expert over the same plan). The weighted sum of a token's k rows is one
     launch either way. Formats no kernel reads run the reference."""
-    from kiln.kernels import moe
+    from kiln.kernels import activation, matvec_q8, moe
     from kiln.kernels import router as moe_router
     from kiln.kernels.formats import SUPPORT
+    from kiln.kernels.linear import reads_q8_1
 
     pdl = ops.pdl
     grouped_linear = moe.grouped_expert_linear if ops.moe_grouped else moe.per_expert_linear
 
     def expert_linear(x, ids, weight):
+        """x: floats, or norm_quant's Activation (q8_1 rows where reads_q8_1 said so: the int8
+        expert mat-vec reads them)."""
+        if isinstance(x, Activation):
+            if x.q8 is not None and reads_q8_1(ids.shape[0], weight):
+                return matvec_q8.expert_matvec_q8(x.q8, ids, weight, pdl=pdl)
+            x = Activation.floats(x, weight.name)
         if weight.qtype in SUPPORT["expert_linear"]:
             return moe.expert_linear(x.contiguous(), ids, weight, pdl=pdl)
         return reference.expert_linear(x, ids, weight)
+
+    def slot_swiglu(gate_out, up_out, tokens, down):
+        """The SwiGLU rows of the slots, quantized in the same launch (swiglu_quant) where the
+        down expert mat-vec reads q8_1 (norm_quant on)."""
+        if ops.norm_quant and reads_q8_1(tokens, down):
+            _y, q8 = activation.swiglu_quant(gate_out, up_out, False, pdl=pdl)
+            return Activation(None, q8)
+        return ops.swiglu(gate_out, up_out)
 
     def combine(out, weights):
         if out.dtype == weights.dtype == torch.float32:
@@ -190,25 +205,34 @@ def compose(ops) -> dict:
         return reference.moe_combine(out, weights)
 
     def moe_ffn(x, weights, ids, gate, up, down):
-        if x.shape[0] < moe.grouped_min_tokens(x.device):
-            linear = expert_linear
-        elif all(moe.grouped_reads(w) for w in (gate, up or gate, down)):
-            grouped = moe.plan(ids, gate.shape[0])
-
-            def linear(rows, _ids, weight):
-                return grouped_linear(rows, grouped, weight, pdl=pdl)
-        else:
+        """x: [T, n_embd] floats, or (norm_quant) an Activation whose q8_1 rows the expert
+        mat-vecs read where reads_q8_1 says so; the other paths read its floats."""
+        tokens = ids.shape[0]
+        if tokens < moe.grouped_min_tokens(ids.device):
+            gate_up = partial(expert_linear, x, ids)
+            gate_out, up_out = _gate_up(gate_up, gate, up)
+            act = slot_swiglu(gate_out, up_out, tokens, down)
+            return combine(expert_linear(act, ids, down), weights)
+        x = Activation.floats(x, gate.name)
+        if not all(moe.grouped_reads(w) for w in (gate, up or gate, down)):
             return reference.moe_ffn(x, weights, ids, gate, up, down)
-        if up is None:  # merged gate/up [n_expert, 2F, n_embd]
-            gate_out, up_out = linear(x, ids, gate).chunk(2, dim=-1)  # [T*k, F] each
-        else:
-            gate_out, up_out = linear(x, ids, gate), linear(x, ids, up)
-        return combine(linear(ops.swiglu(gate_out, up_out), ids, down), weights)
+        grouped = moe.plan(ids, gate.shape[0])
+        gate_out, up_out = _gate_up(lambda w: grouped_linear(x, grouped, w, pdl=pdl), gate, up)
+        act = ops.swiglu(gate_out, up_out)
+        return combine(grouped_linear(act, grouped, down, pdl=pdl), weights)
 
     composed = {"moe_ffn": moe_ffn}
     if ops.norm_quant:
         composed.update(norm_quant(ops))
     return composed
+
+
+def _gate_up(linear, gate, up):
+    """The slots' gate and up rows [T*k, F] each: a merged gate/up [n_expert, 2F, n_embd] (up
+    None) in one mat-mul, halved; else one each."""
+    if up is None:
+        return linear(gate).chunk(2, dim=-1)
+    return linear(gate), linear(up)
 
 
 def kernel_reads(name: str, qtype) -> bool:
@@ -255,4 +279,7 @@ NORM_QUANT_ROUTES = {
     + "; with norm_quant, decode rows of Q8_0/Q4_x/Q5_x/Q4_K/Q5_K/Q6_K weights: "
     "the int8 (dp4a) mat-vec on q8_1 activations (float rows of 2..8, the attention's "
     "output, quantized by a launch of their own first)",
+    "moe_ffn": ROUTES["moe_ffn"]
+    + "; with norm_quant, decode rows of experts the int8 mat-vec reads: its expert variant "
+    "on q8_1 rows (gate/up from the FFN norm, down from SwiGLU + quantize in one kernel)",
 }

@@ -16,6 +16,7 @@ from kiln import quant
 from kiln.kernels import matvec_q8
 from kiln.kernels.matvec import MatvecConfig
 from kiln.kernels.quantize import quantize_q8_1
+from kiln.ops.reference import expert_linear as reference_expert_linear
 from kiln.ops.reference import linear
 from kiln.quant import q8_1
 from kiln.weight import Weight
@@ -100,6 +101,44 @@ def test_matvec_q8_matches_reference(fmt: str) -> None:
         _check(y, ref, bound, f"{fmt} M={m} N={n} K={k} {cfg}")
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_expert_matvec_q8_matches_reference(fmt: str) -> None:
+    """The MoE decode variant against reference.expert_linear of the dequantized rows: x a row a
+    token (gate/up: a token's k slots share it) and a row a slot (down), T = 1 and 3, k = 1 and
+    2, repeated experts; a ragged tile on the CPU, real shapes on a GPU."""
+    qtype = GGMLQuantizationType[fmt]
+    block = quant.get_format(qtype).block_size
+    rtol, atol, _reason = MATVEC_Q8[fmt]
+    gen = torch.Generator().manual_seed(17)
+    n_exp = 4
+    shapes = [(9, 3 * block, None), (5, block, MatvecConfig(2, block, 1))]
+    if CUDA:
+        shapes += [(1536, 2048, None), (2048, 768, None)]
+    for n, k, cfg in shapes:
+        raw = torch.stack(
+            [quant.quantize(torch.randn(n, k, generator=gen), qtype) for _ in range(n_exp)]
+        ).to(DEVICE)
+        w = Weight(f"e_{fmt}", qtype, (n_exp, n, k), raw)
+        assert matvec_q8.reads(w, 2)
+        for ids, per_slot in (
+            ([[2]], False),
+            ([[3, 1]], False),
+            ([[0, 3], [3, 3], [1, 0]], False),
+            ([[0, 3], [2, 2], [1, 0]], True),
+        ):
+            ids = torch.tensor(ids, dtype=torch.int32, device=DEVICE)
+            rows = ids.numel() if per_slot else ids.shape[0]
+            x = q8_1.quantize(torch.randn(rows, k, generator=gen))
+            x = q8_1.Q8_1(x.qs.to(DEVICE), x.ds.to(DEVICE))
+            y = matvec_q8.expert_matvec_q8(x, ids, w, cfg)
+            xd = q8_1.dequantize(x)
+            ref = reference_expert_linear(xd, ids, w)
+            full = xd if per_slot else xd.repeat_interleave(ids.shape[1], 0)
+            dense = w.dense()[ids.reshape(-1).long()]  # [slots, N, K]
+            bound = atol + rtol * torch.einsum("sk,snk->sn", full.abs(), dense.abs())
+            _check(y, ref, bound, f"{fmt} experts N={n} K={k} ids={ids.tolist()} {cfg}")
+
+
 def test_matvec_q8_rejects_bad_input() -> None:
     gen = torch.Generator().manual_seed(0)
     w = Weight("w", GGMLQuantizationType.Q4_0, (4, 64), quant.quantize(torch.randn(4, 64), "Q4_0"))
@@ -134,6 +173,12 @@ with compile_only() as done:
         for m in (1, 2, 8):
             x = Q8_1(torch.zeros(m, 4096, dtype=torch.int8), torch.zeros(m, 128, 2))
             matvec_q8.matvec_q8(x, w)
+        stack = torch.zeros(4, 1024, 4096 // bv * ts, dtype=torch.uint8)
+        e = Weight("e", qt, (4, 1024, 4096), stack)
+        ids = torch.zeros(2, 2, dtype=torch.int32)
+        for rows in (2, 4):  # a row a token (k = 2 slots share it), a row a slot
+            x = Q8_1(torch.zeros(rows, 4096, dtype=torch.int8), torch.zeros(rows, 128, 2))
+            matvec_q8.expert_matvec_q8(x, ids, e)
     quantize_q8_1(torch.zeros(1, 4096))
     quantize_q8_1(torch.zeros(3, 576, dtype=torch.bfloat16))
 for c in done:
@@ -142,9 +187,10 @@ for c in done:
 
 
 def test_matvec_q8_kernels_compile_for_sm90() -> None:
-    """Every format at M = 1, 2, 8 and the quantize kernel compile for an H100 (dp4a as inline
-    PTX, which the interpreter never sees)."""
+    """Every format at M = 1, 2, 8, its expert variant (x a row a token and a row a slot) and
+    the quantize kernel compile for an H100 (dp4a as inline PTX, which the interpreter never
+    sees)."""
     out = run_compile_check(_COMPILE.format(root=str(ROOT)))
     names = [line.split()[0] for line in out.splitlines() if line.strip()]
-    assert names.count("_matvec_q8_kernel") == 24, out
+    assert names.count("_matvec_q8_kernel") == 24 + 16, out
     assert names.count("_quantize_q8_1_kernel") == 2, out

@@ -134,7 +134,7 @@ def _launched(monkeypatch) -> list[str]:
     names: list[str] = []
 
     def recording(self, *args, **kwargs):
-        names.append(self.fn.__name__)
+        names.append(self.fn.__name__ + ("[experts]" if kwargs.get("EXPERTS") else ""))
         return run(self, *args, **kwargs)
 
     monkeypatch.setattr(cls, "run", recording)
@@ -142,7 +142,9 @@ def _launched(monkeypatch) -> list[str]:
     return names
 
 
-@pytest.mark.parametrize("name,qtype", [("tiny-qwen3", "q4_0"), ("tiny-llama", "q4_k_m")])
+@pytest.mark.parametrize(
+    "name,qtype", [("tiny-qwen3", "q4_0"), ("tiny-llama", "q4_k_m"), ("tiny-qwen3moe", "q4_0")]
+)
 def test_decode_quality_and_the_toggle(name: str, qtype: str, monkeypatch) -> None:
     """norm_quant on: the fused norm and the int8 mat-vecs run, and the next-token
     distributions stay within the gate (mean KLD < 2e-3) of the float path; off: neither kernel
@@ -157,8 +159,10 @@ def test_decode_quality_and_the_toggle(name: str, qtype: str, monkeypatch) -> No
         "_swiglu_quant_kernel",
         "_quantize_q8_1_kernel",
     }
+    if name.endswith("moe"):  # the experts' gate/up and down read q8_1 (the expert variant)
+        kernels.add("_matvec_q8_kernel[experts]")
     on = _decode_logits(build_model(gguf, DEVICE, backend="triton", fusions={"norm_quant": True}))
-    assert kernels <= set(launched)
+    assert kernels <= set(launched), sorted(set(launched))
     launched.clear()
     off = _decode_logits(build_model(gguf, DEVICE, backend="triton", fusions={"norm_quant": False}))
     assert not kernels & set(launched)

@@ -32,6 +32,12 @@ Per format, a lane (values of one 32-value x block are always in one lane's word
 - Q6_K (int16 view, 105 halfwords): half hh, l = l0..l0 + 7 of it for each k = 0..3 (values
   128 hh + 32 k + l); 8 lanes a block; q - 32 as dp4a from -32 * sum(x quants).
 
+With EXPERTS on, the kernel is the MoE decode mat-vec (as kernels/triton/matvec.py's): w_ptr is a
+stack [n_expert, N, words], grid axis 1 runs over the T * k slots (s = t * k + j), and the
+program of slot s reads its expert id on the device and moves w_ptr, the x row (s // SLOTS_PER_X:
+a token's k slots share its q8_1 row, or each slot has its own) and the output row s before
+the K loop, at M = 1.
+
 DP4A off (the interpreter cannot run inline PTX) computes the same int32 dot product with shifts
 and multiplies: integer sums are exact in any order, so both give the same bits.
 
@@ -108,7 +114,11 @@ def _matvec_q8_kernel(
     K,
     stride_wn,  # in words of w_ptr's type
     stride_om,
+    ids_ptr,  # EXPERTS: int32/int64 [T * k] expert id of each slot; else unused (None)
+    stride_we,  # EXPERTS: words of w_ptr's type between experts
     K_INTERP: tl.constexpr,  # K as a constexpr under TRITON_INTERPRET, else 0 (matvec.py)
+    EXPERTS: tl.constexpr,  # w_ptr is [n_expert, N, words]; grid axis 1 = slots (see top)
+    SLOTS_PER_X: tl.constexpr,  # EXPERTS: consecutive slots that read one x row (k or 1)
     M_PAD: tl.constexpr,  # next power of two >= M
     BLOCK_N: tl.constexpr,
     S: tl.constexpr,  # blocks per tile
@@ -130,6 +140,13 @@ def _matvec_q8_kernel(
     if PDL:
         wait_for_inputs()
     xd_ptr = xd_ptr.to(tl.pointer_type(tl.float32))
+    if EXPERTS:  # slot s = program_id(1): expert ids[s], x row s // SLOTS_PER_X, output row s
+        slot = tl.program_id(1)
+        w_ptr += tl.load(ids_ptr + slot).to(tl.int64) * stride_we
+        x_row = slot // SLOTS_PER_X
+        xq_ptr += x_row * (K // 4)
+        xd_ptr += x_row * (2 * (K // 32))
+        out_ptr += slot * stride_om
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_c = tl.minimum(rows, N - 1).to(tl.int64)

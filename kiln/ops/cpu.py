@@ -13,8 +13,10 @@ Compared with the reference (which stays the spec and the oracle, `--backend tor
   Prompts: the same batched mat-muls with the causal mask, in passes of query rows that keep
   the scores near 8 MB (scaled_dot_product_attention would map 4 MB more of torch's code).
 - RoPE: cos/sin tables computed once per frequency vector (same formula as the reference); a
-  decode step rotates by one [D, D] matrix (a small mat-mul a layer), prompts by a complex
-  multiply; Q and K rotated in one call when they are adjacent in the merged QKV result.
+  decode step rotates by one [D, D] matrix (a small mat-mul a layer), prompts by the
+  reference's own products with rows of the tables (real arithmetic only: complex kernels
+  mapped 3 MB more of torch's code); Q and K rotated in one call when they are adjacent in the
+  merged QKV result.
 - RMSNorm of one row: a dot product and two multiplies.
 - MoE: the reference ops (experts dequantized one at a time per call).
 """
@@ -144,17 +146,21 @@ def qk_norm(q, k, q_weight, k_weight, eps):
 
 
 class _RopeTable:
-    """exp(i * position * freq) for positions 0..capacity-1 of one frequency vector, and the
-    rotation of one position as a [D, D] matrix (decode: every layer of a step rotates by it,
-    one small mat-mul each instead of five calls of the complex form)."""
+    """cos and sin of position * freq for positions 0..capacity-1 of one frequency vector (the
+    reference's angles, computed once), and the rotation of one position as a [D, D] matrix
+    (decode: every layer of a step rotates by it, one small mat-mul each). Real arithmetic only:
+    complex kernels would map about 3 MB more of torch's code into the process (kiln run's
+    peak RSS)."""
 
-    __slots__ = ("freqs", "cis", "last", "where")
+    __slots__ = ("freqs", "cos", "sin", "last", "where", "spread")
 
     def __init__(self, freqs: torch.Tensor):
         self.freqs = weakref.ref(freqs)
-        self.cis = torch.empty(0, freqs.numel(), dtype=torch.complex64, device=freqs.device)
+        self.cos = self.sin = torch.empty(0, freqs.numel(), device=freqs.device)
         self.last: tuple[tuple[int, int, bool], torch.Tensor] | None = None
         self.where: dict[tuple[int, bool], torch.Tensor] = {}
+        # neox -> (cos, sign * sin) [capacity, rot] laid out as the rotated dims are (prompts)
+        self.spread: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def matrix(self, freqs: torch.Tensor, p: int, d: int, neox: bool) -> torch.Tensor:
         """float32 [d, d] M with x @ M = the reference's rope of x at position p: for a pair
@@ -163,9 +169,9 @@ class _RopeTable:
         key = (p, d, neox)
         if self.last is not None and self.last[0] == key:
             return self.last[1]
-        if p >= self.cis.shape[0]:
+        if p >= self.cos.shape[0]:
             self.grow(freqs, p + 1)
-        c = self.cis[p]
+        c, s = self.cos[p], self.sin[p]
         flat = self.where.get((d, neox))
         if flat is None:
             half = c.shape[0]
@@ -174,28 +180,34 @@ class _RopeTable:
             # M[i, i] = cos, M[j, i] = -sin, M[i, j] = sin, M[j, j] = cos
             flat = self.where[d, neox] = torch.cat([i * d + i, j * d + i, i * d + j, j * d + j])
         m = torch.eye(d, device=c.device)
-        m.view(-1)[flat] = torch.cat([c.real, -c.imag, c.imag, c.real])
+        m.view(-1)[flat] = torch.cat([c, -s, s, c])
         self.last = (key, m)
         return m
 
     def grow(self, freqs: torch.Tensor, need: int) -> None:
-        cap = max(need, 2 * self.cis.shape[0], 256)
+        cap = max(need, 2 * self.cos.shape[0], 256)
         positions = torch.arange(cap, device=freqs.device)
         angles = positions.to(torch.float32)[:, None] * freqs[None, :]  # as the reference
-        self.cis = torch.complex(torch.cos(angles), torch.sin(angles))
+        self.cos, self.sin = torch.cos(angles), torch.sin(angles)
+        self.spread = {}
 
-    def rows(self, freqs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """-> complex64 [T, 1, rot / 2]."""
-        if positions.shape[0] == 1:  # decode: a slice (a view) is cheaper than a gather
-            p = int(positions.item())
-            if p >= self.cis.shape[0]:
-                self.grow(freqs, p + 1)
-            return self.cis[p : p + 1, None]
-        try:
-            return self.cis[positions, None]
-        except IndexError:
+    def rows(self, freqs: torch.Tensor, positions: torch.Tensor, neox: bool):
+        """-> (c, s) float32 [T, 1, rot] of the positions, over the rotated dims in their order:
+        neox (i, i + rot / 2): c = (cos, cos), s = (-sin, sin); else pairs (2i, 2i + 1): c =
+        cos and s = (-sin, sin) interleaved. Then x * c + partner(x) * s is the reference's
+        a cos - b sin, b cos + a sin (partner: each dim's other half of its pair)."""
+        if int(positions.max()) >= self.cos.shape[0]:
             self.grow(freqs, int(positions.max()) + 1)
-            return self.cis[positions, None]
+        spread = self.spread.get(neox)
+        if spread is None:
+            if neox:
+                c = torch.cat((self.cos, self.cos), dim=-1)
+                sn = torch.cat((-self.sin, self.sin), dim=-1)
+            else:
+                c = self.cos.repeat_interleave(2, dim=-1)
+                sn = torch.stack((-self.sin, self.sin), dim=-1).flatten(-2)
+            spread = self.spread[neox] = (c, sn)
+        return spread[0][positions, None], spread[1][positions, None]
 
 
 _TABLES: dict[int, _RopeTable] = {}
@@ -211,7 +223,8 @@ def _table(freqs: torch.Tensor) -> _RopeTable:
 
 def rope(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor, neox: bool) -> torch.Tensor:
     """The reference's rotation (x: [T, heads, D]): one position as a mat-mul by its rotation
-    matrix, several as a complex multiply by rows of the cached table."""
+    matrix, several (prompts) bit for bit as the reference computes them, from rows of the
+    cached tables (_RopeTable.rows)."""
     rot = 2 * freqs.numel()
     table = _table(freqs)
     if x.dtype != torch.float32:
@@ -219,27 +232,17 @@ def rope(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor, neox: bo
     if positions.shape[0] == 1 and x.dim() == 3:
         m = table.matrix(freqs, int(positions.item()), x.shape[-1], neox)
         return torch.matmul(x, m)
-    cis = table.rows(freqs, positions)  # [T, 1, rot / 2]
+    c, s = table.rows(freqs, positions, neox)  # [T, 1, rot]
     xr = x[..., :rot] if rot < x.shape[-1] else x
-    if neox:
-        z = torch.complex(xr[..., : rot // 2], xr[..., rot // 2 :]) * cis
-        out = torch.cat((z.real, z.imag), dim=-1)
-    else:
+    if neox:  # each dim's partner: the other half
+        partner = torch.cat((xr[..., rot // 2 :], xr[..., : rot // 2]), dim=-1)
+    else:  # the other dim of its pair (a stack of the strided halves: 218 us for 512 x 12 x 64
+        # against flip's 364)
         pairs = xr.reshape(*xr.shape[:-1], rot // 2, 2)
-        if not _complex_viewable(pairs):
-            pairs = pairs.contiguous()
-        out = torch.view_as_real(torch.view_as_complex(pairs) * cis).flatten(-2)
+        partner = torch.stack((pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+    # a c + b (-s) = a c - b s and b c + a s: the reference's products and sums, bit for bit
+    out = (xr * c).add_(partner.mul_(s))
     return torch.cat((out, x[..., rot:]), dim=-1) if rot < x.shape[-1] else out
-
-
-def _complex_viewable(pairs: torch.Tensor) -> bool:
-    """view_as_complex's conditions: the (re, im) pairs adjacent, every other stride and the
-    offset even."""
-    return (
-        pairs.stride(-1) == 1
-        and pairs.storage_offset() % 2 == 0
-        and all(s % 2 == 0 for s in pairs.stride()[:-1])
-    )
 
 
 def qkv_norm_rope(

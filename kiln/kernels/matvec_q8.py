@@ -95,16 +95,26 @@ def matvec_q8(
     assert k == weight.shape[1], f"x has K={k}, weight {weight.name} has K={weight.shape[1]}"
     assert 1 <= m <= MAX_M, f"matvec_q8 is for decode batches of 1..{MAX_M} rows; got M={m}"
     assert x.qs.device == weight.device, f"x on {x.qs.device}, weight on {weight.device}"
+    w = _integer_view(weight)
+    out = torch.empty((m, n), dtype=torch.float32, device=x.qs.device)
+    launch(x, weight.qtype, w, out, config or default_config(m), pdl=pdl)
+    return out
+
+
+def _integer_view(weight: Weight) -> torch.Tensor:
+    """The weight's blocks (uint8 [N, row_bytes] or [n_expert, N, row_bytes]) through the
+    integer view its format is read with (VIEW), checked: unit stride along a row, every row
+    and expert start on the view's items."""
     raw = weight.raw
-    assert raw.dtype == torch.uint8 and raw.dim() == 2 and raw.stride(1) == 1
+    assert raw.dtype == torch.uint8 and raw.dim() == len(weight.shape) and raw.stride(-1) == 1, (
+        f"weight {weight.name}: raw must be uint8 {list(weight.shape[:-1])} x row bytes with "
+        "unit stride along a row"
+    )
     view = VIEW[weight.qtype]
     assert _aligned(raw, view.itemsize), (
         f"weight {weight.name}: rows must start on {view.itemsize}-byte boundaries"
     )
-    out = torch.empty((m, n), dtype=torch.float32, device=x.qs.device)
-    cfg = config or default_config(m)
-    launch(x, weight.qtype, raw.view(view), out, cfg, pdl=pdl)
-    return out
+    return raw.view(view)
 
 
 def expert_matvec_q8(
@@ -135,16 +145,11 @@ def expert_matvec_q8(
     assert x.qs.device == weight.device == ids.device, (
         f"x on {x.qs.device}, ids on {ids.device}, weight on {weight.device}"
     )
-    raw = weight.raw
-    assert raw.dtype == torch.uint8 and raw.dim() == 3 and raw.stride(2) == 1
-    view = VIEW[weight.qtype]
-    assert _aligned(raw, view.itemsize), (
-        f"weight {weight.name}: rows must start on {view.itemsize}-byte boundaries"
-    )
+    w = _integer_view(weight)
     out = torch.empty((slots, n), dtype=torch.float32, device=x.qs.device)
     if slots:
         per_x = used if rows == t and used > 1 else 1
-        launch(x, weight.qtype, raw.view(view), out, config or default_config(1), pdl, ids, per_x)
+        launch(x, weight.qtype, w, out, config or default_config(1), pdl, ids, per_x)
     return out
 
 

@@ -114,14 +114,14 @@ class DecoderModel:
 
     def _layers(self, batch, kv) -> torch.Tensor:
         """The decoder stack -> the final-normed hidden states [T, n_embd]."""
-        ops, eps = self.ops, self.config.rms_eps
+        ops, eps, moe = self.ops, self.config.rms_eps, self.config.moe
         h = ops.embedding(self.w["token_embd.weight"], batch.tokens)
         first = self.blocks[0]
         x = ops.rms_norm(h, first.attn_norm, eps, **first.attn_consumers)
         for b in self.blocks:
             attn = self._attention(b, x, batch, kv)
             h, x = ops.add_rms_norm(attn, h, b.ffn_norm, eps, **b.ffn_consumers)
-            ffn = self._moe(b, x) if self.config.moe else self._ffn(b, x)
+            ffn = self._moe(b, x) if moe else self._ffn(b, x)
             h, x = ops.add_rms_norm(ffn, h, b.next_norm, eps, **b.next_consumers)
         return x
 

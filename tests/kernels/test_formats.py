@@ -34,7 +34,8 @@ def test_support_table() -> None:
     from kiln.kernels import matvec, matvec_q8
 
     assert set(formats.SUPPORT) == {
-        "matvec", "matvec_lanes", "matvec_q8", "expert_linear", "matmul", "embedding",
+        "matvec", "matvec_lanes", "matvec_q8", "matmul_q8", "expert_linear", "matmul",
+        "embedding",
     }  # fmt: skip
     for kernel, types in formats.SUPPORT.items():
         assert types <= set(formats.FORMAT_IDS), kernel
@@ -44,6 +45,8 @@ def test_support_table() -> None:
     assert set(matvec._WIDE) == formats.SUPPORT["matvec_lanes"]
     assert all(matvec._WIDE[q].fmt == formats.FORMAT_IDS[q] for q in matvec._WIDE)
     assert set(matvec_q8.VIEW) == set(matvec_q8.LANES) == formats.SUPPORT["matvec_q8"]
+    # the int8 GEMM reads what the int8 mat-vec reads: a q8_1 batch never lacks a kernel
+    assert formats.SUPPORT["matmul_q8"] == formats.SUPPORT["matvec_q8"]
 
 
 def _weight(shape: tuple[int, ...], qtype=_T.Q8_0) -> Weight:

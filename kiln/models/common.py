@@ -116,13 +116,17 @@ class DecoderModel:
         """The decoder stack -> the final-normed hidden states [T, n_embd]."""
         ops, eps, moe = self.ops, self.config.rms_eps, self.config.moe
         h = ops.embedding(self.w["token_embd.weight"], batch.tokens)
-        first = self.blocks[0]
+        first, last = self.blocks[0], self.blocks[-1]
         x = ops.rms_norm(h, first.attn_norm, eps, **first.attn_consumers)
         for b in self.blocks:
             attn = self._attention(b, x, batch, kv)
             h, x = ops.add_rms_norm(attn, h, b.ffn_norm, eps, **b.ffn_consumers)
             ffn = self._moe(b, x) if moe else self._ffn(b, x)
-            h, x = ops.add_rms_norm(ffn, h, b.next_norm, eps, **b.next_consumers)
+            # the output norm's consumer (lm_head) reads every row, or (a prompt chunk) only
+            # logit_rows: then at another row count than the norm's, whose form it may not read
+            # (Q8_0 at one row reads floats): the floats, with no consumers
+            after = b.next_consumers if b is not last or batch.logit_rows is None else {}
+            h, x = ops.add_rms_norm(ffn, h, b.next_norm, eps, **after)
         return x
 
     def _attention(self, b: _Block, x, batch, kv) -> torch.Tensor:

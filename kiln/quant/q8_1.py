@@ -77,13 +77,6 @@ class Activation:
         assert x.f32 is not None, f"{reader} reads floats, which norm_quant did not write"
         return x.f32
 
-    def index_select(self, dim: int, rows: torch.Tensor) -> Activation:
-        """The rows `rows` of both forms (dim 0 only), each a tensor of its own."""
-        assert dim == 0, f"an Activation selects rows (dim 0); got dim {dim}"
-        f32 = None if self.f32 is None else self.f32.index_select(0, rows)
-        q8 = Q8_1(self.q8.qs.index_select(0, rows), self.q8.ds.index_select(0, rows))
-        return Activation(f32, q8)
-
 
 def round_half_away(v: torch.Tensor) -> torch.Tensor:
     """C's roundf in float32: trunc(v) + trunc(2 * (v - trunc(v))), exact (v - trunc(v) and the

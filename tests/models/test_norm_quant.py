@@ -175,3 +175,19 @@ def test_decode_quality_and_the_toggle(name: str, qtype: str, monkeypatch) -> No
     # the other token (on an H200: 0.954 and 0.985 of 65 rows at mean KLD 5.8e-5 and 1.4e-4);
     # the top-1 >= 99% gate is the demo model's (tests/test_cuda_decode.py).
     assert kl.mean().item() < 2e-3 and same_top >= 0.9
+
+
+def test_output_norm_matches_the_rows_lm_head_reads() -> None:
+    """A prompt chunk of 8 rows (decode-shaped) whose logits are read at its last row only: the
+    output norm must not write q8_1 alone for a Q8_0 output projection, which reads floats at
+    one row (found by `kiln ppl -ub 8 --fusion norm_quant=1` on the GPU, session 9). The logits
+    of every row (logit_rows None) keep reading q8_1."""
+    gguf = synthetic(_micro("tiny-qwen3"), "q8_0", device=DEVICE)
+    model = build_model(gguf, DEVICE, backend="triton", fusions={"norm_quant": True})
+    assert model.lm_head.qtype == GGMLQuantizationType.Q8_0
+    engine = Engine(model, n_ctx=32, ubatch=8)
+    last = engine.prefill(PROMPT[:8], engine.new_sequence())  # 8 rows, the last one's logits
+    every = engine.prefill(PROMPT[:8], engine.new_sequence(), all_logits=True)
+    assert last.shape[0] == 1 and every.shape[0] == 8
+    assert torch.isfinite(last).all() and torch.isfinite(every).all()
+    assert (last[0] - every[-1]).abs().max() < 0.05 * every[-1].abs().max()

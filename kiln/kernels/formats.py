@@ -48,15 +48,14 @@ FLOAT_VIEW: dict[GGMLQuantizationType, torch.dtype] = {
 
 # Every format with an id is read by the kernels built on kernels/triton/dequant.py's helpers.
 _DEQUANT = frozenset(FORMAT_IDS)
+# The formats read with int8 dot products on q8_1 rows: both int8 kernels read all of them, so a
+# q8_1 batch never lacks a kernel.
+_INT8 = frozenset((_T.Q8_0, _T.Q4_0, _T.Q4_1, _T.Q5_0, _T.Q5_1, _T.Q4_K, _T.Q5_K, _T.Q6_K))
 SUPPORT: dict[str, frozenset[GGMLQuantizationType]] = {
     "matvec": _DEQUANT,
     "matvec_lanes": frozenset((_T.Q8_0, _T.Q4_0, _T.Q4_1, _T.Q5_0, _T.Q5_1, _T.Q4_K, _T.Q6_K)),
-    "matvec_q8": frozenset(
-        (_T.Q8_0, _T.Q4_0, _T.Q4_1, _T.Q5_0, _T.Q5_1, _T.Q4_K, _T.Q5_K, _T.Q6_K)
-    ),
-    "matmul_q8": frozenset(
-        (_T.Q8_0, _T.Q4_0, _T.Q4_1, _T.Q5_0, _T.Q5_1, _T.Q4_K, _T.Q5_K, _T.Q6_K)
-    ),
+    "matvec_q8": _INT8,
+    "matmul_q8": _INT8,
     "expert_linear": _DEQUANT,
     "matmul": _DEQUANT,
     "embedding": _DEQUANT,

@@ -21,6 +21,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from kiln.kernels import pdl_launch
 from kiln.kernels.formats import FORMAT_IDS, SUPPORT
+from kiln.kernels.matvec_q8 import check_dense_input
 from kiln.kernels.triton import matmul_q8 as _k
 from kiln.quant.q8_1 import Q8_1
 from kiln.weight import Weight
@@ -64,14 +65,8 @@ def matmul_q8(
     x: Q8_1, weight: Weight, config: MatmulQ8Config | None = None, pdl: bool = False
 ) -> torch.Tensor:
     """x: q8_1 [M, K] -> [M, N] float32 = dequantize(x) @ W.T."""
-    x.check()
-    m, k = x.shape
-    assert len(weight.shape) == 2, f"matmul_q8 needs a 2-D weight; got {weight.shape}"
-    assert weight.qtype in SUPPORT["matmul_q8"], f"matmul_q8 does not read {weight.qtype.name}"
-    n = weight.shape[0]
-    assert k == weight.shape[1], f"x has K={k}, weight {weight.name} has K={weight.shape[1]}"
+    m, n = check_dense_input(x, weight, "matmul_q8")
     assert m >= 1, "matmul_q8 needs at least one row"
-    assert x.qs.device == weight.device, f"x on {x.qs.device}, weight on {weight.device}"
     raw = weight.raw
     assert raw.dtype == torch.uint8 and raw.dim() == 2 and raw.stride(1) == 1
     out = torch.empty((m, n), dtype=torch.float32, device=x.qs.device)

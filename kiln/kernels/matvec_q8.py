@@ -87,18 +87,24 @@ def matvec_q8(
     x: Q8_1, weight: Weight, config: MatvecConfig | None = None, pdl: bool = False
 ) -> torch.Tensor:
     """x: q8_1 [M, K] -> [M, N] float32 = dequantize(x) @ W.T."""
-    x.check()
-    m, k = x.shape
-    assert len(weight.shape) == 2, f"matvec_q8 needs a 2-D weight; got {weight.shape}"
-    assert weight.qtype in SUPPORT["matvec_q8"], f"matvec_q8 does not read {weight.qtype.name}"
-    n = weight.shape[0]
-    assert k == weight.shape[1], f"x has K={k}, weight {weight.name} has K={weight.shape[1]}"
+    m, n = check_dense_input(x, weight, "matvec_q8")
     assert 1 <= m <= MAX_M, f"matvec_q8 is for decode batches of 1..{MAX_M} rows; got M={m}"
-    assert x.qs.device == weight.device, f"x on {x.qs.device}, weight on {weight.device}"
     w = _integer_view(weight)
     out = torch.empty((m, n), dtype=torch.float32, device=x.qs.device)
     launch(x, weight.qtype, w, out, config or default_config(m), pdl=pdl)
     return out
+
+
+def check_dense_input(x: Q8_1, weight: Weight, kernel: str) -> tuple[int, int]:
+    """The checks an int8 kernel (`kernel`: its SUPPORT key and its name in the messages) makes
+    of q8_1 rows x [M, K] and a 2-D weight [N, K] -> (M, N)."""
+    x.check()
+    m, k = x.shape
+    assert len(weight.shape) == 2, f"{kernel} needs a 2-D weight; got {weight.shape}"
+    assert weight.qtype in SUPPORT[kernel], f"{kernel} does not read {weight.qtype.name}"
+    assert k == weight.shape[1], f"x has K={k}, weight {weight.name} has K={weight.shape[1]}"
+    assert x.qs.device == weight.device, f"x on {x.qs.device}, weight on {weight.device}"
+    return m, weight.shape[0]
 
 
 def _integer_view(weight: Weight) -> torch.Tensor:

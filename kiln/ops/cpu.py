@@ -17,7 +17,7 @@ Compared with the reference (which stays the spec and the oracle, `--backend tor
   reference's own products with rows of the tables (real arithmetic only: complex kernels
   mapped 3 MB more of torch's code); Q and K rotated in one call when they are adjacent in the
   merged QKV result.
-- RMSNorm of one row: a dot product and two multiplies.
+- RMSNorm of one row: a dot product and one addcmul.
 - MoE: the reference ops (experts dequantized one at a time per call).
 """
 

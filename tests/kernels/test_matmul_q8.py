@@ -15,17 +15,14 @@ from gguf.constants import GGMLQuantizationType
 from kiln import quant
 from kiln.kernels import matmul_q8
 from kiln.kernels.matmul_q8 import MatmulQ8Config
-from kiln.ops.reference import linear
 from kiln.quant import q8_1
 from kiln.weight import Weight
 from tests.kernels.sm90 import run_compile_check
-from tests.kernels.test_matvec import _check
+from tests.kernels.test_matvec_q8 import FORMATS, check_int8_kernel
 from tests.kernels.test_norm import ROOT
-from tests.kernels.tolerances import MATVEC_Q8
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
-FORMATS = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 
 
 def _shapes(block: int) -> list[tuple[int, int, int, MatmulQ8Config | None]]:
@@ -46,21 +43,7 @@ def _shapes(block: int) -> list[tuple[int, int, int, MatmulQ8Config | None]]:
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_matmul_q8_matches_reference(fmt: str) -> None:
-    qtype = GGMLQuantizationType[fmt]
-    block = quant.get_format(qtype).block_size
-    rtol, atol, _reason = MATVEC_Q8[fmt]
-    gen = torch.Generator().manual_seed(13)
-    for m, n, k, cfg in _shapes(block):
-        raw = quant.quantize(torch.randn(n, k, generator=gen), qtype).to(DEVICE)
-        w = Weight(f"w_{fmt}", qtype, (n, k), raw)
-        assert matmul_q8.reads(w)
-        x = q8_1.quantize(torch.randn(m, k, generator=gen))
-        x = q8_1.Q8_1(x.qs.to(DEVICE), x.ds.to(DEVICE))
-        y = matmul_q8.matmul_q8(x, w, cfg)
-        xd = q8_1.dequantize(x)
-        ref = linear(xd, w)
-        bound = atol + rtol * (xd.abs() @ w.dense().abs().T)
-        _check(y, ref, bound, f"{fmt} M={m} N={n} K={k} {cfg}")
+    check_int8_kernel(fmt, _shapes, matmul_q8.reads, matmul_q8.matmul_q8, seed=13)
 
 
 def test_split_k_is_deterministic_and_auto_splits_bounded() -> None:

@@ -8,6 +8,8 @@ GPU the same cases run compiled, with the real shapes of the standard models add
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from gguf.constants import GGMLQuantizationType
@@ -82,23 +84,31 @@ def _shapes(block: int) -> list[tuple[int, int, int, MatvecConfig | None]]:
     return shapes
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_matvec_q8_matches_reference(fmt: str) -> None:
+def check_int8_kernel(fmt: str, shapes, reads, run, seed: int) -> None:
+    """An int8 kernel (`run(x, weight, config)`, which `reads(weight)` must accept) against
+    reference.linear of the dequantized q8_1 rows, for each (M, N, K, config) of `shapes`
+    (a function of the format's block size), within MATVEC_Q8's bound of the terms' magnitudes."""
     qtype = GGMLQuantizationType[fmt]
     block = quant.get_format(qtype).block_size
     rtol, atol, _reason = MATVEC_Q8[fmt]
-    gen = torch.Generator().manual_seed(11)
-    for m, n, k, cfg in _shapes(block):
+    gen = torch.Generator().manual_seed(seed)
+    for m, n, k, cfg in shapes(block):
         raw = quant.quantize(torch.randn(n, k, generator=gen), qtype).to(DEVICE)
         w = Weight(f"w_{fmt}", qtype, (n, k), raw)
-        assert matvec_q8.reads(w, 8)
+        assert reads(w)
         x = q8_1.quantize(torch.randn(m, k, generator=gen))
         x = q8_1.Q8_1(x.qs.to(DEVICE), x.ds.to(DEVICE))
-        y = matvec_q8.matvec_q8(x, w, cfg)
+        y = run(x, w, cfg)
         xd = q8_1.dequantize(x)
         ref = linear(xd, w)
         bound = atol + rtol * (xd.abs() @ w.dense().abs().T)
         _check(y, ref, bound, f"{fmt} M={m} N={n} K={k} {cfg}")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_matvec_q8_matches_reference(fmt: str) -> None:
+    reads = functools.partial(matvec_q8.reads, m=8)
+    check_int8_kernel(fmt, _shapes, reads, matvec_q8.matvec_q8, seed=11)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 import triton
-from gguf.constants import GGMLQuantizationType
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from kiln.kernels import interpreting, pdl_launch
 from kiln.kernels.formats import FORMAT_IDS, SUPPORT
@@ -195,6 +195,7 @@ def launch(
         BLOCK_N=cfg.block_n,
         **_lanes_tiling(k, qtype, cfg, LANES[qtype]),
         FMT=FORMAT_IDS[qtype],
+        WPB=GGML_QUANT_SIZES[qtype][1] // w.element_size(),
         DP4A=not interpreting(),
         num_warps=cfg.num_warps,
         **pdl_launch(pdl),

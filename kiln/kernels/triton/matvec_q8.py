@@ -125,6 +125,7 @@ def _matvec_q8_kernel(
     R: tl.constexpr,  # tiles per loop step
     EVEN: tl.constexpr,  # no step overruns K
     FMT: tl.constexpr,  # Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K or Q6_K
+    WPB: tl.constexpr,  # words of w_ptr's type a block (the format's block bytes / word size)
     DP4A: tl.constexpr,  # the dp4a instruction (off under the interpreter)
     PDL: tl.constexpr = False,
 ):
@@ -132,11 +133,6 @@ def _matvec_q8_kernel(
     Q6: tl.constexpr = FMT == Q6_K
     BV: tl.constexpr = 256 if (KQ or Q6) else 32  # values per weight block
     QW: tl.constexpr = 8 if (KQ or Q6) else 4  # lanes per block
-    WPB: tl.constexpr = (
-        105 if Q6 else (22 if FMT == Q5_K else (18 if KQ else (17 if FMT == Q8_0 else (
-            5 if FMT == Q4_1 else (
-            11 if FMT == Q5_0 else (6 if FMT == Q5_1 else 9))))))
-    )  # words a block  # fmt: skip
     if PDL:
         wait_for_inputs()
     xd_ptr = xd_ptr.to(tl.pointer_type(tl.float32))

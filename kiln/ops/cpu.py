@@ -48,6 +48,7 @@ def pack_for_kernel(weights: dict[str, Weight], groups: Sequence[Sequence[str]] 
     demo model's 61 norms). F32 matrices are used in place (a view of the file). An untied token
     embedding is only read a row at a time, from its blocks, so it is not packed."""
     cpu_pack.scan_file_mappings()
+    cpu_pack.release_code_pages()
     tied = "output.weight" not in weights
     matrices = {}
     for name, w in weights.items():
@@ -361,6 +362,7 @@ def moe_route(x, router, n_used, normalize):
 
 def loaded() -> None:
     cpu_pack.trim_heap()  # the load's temporaries
+    cpu_pack.release_code_pages()  # the code the load ran: mapped again where used
 
 
 def ops(pdl: bool = False) -> dict:

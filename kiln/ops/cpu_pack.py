@@ -11,12 +11,13 @@ No float32 copy of a quantized weight is kept. Each 2-D weight gets one of these
   8 s + z). So Q4_0 and Q8_0 keep their exact values up to the rounding of d to bfloat16
   (zeros 0 and 8 s are exact), Q4_1 / Q4_K / Q5_1 / Q5_K also round the zero. Bytes per value:
   0.625 a plane (Q4_1's own size; Q8_0: 1.25 against its 1.0625).
-  Packed layout (torch 2.13's, checked against torch's own converter once per process, which
-  is used should they differ): uint8 [N / 64, K, 32], byte (b, k, j) = v[64 b + j, k] |
-  v[64 b + 32 + j, k] << 4; scale_zeros bfloat16 [K / 32, N, 2]. N is padded to a multiple of
-  64 (scale = zero = 0: the padded rows are zeros, sliced off). Activations go in as bfloat16
-  and results come out in bfloat16 (the CPU kernel's float32 path is a slow fallback: 11 ms
-  against 26 us for a 1536 x 576 mat-vec); results are widened to float32 at once. All planes
+  Packed layout (torch 2.13's; B = 64 rows a block where its kernel runs AVX-512, 32 on AVX2,
+  found once per process by matching torch's own converter: `int4_block`): uint8 [N / B, K,
+  B / 2], byte (b, k, j) = v[B b + j, k] | v[B b + B / 2 + j, k] << 4; scale_zeros bfloat16
+  [K / 32, N, 2]. N is padded to a multiple of 64 (scale = zero = 0: the padded rows are
+  zeros, sliced off). Activations go in as bfloat16 and results come out in bfloat16 (the CPU
+  kernel's float32 path is a slow fallback: 11 ms against 26 us for a 1536 x 576 mat-vec);
+  results are widened to float32 at once. All planes
   of a model come from one allocation (`Arena`); weights a model merges are packed side by
   side (`pack_group`), so the merged weight is their form as it is.
 - `Int8Blocks`: the output projection in Q8_0 with a vocabulary's rows (its int8 values by
@@ -57,7 +58,7 @@ from kiln.weight import Weight
 GROUP = 32  # values per (scale, zero) group of the int4 planes
 REFINE_TOP = 32  # outputs of the output projection recomputed exactly per row
 REFINE_VALUES = 1 << 20  # exact weight values made per pass of that (4 MB)
-ROW_ALIGN = 64  # torch's int4 packing interleaves blocks of 64 output rows
+ROW_ALIGN = 64  # rows a weight is padded to: a multiple of every int4_block()
 PACK_VALUES = 1 << 20  # values packed per chunk at load: bounds the temporaries (a few MB)
 DEQUANT_VALUES = 1 << 20  # values dequantized per chunk by Dequant (4 MB of float32)
 
@@ -236,12 +237,13 @@ class Int4Planes:
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """float32 [len(idx), k]: rows of the exact weights (s q + z, as the reference up to
         float32 rounding), q read from the planes."""
-        block, j = idx // ROW_ALIGN, idx % ROW_ALIGN
-        high = (j >= ROW_ALIGN // 2)[:, None]
-        col = j % (ROW_ALIGN // 2)
+        rows = int4_block()
+        block, j = idx // rows, idx % rows
+        high = (j >= rows // 2)[:, None]
+        col = j % (rows // 2)
         q = None
         for packed, _ in self.planes:
-            b = packed.view(-1, self.k, ROW_ALIGN // 2)[block, :, col]  # [R, k]
+            b = packed.view(-1, self.k, rows // 2)[block, :, col]  # [R, k]
             v = torch.where(high, b >> 4, b & 0x0F).to(torch.int32) - 8
             q = v if q is None else q * 16 + (v + 8)  # two planes: 16 h + l
         s, z = self.exact
@@ -292,9 +294,9 @@ class Int4Planes:
 
 def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
     """torch's CPU int4 packing uint8 [n_pad, k / 2] -> uint8 [n_pad, k] of the values."""
-    n_pad = packed.shape[0]
-    b = packed.reshape(n_pad // ROW_ALIGN, k, ROW_ALIGN // 2)
-    v = torch.cat([b & 0x0F, b >> 4], dim=-1)  # [n_pad / 64, k, 64]
+    n_pad, rows = packed.shape[0], int4_block()
+    b = packed.reshape(n_pad // rows, k, rows // 2)
+    v = torch.cat([b & 0x0F, b >> 4], dim=-1)  # [n_pad / rows, k, rows]
     return v.transpose(1, 2).reshape(n_pad, k)
 
 
@@ -506,7 +508,12 @@ def pack(w: Weight, arena: Arena | None = None, exact: bool = False) -> object:
 
 def packable(w: Weight) -> bool:
     """Whether a 2-D weight becomes Int4Planes."""
-    return w.qtype in _AFFINE and int4pack_available() and w.shape[-1] % GROUP == 0
+    return (
+        w.qtype in _AFFINE
+        and int4pack_available()
+        and int4_block() is not None
+        and w.shape[-1] % GROUP == 0
+    )
 
 
 def n_planes(qtype: Q) -> int:
@@ -626,30 +633,41 @@ def _pack_into(raw: torch.Tensor, qtype: Q, n: int, k: int, planes, exact: bool 
 
 
 def pack_int4(v: torch.Tensor) -> torch.Tensor:
-    """v: uint8 [R, k] of 0..15 (R a multiple of 64) -> torch's CPU int4 packing [R, k / 2]:
-    byte (b, c, j) of [R / 64, k, 32] = v[64 b + j, c] | v[64 b + 32 + j, c] << 4. Built here
-    with uint8 ops (torch's converter wants int32 values: 4x the temporaries); checked against
-    torch's converter once per process, which is used instead should they differ."""
-    if not _layout_checked():
-        return torch._convert_weight_to_int4pack_for_cpu(v.to(torch.int32), 2)
+    """v: uint8 [R, k] of 0..15 (R a multiple of ROW_ALIGN) -> torch's CPU int4 packing [R, k / 2]
+    with B = int4_block() rows a block: byte (b, c, j) of [R / B, k, B / 2] = v[B b + j, c] |
+    v[B b + B / 2 + j, c] << 4. Built here with uint8 ops (torch's converter wants int32
+    values: 4x the temporaries)."""
     r, k = v.shape
-    b = v.reshape(r // ROW_ALIGN, 2, ROW_ALIGN // 2, k)
-    pairs = b[:, 0] | (b[:, 1] << 4)  # [R / 64, 32, k]
+    rows = int4_block()
+    b = v.reshape(r // rows, 2, rows // 2, k)
+    pairs = b[:, 0] | (b[:, 1] << 4)  # [R / B, B / 2, k]
     return pairs.transpose(1, 2).reshape(r, k // 2)
 
 
-_LAYOUT_OK: bool | None = None
+_INT4_BLOCK: int | None = None
 
 
-def _layout_checked() -> bool:
-    global _LAYOUT_OK
-    if _LAYOUT_OK is None:
-        g = torch.Generator().manual_seed(0)
-        v = torch.randint(0, 16, (2 * ROW_ALIGN, 3 * GROUP), generator=g, dtype=torch.int32)
-        ours = v.to(torch.uint8).reshape(2, 2, ROW_ALIGN // 2, 3 * GROUP)
-        ours = (ours[:, 0] | (ours[:, 1] << 4)).transpose(1, 2).reshape(2 * ROW_ALIGN, -1)
-        _LAYOUT_OK = torch.equal(ours, torch._convert_weight_to_int4pack_for_cpu(v, 2))
-    return _LAYOUT_OK
+def int4_block() -> int | None:
+    """The output rows torch's CPU int4 packing interleaves on this machine: its kernel's block
+    of N, 64 where it runs AVX-512 and 32 on AVX2 (torch 2.13). Found once per process by
+    matching torch's own converter (`_convert_weight_to_int4pack_for_cpu`); None when neither
+    layout matches (another torch or CPU): then nothing is packed for that kernel (packable),
+    since the planes could not be read back (rows, dense)."""
+    global _INT4_BLOCK
+    if _INT4_BLOCK is None:
+        _INT4_BLOCK = 0
+        if hasattr(torch, "_convert_weight_to_int4pack_for_cpu"):
+            g = torch.Generator().manual_seed(0)
+            n, k = 2 * ROW_ALIGN, 3 * GROUP
+            v = torch.randint(0, 16, (n, k), generator=g, dtype=torch.int32)
+            theirs = torch._convert_weight_to_int4pack_for_cpu(v, 2)
+            for rows in (64, 32):  # ROW_ALIGN is a multiple of both
+                ours = v.to(torch.uint8).reshape(n // rows, 2, rows // 2, k)
+                ours = (ours[:, 0] | (ours[:, 1] << 4)).transpose(1, 2).reshape(n, k // 2)
+                if torch.equal(ours, theirs):
+                    _INT4_BLOCK = rows
+                    break
+    return _INT4_BLOCK or None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -666,6 +684,42 @@ def trim_heap() -> None:
             ctypes.CDLL(None).malloc_trim(0)
         except (AttributeError, OSError):  # not glibc
             pass
+
+
+def release_code_pages() -> int:
+    """Drop the resident pages of this process's clean executable file mappings (the shared
+    libraries' code: torch's above all) -> bytes of mappings advised. The load runs torch kernels
+    the model never runs again (unpacking, packing, checks: about 17 MB of libtorch_cpu's code
+    for the demo model), and importing torch touches about 90 MB of code once: the kernel keeps
+    them resident until memory runs short. Dropped, a page that is used again is mapped again
+    from the page cache on its next use (a minor fault). Only r-xp mappings with no private
+    dirty page are touched (code the dynamic linker never patched): their pages are the
+    file's, so dropping them loses nothing."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    ranges, current, clean = [], None, False
+    try:
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                head = line.split(maxsplit=5)
+                if "-" in head[0] and len(head) >= 5 and ":" not in head[0]:
+                    if current is not None and clean:
+                        ranges.append(current)
+                    code = len(head) == 6 and head[1] == "r-xp" and head[5].startswith("/")
+                    current = tuple(int(x, 16) for x in head[0].split("-")) if code else None
+                    clean = True
+                elif current is not None and head[0] in ("Private_Dirty:", "Anonymous:"):
+                    clean = clean and head[1] == "0"
+        if current is not None and clean:
+            ranges.append(current)
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return 0
+    advised = 0
+    for lo, hi in ranges:
+        if libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED) == 0:
+            advised += hi - lo
+    return advised
 
 
 def scan_file_mappings() -> None:

@@ -253,7 +253,9 @@ class Scheduler:
                     or self._incoming
                     or self._calls
                     or self._running
-                    or any(r.handle.cancelled for r in self._waiting)
+                    # a request held back for KV blocks (or cancelled while it waited): when the
+                    # last running one has finished, nothing else would wake the loop for it
+                    or self._waiting
                 ):
                     self._cond.wait()
                 if self._closed:

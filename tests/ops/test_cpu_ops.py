@@ -18,6 +18,8 @@ A real error (a wrong nibble, group, scale or head) is of the order of A itself.
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from gguf.constants import GGMLQuantizationType as Q
@@ -371,11 +373,28 @@ def test_release_pages_touches_only_file_mappings(tmp_path):
     mapped = torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="c"))
     assert torch.equal(mapped, data)  # every page read in
     cpu_pack.scan_file_mappings()
-    import sys
-
     if sys.platform.startswith("linux"):
         assert cpu_pack.release_pages(mapped)
     assert torch.equal(mapped, data)  # read again from the file
+
+
+def _rss_file_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssFile:"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc and madvise")
+def test_release_code_pages_gives_code_back_and_everything_still_runs():
+    x = torch.randn(64, 96)
+    expected = (x @ x.t()).softmax(-1)
+    before = _rss_file_kib()
+    assert cpu_pack.release_code_pages() > 0
+    # torch's code (tens of MB resident after import) is no longer resident...
+    assert _rss_file_kib() < before - 8 * 1024
+    # ...and comes back on use: the same kernels give the same results
+    assert torch.equal((x @ x.t()).softmax(-1), expected)
+    w = torch.arange(12.0).view(3, 4)
+    assert torch.equal(w.sum(0), torch.tensor([12.0, 15.0, 18.0, 21.0]))
 
 
 @pytest.mark.parametrize("qtype", PLANE_FORMATS, ids=lambda q: q.name)

@@ -147,6 +147,26 @@ def test_a_failing_callback_or_a_cancel_touches_no_other_request(stories_model, 
         s.close()
 
 
+def test_a_request_held_back_for_blocks_runs_when_the_running_one_ends(stories_model):
+    """Two usable KV blocks: a request that arrives while another runs waits for blocks, and is
+    admitted once that one has finished (the loop used to sleep with it still waiting)."""
+    llm = _llm(stories_model, n_seq=2, n_ctx=64)
+    assert llm.engine.pool.max_blocks - 1 == 2
+    s = Scheduler(llm.engine, llm.tokenizer)
+    try:
+        prompt = llm.encode_prompt("Once upon a time")
+        a, b = Collector(), Collector()
+        s.submit(prompt, SamplingParams(temperature=0, max_tokens=48, ignore_eos=True), a)
+        while a.tokens < 1:
+            time.sleep(0.001)
+        s.submit(prompt, GREEDY, b)
+        assert a.wait().error is None and a.tokens == 48
+        assert b.wait().error is None
+        assert b.text == a.text[: len(b.text)]  # greedy: the same start
+    finally:
+        s.close()
+
+
 def test_refusals(stories_model):
     llm = _llm(stories_model, n_seq=1, n_ctx=256)
     s = Scheduler(llm.engine, llm.tokenizer, max_queue=1)

@@ -59,6 +59,7 @@ class Outcome:
     status: int | None = None  # HTTP status (None: no answer / transport error)
     finish: str | None = None
     completion_tokens: int | None = None
+    prompt_tokens: int | None = None  # from the usage chunk, when the server sent one
     cancelled: bool = False  # the client closed the stream before its end
     error_shaped: bool = False  # the body was {"error": {"message": ...}}
     error: str | None = None  # transport or protocol error
@@ -81,8 +82,10 @@ def rss_mib(pid: int | str = "self") -> float:
     raise RuntimeError(f"no VmRSS in /proc/{pid}/status")
 
 
-def start_server(args) -> Server:
-    """`kiln serve` in this process: uvicorn in a thread on a free loopback port."""
+def start_server(args, max_queue: int | None = None) -> Server:
+    """`kiln serve` in this process: uvicorn in a thread on a free loopback port (args: model,
+    device, backend, ctx, ubatch, parallel, and optional chat_template; the queue holds
+    max_queue requests, by default args.requests)."""
     import uvicorn
 
     import kiln
@@ -93,13 +96,14 @@ def start_server(args) -> Server:
         args.model, device=args.device, backend=args.backend, n_ctx=args.ctx,
         ubatch=args.ubatch, n_seq=args.parallel, verbose=False,
     )  # fmt: skip
-    template = args.chat_template
+    template = getattr(args, "chat_template", None)
     if template is None:
         try:
             llm.encode_chat([{"role": "user", "content": "hi"}])
         except KilnError:  # a model without a chat template (stories260K): a plain one
             template = PLAIN_TEMPLATE
-    app = create_app(llm, max_queue=max(args.requests, 1), chat_template=template)
+    max_queue = max(args.requests if max_queue is None else max_queue, 1)
+    app = create_app(llm, max_queue=max_queue, chat_template=template)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -194,6 +198,7 @@ async def one(client: httpx.AsyncClient, item: dict) -> Outcome:
                     continue
                 if chunk.get("usage"):
                     o.completion_tokens = chunk["usage"].get("completion_tokens")
+                    o.prompt_tokens = chunk["usage"].get("prompt_tokens")
                 for c in chunk.get("choices", []):
                     text = c.get("text") if "text" in c else (c.get("delta") or {}).get("content")
                     if text:
@@ -305,15 +310,29 @@ def evaluate(outcomes: list[Outcome]) -> tuple[dict[str, int], list[str]]:
     return counts, failures
 
 
-def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_server_args(p: argparse.ArgumentParser, ctx, parallel, ctx_help, np_help) -> None:
+    """The flags naming the server to load: a running one (--url, --allow-remote) or kiln's,
+    started in this process (-m and its options; -c and -np default to ctx and parallel)."""
     p.add_argument("--url", default="http://127.0.0.1:8080", help="a running server")
     p.add_argument("-m", "--model", help="start a server in this process with this model")
     p.add_argument("--device", default="auto")
     p.add_argument("--backend", default="auto")
-    p.add_argument("-c", "--ctx", type=int, default=512, help="in-process context (512)")
-    p.add_argument("-np", "--parallel", type=int, default=16, help="in-process slots (16)")
+    p.add_argument("-c", "--ctx", type=int, default=ctx, help=ctx_help)
+    p.add_argument("-np", "--parallel", type=int, default=parallel, help=np_help)
     p.add_argument("-ub", "--ubatch", type=int, default=512)
+    p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --url")
+
+
+def check_url(p: argparse.ArgumentParser, args) -> None:
+    """Loopback only, unless --allow-remote (or -m: the server is this process's)."""
+    host = urlparse(args.url).hostname or ""
+    if not args.model and host not in LOOPBACK and not args.allow_remote:
+        p.error(f"--url {args.url} is not loopback: pass --allow-remote to load another host")
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_server_args(p, 512, 16, "in-process context (512)", "in-process slots (16)")
     p.add_argument(
         "--chat-template", help="in-process template (default: the model's, else a plain one)"
     )
@@ -321,7 +340,6 @@ def parse(argv):
         "--no-chat", dest="chat", action="store_false",
         help="text completions only (a server whose model has no chat template)",
     )  # fmt: skip
-    p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --url")
     p.add_argument("--requests", type=int, default=256)
     p.add_argument("--concurrency", type=int, default=256)
     p.add_argument("--cancel", type=float, default=0.10, help="fraction cut mid-stream")
@@ -342,9 +360,7 @@ def parse(argv):
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.timeout <= 0:
         p.error("--timeout must be > 0")
-    host = urlparse(args.url).hostname or ""
-    if not args.model and host not in LOOPBACK and not args.allow_remote:
-        p.error(f"--url {args.url} is not loopback: pass --allow-remote to load another host")
+    check_url(p, args)
     return args
 
 

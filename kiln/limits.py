@@ -60,11 +60,15 @@ def check_memory(need: int, device: torch.device | str, what: str, fix: str) -> 
     )
 
 
-def kv_cache_bytes(config, n_tokens: int, dtype: torch.dtype = torch.float32) -> int:
-    """Bytes of a KV cache of n_tokens positions (K and V of every layer)."""
-    per_token = config.n_head_kv * (config.head_dim + config.head_dim_v)
-    elem = torch.empty((), dtype=dtype).element_size()
-    return n_tokens * config.n_layer * per_token * elem
+def kv_cache_bytes(config, n_tokens: int, k_type=torch.float32, v_type=None) -> int:
+    """Bytes of a KV cache of n_tokens positions (K and V of every layer); k_type / v_type: the
+    cache types (a float dtype, a name or a kiln.quant.kv.KVCacheType; V: K's when None)."""
+    from kiln.quant.kv import cache_type
+
+    k = cache_type(k_type)
+    v = k if v_type is None else cache_type(v_type)
+    per_token = config.n_head_kv * (k.row_bytes(config.head_dim) + v.row_bytes(config.head_dim_v))
+    return n_tokens * config.n_layer * per_token
 
 
 def check_context(n_tokens: int, n_ctx_train: int, what: str, fix: str) -> None:

@@ -34,6 +34,9 @@ class LLM:
         physical cores this process may run on.
     n_seq: the most sequences decoded at once (a list of prompts given to generate() or chat()
         runs as batches of up to n_seq); the KV cache grows as they need it.
+    cache_type_k, cache_type_v: the K and V cache types, as llama.cpp's -ctk / -ctv: "f32",
+        "f16", "bf16", "q8_0", "q4_0" (blocks of 32 along the head: the head size must be a
+        multiple of 32); default: f16 on the triton backend, f32 on the CPU backends.
 
     generate() and chat() take one prompt / conversation, or a list of them run as one batch
     (each with its own parameters: pass a list of SamplingParams), and return Completions in
@@ -56,17 +59,23 @@ class LLM:
         verbose: bool = True,
         threads: int | None = None,
         n_seq: int = 8,
+        cache_type_k: str | None = None,
+        cache_type_v: str | None = None,
     ):
         from kiln.gguf import read_gguf
         from kiln.hub import resolve_model
         from kiln.models import build_model
         from kiln.ops.cpu import set_threads
+        from kiln.quant.kv import cache_type
         from kiln.runtime.engine import Engine, PromptCache
         from kiln.tokenizer import Tokenizer
 
         _check_model_args(model, n_ctx, ubatch, backend, fusions)
         if isinstance(n_seq, bool) or not isinstance(n_seq, numbers.Integral) or n_seq < 1:
             raise UsageError(f"n_seq must be an integer >= 1, got {n_seq!r}")
+        for name, value in (("cache_type_k", cache_type_k), ("cache_type_v", cache_type_v)):
+            if value is not None:  # a bad name fails before a model is fetched
+                cache_type(value, f"{name} (-ct{name[-1]})")
         self.threads = set_threads(threads)
         self.device = pick_device(device)  # a bad device fails before a model is fetched
         self.path = resolve_model(model)
@@ -84,7 +93,14 @@ class LLM:
                 f"{self.path.name} was trained on"
             )
         self.model = build_model(self.gguf, self.device, backend=backend, fusions=fusions)
-        self.engine = Engine(self.model, n_ctx=n_ctx, ubatch=ubatch, n_seq=int(n_seq))
+        self.engine = Engine(
+            self.model,
+            n_ctx=n_ctx,
+            ubatch=ubatch,
+            n_seq=int(n_seq),
+            cache_type_k=cache_type_k,
+            cache_type_v=cache_type_v,
+        )
         self.prompt_cache = PromptCache(self.engine)  # the conversation of chat()
         if verbose:
             size = self.path.stat().st_size / 1e6

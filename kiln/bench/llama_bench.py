@@ -83,6 +83,8 @@ class BenchParams:
     warmup: bool = True
     fusions: tuple[Fusions, ...] = ((),)  # each a set of --fusion overrides, swept like -ub
     n_parallel: tuple[int, ...] = DEFAULT_N_PARALLEL  # -npl: sequences decoded together
+    type_k: tuple[str | None, ...] = (None,)  # -ctk: K cache types (None: the backend's)
+    type_v: tuple[str | None, ...] = (None,)  # -ctv: V cache types
 
 
 Fusions = tuple[tuple[str, bool], ...]  # (name, on) overrides, hashable
@@ -98,6 +100,8 @@ class TestInstance:
     n_ubatch: int
     fusions: Fusions = ()
     n_parallel: int = 1  # B: sequences run together, each with these sizes
+    type_k: str | None = None  # the K / V cache types (kiln/quant/kv.py; None: the backend's)
+    type_v: str | None = None
 
     @property
     def fusion_label(self) -> str:
@@ -204,6 +208,16 @@ def parse_parallel(values: Iterable[str] | None) -> tuple[int, ...]:
     return out
 
 
+def parse_cache_types(values: Iterable[str] | None, flag: str) -> tuple[str | None, ...]:
+    """-ctk / -ctv: cache type names, a list flag like -ub (default: the backend's type)."""
+    from kiln.quant.kv import cache_type
+
+    if not values:
+        return (None,)
+    names = [v.strip() for value in values for v in str(value).split(",")]
+    return tuple(cache_type(n, f"cache type for {flag}").name for n in names)
+
+
 def parse_output(value: str | None) -> str:
     value = "md" if value is None else value
     if value not in FORMATS:
@@ -223,23 +237,24 @@ def parse_models(values: Iterable[str] | None, default: str) -> tuple[str, ...]:
 def instances(params: BenchParams) -> list[TestInstance]:
     """Every combination of the list values, in llama-bench's order (each model's tests
     together, so it loads once; then each fusion set's, so it builds once): model, fusions,
-    batch, ubatch, depth, then the pp, tg and pg tests, each for every -npl value (innermost, as
-    llama-batched-bench's pl: a test's batch sizes side by side); sizes of 0 are skipped."""
-    out = []
-    for m in params.models:
-        for fu in params.fusions:
-            for nb in params.n_batch:
-                for nub in params.n_ubatch:
-                    for nd in params.n_depth:
-                        tests = [(p, 0) for p in params.n_prompt if p > 0]
-                        tests += [(0, n) for n in params.n_gen if n > 0]
-                        tests += [(p, n) for p, n in params.n_pg if p > 0 or n > 0]
-                        out += [
-                            TestInstance(m, p, n, nd, nb, nub, fu, b)
-                            for p, n in tests
-                            for b in params.n_parallel
-                        ]
-    return out
+    batch, ubatch, K and V cache types, depth, then the pp, tg and pg tests, each for every -npl
+    value (innermost, as llama-batched-bench's pl: a test's batch sizes side by side); sizes of
+    0 are skipped."""
+    tests = [(p, 0) for p in params.n_prompt if p > 0]
+    tests += [(0, n) for n in params.n_gen if n > 0]
+    tests += [(p, n) for p, n in params.n_pg if p > 0 or n > 0]
+    return [
+        TestInstance(m, p, n, nd, nb, nub, fu, b, tk, tv)
+        for m in params.models
+        for fu in params.fusions
+        for nb in params.n_batch
+        for nub in params.n_ubatch
+        for tk in params.type_k
+        for tv in params.type_v
+        for nd in params.n_depth
+        for p, n in tests
+        for b in params.n_parallel
+    ]
 
 
 # -- results -------------------------------------------------------------------------------------
@@ -262,6 +277,8 @@ class TestResult:
     build_number: int = 0
     n_threads: int = 0
     kv_bytes_per_token: int = 0  # K and V of one position, every layer, as the cache stores them
+    type_k: str = ""  # the K / V cache types the test ran with (kiln/quant/kv.py names)
+    type_v: str = ""
 
     @property
     def test(self) -> str:
@@ -356,6 +373,8 @@ class TestResult:
             "n_prompt": i.n_prompt,
             "n_gen": i.n_gen,
             "n_depth": i.n_depth,
+            "type_k": self.type_k,
+            "type_v": self.type_v,
             "fusions": i.fusion_label,
             "test_time": self.test_time,
             "avg_ns": self.avg_ns,
@@ -399,7 +418,6 @@ class LoadedModel:
     n_vocab: int
     bos_id: int | None  # the prompt's first token when the model adds BOS
     fusions: Fusions = ()
-    kv_bytes_per_token: int = 0  # K and V of one position in the engine's cache dtype
 
 
 def load_model(
@@ -419,9 +437,7 @@ def build_loaded(
 ) -> LoadedModel:
     """A GGUFModel built for `device` with its bench facts (two builds of one GGUFModel share
     its raw weights)."""
-    from kiln.limits import kv_cache_bytes
     from kiln.models import build_model
-    from kiln.runtime.engine import kv_dtype
 
     meta = gguf.metadata
     add_bos = meta.get("tokenizer.ggml.add_bos_token", meta.get("tokenizer.ggml.model") == "llama")
@@ -438,7 +454,6 @@ def build_loaded(
         bytes_per_token=memory.model_bytes_per_token(gguf),
         n_vocab=gguf.config.n_vocab,
         bos_id=int(bos) if add_bos and bos is not None else None,
-        kv_bytes_per_token=kv_cache_bytes(gguf.config, 1, kv_dtype(model.ops.name)),
     )
 
 
@@ -486,7 +501,12 @@ class Runner:
         return loaded
 
     def new_result(self, lm: LoadedModel, inst: TestInstance) -> TestResult:
+        from kiln.limits import kv_cache_bytes
+        from kiln.runtime.engine import kv_cache_types
+
         dev = self.device
+        config = lm.model.config
+        k_type, v_type = kv_cache_types(lm.model.ops.name, config, inst.type_k, inst.type_v)
         return TestResult(
             inst=inst,
             model_filename=lm.filename,
@@ -502,7 +522,9 @@ class Runner:
             build_commit=self.git.short,
             build_number=self.git.number,
             n_threads=env.threads(),
-            kv_bytes_per_token=lm.kv_bytes_per_token,
+            kv_bytes_per_token=kv_cache_bytes(config, 1, k_type, v_type),
+            type_k=k_type.name,
+            type_v=v_type.name,
         )
 
     def session(self, lm: LoadedModel, inst: TestInstance, what: str = "") -> Session:
@@ -538,6 +560,8 @@ class Session:
             n_ctx=inst.n_ctx,
             ubatch=min(inst.n_batch, inst.n_ubatch),
             n_seq=inst.n_parallel,
+            cache_type_k=inst.type_k,
+            cache_type_v=inst.type_v,
         )
         self.seqs = [self.engine.new_sequence() for _ in range(inst.n_parallel)]
         self.cache = self.seqs[0]  # what on_timed is shown (B = 1: the only sequence)
@@ -653,7 +677,7 @@ def check_tests(tests: list[TestInstance], device: torch.device, backend: str = 
     (kiln.limits; a lower bound of what the test allocates)."""
     from kiln.limits import check_context, check_memory, gib, kv_cache_bytes
     from kiln.ops import resolve_backend
-    from kiln.runtime.engine import kv_dtype
+    from kiln.runtime.engine import kv_cache_types
 
     longest: dict[str, TestInstance] = {}
     largest: dict[str, TestInstance] = {}
@@ -662,9 +686,15 @@ def check_tests(tests: list[TestInstance], device: torch.device, backend: str = 
             longest[inst.model] = inst
         if inst.model not in largest or _pool_tokens(inst) > _pool_tokens(largest[inst.model]):
             largest[inst.model] = inst
-    dtype = kv_dtype(resolve_backend(backend, device))
+    backend = resolve_backend(backend, device)
     for value, inst in longest.items():
         facts = M.model_facts(value)
+        # every test's cache types against this model's head sizes and the backend
+        types = {(t.type_k, t.type_v) for t in tests if t.model == value}
+        widest = max(
+            (kv_cache_types(backend, facts.config, k, v) for k, v in types),
+            key=lambda kv: kv_cache_bytes(facts.config, 1, *kv),
+        )
         check_context(
             inst.n_ctx,
             facts.config.n_ctx_train,
@@ -672,7 +702,7 @@ def check_tests(tests: list[TestInstance], device: torch.device, backend: str = 
             "lower -d, -p, -n or -pg (a test's context is its depth + prompt + generated tokens)",
         )
         inst = largest[value]
-        kv = kv_cache_bytes(facts.config, _pool_tokens(inst), dtype)
+        kv = kv_cache_bytes(facts.config, _pool_tokens(inst), *widest)
         seqs = f"{inst.n_parallel} x " if inst.n_parallel != 1 else ""
         check_memory(
             facts.weight_bytes + kv,
@@ -797,6 +827,10 @@ def md_columns(params: BenchParams, device: torch.device) -> list[MdColumn]:
         width = max(len("fusion"), *(len(TestInstance("", 0, 0, 0, 0, 0, f).fusion_label)
                                      for f in params.fusions))  # fmt: skip
         cols.append(MdColumn("fusions", "fusion", -width))
+    if params.type_k != (None,):
+        cols.append(MdColumn("type_k", "type_k", 6))
+    if params.type_v != (None,):
+        cols.append(MdColumn("type_v", "type_v", 6))
     if any(b != 1 for b in params.n_parallel):
         cols.append(MdColumn("n_parallel", "npl", 4))
     return cols + _MD_TAIL
@@ -813,6 +847,8 @@ def md_cells(r: TestResult) -> dict[str, str]:
         "n_batch": str(r.inst.n_batch),
         "n_ubatch": str(r.inst.n_ubatch),
         "fusions": r.inst.fusion_label,
+        "type_k": r.type_k,
+        "type_v": r.type_v,
         "n_parallel": str(r.inst.n_parallel),
         "test": r.test,
         "t/s": f"{r.avg_ts:.2f} ± {r.stddev_ts:.2f}",

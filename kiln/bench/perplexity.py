@@ -186,7 +186,8 @@ def engine_for(llm: LLM, n_ctx: int) -> Engine:
         )
     from kiln.runtime.engine import Engine
 
-    return Engine(llm.model, n_ctx=n_ctx, ubatch=llm.engine.ubatch)
+    k, v = llm.engine.cache_types
+    return Engine(llm.model, n_ctx=n_ctx, ubatch=llm.engine.ubatch, cache_type_k=k, cache_type_v=v)
 
 
 def scored_logits(

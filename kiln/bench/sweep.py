@@ -186,10 +186,12 @@ def load_engine(
     n_ctx: int | None = None,
     ubatch: int = DEFAULT_UBATCH,
     fusions: dict[str, bool] | None = None,
+    cache_types: tuple[str | None, str | None] = (None, None),
 ) -> tuple[Engine, str]:
     """(the Engine a sweep runs on, the model's name) for a -m value: a GGUF path, a known model
     name, or synthetic:PRESET:TYPE[:LAYERS] built on the device (kiln.bench.models, shared with
-    kiln bench). n_ctx defaults to min(4096, the model's trained context)."""
+    kiln bench). n_ctx defaults to min(4096, the model's trained context); cache_types: -ctk,
+    -ctv (None: the backend's default)."""
     from kiln.bench.models import check_model_value, is_synthetic, load_gguf
     from kiln.llm import pick_device
     from kiln.models import build_model
@@ -205,11 +207,11 @@ def load_engine(
         raise UsageError(f"-c {n_ctx} exceeds the {n_train} tokens {name} was trained on")
     from kiln.limits import check_memory, gib, kv_cache_bytes
     from kiln.ops import resolve_backend
-    from kiln.runtime.engine import kv_dtype
+    from kiln.runtime.engine import kv_cache_types
 
     # the sweep fills the whole context
-    dtype = kv_dtype(resolve_backend(backend, dev))
-    kv = kv_cache_bytes(gguf_model.config, n_ctx, dtype)
+    k_type, v_type = kv_cache_types(resolve_backend(backend, dev), gguf_model.config, *cache_types)
+    kv = kv_cache_bytes(gguf_model.config, n_ctx, k_type, v_type)
     # a synthetic model is already in memory; a file's weights are about to be loaded
     weights = 0 if is_synthetic(spec) else gguf_model.tensor_bytes
     check_memory(
@@ -219,7 +221,8 @@ def load_engine(
         "lower -c or use a smaller model",
     )
     model = build_model(gguf_model, dev, backend=backend, fusions=fusions)
-    return Engine(model, n_ctx=n_ctx, ubatch=ubatch), name
+    engine = Engine(model, n_ctx=n_ctx, ubatch=ubatch, cache_type_k=k_type, cache_type_v=v_type)
+    return engine, name
 
 
 # -- output: sweep-bench's table and JSON lines ---------------------------------------------------

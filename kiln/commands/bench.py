@@ -5,6 +5,7 @@
     kiln bench -m synthetic:qwen3-8b:q4_k_m -n 128 -p 0 --fusion qkv_norm_rope=0,1
     kiln bench -m synthetic:qwen3-0.6b:q8_0 -n 128 -p 0 --record   # append to bench/history.jsonl
     kiln bench -m synthetic:qwen3-8b:q4_k_m -p 0 -n 128 -npl 1,2,4,8   # batched decode
+    kiln bench -p 0 -n 128 -d 0,4096 -ctk f16,q8_0 -ctv f16,q8_0 --device cpu  # cache types
 
 Every combination of the list flags' values is one test; the table goes to stdout, progress to
 stderr. See docs/benchmarking.md for the method.
@@ -17,6 +18,7 @@ import argparse
 from kiln.cli import command
 from kiln.commands.common import (
     BACKEND_HELP,
+    add_cache_type_args,
     add_llama_cpp_flags,
     add_threads_arg,
     apply_threads,
@@ -103,6 +105,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"parallel sequences, each with the test's sizes, decoded together; t/s is the "
         f"aggregate (llama-batched-bench's -npl) {LIST_HELP} (default 1)",
     )
+    add_cache_type_args(p, more=" (list: f16,q8_0)")
     p.add_argument("-o", "--output", metavar="FMT", help="md (default), csv, json or jsonl")
     p.add_argument(
         "--record",
@@ -137,6 +140,8 @@ def bench_params(args: argparse.Namespace):
         warmup=not args.no_warmup,
         fusions=tuple(tuple(c.items()) for c in parse_sweep(args.fusion)),
         n_parallel=B.parse_parallel(args.n_parallel),
+        type_k=B.parse_cache_types(args.cache_type_k, "-ctk"),
+        type_v=B.parse_cache_types(args.cache_type_v, "-ctv"),
     )
 
 

@@ -46,6 +46,7 @@ def add_model_args(
     )
     add_backend_args(p)
     add_threads_arg(p)
+    add_cache_type_args(p)
     add_llama_cpp_flags(p)
 
 
@@ -54,6 +55,34 @@ def add_threads_arg(p: argparse.ArgumentParser) -> None:
         "-t", "--threads", type=int, default=None, metavar="N",
         help="CPU threads (torch's intra-op threads; default: the physical cores)",
     )  # fmt: skip
+
+
+CACHE_TYPE_HELP = (
+    "{which} cache type, as llama.cpp's -ct{w}: f32, f16, bf16, q8_0, q4_0 (q8_0/q4_0: blocks of "
+    "32 along the head; default: f16 on the triton backend, f32 on the CPU){more}"
+)
+
+
+def add_cache_type_args(p: argparse.ArgumentParser, more: str = "") -> None:
+    """-ctk / -ctv (kiln/quant/kv.py's types); values are checked where the engine is built
+    (`more`: how a list is given, for kiln bench, which passes action="append")."""
+    for which, w in (("K", "k"), ("V", "v")):
+        p.add_argument(
+            f"-ct{w}", f"--cache-type-{w}", metavar="TYPE",
+            action="append" if more else "store",
+            help=CACHE_TYPE_HELP.format(which=which, w=w, more=more),
+        )  # fmt: skip
+
+
+def check_cache_types(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """-ctk, -ctv as given (None: the backend's default), each name checked before a model
+    loads (UsageError naming the valid types)."""
+    from kiln.quant.kv import cache_type
+
+    for flag, value in (("-ctk", args.cache_type_k), ("-ctv", args.cache_type_v)):
+        if value is not None:
+            cache_type(value, f"cache type for {flag}")
+    return args.cache_type_k, args.cache_type_v
 
 
 def apply_threads(args: argparse.Namespace) -> int:
@@ -246,5 +275,7 @@ def load_llm(args: argparse.Namespace, **options):
         backend=args.backend,
         fusions=parse_overrides(args.fusion),
         threads=getattr(args, "threads", None),
+        cache_type_k=args.cache_type_k,
+        cache_type_v=args.cache_type_v,
         **options,
     )

@@ -96,6 +96,8 @@ def _load(args: argparse.Namespace, n_ctx: int):
         backend=args.backend,
         fusions=parse_overrides(args.fusion),
         threads=args.threads,
+        cache_type_k=args.cache_type_k,
+        cache_type_v=args.cache_type_v,
     )
 
 

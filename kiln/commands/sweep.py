@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from kiln.cli import command
-from kiln.commands.common import add_model_args, apply_threads
+from kiln.commands.common import add_model_args, apply_threads, check_cache_types
 from kiln.errors import UsageError
 from kiln.fusion import parse_overrides
 
@@ -85,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
     # every flag and file is checked before the model loads
     S.check_sweep_args(args.ctx_size, args.ubatch, args.n_gen)
     check_model_value(args.model)
+    cache_types = check_cache_types(args)
     overlays = []
     if args.plot:
         plots.require_matplotlib()
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     fusions = parse_overrides(args.fusion)
     engine, name = S.load_engine(
-        args.model, args.device, args.backend, args.ctx_size, args.ubatch, fusions
+        args.model, args.device, args.backend, args.ctx_size, args.ubatch, fusions, cache_types
     )
     _info(f"sweep: loaded in {time.perf_counter() - start:.1f} s")
     n_gen = args.n_gen if args.n_gen is not None else S.default_n_gen(args.ubatch)

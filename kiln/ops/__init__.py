@@ -113,6 +113,14 @@ def loaded(backend: str) -> None:
         module.loaded()
 
 
+def check_kv_cache_types(backend: str, k_type, v_type) -> None:
+    """UsageError when the backend's attention cannot read a K / V cache of these types
+    (kiln.quant.kv.KVCacheType); the torch and cpu backends read every type."""
+    module = _backend(backend)
+    if hasattr(module, "check_kv_cache_types"):
+        module.check_kv_cache_types(k_type, v_type)
+
+
 def weight_fallbacks(backend: str, weights: dict) -> list[tuple[str, object]]:
     """(name, type) of the weights ({name: GGML type}) a backend's kernels do not read: they run
     the reference (a whole-weight dequantization per call). Decided by type alone."""
@@ -160,4 +168,11 @@ def get_ops(backend: str, fused: dict[str, bool] | None = None) -> OpSet:
     )
 
 
-__all__ = ["BACKEND_NAMES", "OP_NAMES", "OpSet", "get_ops", "resolve_backend"]
+__all__ = [
+    "BACKEND_NAMES",
+    "OP_NAMES",
+    "OpSet",
+    "check_kv_cache_types",
+    "get_ops",
+    "resolve_backend",
+]

@@ -35,6 +35,7 @@ from gguf.constants import GGMLQuantizationType
 
 from kiln.errors import UsageError
 from kiln.ops import cpu_pack, reference
+from kiln.quant.kv import write_rows
 from kiln.weight import Weight
 
 
@@ -261,8 +262,8 @@ def qkv_norm_rope(
     else:
         q = rope(q, positions, freqs, neox)
         k = rope(k, positions, freqs, neox)
-    k_cache.index_copy_(0, slots, k if k.dtype == k_cache.dtype else k.to(k_cache.dtype))
-    v_cache.index_copy_(0, slots, v if v.dtype == v_cache.dtype else v.to(v_cache.dtype))
+    write_rows(k_cache, slots, k)
+    write_rows(v_cache, slots, v)
     return q
 
 
@@ -339,8 +340,10 @@ def _one_query(q, k, v, length: int, scale: float) -> torch.Tensor:
     if length != k.shape[0]:
         k, v = k[:length], v[:length]
     q = q.reshape(n_kv, n_head // n_kv, d)
-    if k.dtype != torch.float32:
-        k, v = k.float(), v.float()
+    if k.dtype != torch.float32:  # f16/bf16 or quantized rows (kiln/quant/kv.py) -> float32
+        k = k.float()
+    if v.dtype != torch.float32:
+        v = v.float()
     if q.dtype != torch.float32:
         q = q.float()
     scores = torch.baddbmm(_ZERO, q, k.permute(1, 2, 0), beta=0, alpha=scale)  # [Hkv, G, S]

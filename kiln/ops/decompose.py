@@ -10,6 +10,7 @@ from collections.abc import Callable
 from types import SimpleNamespace
 
 from kiln.ops import reference
+from kiln.quant.kv import write_rows
 
 
 def unfused(name: str, ops: SimpleNamespace) -> Callable:
@@ -39,8 +40,8 @@ def _qkv_norm_rope(ops):
             q, k = ops.qk_norm(q, k, q_weight, k_weight, eps)
         q = ops.rope(q, positions, freqs, neox)
         k = ops.rope(k, positions, freqs, neox)
-        k_cache.index_copy_(0, slots, k.to(k_cache.dtype))
-        v_cache.index_copy_(0, slots, v.to(v_cache.dtype))
+        write_rows(k_cache, slots, k)
+        write_rows(v_cache, slots, v)
         return q
 
     return qkv_norm_rope

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kiln.quant.kv import write_rows
 from kiln.weight import Weight
 
 ROUTES: dict[str, str] = {}  # every op is the reference: the spec, on any device
@@ -81,9 +82,11 @@ def attention(
     """Causal attention of a ForwardBatch's T queries over the paged KV pool.
 
     q: [T, H, D]; k_pool: [S, Hkv, D]; v_pool: [S, Hkv, Dv] (the layer's pool, this step's K/V
-    already written); batch: kiln.runtime.batch.ForwardBatch (each sequence's queries are
-    contiguous; a key at position j is visible to a query at position p when j <= p) ->
-    f32 [T, H, Dv]. Reads the batch's host lengths: not capturable (prompts, the reference).
+    already written; a float tensor or kiln.quant.kv.QuantizedRows, whose rows read back
+    dequantized through .float()); batch: kiln.runtime.batch.ForwardBatch (each sequence's
+    queries are contiguous; a key at position j is visible to a query at position p when
+    j <= p) -> f32 [T, H, Dv]. Reads the batch's host lengths: not capturable (prompts, the
+    reference).
     """
     return per_sequence(
         q, k_pool, v_pool, batch, lambda qs, k, v, pos: causal(qs, k, v, pos, scale)
@@ -201,14 +204,15 @@ def qkv_norm_rope(
 
     q: [T, H, D], k: [T, Hkv, D], v: [T, Hkv, Dv] (views of a merged QKV result are fine);
     positions: int64 [T] (the rotation); slots: int64 [T] (distinct pool rows, see
-    attention_decode); k_cache: [S, Hkv, D], v_cache: [S, Hkv, Dv] -> q float32 [T, H, D].
+    attention_decode); k_cache: [S, Hkv, D], v_cache: [S, Hkv, Dv] (each in its cache type:
+    kiln.quant.kv.write_rows converts or quantizes the rows) -> q float32 [T, H, D].
     """
     if q_weight is not None:
         q, k = qk_norm(q, k, q_weight, k_weight, eps)
     q = rope(q, positions, freqs, neox)
     k = rope(k, positions, freqs, neox)
-    k_cache.index_copy_(0, slots, k.to(k_cache.dtype))
-    v_cache.index_copy_(0, slots, v.to(v_cache.dtype))
+    write_rows(k_cache, slots, k)
+    write_rows(v_cache, slots, v)
     return q
 
 

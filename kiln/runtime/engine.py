@@ -8,9 +8,11 @@
 
 On the triton backend the pool is f16 and starts at one full context (n_ctx tokens), decode
 batches run as CUDA graphs per batch-size bucket when the cuda_graphs fusion is on; the
-reference backends keep a float32 pool that grows as needed. The pool holds up to n_seq
-sequences of n_ctx tokens; sequences a PromptCache keeps for reuse are given back when it runs
-out.
+reference backends keep a float32 pool that grows as needed. cache_type_k / cache_type_v choose
+other K / V cache types (llama.cpp's -ctk / -ctv: f32, f16, bf16, q8_0, q4_0; kiln/quant/kv.py),
+checked against the model's head sizes and what the backend's attention reads. The pool holds
+up to n_seq sequences of n_ctx tokens; sequences a PromptCache keeps for reuse are given back
+when it runs out.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import torch
 
 from kiln.errors import UsageError
 from kiln.models.common import DecoderModel
+from kiln.ops import check_kv_cache_types
+from kiln.quant.kv import KVCacheType, cache_type
 from kiln.runtime.batch import build_batch
 from kiln.runtime.graphs import GraphRunner
 from kiln.runtime.kv_pool import DEFAULT_BLOCK_SIZE, KVPool, KVPoolFull, Sequence
@@ -32,6 +36,22 @@ def kv_dtype(backend: str) -> torch.dtype:
     return torch.float16 if backend == "triton" else torch.float32
 
 
+def kv_cache_types(
+    backend: str,
+    config,
+    cache_type_k: str | KVCacheType | None = None,
+    cache_type_v: str | KVCacheType | None = None,
+) -> tuple[KVCacheType, KVCacheType]:
+    """The K and V cache types of an engine: the given ones, else the backend's kv_dtype; a
+    UsageError for a name that is not a type or a type the backend's attention does not read
+    (the pool checks the head sizes: KVPool)."""
+    default = kv_dtype(backend)
+    k = cache_type(default if cache_type_k is None else cache_type_k, "K cache type (-ctk)")
+    v = cache_type(default if cache_type_v is None else cache_type_v, "V cache type (-ctv)")
+    check_kv_cache_types(backend, k, v)
+    return k, v
+
+
 class Engine:
     def __init__(
         self,
@@ -40,6 +60,8 @@ class Engine:
         ubatch: int = 512,
         n_seq: int = 1,
         block_size: int = DEFAULT_BLOCK_SIZE,
+        cache_type_k: str | KVCacheType | None = None,
+        cache_type_v: str | KVCacheType | None = None,
     ):
         if n_ctx <= 0:
             raise UsageError(f"the context size must be > 0, got {n_ctx}")
@@ -51,16 +73,18 @@ class Engine:
         self.config = model.config
         self.device = model.device
         static = model.ops.name == "triton"
+        self.cache_types = kv_cache_types(model.ops.name, self.config, cache_type_k, cache_type_v)
         self.pool = KVPool(
             self.config,
             n_ctx,
             n_seq,
             self.device,
-            kv_dtype(model.ops.name),
+            self.cache_types[0],
             block_size,
             # triton: one sequence's whole context (graphs see no growth at batch 1); else the
             # pool's default start
             initial_tokens=n_ctx if static else None,
+            v_type=self.cache_types[1],
         )
         graphs = static and model.policy.cuda_graphs and self.device.type == "cuda"
         self.graphs = GraphRunner(model, self.pool) if graphs else None

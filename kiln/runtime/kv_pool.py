@@ -1,12 +1,13 @@
 """The paged KV cache: one pool of fixed-size blocks per layer, shared by every sequence.
 
-Per layer the pool is K [S, Hkv, D] and V [S, Hkv, Dv] with S = n_blocks * block_size rows (f16
-on the GPU, float32 on the reference path). A `Sequence` owns a list of blocks: its position j
-lives in row blocks[j // block_size] * block_size + j % block_size (the token's "slot"). Blocks
-are allocated here and only here (the model never allocates; it writes the slots a ForwardBatch
-names), freed when a sequence is freed or truncated, and shared between forked sequences (a
-common prompt prefix) with a reference count: a sequence about to write into a shared block
-copies it first (copy-on-write), so a fork never changes its parent.
+Per layer the pool is K [S, Hkv, D] and V [S, Hkv, Dv] with S = n_blocks * block_size rows, each
+in its cache type (kiln/quant/kv.py: by default f16 on the GPU, float32 on the reference path;
+q8_0 / q4_0 store the rows as GGML blocks along the head, a QuantizedRows). A `Sequence` owns a
+list of blocks: its position j lives in row blocks[j // block_size] * block_size + j % block_size
+(the token's "slot"). Blocks are allocated here and only here (the model never allocates; it
+writes the slots a ForwardBatch names), freed when a sequence is freed or truncated, and shared
+between forked sequences (a common prompt prefix) with a reference count: a sequence about to
+write into a shared block copies it first (copy-on-write), so a fork never changes its parent.
 
 Block 0 is the scratch block: never given to a sequence, it is where the padded rows of a
 CUDA-graph batch bucket write and read (kiln/runtime/graphs.py).
@@ -23,6 +24,7 @@ import torch
 from kiln.config import ModelConfig
 from kiln.errors import UsageError
 from kiln.limits import check_memory, kv_cache_bytes
+from kiln.quant.kv import KVCacheType, QuantizedRows, cache_type
 
 SCRATCH_BLOCK = 0
 DEFAULT_BLOCK_SIZE = 64  # tokens per block (the Engine's default)
@@ -87,18 +89,25 @@ class KVPool:
         n_ctx: int,
         n_seq: int,
         device: torch.device,
-        dtype: torch.dtype = torch.float32,
+        k_type: torch.dtype | str | KVCacheType = torch.float32,
         block_size: int = DEFAULT_BLOCK_SIZE,
         initial_tokens: int | None = None,
+        v_type: torch.dtype | str | KVCacheType | None = None,
     ):
+        """k_type / v_type: the K and V cache types (kiln/quant/kv.py; V: K's when None)."""
         if block_size < 16 or block_size & (block_size - 1):
             raise UsageError(f"the KV block size must be a power of 2 >= 16, got {block_size}")
-        self.config, self.device, self.dtype = config, device, dtype
+        self.k_type = cache_type(k_type, "K cache type")
+        self.v_type = cache_type(k_type if v_type is None else v_type, "V cache type")
+        self.k_type.check_head_dim(config.head_dim, "K")
+        self.v_type.check_head_dim(config.head_dim_v, "V")
+        self.config, self.device = config, device
+        self.dtype = self.k_type.dtype  # the K rows' float dtype (None for a block type)
         self.n_ctx, self.n_seq, self.block_size = n_ctx, n_seq, block_size
         self.blocks_per_seq = -(-n_ctx // block_size)
         self.max_blocks = full_pool_rows(n_ctx, n_seq, block_size) // block_size
-        self.k: list[torch.Tensor] = []
-        self.v: list[torch.Tensor] = []
+        self.k: list[torch.Tensor | QuantizedRows] = []
+        self.v: list[torch.Tensor | QuantizedRows] = []
         self.n_blocks = 0
         self.refs: list[int] = []  # per block: sequences holding it (scratch: 1, never freed)
         self._free: list[int] = []  # free block ids, the lowest last (allocated first)
@@ -113,16 +122,16 @@ class KVPool:
     def _grow(self, n_blocks: int) -> None:
         c, rows = self.config, n_blocks * self.block_size
         check_memory(
-            kv_cache_bytes(c, rows, self.dtype),
+            kv_cache_bytes(c, rows, self.k_type, self.v_type),
             self.device,
-            f"a KV cache of {rows} tokens ({c.n_layer} layers, {self.dtype})",
+            f"a KV cache of {rows} tokens ({c.n_layer} layers, K {self.k_type.name}, "
+            f"V {self.v_type.name})",
             "use a smaller context (-c / n_ctx), fewer parallel sequences or fewer tokens",
         )
-        k_shape = (rows, c.n_head_kv, c.head_dim)
-        v_shape = (rows, c.n_head_kv, c.head_dim_v)
         old = self.n_blocks * self.block_size
-        new_k = [torch.zeros(k_shape, device=self.device, dtype=self.dtype) for _ in self.layers]
-        new_v = [torch.zeros(v_shape, device=self.device, dtype=self.dtype) for _ in self.layers]
+        heads, dev = c.n_head_kv, self.device
+        new_k = [self.k_type.allocate(rows, heads, c.head_dim, dev) for _ in self.layers]
+        new_v = [self.v_type.allocate(rows, heads, c.head_dim_v, dev) for _ in self.layers]
         for was, now in zip(self.k + self.v, new_k + new_v):
             now[:old] = was
         self.k, self.v = new_k, new_v

@@ -1,0 +1,148 @@
+"""KV-cache element types, llama.cpp's --cache-type-k / --cache-type-v: how one layer's K or V
+rows are stored, written and read back. `KVCacheType` is the one place that decides it (the
+tensors of a pool, bytes per token for the memory checks and the bench floor, the write, the
+read); the runtime's pool allocates through it, the ops write through `write_rows` and read a
+pool's rows back with `.float()`.
+
+The block types quantize each row of D values as it is written, in blocks of 32 along the head
+dimension, with ggml's reference quantizers (kiln/quant/legacy.py: quantize_row_q8_0_ref and
+quantize_row_q4_0_ref, bit-exact against the gguf package), and dequantize the rows attention
+reads to float32. Every backend that accepts a block type writes the same bytes.
+
+One layer's pool of S rows: f32 / f16 / bf16, a float tensor [S, Hkv, D] of that dtype; q8_0,
+uint8 [S, Hkv, D / 32 * 34] (D / 32 Q8_0 blocks a head); q4_0, uint8 [S, Hkv, D / 32 * 18].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from gguf.constants import GGMLQuantizationType
+
+from kiln.errors import UsageError
+from kiln.quant import dequantize, get_format, quantize
+
+
+@dataclass(frozen=True)
+class KVCacheType:
+    """One KV-cache element type: a float dtype, or a GGML block type (qtype)."""
+
+    name: str
+    dtype: torch.dtype | None = None
+    qtype: GGMLQuantizationType | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.qtype is not None
+
+    @property
+    def block_size(self) -> int:
+        """Values per block along a row (1 for the float types)."""
+        return get_format(self.qtype).block_size if self.quantized else 1
+
+    def row_bytes(self, dim: int) -> int:
+        """Bytes of one head's row of `dim` values."""
+        if self.quantized:
+            fmt = get_format(self.qtype)
+            return dim // fmt.block_size * fmt.type_size
+        return dim * torch.empty((), dtype=self.dtype).element_size()
+
+    def check_head_dim(self, dim: int, which: str) -> None:
+        """UsageError when rows of `dim` values cannot be stored in this type (`which`: "K" or
+        "V", for the message)."""
+        if dim % self.block_size:
+            fits = [t.name for t in CACHE_TYPES.values() if dim % t.block_size == 0]
+            raise UsageError(
+                f"a {self.name} {which} cache stores blocks of {self.block_size} values along "
+                f"the head, and this model's {which} head size is {dim}: use a {which} cache type "
+                f"of {', '.join(fits)} (--cache-type-{which.lower()}, cache_type_{which.lower()}=)"
+            )
+
+    def allocate(
+        self, rows: int, heads: int, dim: int, device: torch.device
+    ) -> torch.Tensor | QuantizedRows:
+        """A zeroed pool of `rows` rows of `heads` heads of `dim` values."""
+        if not self.quantized:
+            return torch.zeros((rows, heads, dim), device=device, dtype=self.dtype)
+        data = torch.zeros((rows, heads, self.row_bytes(dim)), device=device, dtype=torch.uint8)
+        return QuantizedRows(data, self, dim)
+
+
+CACHE_TYPES: dict[str, KVCacheType] = {
+    t.name: t
+    for t in (
+        KVCacheType("f32", dtype=torch.float32),
+        KVCacheType("f16", dtype=torch.float16),
+        KVCacheType("bf16", dtype=torch.bfloat16),
+        KVCacheType("q8_0", qtype=GGMLQuantizationType.Q8_0),
+        KVCacheType("q4_0", qtype=GGMLQuantizationType.Q4_0),
+    )
+}
+_BY_DTYPE = {t.dtype: t for t in CACHE_TYPES.values() if t.dtype is not None}
+
+
+def cache_type(value: str | torch.dtype | KVCacheType, what: str = "cache type") -> KVCacheType:
+    """A KVCacheType from its name (case-insensitive), a float dtype or itself; UsageError
+    naming the valid types otherwise (`what`: the option, for the message)."""
+    if isinstance(value, KVCacheType):
+        return value
+    if isinstance(value, torch.dtype) and value in _BY_DTYPE:
+        return _BY_DTYPE[value]
+    if isinstance(value, str) and value.lower() in CACHE_TYPES:
+        return CACHE_TYPES[value.lower()]
+    raise UsageError(f"unknown {what} {value!r}: use one of {', '.join(CACHE_TYPES)}")
+
+
+class QuantizedRows:
+    """A layer's K or V pool in a block type, with the row protocol the ops use on a float pool
+    tensor: `pool[rows]` and `pool.index_select(0, rows)` select rows (still quantized),
+    `.float()` dequantizes them to float32 [..., Hkv, D], `pool[rows] = other` copies rows (the
+    pool's growth and copy-on-write). Writes go through `write_rows`."""
+
+    __slots__ = ("data", "type", "dim")
+
+    def __init__(self, data: torch.Tensor, type: KVCacheType, dim: int):
+        self.data, self.type, self.dim = data, type, dim  # data: uint8 [..., Hkv, row_bytes]
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((*self.data.shape[:-1], self.dim))
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.data.dtype  # the storage's (uint8): never float32, so readers call float()
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+    def __getitem__(self, rows) -> QuantizedRows:
+        return QuantizedRows(self.data[rows], self.type, self.dim)
+
+    def __setitem__(self, rows, other: QuantizedRows) -> None:
+        assert other.type == self.type and other.dim == self.dim, "rows of another cache type"
+        self.data[rows] = other.data
+
+    def index_select(self, dim: int, rows: torch.Tensor) -> QuantizedRows:
+        assert dim == 0, "a KV pool selects rows only"
+        return QuantizedRows(self.data.index_select(0, rows), self.type, self.dim)
+
+    def float(self) -> torch.Tensor:
+        return dequantize(self.data, self.type.qtype, self.dim)
+
+    def write(self, slots: torch.Tensor, x: torch.Tensor) -> None:
+        """x: float [T, Hkv, D] quantized into rows `slots` (int64 [T])."""
+        self.data.index_copy_(0, slots, quantize(x, self.type.qtype))
+
+
+def write_rows(cache: torch.Tensor | QuantizedRows, slots: torch.Tensor, x: torch.Tensor) -> None:
+    """x: [T, Hkv, D] written into the pool rows `slots` (int64 [T], distinct) in the pool's
+    type: converted to a float pool's dtype, quantized into a block pool. No host sync."""
+    if isinstance(cache, QuantizedRows):
+        cache.write(slots, x)
+    else:
+        cache.index_copy_(0, slots, x if x.dtype == cache.dtype else x.to(cache.dtype))

@@ -37,7 +37,9 @@ against 70 us in float32 and 86 us in bfloat16 from a dense copy; per-channel in
 output projection take 2 x 1.6 ms against 4.1 ms for int8 per channel. For prompts (M = 512)
 int4pack is about 2x slower than a bfloat16 GEMM on a dense copy (11 ms against 5 ms) but
 dequantizing that copy per call costs about as much again (1.6-4.6 ms), so int4pack serves
-every M.
+every M. On AVX2 (no AVX-512) the same int4 kernel unpacks in software and runs at about 5 GB/s
+(3072 x 576, one row: 163 us), a third of the rate above, with no faster torch kernel for 4-bit
+weights (docs/performance.md, session 10).
 """
 
 from __future__ import annotations

@@ -17,9 +17,9 @@ No float32 copy of a quantized weight is kept. Each 2-D weight gets one of these
   [K / 32, N, 2]. N is padded to a multiple of 64 (scale = zero = 0: the padded rows are
   zeros, sliced off). Activations go in as bfloat16 and results come out in bfloat16 (the CPU
   kernel's float32 path is a slow fallback: 11 ms against 26 us for a 1536 x 576 mat-vec);
-  results are widened to float32 at once. All planes
-  of a model come from one allocation (`Arena`); weights a model merges are packed side by
-  side (`pack_group`), so the merged weight is their form as it is.
+  results are widened to float32 at once. All planes of a model come from one allocation
+  (`Arena`); weights a model merges are packed side by side (`pack_group`), so the merged
+  weight is their form as it is.
 - `Int8Blocks`: the output projection in Q8_0 with a vocabulary's rows (its int8 values by
   block of 32, `torch._weight_int8pack_mm` per block): 1.06 bytes a value instead of 1.25.
 - The output projection (either form) keeps its exact scales: each row's largest outputs are
@@ -639,8 +639,12 @@ def pack_int4(v: torch.Tensor) -> torch.Tensor:
     with B = int4_block() rows a block: byte (b, c, j) of [R / B, k, B / 2] = v[B b + j, c] |
     v[B b + B / 2 + j, c] << 4. Built here with uint8 ops (torch's converter wants int32
     values: 4x the temporaries)."""
+    return _interleave(v, int4_block())
+
+
+def _interleave(v: torch.Tensor, rows: int) -> torch.Tensor:
+    """pack_int4 with `rows` rows a block."""
     r, k = v.shape
-    rows = int4_block()
     b = v.reshape(r // rows, 2, rows // 2, k)
     pairs = b[:, 0] | (b[:, 1] << 4)  # [R / B, B / 2, k]
     return pairs.transpose(1, 2).reshape(r, k // 2)
@@ -664,9 +668,7 @@ def int4_block() -> int | None:
             v = torch.randint(0, 16, (n, k), generator=g, dtype=torch.int32)
             theirs = torch._convert_weight_to_int4pack_for_cpu(v, 2)
             for rows in (64, 32):  # ROW_ALIGN is a multiple of both
-                ours = v.to(torch.uint8).reshape(n // rows, 2, rows // 2, k)
-                ours = (ours[:, 0] | (ours[:, 1] << 4)).transpose(1, 2).reshape(n, k // 2)
-                if torch.equal(ours, theirs):
+                if torch.equal(_interleave(v.to(torch.uint8), rows), theirs):
                     _INT4_BLOCK = rows
                     break
     return _INT4_BLOCK or None

@@ -48,6 +48,15 @@ class MatmulConfig:
     num_warps: int
     num_stages: int  # software-pipelining depth of the K loop
     swap_ab: bool = True  # out^T = W @ x^T: the weight tile from registers (triton/matmul.py)
+    splits: int | None = None  # K ranges run by programs of their own; None: auto_splits
+
+
+# Programs a launch aims at with split-K (auto_splits): about 4 an SM of an H100.
+TARGET_PROGRAMS = 512
+# Split-K only serves decode-sized launches (M up to this): there a weight-streaming launch has
+# too few output tiles to keep an H100's 132 SMs reading (N = 4096 in tiles of 64 weight rows is
+# 64 programs); above, the row tiles fill the GPU and a split would only add its partial sums.
+SPLIT_M_MAX = 64
 
 
 # The exact GEMM's config (batched decode, M = 2..8): 16 rows, the weight from registers, 128
@@ -118,6 +127,18 @@ def default_config(
     return MatmulConfig(256, 128, 64, 8, 8, 3)
 
 
+def auto_splits(m: int, n: int, k: int, cfg: MatmulConfig) -> int:
+    """K splits for a launch without a tuned count: for M <= SPLIT_M_MAX, enough to bring the
+    output tiles up to TARGET_PROGRAMS, each split at least 4 BLOCK_K steps; else 1."""
+    if cfg.splits is not None:
+        return cfg.splits
+    if m > SPLIT_M_MAX:
+        return 1
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    steps = triton.cdiv(k, cfg.block_k)
+    return max(1, min(triton.cdiv(TARGET_PROGRAMS, tiles), steps // 4))
+
+
 def method(qtype: GGMLQuantizationType, n: int, k: int, m: int, device=None) -> str:
     """The method for this shape on this GPU, the tuned table's choice: "triton" (the GEMM
     kernel; also where the table has no entry) or "dequant" (dequant_matmul)."""
@@ -172,7 +193,9 @@ def _bf16(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(1) == 1 else x.contiguous()
 
 
-def _tile_args(qtype: GGMLQuantizationType, k: int, block_k: int) -> dict:
+def _tile_args(qtype: GGMLQuantizationType, k: int, block_k: int, k_split: int = 0) -> dict:
+    """The format's and the K loop's constexprs; EVEN_K: no step of any split (k_split values
+    each; 0: one split) runs past K."""
     block_values, type_size = GGML_QUANT_SIZES[qtype]
     assert block_k >= 16 and block_k & (block_k - 1) == 0, f"block_k {block_k}: a power of two"
     assert block_values == 1 or block_k >= 32, f"block_k {block_k}: {qtype.name} needs >= 32"
@@ -181,7 +204,7 @@ def _tile_args(qtype: GGMLQuantizationType, k: int, block_k: int) -> dict:
         "BLOCK_K": block_k,
         "TYPE_SIZE": type_size,
         "BLOCK_VALUES": block_values,
-        "EVEN_K": k % block_k == 0,
+        "EVEN_K": k % block_k == 0 and (k_split == 0 or k % k_split == 0),
         "INTERPRETED": interpreting(),
     }
 
@@ -206,28 +229,43 @@ def matmul(
     cfg = config or (EXACT_CONFIG if exact else default_config(weight.qtype, n, k, m, x.device))
     xb = x.float().contiguous() if exact else _bf16(x)
     w = _weight_view(weight)
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+    # Split-K: each split's partial sums in fp32, added in split order by torch (deterministic:
+    # no atomics). The splits are whole BLOCK_K steps; the last one may run past K (zeros).
+    k_split = triton.cdiv(triton.cdiv(k, auto_splits(m, n, k, cfg)), cfg.block_k) * cfg.block_k
+    splits = triton.cdiv(k, k_split)  # none empty
+    part = out
+    if splits > 1:
+        part = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
+    else:
+        k_split = k
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), splits)
     _k._matmul_kernel[grid](
         xb,
         w,
-        out,
+        part,
         m,
         n,
         k,
         xb.stride(0),
         w.stride(0),
-        out.stride(0),
-        K_INTERP=k if interpreting() else 0,
+        n if splits > 1 else out.stride(0),
+        k_split,
+        m * n if splits > 1 else 0,
+        K_INTERP=k_split if interpreting() else 0,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         GROUP_M=cfg.group_m,
         SWAP_AB=cfg.swap_ab,
-        **_tile_args(weight.qtype, k, cfg.block_k),
+        **_tile_args(weight.qtype, k, cfg.block_k, k_split),
         EXACT=exact,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         **pdl_launch(pdl),
     )
+    if splits > 1 and out.dtype == torch.float32:
+        torch.sum(part, dim=0, out=out)
+    elif splits > 1:
+        out.copy_(part.sum(dim=0))
     return out
 
 

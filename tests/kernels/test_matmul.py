@@ -171,6 +171,60 @@ def test_tilings_reach_every_path() -> None:
     assert (1, False, False) in seen and ("groups", True) in seen
 
 
+# (format, M, N, K, MatmulConfig fields with splits): split-K's K ranges. Whole ranges (Q4_K:
+# 12 steps in 3), a last range past K (Q8_0: 3 steps in 2 ranges of 2; F16: K = 100 in ranges
+# of 64), both dot orders.
+SPLITS = [
+    ("Q4_K", 9, 33, 768, (16, 32, 64, 1, 4, 1, True, 3)),
+    ("Q8_0", 5, 40, 192, (16, 32, 64, 1, 4, 1, True, 2)),
+    ("F16", 3, 21, 100, (16, 16, 32, 1, 4, 1, False, 2)),
+    ("Q6_K", 2, 17, 512, (16, 64, 64, 1, 4, 1, True, 4)),
+]
+
+
+@pytest.mark.parametrize("exact", (False, True), ids=("bf16", "exact"))
+@pytest.mark.parametrize("case", SPLITS, ids=lambda c: f"{c[0]}_M{c[1]}_N{c[2]}_K{c[3]}")
+def test_split_k(case, exact: bool, mm, monkeypatch) -> None:
+    """Split-K: the launch has a program column per range, every range's partial sums reach
+    the output (outputs and partial sums are allocated poisoned) within the bound of one
+    split, and two launches give the same bits (the ranges are added in split order)."""
+    fmt, m, n, k, fields = case
+    cfg = mm.MatmulConfig(*fields)
+    grids = []
+    cls = type(mm._k._matmul_kernel)
+    run = cls.run
+    monkeypatch.setattr(
+        cls, "run", lambda self, *a, **kw: grids.append(kw["grid"]) or run(self, *a, **kw)
+    )
+    gen = _gen(7 * n + k)
+    w = _weight(fmt, n, k, gen)
+    x = torch.randn(m, k, generator=gen, device=DEVICE)
+    y = mm.matmul(x, w, cfg, exact=exact)
+    assert grids[-1][1] == cfg.splits, grids
+    assert torch.equal(y, mm.matmul(x, w, cfg, exact=exact))
+    what = f"split-K {'exact ' if exact else ''}{fmt} M={m} N={n} K={k} {cfg}"
+    if exact:
+        xf, dense = x.float(), w.dense()
+        _check(y, reference(xf, w), 1e-6 + 4e-6 * (xf.abs() @ dense.abs().T), what)
+    else:
+        check_matmul(y, x, w, what)
+
+
+def test_auto_splits() -> None:
+    """auto_splits: decode-sized launches (M <= SPLIT_M_MAX) split K until the tiles reach
+    TARGET_PROGRAMS, at least 4 BLOCK_K steps a split; larger M and a config's own count
+    are left alone."""
+    mm = _launcher()
+    cfg = mm.MatmulConfig(16, 64, 128, 1, 4, 3)
+    assert mm.auto_splits(8, 4096, 4096, cfg) == 8  # 64 tiles, 32 steps: 4 steps a split
+    assert mm.auto_splits(8, 24576, 4096, cfg) == 2  # 384 tiles
+    assert mm.auto_splits(16, 4096, 12288, cfg) == 8  # 512 / 64 tiles
+    assert mm.auto_splits(64, 151936, 4096, cfg) == 1  # 2374 tiles
+    assert mm.auto_splits(16, 64, 256, cfg) == 1  # 2 steps: no split
+    assert mm.auto_splits(65, 4096, 4096, cfg) == 1  # above SPLIT_M_MAX
+    assert mm.auto_splits(8, 4096, 4096, mm.MatmulConfig(16, 64, 128, 1, 4, 3, splits=3)) == 3
+
+
 def test_dequant_matmul(mm, monkeypatch) -> None:
     """dequant_matmul against the reference for every format; dequantize is bf16(reference)
     bit for bit; two weights of one shape share one kept buffer, each product with its own."""

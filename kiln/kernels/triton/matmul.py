@@ -32,7 +32,10 @@ Weight tiles by format family (BLOCK_VALUES), as _weight_tile reads them:
   a [.., 32] axis). K is a whole number of blocks (as the mat-vec requires); a step past the last
   block (K not a multiple of BLOCK_K, EVEN_K off) reads block 0 instead and zeroes those values.
 Rows past M and N are clamped to M - 1 and N - 1 so loads need no mask along them; only the store
-is masked. Programs run in grouped order (GROUP_M row tiles per column sweep), so the weight
+is masked. Split-K (program_id(1), decode-sized launches: kernels/matmul.py auto_splits): each
+split runs its own range of K and writes its partial sums at out_ptr + split * stride_os; the
+launcher adds them in split order (no atomics: the result does not depend on the scheduling).
+Programs run in grouped order (GROUP_M row tiles per column sweep), so the weight
 tiles a group reads stay in L2 while its GROUP_M row tiles use them.
 
 `_dequant_kernel` writes the same bf16 tiles to memory: the first half of dequant_matmul
@@ -129,6 +132,8 @@ def _k_loop(
     acc,  # [BLOCK_N, BLOCK_M] (SWAP_AB) or [BLOCK_M, BLOCK_N] fp32
     x_rows,  # [BLOCK_M, 1] pointers to the x rows of the tile
     w_rows,  # [BLOCK_N, 1] pointers to the weight rows of the tile
+    k_base,  # first value of the K range: a multiple of BLOCK_K (split-K), else 0
+    k_len,  # values of the range: a multiple of BLOCK_K, or K; steps past K add zeros
     K,
     K_INTERP: tl.constexpr,
     FMT: tl.constexpr,
@@ -141,13 +146,14 @@ def _k_loop(
     EXACT: tl.constexpr,
     SWAP_AB: tl.constexpr,
 ):
-    """acc + the tile's products over all of K: per BLOCK_K step the x tile (bf16, or fp32 when
-    EXACT) and the weight tile dequantized in registers, multiplied by _dot in SWAP_AB's order.
-    Shared by the dense GEMM and the grouped one (kernels/triton/moe.py)."""
+    """acc + the tile's products over values k_base .. k_base + k_len of K: per BLOCK_K step the
+    x tile (bf16, or fp32 when EXACT) and the weight tile dequantized in registers, multiplied
+    by _dot in SWAP_AB's order. Shared by the dense GEMM and the grouped one (triton/moe.py)."""
     # Triton 3.6's interpreter holds a scalar argument as a 1-element array, which numpy >= 2.4
-    # refuses to turn into a Python int for range(); there the launcher passes K as a constexpr.
-    # Compiled kernels keep K a runtime value, so one binary serves every K.
-    for k0 in range(0, K_INTERP if K_INTERP > 0 else K, BLOCK_K):
+    # refuses to turn into a Python int for range(); there the launcher passes k_len as a
+    # constexpr. Compiled kernels keep it a runtime value, so one binary serves every K.
+    for kk in range(0, K_INTERP if K_INTERP > 0 else k_len, BLOCK_K):
+        k0 = k_base + kk
         kx = k0 + tl.arange(0, BLOCK_K)[None, :]
         if EVEN_K:
             xa = tl.load(x_rows + kx)
@@ -184,7 +190,9 @@ def _matmul_kernel(
     stride_xm,
     stride_wn,  # in elements of w_ptr's type
     stride_om,
-    K_INTERP: tl.constexpr,  # K as a constexpr under TRITON_INTERPRET, else 0 (see the loop)
+    k_split,  # values of K a split (program_id(1)) runs: a multiple of BLOCK_K, or K
+    stride_os,  # elements between the splits' partial outputs (0: one split)
+    K_INTERP: tl.constexpr,  # k_split as a constexpr under TRITON_INTERPRET, else 0 (_k_loop)
     FMT: tl.constexpr,  # format id of kernels/triton/dequant.py
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -220,11 +228,13 @@ def _matmul_kernel(
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # out^T: the weight rows lead
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    pid_k = tl.program_id(1)
     acc = _k_loop(
-        acc, x_rows, w_rows, K, K_INTERP, FMT, BLOCK_N, BLOCK_K, TYPE_SIZE, BLOCK_VALUES, EVEN_K,
-        INTERPRETED, EXACT, SWAP_AB,
+        acc, x_rows, w_rows, pid_k * k_split, k_split, K, K_INTERP, FMT, BLOCK_N, BLOCK_K,
+        TYPE_SIZE, BLOCK_VALUES, EVEN_K, INTERPRETED, EXACT, SWAP_AB,
     )  # fmt: skip
     out_type = out_ptr.dtype.element_ty
+    out_ptr += pid_k.to(tl.int64) * stride_os
     if SWAP_AB:
         out = out_ptr + rm.to(tl.int64)[None, :] * stride_om + rn[:, None]
         tl.store(out, acc.to(out_type), mask=(rm[None, :] < M) & (rn[:, None] < N))

@@ -65,7 +65,7 @@ def _grouped_matmul_kernel(
         w_rows = w_base + tl.minimum(rn, N - 1).to(tl.int64)[:, None] * stride_wn
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # out^T: the weight rows lead
         acc = _k_loop(
-            acc, x_rows, w_rows, K, K_INTERP, FMT, BLOCK_N, BLOCK_K, TYPE_SIZE, BLOCK_VALUES,
+            acc, x_rows, w_rows, 0, K, K, K_INTERP, FMT, BLOCK_N, BLOCK_K, TYPE_SIZE, BLOCK_VALUES,
             EVEN_K, INTERPRETED, False, True,
         )  # fmt: skip
         out = out_ptr + slots.to(tl.int64)[None, :] * stride_om + rn[:, None]

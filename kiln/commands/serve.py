@@ -1,10 +1,13 @@
 """`kiln serve -m MODEL`: an OpenAI-compatible HTTP server (see docs/serving.md). The model is
-loaded before the server starts listening, so /health answers "ok" from the first request."""
+loaded and warmed up (Engine.warm_up: the KV pool allocated, every batch shape's kernels compiled
+and CUDA graphs captured) before the server starts listening, so /health answers "ok" from the
+first request and no client waits for a compile."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from kiln.cli import command
 from kiln.commands.common import (
@@ -54,6 +57,10 @@ def serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-queue must be >= 1, got {args.max_queue}")
     kwargs = chat_template_kwargs(args)
     llm = load_llm(args, n_seq=args.parallel)
+    t0 = time.perf_counter()
+    print("kiln: warming up (kernels for every batch shape, CUDA graphs) ..", file=sys.stderr)
+    runs = llm.engine.warm_up()
+    print(f"kiln: warm-up: {runs} forwards in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     app = create_app(
         llm,
         api_key=args.api_key,

@@ -1,5 +1,5 @@
 """The one `linear` dispatch by M (rows) of the triton op set: the decode mat-vec at one row,
-BATCH_METHOD for 2..matvec.MAX_M rows (batched decode), the quantized GEMM above it, or
+batch_method's for 2..matvec.MAX_M rows (batched decode), the quantized GEMM above it, or
 dequant_matmul where the tuned table found it faster for this (format, N, K, M bucket) on this
 GPU (kiln/kernels/matmul.py).
 
@@ -27,21 +27,29 @@ from kiln.kernels.formats import SUPPORT
 from kiln.quant.q8_1 import Activation
 from kiln.weight import Weight
 
-# What runs M = 2..matvec.MAX_M rows (batched decode): "matvec" (the byte mat-vec kernel, one fp32
-# accumulator per row, the weight read once for all rows) or "exact" (the GEMM on tensor cores
-# with fp32 tiles and tf32x3 products, 16 padded rows). Both are within a few fp32 ulps of the
-# reference. Measured on an H200 (.base/bm2.py, session 8, us per call): 4096 x 4096 Q4_K at
-# M = 2 / 8: matvec 46.8 / 90.0, exact 186.2 / 186.0; 24576 x 4096 Q4_K 107.5 / 474.5 against
-# 272.4 / 273.2; 4096 x 12288 Q6_K 76.5 / 161.7 against 498.9 / 499.3; Q8_0 4096 x 4096
-# 21.9 / 52.2 against 192.8 / 190.7. (Session 7 had chosen "exact" from sm_90 instruction
-# counts alone: its K loop issues fewer instructions per value at M = 8 but runs 4-8x slower.)
-BATCH_METHOD = "matvec"
+# What runs M = 2..matvec.MAX_M rows (batched decode) of float activations, by M: the byte
+# mat-vec ("matvec": one fp32 accumulator per row, the weight read once for all rows) below
+# EXACT_FROM rows, the exact GEMM ("exact": tensor cores with fp32 tiles and tf32x3 products, 16
+# padded rows, split-K) from there. Both are within a few fp32 ulps of the reference. H100,
+# session 11 (benchmarks/batched_linear.py, us per call, qwen3-8b Q4_K_M's gate/up, QKV,
+# attn_output, a Q6_K ffn_down): M = 4 matvec 262.0 / 70.4 / 57.8 / 119.1 (509 in all) against
+# exact 315.9 / 73.9 / 51.5 / 101.2 (543); M = 8 470.9 / 126.0 / 86.5 / 144.8 against 316.9 /
+# 74.6 / 51.8 / 100.8. `kiln bench -npl 4,8` on it: 191.01 / 234.27 t/s with the mat-vec at every
+# M, 187.88 / 370.23 with the exact GEMM. (Session 8 on an H200, before split-K, had the exact
+# GEMM 2-4x slower than the mat-vec at every M: 32 programs for a 4096-row weight.)
+EXACT_FROM = 5
 
-# What reads a q8_1 Activation of 2..matvec.MAX_M rows: "matvec_q8" (the dp4a mat-vec, each lane
-# M_PAD accumulators: 6x its M = 1 time at M = 8 on the 8B model's gate/up, H100, session 8) or
-# "matmul_q8" (int8 tensor-core tiles, kiln/kernels/matmul_q8.py: fewer instructions a weight
-# value from M = 2 on in the sm_90 K loop, not yet timed on a GPU). The default stays the timed
-# kernel until a GPU run says otherwise (docs/performance.md).
+
+def batch_method(m: int) -> str:
+    """What runs a float linear of 2..matvec.MAX_M rows: "matvec" or "exact" (see EXACT_FROM)."""
+    return "matvec" if m < EXACT_FROM else "exact"
+
+
+# What reads a q8_1 Activation of 2..matvec.MAX_M rows: "matvec_q8" (the dp4a mat-vec) or
+# "matmul_q8" (int8 tensor-core tiles, kiln/kernels/matmul_q8.py). H100, session 11
+# (benchmarks/batched_linear.py, us, qwen3-8b's 24576 x 4096 Q4_K): at M = 8 matvec_q8 70.5 (its
+# swept config; 188.7 with session 9's) against matmul_q8 197.9; `kiln bench -npl 8
+# --fusion norm_quant=1` with session 9's mat-vec config 512.34 t/s against 428.94.
 Q8_BATCH_METHOD = "matvec_q8"
 
 
@@ -58,15 +66,16 @@ def reads_q8_1(m: int, weight: Weight) -> bool:
 
 
 def route(m: int, weight: Weight, device: torch.device | None = None) -> str | None:
-    """What runs a linear of M rows with this weight: "matvec" (1 row; 2..8 with BATCH_METHOD),
-    "exact" (the GEMM in fp32, BATCH_METHOD "exact"), "triton" (the GEMM kernel), "dequant"
+    """What runs a linear of M rows with this weight: "matvec" (1 row; 2..8 as batch_method
+    says), "exact" (the GEMM in fp32: batch_method's from EXACT_FROM rows), "triton" (the GEMM
+    kernel), "dequant"
     (dequant_matmul), or None (no kernel reads it: the reference)."""
     if len(weight.shape) != 2 or weight.raw is None:
         return None
     if m <= matvec.MAX_M:
         if weight.qtype not in SUPPORT["matvec"]:
             return None
-        return "matvec" if m == 1 else BATCH_METHOD
+        return "matvec" if m == 1 else batch_method(m)
     if weight.qtype not in SUPPORT["matmul"] or weight.qtype == GGMLQuantizationType.F32:
         # An F32 weight (a MoE router, small projections) keeps fp32 math above the mat-vec,
         # as llama.cpp's F32 mat-muls do: the GEMM's bf16 activations moved qwen3moe router

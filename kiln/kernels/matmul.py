@@ -13,7 +13,7 @@ a few fp32 ulps of the reference, for batched decode. Which of the two runs for 
 `method` reads the table that scripts/tune_matmul.py measured on this GPU
 (kernels/configs/matmul,device=<gpu>.json, named by kiln.kernels.config_name); without an entry,
 the Triton kernel. kiln/kernels/linear.py is the one dispatch by M (the mat-vec up to
-matvec.MAX_M rows, or the exact GEMM where BATCH_METHOD asks for it; these above).
+matvec.MAX_M rows, or the exact GEMM where batch_method asks for it; these above).
 """
 
 from __future__ import annotations

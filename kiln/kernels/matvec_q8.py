@@ -74,13 +74,20 @@ def reads(weight: Weight, m: int = 1) -> bool:
 
 
 def default_config(m: int) -> MatvecConfig:
-    """Untuned: 8 weight rows a program at one x row, fewer as rows of x add accumulators
-    (M_PAD * lanes-per-thread * BLOCK_N fp32 registers), 4 warps, 4096 values a step: for
-    every format one lane per thread or more (Q4_K and Q6_K at 2048 left half the threads
-    without a lane of their own, and the sm_90 K loop then moved x through shared memory: Q4_K
-    4.6 and Q6_K 6.0 instructions a weight value at M = 1 against 2.6 and 3.5 at 4096)."""
-    block_n = max(2, 8 // triton.next_power_of_2(m))
-    return MatvecConfig(block_n=block_n, tile_values=4096, num_warps=4)
+    """One x row: 8 weight rows a program, 4 warps, 4096 values a step: for every format one
+    lane per thread or more (Q4_K and Q6_K at 2048 left half the threads without a lane of
+    their own, and the sm_90 K loop then moved x through shared memory: Q4_K 4.6 and Q6_K 6.0
+    instructions a weight value at M = 1 against 2.6 and 3.5 at 4096).
+    2..8 rows: 16 weight rows a program, 1024 values a step, 4 warps: each x word a lane loads
+    serves 16 weight rows, not 2..4 (the x loads, M per weight word, had bound the kernel). The
+    fastest of `benchmarks/batched_linear.py --sweep` (16 configs, block_n 2..16, 1024 or 4096
+    values, 4 or 8 warps; H100, session 11) at M = 4 and 8 on qwen3-8b's 24576 x 4096 Q4_K
+    (us: 43.1 / 70.5 against the old default's 93.8 / 188.7; 6144 x 4096 13.0 / 22.3 with 8
+    rows at M = 8 against 25.9 / 49.1; Q6_K 4096 x 12288 35.1 / 46.3 against 59.3 / 115.0, its
+    best 8 rows at M = 4 and 8 warps at M = 8)."""
+    if m == 1:
+        return MatvecConfig(block_n=8, tile_values=4096, num_warps=4)
+    return MatvecConfig(block_n=16, tile_values=1024, num_warps=4)
 
 
 def matvec_q8(

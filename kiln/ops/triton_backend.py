@@ -1,7 +1,7 @@
 """The "triton" backend: the GPU kernels of kiln/kernels where they apply, the torch reference
 elsewhere. Which is which follows from the op, the weight's format and the shapes only (ROUTES
 says it; `kiln info --device cuda` prints it): mat-muls run the mat-vec up to matvec.MAX_M rows
-(linear.BATCH_METHOD from 2) and the quantized GEMM above (bf16 activations): the one dispatch of
+(linear.batch_method from 2) and the quantized GEMM above (bf16 activations): the one dispatch of
 kernels/linear.py; attention runs
 flash-decoding for one query per sequence and flash attention for prompts, both over the paged
 pool; MoE runs the per-row expert kernels up to MAX_M rows and the grouped GEMM above (the
@@ -41,7 +41,7 @@ def ops(pdl: bool = False) -> dict:
 
     def linear(x: torch.Tensor, weight: Weight, bias: Weight | None = None) -> torch.Tensor:
         """x: [T, n_in] (or norm_quant's Activation) -> [T, n_out]: kiln.kernels.linear's
-        dispatch by T (the mat-vec at one row, linear.BATCH_METHOD up to matvec.MAX_M, the
+        dispatch by T (the mat-vec at one row, linear.batch_method up to matvec.MAX_M, the
         quantized GEMM above); the reference where no kernel reads the weight."""
         y = kernel_linear(x, weight, bias, pdl=pdl)
         if y is None:
@@ -270,8 +270,8 @@ def kernel_reads(name: str, qtype) -> bool:
 
 ROUTES = {
     "embedding": "kernel (the mat-vec formats); reference for other formats",
-    "linear": "mat-vec at 1 row; 2..8 rows: kiln.kernels.linear.BATCH_METHOD (the mat-vec "
-    "by default, the weight read once for all rows); quantized GEMM above (tensor cores, bf16 "
+    "linear": "mat-vec at 1 row; 2..8 rows: kiln.kernels.linear.batch_method (the mat-vec "
+    "below EXACT_FROM rows, the exact GEMM from there); quantized GEMM above (tensor cores, bf16 "
     "activations); F32 weights above 8 rows and other formats: the reference (fp32)",
     "rms_norm": "kernel",
     "add_rms_norm": "kernel",

@@ -172,6 +172,51 @@ class Engine:
             seq.length += 1
         return logits
 
+    @torch.inference_mode()
+    def warm_up(self, force: bool = False) -> int:
+        """Run once, before a server's first request, every shape of forward it will meet, and
+        allocate the whole KV pool. On the GPU the first forward of a shape compiles its Triton
+        kernels (seconds each; on disk for the next start) and a decode batch of up to
+        graphs.max_batch rows captures its CUDA graph: a client would otherwise wait for them
+        in the middle of its stream. Shapes: decode batches (one token a sequence) of each graph
+        bucket and each GEMM row bucket up to n_seq, the bucket's top and one less (Triton
+        compiles a row count divisible by 16 apart); prompt chunks of the same sizes up to
+        ubatch tokens, over several sequences where one context is smaller (a server's
+        prompts of several requests share a forward). The sequences used are freed: no state
+        is left but the pool, the graphs and the compiled kernels. Nothing runs on the CPU
+        unless forced (no compiles there). -> forwards run."""
+        if self.device.type != "cuda" and not force:
+            return 0
+        from kiln.kernels.matmul import M_BUCKETS
+
+        def sizes(limit: int) -> list[int]:
+            out = {limit}
+            for b in (1, 2, 4, 8, *M_BUCKETS):
+                if b <= limit:
+                    out |= {b, max(1, b - 1)}
+            return sorted(out)
+
+        self.pool.grow_to_max()
+        runs = 0
+        for b in sizes(self.n_seq):
+            seqs = [self.new_sequence() for _ in range(b)]
+            self.step([(s, [0]) for s in seqs])  # b one-token prompts: a prompt-path forward
+            self.decode_batch([0] * b, seqs)  # the decode path (its graph, where it has one)
+            for s in seqs:
+                s.free()
+            runs += 2
+        per = self.n_ctx - 1  # a prompt that leaves its sequence room for a token
+        for t in sizes(min(self.ubatch, per * self.n_seq)):
+            if t > 1:  # t tokens in one forward: as many sequences as their context needs
+                seqs = [self.new_sequence() for _ in range(-(-t // per))]
+                self.step([(s, [0] * min(per, t - i * per)) for i, s in enumerate(seqs)], "last")
+                for s in seqs:
+                    s.free()
+                runs += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return runs
+
     # -- checks ------------------------------------------------------------------------------
     def check_room(self, seq: Sequence, n: int) -> None:
         if seq.freed:

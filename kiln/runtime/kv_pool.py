@@ -144,6 +144,12 @@ class KVPool:
         self.n_blocks = n_blocks
         self.generation += 1
 
+    def grow_to_max(self) -> None:
+        """Allocate the whole pool now (room for n_seq full contexts): a server owns its memory
+        from the start, and its CUDA graphs are never captured again for a growth."""
+        if self.n_blocks < self.max_blocks:
+            self._grow(self.max_blocks)
+
     @property
     def layers(self) -> range:
         return range(self.config.n_layer)

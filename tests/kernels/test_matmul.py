@@ -262,7 +262,7 @@ def _q2_k_blocks(n: int, gen: torch.Generator) -> torch.Tensor:
 
 def test_linear_dispatch(monkeypatch) -> None:
     """kiln.kernels.linear, and the triton op set's linear through it: M = 1 runs the mat-vec,
-    M = 2..8 BATCH_METHOD's (the mat-vec or the exact GEMM; both tried), M = 9 the GEMM,
+    M = 2..8 batch_method's (the mat-vec below EXACT_FROM, the exact GEMM from it), M = 9 the GEMM,
     "dequant" in the table dequant_matmul; formats no kernel reads give None (the op set then
     runs the reference); the bias is added; M = 0 gives [0, N]."""
     from kiln.kernels import linear as lin
@@ -274,7 +274,7 @@ def test_linear_dispatch(monkeypatch) -> None:
     w = _weight("Q4_K", 40, 256, gen)
     bias = Weight("b", _T.F32, (40,), torch.randn(40).view(torch.uint8).to(DEVICE))
     op = triton_backend.ops()["linear"]
-    monkeypatch.setattr(lin, "BATCH_METHOD", "matvec")
+    monkeypatch.setattr(lin, "EXACT_FROM", 9)
     for m, kernel in ((1, "_matvec_lanes_m1_kernel"), (8, "_matvec_kernel"), (9, "_matmul_kernel")):
         x = torch.randn(m, 256, generator=gen, device=DEVICE)
         y = lin.linear(x, w, bias)
@@ -285,9 +285,12 @@ def test_linear_dispatch(monkeypatch) -> None:
         assert torch.equal(op(x, w, bias), y), f"M={m}: the op set's linear differs"
         assert launched[count:] == launched[count - 1 : count], f"M={m}: op set ran {launched[-1]}"
     assert lin.linear(torch.zeros(0, 256, device=DEVICE), w).shape == (0, 40)
-    monkeypatch.setattr(lin, "BATCH_METHOD", "exact")
+    monkeypatch.undo()
+    assert [lin.batch_method(m) for m in range(2, 9)] == ["matvec"] * 3 + ["exact"] * 4
+    launched = record_launches(monkeypatch)
+    monkeypatch.setattr(lin, "EXACT_FROM", 3)
     x = torch.randn(3, 256, generator=gen, device=DEVICE)
-    assert lin.route(3, w) == "exact" and lin.route(1, w) == "matvec"
+    assert lin.route(3, w) == "exact" and lin.route(2, w) == lin.route(1, w) == "matvec"
     check_matmul(lin.linear(x, w), x, w, "linear M=3 exact")
     assert launched[-1][0] == "_matmul_kernel"
 

@@ -88,3 +88,52 @@ def test_triton_engine_keeps_an_f16_pool_of_the_full_context(stories_model):
     seq.free()
     with pytest.raises(UsageError, match="freed"):
         engine.decode(1, seq)
+
+
+def test_warm_up_runs_every_batch_shape_and_leaves_no_state(stories_model):
+    """Engine.warm_up (kiln serve, before listening): the pool allocated whole, one forward per
+    decode batch size and prompt size of its list (a GEMM row bucket's top and one less, up
+    to n_seq rows and ubatch tokens), every sequence it used freed, and the results after it
+    those of an engine that never warmed up. Nothing runs on the CPU unless forced."""
+    model = build_model(read_gguf(stories_model))
+    cold, warm = (
+        Engine(model, n_ctx=400, n_seq=3, ubatch=20),
+        Engine(model, n_ctx=400, n_seq=3, ubatch=20),
+    )
+    assert warm.warm_up() == 0 and warm.pool.n_blocks < warm.pool.max_blocks
+    shapes = []
+    step = warm.step
+    warm.step = lambda entries, logits="last": (
+        shapes.append([len(i) for _, i in entries]) or step(entries, logits)
+    )
+    free = warm.pool.max_blocks - 1  # all but the scratch block
+    # decode batches of 1, 2, 3 rows (each once as prompts, once through decode_batch: eager on
+    # the CPU); prompts of 2, 3, 4, 7, 8, 15, 16 and 20 tokens (ubatch)
+    assert warm.warm_up(force=True) == 2 * 3 + 8
+    assert shapes[:6] == [[1], [1], [1, 1], [1, 1], [1, 1, 1], [1, 1, 1]]
+    assert [s[0] for s in shapes[6:]] == [2, 3, 4, 7, 8, 15, 16, 20]
+    assert warm.pool.n_blocks == warm.pool.max_blocks and warm.pool.free_blocks == free
+    # a context smaller than ubatch: a prompt size is spread over sequences of <= n_ctx - 1
+    small = Engine(model, n_ctx=16, n_seq=3, ubatch=40)
+    shapes.clear()
+    small.step = lambda entries, logits="last": (
+        shapes.append([len(i) for _, i in entries]) or Engine.step(small, entries, logits)
+    )
+    assert small.warm_up(force=True) == 2 * 3 + 10
+    assert shapes[6:] == [
+        [2],
+        [3],
+        [4],
+        [7],
+        [8],
+        [15],
+        [15, 1],
+        [15, 15, 1],
+        [15, 15, 2],
+        [15, 15, 10],
+    ]
+    assert small.pool.free_blocks == small.pool.max_blocks - 1
+    ids = _ids(warm)
+    a = cold.prefill(ids, cold.new_sequence(), all_logits=True)
+    b = warm.prefill(ids, warm.new_sequence(), all_logits=True)
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)

@@ -26,7 +26,7 @@ from kiln.models.common import DecoderModel
 from kiln.ops import check_kv_cache_types
 from kiln.quant.kv import KVCacheType, cache_type
 from kiln.runtime.batch import build_batch
-from kiln.runtime.graphs import GraphRunner
+from kiln.runtime.graphs import GraphRunner, buckets_for
 from kiln.runtime.kv_pool import DEFAULT_BLOCK_SIZE, KVPool, KVPoolFull, Sequence
 
 
@@ -87,7 +87,8 @@ class Engine:
             v_type=self.cache_types[1],
         )
         graphs = static and model.policy.cuda_graphs and self.device.type == "cuda"
-        self.graphs = GraphRunner(model, self.pool) if graphs else None
+        buckets = buckets_for(n_seq, self.config.moe)
+        self.graphs = GraphRunner(model, self.pool, buckets) if graphs else None
         self.evictable: list = []  # PromptCaches whose kept sequence may be dropped for room
 
     # -- sequences ---------------------------------------------------------------------------
@@ -162,12 +163,14 @@ class Engine:
             raise UsageError(f"decode_batch: {len(tokens)} tokens for {len(seqs)} sequences")
         if len({id(s) for s in seqs}) != len(seqs):
             raise UsageError("decode_batch: a sequence appears twice in one batch")
-        if self.graphs is None or len(seqs) > self.graphs.max_batch:
+        if self.graphs is None or not self.graphs.serves(len(seqs)):
             return self.step([(s, [t]) for s, t in zip(seqs, tokens)])
         self.check_ids(list(tokens))
         for seq in seqs:
             self.reserve(seq, 1)
         logits = self.graphs(tokens, seqs)
+        if logits is None:  # the bucket's capture failed: eagerly (the blocks are reserved)
+            return self.step([(s, [t]) for s, t in zip(seqs, tokens)])
         for seq in seqs:
             seq.length += 1
         return logits

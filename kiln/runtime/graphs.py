@@ -13,6 +13,7 @@ graph is captured again.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence as Seq
 
 import torch
@@ -20,7 +21,21 @@ import torch
 from kiln.runtime.batch import ForwardBatch
 from kiln.runtime.kv_pool import SCRATCH_BLOCK, KVPool, Sequence
 
-BUCKETS = (1, 2, 4, 8)
+BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+# MoE layers above 8 rows run paths (the per-slot expert mat-vecs past their tuned size, the
+# grouped GEMM's device-side plan) that no GPU run has captured yet: their batches stay eager.
+MOE_MAX_BUCKET = 8
+
+
+def buckets_for(n_seq: int, moe: bool) -> tuple[int, ...]:
+    """The batch-size buckets an engine of n_seq sequences captures: BUCKETS (up to
+    MOE_MAX_BUCKET for a MoE model) below n_seq, and the first one that holds n_seq (batches past
+    the last bucket run eagerly). Above 8 rows a decode step launched eagerly costs the host more
+    than the GPU: ITL 46 ms at 32 concurrent streams of qwen3-8b Q4_K_M (H100, `kiln serve`,
+    session 11) where its kernels take about 15 ms."""
+    top = [b for b in BUCKETS if not moe or b <= MOE_MAX_BUCKET]
+    holds = next((b for b in top if b >= n_seq), None)
+    return tuple(b for b in top if holds is None or b <= holds)
 
 
 class _Bucket:
@@ -98,16 +113,23 @@ class GraphRunner:
         self.model, self.pool, self.buckets = model, pool, buckets
         self.max_batch = buckets[-1]
         self._graphs: dict[int, _Bucket] = {}
+        self.failed: dict[int, str] = {}  # bucket -> why its capture failed (runs eagerly)
         self._generation = pool.generation
         self._mempool = None
 
     def bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
 
-    def __call__(self, tokens: Seq[int], seqs: Seq[Sequence]) -> torch.Tensor:
+    def serves(self, n: int) -> bool:
+        """Whether a batch of n rows replays a graph (else the caller runs it eagerly): n fits
+        a bucket whose capture has not failed."""
+        return n <= self.max_batch and self.bucket(n) not in self.failed
+
+    def __call__(self, tokens: Seq[int], seqs: Seq[Sequence]) -> torch.Tensor | None:
         """One decode token for each of len(seqs) <= max_batch sequences (their blocks
         reserved, lengths not yet advanced) -> logits float32 [B, n_vocab]: a view of a buffer
-        the next replay overwrites."""
+        the next replay overwrites; None where the bucket's capture failed (above 8 rows: said
+        once on stderr, and the caller runs the batch eagerly from then on)."""
         if self.pool.generation != self._generation:  # the pool grew: its tensors moved
             self._graphs.clear()
             self._generation = self.pool.generation
@@ -119,5 +141,16 @@ class GraphRunner:
         if graph is None:
             if self._mempool is None:
                 self._mempool = torch.cuda.graph_pool_handle()
-            graph = self._graphs[size] = _Bucket(self.model, self.pool, size, self._mempool)
+            try:
+                graph = self._graphs[size] = _Bucket(self.model, self.pool, size, self._mempool)
+            except RuntimeError as e:  # an op of this batch size that a graph cannot hold
+                if size <= 8:  # the buckets every GPU run has captured: a real failure
+                    raise
+                self.failed[size] = f"{type(e).__name__}: {e}".splitlines()[0]
+                print(
+                    f"kiln: batches of {size} rows run without a CUDA graph (its capture "
+                    f"failed: {self.failed[size]})",
+                    file=sys.stderr,
+                )
+                return None
         return graph.replay(tokens, seqs)

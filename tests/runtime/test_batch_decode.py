@@ -112,6 +112,61 @@ def test_graph_buckets_pad_rows_without_touching_the_sequences():
     assert (graphed.graphs.bucket(3), graphed.graphs.bucket(5)) == (4, 8)
 
 
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+def test_graph_buckets_above_eight_rows():
+    """Batches of 9 and 20 rows of a dense model replay the graphs of 16 and 32 (captured, not
+    failed) and decode what eager execution decodes."""
+    gguf = synthetic("tiny-qwen3", "q4_k_m", device=DEVICE)
+    n_vocab = gguf.config.n_vocab
+    prompts = [[(5 * i + 3 * j + 2) % n_vocab for j in range(1 + (7 * i) % 40)] for i in range(20)]
+    graphed = _engine(gguf, "triton", True, n_seq=32)
+    eager = _engine(gguf, "triton", False, n_seq=32)
+    assert graphed.graphs.buckets == (1, 2, 4, 8, 16, 32)
+    for b in (9, 20):
+        assert _batched(graphed, prompts[:b], 32) == _batched(eager, prompts[:b], 32), f"B={b}"
+        assert graphed.graphs.bucket(b) in graphed.graphs._graphs
+    assert graphed.graphs.failed == {}
+
+
+def test_graph_buckets_by_model():
+    """Buckets up to the first that holds n_seq; a MoE model's stop at 8 rows."""
+    from kiln.runtime.graphs import buckets_for
+
+    assert buckets_for(1, False) == (1,)
+    assert buckets_for(8, False) == (1, 2, 4, 8)
+    assert buckets_for(9, False) == (1, 2, 4, 8, 16)
+    assert buckets_for(64, False) == (1, 2, 4, 8, 16, 32, 64)
+    assert buckets_for(100, False) == (1, 2, 4, 8, 16, 32, 64)  # 65..100 rows: eager
+    assert buckets_for(64, True) == (1, 2, 4, 8)
+    assert buckets_for(3, True) == (1, 2, 4)
+
+
+def test_a_failed_capture_above_eight_rows_runs_eagerly(monkeypatch, capsys):
+    """A bucket above 8 rows whose capture raises is said once on stderr and its batches run
+    eagerly from then on (decode_batch gives the eager logits); at 8 rows or fewer the error
+    stands (every GPU run captures those)."""
+    from kiln.runtime import graphs
+
+    def refuse(model, pool, size, mempool):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    monkeypatch.setattr(graphs, "_Bucket", refuse)
+    monkeypatch.setattr(graphs.torch.cuda, "graph_pool_handle", lambda: object())
+    gguf = synthetic("tiny-qwen3", "q8_0")
+    engine = _engine(gguf, "torch", True, n_seq=16)
+    eager = _engine(gguf, "torch", True, n_seq=16)
+    engine.graphs = graphs.GraphRunner(engine.model, engine.pool, (1, 2, 4, 8, 16))
+    prompts = [[(3 * i + j) % gguf.config.n_vocab for j in range(1 + i)] for i in range(10)]
+    assert _batched(engine, prompts, 3) == _batched(eager, prompts, 3)
+    assert engine.graphs.failed == {
+        16: "RuntimeError: operation not permitted when stream is capturing"
+    }
+    assert not engine.graphs.serves(10) and not engine.graphs.serves(17)
+    assert capsys.readouterr().err.count("batches of 16 rows run without a CUDA graph") == 1
+    with pytest.raises(RuntimeError, match="capturing"):
+        _batched(engine, prompts[:3], 1)
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpu"] if not CUDA else ["torch", "triton"])
 def test_a_mixed_step_equals_its_parts(tiny, backend):
     """One step with a decode token of one sequence beside a prompt chunk of another (and all

@@ -27,22 +27,32 @@ from kiln.kernels.formats import SUPPORT
 from kiln.quant.q8_1 import Activation
 from kiln.weight import Weight
 
-# What runs M = 2..matvec.MAX_M rows (batched decode) of float activations, by M: the byte
-# mat-vec ("matvec": one fp32 accumulator per row, the weight read once for all rows) below
-# EXACT_FROM rows, the exact GEMM ("exact": tensor cores with fp32 tiles and tf32x3 products, 16
-# padded rows, split-K) from there. Both are within a few fp32 ulps of the reference. H100,
-# session 11 (benchmarks/batched_linear.py, us per call, qwen3-8b Q4_K_M's gate/up, QKV,
-# attn_output, a Q6_K ffn_down): M = 4 matvec 262.0 / 70.4 / 57.8 / 119.1 (509 in all) against
-# exact 315.9 / 73.9 / 51.5 / 101.2 (543); M = 8 470.9 / 126.0 / 86.5 / 144.8 against 316.9 /
-# 74.6 / 51.8 / 100.8. `kiln bench -npl 4,8` on it: 191.01 / 234.27 t/s with the mat-vec at every
-# M, 187.88 / 370.23 with the exact GEMM. (Session 8 on an H200, before split-K, had the exact
-# GEMM 2-4x slower than the mat-vec at every M: 32 programs for a 4096-row weight.)
-EXACT_FROM = 5
+# What runs M = 2..matvec.MAX_M rows (batched decode) of float activations, by format and M:
+# the one-row mat-vec once a row ("rows": M launches; each row's result has the bits of a batch
+# of one) up to ROWS_UP_TO rows, the byte mat-vec ("matvec": one fp32 accumulator per row, the
+# weight read once for all rows) below EXACT_FROM, the exact GEMM ("exact": tensor cores with
+# fp32 tiles and tf32x3 products, 16 padded rows, split-K) from there. All are within a few fp32
+# ulps of the reference. H100, session 11 (benchmarks/batched_linear.py, us per call; one row /
+# byte mat-vec at 2, 4, 8 rows / exact at 8): Q4_K 24576 x 4096 36.3 / 101.8, 262.0, 470.9 /
+# 316.9; 6144 x 4096 12.2 / 28.7, 70.4, 126.0 / 74.6; 4096 x 4096 8.8 / 23.4, 57.8, 86.5 / 51.8;
+# Q6_K 4096 x 12288 28.4 / 68.5, 119.1, 144.8 / 100.8 (the exact GEMM is flat in M). So M
+# one-row launches win up to 6 rows on Q4_K's shapes and 3 on Q6_K's, where the exact GEMM takes
+# over. Other formats keep the byte mat-vec below 5 rows (qwen3-0.6b's Q8_0 shapes: it beats M
+# one-row launches at 2 rows on three of four) and the exact GEMM from 5. `kiln bench -npl 4,8`
+# on qwen3-8b Q4_K_M before "rows": 191.01 / 234.27 t/s with the byte mat-vec at every M,
+# 187.88 / 370.23 with the exact GEMM.
+_T = GGMLQuantizationType
+FLOAT_BATCH = {_T.Q4_K: (6, 7), _T.Q6_K: (3, 4)}  # format: (ROWS_UP_TO, EXACT_FROM)
+ROWS_UP_TO, EXACT_FROM = 1, 5  # the other formats'
 
 
-def batch_method(m: int) -> str:
-    """What runs a float linear of 2..matvec.MAX_M rows: "matvec" or "exact" (see EXACT_FROM)."""
-    return "matvec" if m < EXACT_FROM else "exact"
+def batch_method(m: int, qtype: GGMLQuantizationType) -> str:
+    """What runs a float linear of 2..matvec.MAX_M rows of this format: "rows", "matvec" or
+    "exact" (see FLOAT_BATCH)."""
+    rows_up_to, exact_from = FLOAT_BATCH.get(qtype, (ROWS_UP_TO, EXACT_FROM))
+    if m <= rows_up_to:
+        return "rows"
+    return "matvec" if m < exact_from else "exact"
 
 
 # What reads a q8_1 Activation of 2..matvec.MAX_M rows: "matvec_q8" (the dp4a mat-vec) or
@@ -66,16 +76,16 @@ def reads_q8_1(m: int, weight: Weight) -> bool:
 
 
 def route(m: int, weight: Weight, device: torch.device | None = None) -> str | None:
-    """What runs a linear of M rows with this weight: "matvec" (1 row; 2..8 as batch_method
-    says), "exact" (the GEMM in fp32: batch_method's from EXACT_FROM rows), "triton" (the GEMM
-    kernel), "dequant"
+    """What runs a linear of M rows with this weight: "matvec" (1 row), as batch_method says for
+    2..8 rows ("rows", "matvec" or "exact": the GEMM in fp32), "triton" (the GEMM kernel),
+    "dequant"
     (dequant_matmul), or None (no kernel reads it: the reference)."""
     if len(weight.shape) != 2 or weight.raw is None:
         return None
     if m <= matvec.MAX_M:
         if weight.qtype not in SUPPORT["matvec"]:
             return None
-        return "matvec" if m == 1 else batch_method(m)
+        return "matvec" if m == 1 else batch_method(m, weight.qtype)
     if weight.qtype not in SUPPORT["matmul"] or weight.qtype == GGMLQuantizationType.F32:
         # An F32 weight (a MoE router, small projections) keeps fp32 math above the mat-vec,
         # as llama.cpp's F32 mat-muls do: the GEMM's bf16 activations moved qwen3moe router
@@ -107,6 +117,8 @@ def linear(
         y = torch.empty((0, weight.shape[0]), dtype=torch.float32, device=x.device)
     elif how == "matvec":
         y = matvec.matvec(x.contiguous(), weight, pdl=pdl)
+    elif how == "rows":
+        y = matvec.matvec_rows(x.contiguous(), weight, pdl=pdl)
     elif how == "exact":
         y = matmul.matmul(x, weight, exact=True, pdl=pdl)
     elif how == "dequant":

@@ -163,6 +163,29 @@ def matvec(
     x: torch.Tensor, weight: Weight, config: MatvecConfig | None = None, pdl: bool = False
 ) -> torch.Tensor:
     """x: [M, K] -> [M, N] float32 = x @ W.T, W dequantized in registers."""
+    m, n, k = _check(x, weight)
+    out = torch.empty((m, n), dtype=torch.float32, device=x.device)
+    cfg = config or default_config(weight.qtype, n, k, m, x.device)
+    launch(x, weight.qtype, weight.raw, out, cfg, pdl=pdl)
+    return out
+
+
+def matvec_rows(x: torch.Tensor, weight: Weight, pdl: bool = False) -> torch.Tensor:
+    """x: [M, K] -> [M, N] float32: the one-row mat-vec once for each row of x (M launches, each
+    with the tuned one-row config, writing its row of the output). Row i has the bits of
+    matvec(x[i:i + 1]): a decode batch gives each sequence what it gets alone. Where M times
+    the one-row kernel beats the kernels of M rows is kiln/kernels/linear.py's FLOAT_BATCH."""
+    m, n, k = _check(x, weight)
+    out = torch.empty((m, n), dtype=torch.float32, device=x.device)
+    cfg = default_config(weight.qtype, n, k, 1, x.device)
+    for i in range(m):
+        launch(x[i : i + 1], weight.qtype, weight.raw, out[i : i + 1], cfg, pdl=pdl)
+    return out
+
+
+def _check(x: torch.Tensor, weight: Weight) -> tuple[int, int, int]:
+    """(M, N, K) of a mat-vec of x [M, K] (contiguous, f32/f16/bf16, 1..MAX_M rows) with a 2-D
+    weight of a mat-vec format on x's device, its blocks uint8 [N, row_bytes]."""
     assert x.dim() == 2 and x.is_contiguous(), f"x must be a contiguous [M, K]; got {x.shape}"
     assert x.dtype in _X_DTYPES, f"x must be f16/bf16/f32; got {x.dtype}"
     assert len(weight.shape) == 2, f"matvec needs a 2-D weight; got {weight.shape}"
@@ -174,10 +197,7 @@ def matvec(
     assert x.device == weight.device, f"x on {x.device}, weight on {weight.device}"
     raw = weight.raw
     assert raw.dtype == torch.uint8 and raw.dim() == 2 and raw.stride(1) == 1
-    out = torch.empty((m, n), dtype=torch.float32, device=x.device)
-    cfg = config or default_config(weight.qtype, n, k, m, x.device)
-    launch(x, weight.qtype, raw, out, cfg, pdl=pdl)
-    return out
+    return m, n, k
 
 
 def _slot_args(ids: torch.Tensor | None, x: torch.Tensor, w: torch.Tensor, out: torch.Tensor):

@@ -270,9 +270,10 @@ def kernel_reads(name: str, qtype) -> bool:
 
 ROUTES = {
     "embedding": "kernel (the mat-vec formats); reference for other formats",
-    "linear": "mat-vec at 1 row; 2..8 rows: kiln.kernels.linear.batch_method (the mat-vec "
-    "below EXACT_FROM rows, the exact GEMM from there); quantized GEMM above (tensor cores, bf16 "
-    "activations); F32 weights above 8 rows and other formats: the reference (fp32)",
+    "linear": "mat-vec at 1 row; 2..8 rows: kiln.kernels.linear.batch_method (by format: the "
+    "one-row mat-vec once a row, the byte mat-vec or the exact GEMM); quantized GEMM above "
+    "(tensor cores, bf16 activations); F32 weights above 8 rows and other formats: the "
+    "reference (fp32)",
     "rms_norm": "kernel",
     "add_rms_norm": "kernel",
     "qk_norm": "kernel",

@@ -57,7 +57,8 @@ print(json.dumps(sorted(names)))
 def test_decode_step_compiles_for_sm90(preset, qtype):
     names = json.loads(run_compile_check(CODE.format(preset=preset, qtype=qtype)).splitlines()[-1])
     assert any("matvec" in n for n in names), names  # M = 1 (and the MoE experts)
-    assert "_matvec_kernel" in names, names  # M = 2: linear.batch_method "matvec"
+    # M = 2: linear.batch_method's byte mat-vec; Q4_K and Q6_K run the one-row kernel per row
+    assert "_matvec_kernel" in names or qtype == "q4_k_m", names
     # norm_quant (fused on): the int8 mat-vec (Q8_0 from 2 rows: the decode batch of 2)
     assert {"_matvec_q8_kernel", "_rms_norm_quant_kernel"} <= set(names), names
     if "a3b" not in preset:  # a dense FFN: its down mat-vec reads the SwiGLU result in q8_1

@@ -262,11 +262,13 @@ def _q2_k_blocks(n: int, gen: torch.Generator) -> torch.Tensor:
 
 def test_linear_dispatch(monkeypatch) -> None:
     """kiln.kernels.linear, and the triton op set's linear through it: M = 1 runs the mat-vec,
-    M = 2..8 batch_method's (the mat-vec below EXACT_FROM, the exact GEMM from it), M = 9 the GEMM,
-    "dequant" in the table dequant_matmul; formats no kernel reads give None (the op set then
-    runs the reference); the bias is added; M = 0 gives [0, N]."""
+    M = 2..8 batch_method's by format (the one-row mat-vec once a row, the byte mat-vec, the
+    exact GEMM: FLOAT_BATCH), M = 9 the GEMM, "dequant" in the table dequant_matmul; formats no
+    kernel reads give None (the op set then runs the reference); the bias is added; M = 0 gives
+    [0, N]."""
     from kiln.kernels import linear as lin
     from kiln.kernels import matmul as mm
+    from kiln.kernels import matvec
     from kiln.ops import triton_backend
 
     launched = record_launches(monkeypatch)
@@ -274,7 +276,7 @@ def test_linear_dispatch(monkeypatch) -> None:
     w = _weight("Q4_K", 40, 256, gen)
     bias = Weight("b", _T.F32, (40,), torch.randn(40).view(torch.uint8).to(DEVICE))
     op = triton_backend.ops()["linear"]
-    monkeypatch.setattr(lin, "EXACT_FROM", 9)
+    monkeypatch.setitem(lin.FLOAT_BATCH, _T.Q4_K, (1, 9))  # the byte mat-vec at 2..8 rows
     for m, kernel in ((1, "_matvec_lanes_m1_kernel"), (8, "_matvec_kernel"), (9, "_matmul_kernel")):
         x = torch.randn(m, 256, generator=gen, device=DEVICE)
         y = lin.linear(x, w, bias)
@@ -286,12 +288,19 @@ def test_linear_dispatch(monkeypatch) -> None:
         assert launched[count:] == launched[count - 1 : count], f"M={m}: op set ran {launched[-1]}"
     assert lin.linear(torch.zeros(0, 256, device=DEVICE), w).shape == (0, 40)
     monkeypatch.undo()
-    assert [lin.batch_method(m) for m in range(2, 9)] == ["matvec"] * 3 + ["exact"] * 4
+    q4k, q6k, q8 = _T.Q4_K, _T.Q6_K, _T.Q8_0
+    assert [lin.batch_method(m, q4k) for m in range(2, 9)] == ["rows"] * 5 + ["exact"] * 2
+    assert [lin.batch_method(m, q6k) for m in range(2, 9)] == ["rows"] * 2 + ["exact"] * 5
+    assert [lin.batch_method(m, q8) for m in range(2, 9)] == ["matvec"] * 3 + ["exact"] * 4
     launched = record_launches(monkeypatch)
-    monkeypatch.setattr(lin, "EXACT_FROM", 3)
     x = torch.randn(3, 256, generator=gen, device=DEVICE)
-    assert lin.route(3, w) == "exact" and lin.route(2, w) == lin.route(1, w) == "matvec"
-    check_matmul(lin.linear(x, w), x, w, "linear M=3 exact")
+    y = lin.linear(x, w)
+    assert lin.route(3, w) == "rows" and [n for n, _ in launched] == ["_matvec_lanes_m1_kernel"] * 3
+    for i in range(3):  # each row: the bits of a batch of one
+        assert torch.equal(y[i : i + 1], matvec.matvec(x[i : i + 1].contiguous(), w)), i
+    x = torch.randn(7, 256, generator=gen, device=DEVICE)
+    assert lin.route(7, w) == "exact" and lin.route(1, w) == "matvec"
+    check_matmul(lin.linear(x, w), x, w, "linear M=7 exact")
     assert launched[-1][0] == "_matmul_kernel"
 
     monkeypatch.setattr(mm, "method", lambda *args: "dequant")

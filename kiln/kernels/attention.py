@@ -48,6 +48,7 @@ import torch
 import triton
 
 from kiln.kernels import pdl_launch
+from kiln.kernels.kv_cache import KV_FLOAT, kv_operand
 from kiln.kernels.triton import attention as _k
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -106,11 +107,13 @@ def check_paged(
     block_tables: torch.Tensor,
     block_size: int,
     rows: str,
-) -> tuple[int, int, int, int]:
+) -> Paged:
     """The checks every attention launcher over the paged pool makes of q [rows, H, D], the
-    pools [S, Hkv, D] / [S, Hkv, Dv] and the block tables [B, NB] -> (H, Hkv, D, Dv)."""
+    pools [S, Hkv, D] / [S, Hkv, Dv] (float tensors, or a block type's QuantizedRows:
+    kiln/kernels/kv_cache.py) and the block tables [B, NB] -> Paged: (H, Hkv, D, Dv) and the
+    pools as the kernels take them."""
     assert q.dim() == 3, f"q must be [{rows}, H, D]; got {tuple(q.shape)}"
-    assert k_pool.dim() == 3 and v_pool.dim() == 3, (
+    assert len(k_pool.shape) == 3 and len(v_pool.shape) == 3, (
         f"pools must be [S, Hkv, D]; got {tuple(k_pool.shape)}, {tuple(v_pool.shape)}"
     )
     _, n_head, head_dim = q.shape
@@ -120,12 +123,14 @@ def check_paged(
     assert v_pool.shape[:2] == k_pool.shape[:2], (
         f"v_pool {tuple(v_pool.shape)} does not match k_pool {tuple(k_pool.shape)}"
     )
-    assert q.is_contiguous() and k_pool.is_contiguous() and v_pool.is_contiguous(), (
+    k, k_fmt = kv_operand(k_pool, n_kv, head_dim, "k_pool")
+    v, v_fmt = kv_operand(v_pool, n_kv, dv, "v_pool")
+    assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous(), (
         "q, k_pool and v_pool must be contiguous"
     )
     assert q.dtype in DTYPES, f"q must be f16/bf16/f32; got {q.dtype}"
-    assert k_pool.dtype in DTYPES and v_pool.dtype == k_pool.dtype, (
-        f"pools must share one dtype of f16/bf16/f32; got {k_pool.dtype}, {v_pool.dtype}"
+    assert k_fmt != KV_FLOAT or v_fmt != KV_FLOAT or v.dtype == k.dtype, (
+        f"float pools must share one dtype of f16/bf16/f32; got {k.dtype}, {v.dtype}"
     )
     assert n_head % n_kv == 0, f"H={n_head} is not a multiple of Hkv={n_kv}"
     assert head_dim <= MAX_HEAD_DIM and dv <= MAX_HEAD_DIM, (
@@ -144,7 +149,27 @@ def check_paged(
         f"block_tables must be int32 with contiguous rows; got {block_tables.dtype} "
         f"strides {block_tables.stride()}"
     )
-    return n_head, n_kv, head_dim, dv
+    return Paged(n_head, n_kv, head_dim, dv, k, k_fmt, v, v_fmt)
+
+
+@dataclass(frozen=True)
+class Paged:
+    """check_paged's result: the head counts and sizes, and each pool as its kernel takes it
+    (the tensor, its K_FMT / V_FMT id)."""
+
+    n_head: int
+    n_kv: int
+    head_dim: int
+    dv: int
+    k: torch.Tensor
+    k_fmt: int
+    v: torch.Tensor
+    v_fmt: int
+
+    @property
+    def f32(self) -> bool:
+        """The kernels multiply in fp32: an f32 pool, or a block type (dequantized to fp32)."""
+        return self.k_fmt != KV_FLOAT or self.v_fmt != KV_FLOAT or self.k.dtype == torch.float32
 
 
 def attention_decode(
@@ -161,7 +186,8 @@ def attention_decode(
     """q: [B, H, D], row b attending to positions 0..seq_lens[b]-1 of sequence b in the paged
     k_pool/v_pool ([S, Hkv, D] / [S, Hkv, Dv]; blocks block_tables[b] of block_size rows)
     -> f32 [B, H, Dv]."""
-    n_head, n_kv, head_dim, dv = check_paged(q, k_pool, v_pool, block_tables, block_size, "B")
+    paged = check_paged(q, k_pool, v_pool, block_tables, block_size, "B")
+    n_head, n_kv, head_dim, dv = paged.n_head, paged.n_kv, paged.head_dim, paged.dv
     n_rows = q.shape[0]
     group = n_head // n_kv
     assert group <= MAX_GROUP, f"at most {MAX_GROUP} query heads per KV head; got {group}"
@@ -202,8 +228,8 @@ def attention_decode(
         interp_slice = interp_p = 0
     _k._attention_decode_kernel[(n_kv, p, n_rows)](
         q,
-        k_pool,
-        v_pool,
+        paged.k,
+        paged.v,
         block_tables,
         seq_lens,
         part_o,
@@ -214,8 +240,8 @@ def attention_decode(
         block_tables.stride(0),
         p,
         n_head,
-        k_pool.stride(0),
-        v_pool.stride(0),
+        paged.k.stride(0),
+        paged.v.stride(0),
         GROUP=group,
         G_PAD=max(16, triton.next_power_of_2(group)),
         D=head_dim,
@@ -225,9 +251,11 @@ def attention_decode(
         BLOCK_S=block_s,
         KV_BLOCK=block_size,
         MIN_SLICE=cfg.min_slice,
-        SPLIT=k_pool.dtype != torch.float32,
-        PRECISION="ieee" if k_pool.dtype == torch.float32 or _INTERPRETED else "tf32",
+        SPLIT=not paged.f32,
+        PRECISION="ieee" if paged.f32 or _INTERPRETED else "tf32",
         INTERP_SLICE=interp_slice,
+        K_FMT=paged.k_fmt,
+        V_FMT=paged.v_fmt,
         num_warps=cfg.num_warps,
         num_stages=_triton_stages(cfg.num_stages),
         **pdl_launch(pdl),

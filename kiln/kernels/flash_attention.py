@@ -101,7 +101,8 @@ def attention_prefill(
     """q: [T, H, D], query t of sequence b (rows query_start[b]..query_start[b+1]-1) attending to
     positions 0..positions[t] of sequence b in the paged k_pool/v_pool ([S, Hkv, D] /
     [S, Hkv, Dv]; blocks block_tables[b] of block_size rows) -> f32 [T, H, Dv]."""
-    n_head, n_kv, head_dim, dv = check_paged(q, k_pool, v_pool, block_tables, block_size, "T")
+    paged = check_paged(q, k_pool, v_pool, block_tables, block_size, "T")
+    n_head, n_kv, head_dim, dv = paged.n_head, paged.n_kv, paged.head_dim, paged.dv
     n_tok = q.shape[0]
     group = n_head // n_kv
     n_seq = block_tables.shape[0]
@@ -129,7 +130,7 @@ def attention_prefill(
         ("positions", positions),
     ):
         assert t.device == dev, f"q on {dev}, {name} on {t.device}"
-    cfg = config or default_config(head_dim, dv, k_pool.dtype)
+    cfg = config or default_config(head_dim, dv, torch.float32 if paged.f32 else paged.k.dtype)
     for what in ("block_r", "block_n"):
         v = getattr(cfg, what)
         assert v >= 16 and v & (v - 1) == 0, f"{what} must be a power of 2 >= 16; got {v}"
@@ -140,11 +141,10 @@ def attention_prefill(
     n_blocks = block_tables.shape[1]
     block_n = min(cfg.block_n, block_size)  # a step stays inside one block
     grid = (n_kv, n_tiles(n_tok, n_seq, group, max_query_len, cfg.block_r))
-    f32 = k_pool.dtype == torch.float32
     _k._flash_attention_kernel[grid](
         q,
-        k_pool,
-        v_pool,
+        paged.k,
+        paged.v,
         block_tables,
         seq_lens,
         query_start,
@@ -155,8 +155,8 @@ def attention_prefill(
         n_blocks,
         block_tables.stride(0),
         n_head,
-        k_pool.stride(0),
-        v_pool.stride(0),
+        paged.k.stride(0),
+        paged.v.stride(0),
         GROUP=group,
         D=head_dim,
         D_PAD=max(16, triton.next_power_of_2(head_dim)),
@@ -166,7 +166,10 @@ def attention_prefill(
         BLOCK_N=block_n,
         KV_BLOCK=block_size,
         B_PAD=max(16, triton.next_power_of_2(n_seq)),
-        PRECISION="ieee" if f32 or _INTERPRETED else "tf32",
+        # fp32 pools multiply in fp32; block types (dequantized to fp32) in TF32 on the GPU
+        PRECISION="ieee" if paged.k.dtype == torch.float32 or _INTERPRETED else "tf32",
+        K_FMT=paged.k_fmt,
+        V_FMT=paged.v_fmt,
         INTERP_KEYS=n_blocks * block_size if _INTERPRETED else 0,
         num_warps=cfg.num_warps,
         num_stages=_triton_stages(cfg.num_stages),

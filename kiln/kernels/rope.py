@@ -10,6 +10,8 @@ One launch over the T * (H + Hkv) head rows writes q and K roped at `positions`,
 V rows into the cache pools at rows `slots` (each token's slot in the paged KV cache,
 kiln/kernels/attention.py; distinct within a call). Both are read on the device: no host sync,
 CUDA-graph safe. q, k, v may be views of a merged QKV result (any token stride, heads packed).
+A cache pool may be a block type's QuantizedRows (q8_0, q4_0: kiln/kernels/kv_cache.py): its
+rows are quantized in the kernel, the bytes kiln.quant.kv.write_rows writes.
 """
 
 from __future__ import annotations
@@ -18,26 +20,15 @@ import torch
 import triton
 
 from kiln.kernels import pdl_launch
+from kiln.kernels.kv_cache import kv_operand
 from kiln.kernels.norm import check_heads, num_warps_for, weight_f32
 from kiln.kernels.triton import rope as _k
+from kiln.quant.kv import QuantizedRows
 from kiln.weight import Weight
 
-_CACHE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_D = 1024
 # Under TRITON_INTERPRET=1 (CPU tests) @triton.jit gives an InterpretedFunction.
 _INTERPRETED = type(_k._qkv_norm_rope_kernel).__name__ == "InterpretedFunction"
-
-
-def _check_cache(cache: torch.Tensor, n_kv: int, d: int, what: str) -> None:
-    """cache: [S, Hkv, d] of a cache dtype, heads packed, any row stride."""
-    assert cache.dim() == 3, f"{what} must be [S, Hkv, D]; got {tuple(cache.shape)}"
-    assert cache.dtype in _CACHE_DTYPES, f"{what} must be f16/bf16/f32; got {cache.dtype}"
-    assert tuple(cache.shape[1:]) == (n_kv, d), (
-        f"{what} is {tuple(cache.shape)}, the new rows are [T, {n_kv}, {d}]"
-    )
-    assert cache.stride(2) == 1 and cache.stride(1) == d, (
-        f"{what} must have packed heads and a contiguous last dim; strides {cache.stride()}"
-    )
 
 
 def qkv_norm_rope(
@@ -51,8 +42,8 @@ def qkv_norm_rope(
     slots: torch.Tensor,
     freqs: torch.Tensor,
     neox: bool,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    k_cache: torch.Tensor | QuantizedRows,
+    v_cache: torch.Tensor | QuantizedRows,
     pdl: bool = False,
 ) -> torch.Tensor:
     """Q/K head RMSNorm (when the weights are given), RoPE at positions, K and V written into the
@@ -82,10 +73,12 @@ def qkv_norm_rope(
     assert freqs.device == dev, f"freqs on {freqs.device}, q on {dev}"
     rot = 2 * freqs.numel()
     assert 0 < rot <= d, f"rope rotates {rot} dims of heads of {d}"
-    _check_cache(k_cache, n_kv, d, "k_cache")
-    _check_cache(v_cache, n_kv, dv, "v_cache")
-    assert k_cache.shape[0] == v_cache.shape[0], "k_cache and v_cache differ in rows"
-    assert k_cache.device == dev and v_cache.device == dev, "caches must be on q's device"
+    kc, k_fmt = kv_operand(k_cache, n_kv, d, "k_cache")
+    vc, v_fmt = kv_operand(v_cache, n_kv, dv, "v_cache")
+    assert kc.shape[0] == vc.shape[0], "k_cache and v_cache differ in rows"
+    assert kc.device == dev and vc.device == dev, "caches must be on q's device"
+    assert k_fmt == 0 or d % 32 == 0, f"a block-type K cache needs D % 32 == 0; D={d}"
+    assert v_fmt == 0 or dv % 32 == 0, f"a block-type V cache needs Dv % 32 == 0; Dv={dv}"
 
     positions = positions.contiguous()
     slots = slots.contiguous()
@@ -106,8 +99,8 @@ def qkv_norm_rope(
         slots,
         freqs,
         q_out,
-        k_cache,
-        v_cache,
+        kc,
+        vc,
         n_head,
         n_kv,
         d,
@@ -115,14 +108,16 @@ def qkv_norm_rope(
         q.stride(0),
         k.stride(0),
         v.stride(0),
-        k_cache.stride(0),
-        v_cache.stride(0),
+        kc.stride(0),
+        vc.stride(0),
         eps,
         ROT=rot,
         NEOX=bool(neox),
         HAS_NORM=has_norm,
         BLOCK_D=block_d,
         BLOCK_DV=triton.next_power_of_2(dv),
+        K_FMT=k_fmt,
+        V_FMT=v_fmt,
         num_warps=num_warps_for(max(block_d, triton.next_power_of_2(dv))),
         **pdl_launch(pdl),
     )

@@ -236,20 +236,16 @@ def _gate_up(linear, gate, up):
 
 
 def check_kv_cache_types(k_type, v_type) -> None:
-    """The attention kernels read one float dtype for K and V (f16, bf16 or f32): a block type
-    (q8_0, q4_0) or two different types are refused with what to use instead."""
+    """The attention kernels read K and V each in q8_0 or q4_0 blocks (dequantized to fp32) or
+    in a float dtype (f16, bf16, f32), the two float ones of one dtype: two different float
+    types are refused with what to use instead."""
     from kiln.errors import UsageError
 
-    if k_type.quantized or v_type.quantized:
+    if not k_type.quantized and not v_type.quantized and k_type != v_type:
         raise UsageError(
-            f"the triton backend's attention kernels do not read a quantized KV cache yet "
-            f"(K {k_type.name}, V {v_type.name}): on the GPU use -ctk/-ctv f16 or bf16; "
-            f"q8_0 and q4_0 caches run on --backend cpu or torch"
-        )
-    if k_type != v_type:
-        raise UsageError(
-            f"the triton backend's attention kernels read K and V of one type, got K "
-            f"{k_type.name} and V {v_type.name}: give -ctk and -ctv the same type"
+            f"the triton backend's attention kernels read float K and V of one type, got K "
+            f"{k_type.name} and V {v_type.name}: give -ctk and -ctv the same float type (or "
+            f"either of them q8_0 or q4_0)"
         )
 
 

@@ -17,6 +17,7 @@ of the terms of a score: a relative error e of the score's terms moves the weigh
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import pytest
 import torch
 
 from kiln.ops import reference
+from kiln.quant.kv import QuantizedRows, cache_type
 from tests.kernels.sm90 import run_compile_check
 from tests.kernels.test_matvec import _check
 from tests.kernels.tolerances import ATTENTION_DECODE
@@ -109,6 +111,24 @@ def _visible_rows(p: Paged, b: int) -> torch.Tensor:
     return rows.to(p.k_pool.device)
 
 
+def _products_dtype(p: Paged) -> torch.dtype:
+    """The dtype the kernel multiplies in: the pool's, fp32 where K or V is a block type."""
+    if isinstance(p.k_pool, QuantizedRows) or isinstance(p.v_pool, QuantizedRows):
+        return torch.float32
+    return p.k_pool.dtype
+
+
+def quantized(pool: torch.Tensor, kind: str) -> torch.Tensor | QuantizedRows:
+    """A float pool [S, Hkv, D] in cache type `kind` (f16 stays a tensor); rows of NaN stay NaN
+    when read back (their d is NaN), so a kernel that reads one still shows it."""
+    kv = cache_type(kind)
+    if not kv.quantized:
+        return pool.to(kv.dtype)
+    out = kv.allocate(pool.shape[0], pool.shape[1], pool.shape[2], pool.device)
+    out.write(torch.arange(pool.shape[0], device=pool.device), pool)
+    return out
+
+
 def _compare(y, p: Paged, scale: float, what: str) -> None:
     """y [B, H, Dv] against the reference (which masks the NaN rows itself)."""
     ref = reference.attention_decode(*p.args(), scale)  # [B, H, Dv]
@@ -123,7 +143,7 @@ def _compare(y, p: Paged, scale: float, what: str) -> None:
         w = torch.softmax(scale * torch.einsum("hd,lhd->hl", qf, kf), dim=-1)  # [H, L]
         terms = scale * torch.einsum("hd,lhd->hl", qf.abs(), kf.abs()).amax(dim=-1)  # S: [H]
         mag = torch.einsum("hl,lhd->hd", w, vf.abs())  # [H, Dv]
-        rtol, atol, _reason = ATTENTION_DECODE[p.k_pool.dtype]
+        rtol, atol, _reason = ATTENTION_DECODE[_products_dtype(p)]
         bounds.append(atol + rtol * (1 + terms[:, None]) * mag)
     _check(y, ref, torch.stack(bounds), f"{what} lens={p.lens} bs={p.block_size}")
 
@@ -173,6 +193,24 @@ def test_attention_decode_matches_reference(heads, dtype) -> None:
         p = _paged(h, hkv, d, lens, bs, nb, dtype, torch.float32, gen)
         y = attention.attention_decode(*p.args(), scale, cfg)
         _compare(y, p, scale, f"{heads} {dtype} {cfg}")
+
+
+@pytest.mark.parametrize("kv", (("q8_0", "q8_0"), ("q4_0", "q8_0"), ("f16", "q4_0")))
+def test_attention_decode_reads_quantized_pools(kv) -> None:
+    """-ctk/-ctv q8_0 and q4_0: the kernel dequantizes the blocks of the rows it reads and
+    multiplies in fp32, as the reference does after its own dequantization; a float pool
+    beside a block type is read in fp32 too. Hidden rows (NaN) are never read."""
+    attention = _kernel()
+    h, hkv, d = 8, 2, 64
+    gen = torch.Generator(DEVICE).manual_seed(len(kv[0]) * 7 + len(kv[1]))
+    cases = _cases(attention)
+    for lens, bs, nb, cfg in cases if CUDA else cases[:2]:
+        p = _paged(h, hkv, d, lens, bs, nb, torch.float32, torch.float32, gen)
+        p = dataclasses.replace(
+            p, k_pool=quantized(p.k_pool, kv[0]), v_pool=quantized(p.v_pool, kv[1])
+        )
+        y = attention.attention_decode(*p.args(), d**-0.5, cfg)
+        _compare(y, p, d**-0.5, f"K {kv[0]} V {kv[1]} {cfg}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, **_ids)
@@ -331,6 +369,14 @@ with compile_only() as done:
     for bs in (16, 32, 128):  # block_s capped at 16 and 32; 128: steps of 64 inside a block
         run(32, 8, 128, torch.float16, bs=bs)
     run(32, 8, 128, torch.bfloat16, b=8)
+    # block-type pools (-ctk/-ctv q8_0, q4_0, and one beside f16)
+    from kiln.quant.kv import cache_type
+    tables = torch.zeros(1, 40960 // 64, dtype=torch.int32)
+    q = torch.zeros(1, 32, 128)
+    for kt, vt in (("q8_0", "q8_0"), ("q4_0", "q4_0"), ("q8_0", "f16")):
+        k = cache_type(kt).allocate(40960, 8, 128, torch.device("cpu"))
+        v = cache_type(vt).allocate(40960, 8, 128, torch.device("cpu"))
+        attention_decode(q, k, v, tables, torch.full((1,), 5), 64, 128 ** -0.5)
 for c in done:
     print(c.kernel, c.cubin_bytes, c.shared_bytes)
 """
@@ -344,8 +390,8 @@ def test_attention_kernels_compile_for_sm90() -> None:
     out = run_compile_check(_COMPILE.format(root=str(ROOT)))
     lines = [line.split() for line in out.splitlines() if line.strip()]
     names = [line[0] for line in lines]
-    assert names.count("_attention_decode_kernel") == 17, out
-    assert names.count("_attention_decode_combine_kernel") == 17, out  # one per launch
+    assert names.count("_attention_decode_kernel") == 20, out
+    assert names.count("_attention_decode_combine_kernel") == 20, out  # one per launch
     shared = [int(line[2]) for line in lines if line[0] == "_attention_decode_kernel"]
     assert shared[1] >= 4 * 64 * 128 * 2, f"qwen3-8b f16: K/V not double-buffered\n{out}"
     print(out)

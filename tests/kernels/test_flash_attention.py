@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from kiln.ops import reference
+from kiln.quant.kv import QuantizedRows
 from kiln.runtime.batch import ForwardBatch
 from tests.kernels.sm90 import run_compile_check
 from tests.kernels.test_matvec import _check
@@ -137,7 +138,9 @@ def _compare(y, c: Case, scale: float, what: str) -> None:
     assert bool(torch.isfinite(ref).all()), f"{what}: the reference read a hidden (NaN) row"
     bt, bs = c.batch.block_tables.cpu().long(), c.batch.block_size
     group = c.q.shape[1] // c.k_pool.shape[1]
-    rtol, atol, _reason = FLASH_ATTENTION[c.k_pool.dtype]
+    # block types multiply in fp32 (TF32 on the GPU: f16's mantissa), other pools in their dtype
+    quantized = isinstance(c.k_pool, QuantizedRows) or isinstance(c.v_pool, QuantizedRows)
+    rtol, atol, _reason = FLASH_ATTENTION[torch.float16 if quantized else c.k_pool.dtype]
     bounds, start = [], 0
     for b, (n, length) in enumerate(zip(c.batch.query_lens, c.batch.kv_lens)):
         rows = (bt[b, :, None] * bs + torch.arange(bs)).reshape(-1)[:length].to(DEVICE)
@@ -201,6 +204,23 @@ def test_flash_attention_matches_reference(heads, dtype) -> None:
         c = _case(qlens, starts, heads, bs, dtype, torch.float32, gen)
         y = flash.attention_prefill(*c.args(), scale, cfg)
         _compare(y, c, scale, f"{heads} {dtype} {cfg}")
+
+
+@pytest.mark.parametrize("kv", (("q8_0", "q8_0"), ("q4_0", "f16"), ("f16", "q4_0")))
+def test_flash_attention_reads_quantized_pools(kv) -> None:
+    """-ctk/-ctv q8_0 and q4_0: prompt chunks over block-type pools (and one beside f16), the
+    blocks dequantized to fp32 in the kernel; hidden rows (NaN once dequantized) never read."""
+    from tests.kernels.test_attention import quantized
+
+    flash = _kernel()
+    heads = (8, 2, 64)
+    gen = torch.Generator(DEVICE).manual_seed(len(kv[0]) + 3 * len(kv[1]))
+    cases = _cases(_small(flash))
+    for qlens, starts, bs, cfg in cases if CUDA else cases[4:7]:
+        c = _case(qlens, starts, heads, bs, torch.float32, torch.float32, gen)
+        c = Case(c.q, quantized(c.k_pool, kv[0]), quantized(c.v_pool, kv[1]), c.batch)
+        y = flash.attention_prefill(*c.args(), 64**-0.5, cfg)
+        _compare(y, c, 64**-0.5, f"K {kv[0]} V {kv[1]} {cfg}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, **_ids)
@@ -419,6 +439,15 @@ with compile_only() as done:
         run(32, 8, 128, torch.bfloat16, bs=16)  # steps capped at the block size
         run(32, 8, 128, torch.bfloat16, bs=128, pdl=True)
         run(32, 8, 128, torch.float32)  # fp32 cache: CUDA cores (tests)
+        from kiln.quant.kv import cache_type
+        for kt, vt in (("q8_0", "q8_0"), ("q4_0", "q4_0")):  # -ctk/-ctv block types
+            k = cache_type(kt).allocate(4096, 8, 128, torch.device("cpu"))
+            v = cache_type(vt).allocate(4096, 8, 128, torch.device("cpu"))
+            attention_prefill(
+                torch.zeros(512, 32, 128), k, v, torch.zeros(1, 64, dtype=torch.int32),
+                torch.full((1,), 512), torch.zeros(2, dtype=torch.int64),
+                torch.zeros(512, dtype=torch.int64), 64, 512, 128 ** -0.5,
+            )
     finally:
         JITFunction.run = compile_instead
 for c, p in zip(done, ptx):
@@ -443,11 +472,12 @@ def test_flash_attention_compiles_for_sm90() -> None:
 
     out = run_compile_check(_COMPILE.format(root=str(ROOT)))
     rows = [line.split() for line in out.splitlines() if line.startswith("_flash")]
-    assert len(rows) == 11, out
+    assert len(rows) == 13, out
     for i, (_name, _cubin, shared, wgmma, mma, launch_pdl, waits) in enumerate(rows):
         assert int(shared) <= SHARED_LIMIT, f"variant {i}: {shared} B of shared memory\n{out}"
-        want_tc = i < 10  # all but the fp32 cache
-        assert int(wgmma) == want_tc, f"variant {i}: wgmma={wgmma} mma.sync={mma}\n{out}"
+        want_tc = i < 10  # all but the fp32 cache (and the block types: TF32, as compiled)
+        if i < 11:
+            assert int(wgmma) == want_tc, f"variant {i}: wgmma={wgmma} mma.sync={mma}\n{out}"
         assert launch_pdl == waits == str(int(i == 9)), f"variant {i}: pdl\n{out}"
     # q (32 KB) + 3 K/V steps of 16 KB each (2 in flight) at D = 128, bf16
     assert int(rows[0][2]) >= 32768 + 3 * 2 * 64 * 128 * 2, out

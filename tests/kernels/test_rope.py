@@ -150,6 +150,44 @@ def test_qkv_norm_rope_matches_reference(cache_dtype, neox, with_norm) -> None:
         _run_case(rope, shape, cache_dtype, neox, with_norm, torch.float32, gen)
 
 
+@pytest.mark.parametrize("v_type", ("q8_0", "q4_0", "f16"))
+@pytest.mark.parametrize("k_type", ("q8_0", "q4_0"))
+def test_quantized_cache_rows(k_type: str, v_type: str) -> None:
+    """Block-type pools (-ctk/-ctv q8_0, q4_0): the kernel quantizes the rows it writes as
+    kiln.quant.kv.write_rows does. V is copied, so its bytes equal the reference's; K is normed
+    and rotated (fp32 rounding may move a value across a rounding boundary), so its values are
+    within one quantization step of the reference's. Other rows stay as they were."""
+    from kiln.quant.kv import cache_type
+
+    rope = _kernels()
+    gen = torch.Generator().manual_seed(23)
+    for t, h, hkv, d, rot, c in ((5, 4, 2, 64, 64, 24), (3, 8, 2, 128, 96, 16)):
+        q, k, v = _merged(t, h, hkv, d, d, torch.float32, gen, 2.0)
+        qw, kw = _norm_weight(d, gen), _norm_weight(d, gen)
+        freqs = reference.rope_frequencies(rot, 10000.0, None, DEVICE)
+        positions = _positions(t, c)
+        slots = _slots(positions, c, 7 * t + d)
+        kt, vt = cache_type(k_type), cache_type(v_type)
+        pools = [kt.allocate(c, hkv, d, DEVICE), vt.allocate(c, hkv, d, DEVICE)]
+        refs = [kt.allocate(c, hkv, d, DEVICE), vt.allocate(c, hkv, d, DEVICE)]
+        args = (1e-6, positions, slots, freqs, False)
+        out = rope.qkv_norm_rope(q, k, v, qw, kw, *args, *pools)
+        ref = reference.qkv_norm_rope(q, k, v, qw, kw, *args, *refs)
+        what = f"K {k_type} V {v_type} T={t} D={d} rot={rot}"
+        rtol, atol, _ = DECODE_FUSIONS["qkv_norm_rope"]
+        _check(out, ref, atol + rtol * _pair_magnitude(_normed(q, qw), rot, False), what + " q")
+        got, want = pools[0][slots].float(), refs[0][slots].float()
+        blocks = want.reshape(t, hkv, d // 32, 32).abs().amax(-1, keepdim=True)
+        step = (blocks / (127.0 if k_type == "q8_0" else 8.0)).expand(-1, -1, -1, 32)
+        _check(got, want, 1e-5 + 1.01 * step.reshape(t, hkv, d), what + " k_cache")
+        v_data = (pools[1].data if v_type != "f16" else pools[1])[slots]
+        v_want = (refs[1].data if v_type != "f16" else refs[1])[slots]
+        assert torch.equal(v_data, v_want), what + ": v_cache rows differ"
+        others = torch.ones(c, dtype=torch.bool, device=DEVICE)
+        others[slots] = False
+        assert not pools[0].data[others].any(), what + ": other k_cache rows changed"
+
+
 @pytest.mark.parametrize("act", (torch.float16, torch.bfloat16), **_ids)
 def test_qkv_norm_rope_half_inputs(act) -> None:
     """A QKV result in f16/bf16 (converted exactly to fp32 first), into an f16 and a bf16 cache."""
@@ -356,15 +394,24 @@ with compile_only() as done:
     vc = torch.zeros(4096, 8, 64, dtype=torch.float16)
     rope.qkv_norm_rope(q, k, v, None, None, 1e-5, pos, slot, torch.ones(32), False, kc, vc)
     rope.qkv_norm_rope(q, k, v, None, None, 1e-5, pos, slot, torch.ones(16), True, kc, vc)
+    # block-type pools (-ctk/-ctv q8_0, q4_0), D = 128 and 64
+    from kiln.quant.kv import cache_type
+    for d in (128, 64):
+        q, k, v = qkv(1, 32, 8, d)
+        for kt, vt in (("q8_0", "q8_0"), ("q4_0", "q4_0"), ("q8_0", "f16")):
+            kc = cache_type(kt).allocate(4096, 8, d, torch.device("cpu"))
+            vc = cache_type(vt).allocate(4096, 8, d, torch.device("cpu"))
+            half = torch.ones(d // 2)
+            rope.qkv_norm_rope(q, k, v, None, None, 1e-6, pos, slot, half, False, kc, vc)
 for c in done:
     print(c.kernel, c.cubin_bytes, c.shared_bytes)
 """
 
 
 def test_rope_kernel_compiles_for_sm90() -> None:
-    """Every launched variant (cache dtype x NEOX x HAS_NORM, D = 64/128, rot < D, bf16 input)
-    compiles for an H100 with the real compiler (no GPU needed)."""
+    """Every launched variant (cache dtype x NEOX x HAS_NORM, D = 64/128, rot < D, bf16 input,
+    q8_0/q4_0 pools) compiles for an H100 with the real compiler (no GPU needed)."""
     out = run_compile_check(_COMPILE.format(root=str(ROOT)))
     names = [line.split()[0] for line in out.splitlines() if line.strip()]
-    assert names.count("_qkv_norm_rope_kernel") == 14, out
+    assert names.count("_qkv_norm_rope_kernel") == 20, out
     print(out)

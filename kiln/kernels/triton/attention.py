@@ -37,6 +37,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kiln.kernels.triton.kv_cache import KV_FLOAT, _block_bytes, _block_ptr, _load_values
 from kiln.kernels.triton.pdl import wait_for_inputs
 
 
@@ -71,6 +72,11 @@ def _attend_block(
     SPLIT: tl.constexpr,
     PRECISION: tl.constexpr,
     INTERP: tl.constexpr,
+    kj,  # [D_PAD, 1] value of its block of each d (K_FMT a block type; else unused)
+    vj,  # [1, DV_PAD] (V_FMT a block type)
+    K_FMT: tl.constexpr,  # KV_FLOAT: k_base typed; a block type: k_base the blocks of each d
+    V_FMT: tl.constexpr,
+    F32: tl.constexpr,  # fp32 products (an f32 or a block-type pool)
 ):
     """One online-softmax step over positions s0 .. s0 + BLOCK_S - 1 (those < end)."""
     DT = k_base.dtype.element_ty
@@ -81,13 +87,17 @@ def _attend_block(
     rows = block * KV_BLOCK + (s0 % KV_BLOCK) + offs  # [BLOCK_S] pool rows (int64)
     d_ok = tl.arange(0, k_base.shape[0]) < D
     dv_ok = tl.arange(0, v_base.shape[1]) < DV
-    kt = tl.load(
-        k_base + rows[None, :] * stride_kc, mask=d_ok[:, None] & s_ok[None, :], other=0.0
-    )  # [D_PAD, BLOCK_S]
-    v = tl.load(
-        v_base + rows[:, None] * stride_vc, mask=s_ok[:, None] & dv_ok[None, :], other=0.0
-    )  # [BLOCK_S, DV_PAD]
-    if INTERP:  # the interpreter multiplies bf16 as raw uint16 bits: fp32 operands (exact)
+    k_mask = d_ok[:, None] & s_ok[None, :]
+    v_mask = s_ok[:, None] & dv_ok[None, :]
+    if K_FMT == KV_FLOAT:
+        kt = tl.load(k_base + rows[None, :] * stride_kc, mask=k_mask, other=0.0)  # [D_PAD, BLOCK_S]
+    else:
+        kt = _load_values(k_base + rows[None, :] * stride_kc, kj, k_mask, K_FMT)
+    if V_FMT == KV_FLOAT:
+        v = tl.load(v_base + rows[:, None] * stride_vc, mask=v_mask, other=0.0)  # [BLOCK_S, DV_PAD]
+    else:
+        v = _load_values(v_base + rows[:, None] * stride_vc, vj, v_mask, V_FMT)
+    if INTERP or F32:  # the interpreter multiplies bf16 as raw uint16 bits: fp32 operands (exact)
         kt = kt.to(tl.float32)
         v = v.to(tl.float32)
     scores = tl.dot(q_hi, kt, input_precision=PRECISION)  # [G_PAD, BLOCK_S]
@@ -142,6 +152,8 @@ def _attention_decode_kernel(
     SPLIT: tl.constexpr,  # f16/bf16 cache: hi/lo split of the fp32 operands (module docstring)
     PRECISION: tl.constexpr,  # "ieee" for fp32 operands (no TF32); ignored for f16/bf16
     INTERP_SLICE: tl.constexpr,  # largest slice under TRITON_INTERPRET, else 0 (see below)
+    K_FMT: tl.constexpr = KV_FLOAT,  # k_ptr: a float pool, or uint8 blocks (kv_cache.py)
+    V_FMT: tl.constexpr = KV_FLOAT,
     PDL: tl.constexpr = False,  # programmatic dependent launch (pdl.py)
 ):
     if PDL:
@@ -181,8 +193,17 @@ def _attention_decode_kernel(
     m_i = tl.full([G_PAD], float("-inf"), dtype=tl.float32)  # running max of log2 scores
     l_i = tl.zeros([G_PAD], dtype=tl.float32)  # running sum of exp2(score - m_i)
     acc = tl.zeros([G_PAD, DV_PAD], dtype=tl.float32)
-    k_base = k_ptr + kvh * D + d[:, None]  # [D_PAD, 1]: K is read transposed, [D_PAD, BLOCK_S]
-    v_base = v_ptr + kvh * DV + dv[None, :]  # [1, DV_PAD]
+    f32: tl.constexpr = K_FMT != KV_FLOAT or V_FMT != KV_FLOAT or DT == tl.float32
+    kj = d[:, None] % 32  # a block type's value of its block
+    vj = dv[None, :] % 32
+    if K_FMT == KV_FLOAT:  # [D_PAD, 1]: K is read transposed, [D_PAD, BLOCK_S]
+        k_base = k_ptr + kvh * D + d[:, None]
+    else:  # stride_kc in bytes
+        k_base = _block_ptr(k_ptr + kvh * (D // 32) * _block_bytes(K_FMT), d[:, None], K_FMT)
+    if V_FMT == KV_FLOAT:  # [1, DV_PAD]
+        v_base = v_ptr + kvh * DV + dv[None, :]
+    else:
+        v_base = _block_ptr(v_ptr + kvh * (DV // 32) * _block_bytes(V_FMT), dv[None, :], V_FMT)
     # Triton 3.6's interpreter holds scalars as 1-element arrays, which numpy >= 2.4 refuses to
     # turn into a Python int for range(): there the loop runs over the largest slice and skips
     # the steps past `end` by a Python `if`. Compiled, it runs over [start, end) only, so an
@@ -210,6 +231,11 @@ def _attention_decode_kernel(
                     SPLIT,
                     PRECISION,
                     interp,
+                    kj,
+                    vj,
+                    K_FMT,
+                    V_FMT,
+                    f32,
                 )
     else:
         for s0 in range(start, end, BLOCK_S):
@@ -233,6 +259,11 @@ def _attention_decode_kernel(
                 SPLIT,
                 PRECISION,
                 interp,
+                kj,
+                vj,
+                K_FMT,
+                V_FMT,
+                f32,
             )
 
     active = start < end

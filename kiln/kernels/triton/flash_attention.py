@@ -43,16 +43,26 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kiln.kernels.triton.kv_cache import KV_FLOAT, _block_bytes, _block_ptr, _load_values
 from kiln.kernels.triton.pdl import wait_for_inputs
 
 
 @triton.jit
-def _load_rows(base, rows, stride, n_ok, N_MASK: tl.constexpr, W: tl.constexpr):
-    """[BLOCK_N, W_PAD] from base ([1, W_PAD] pointers to column w of pool row 0) at the given
-    pool rows; rows with n_ok False (N_MASK) and columns >= W read as 0."""
+def _load_rows(
+    base, rows, stride, n_ok, N_MASK: tl.constexpr, W: tl.constexpr, j, FMT: tl.constexpr
+):
+    """[BLOCK_N, W_PAD] from base ([1, W_PAD] pointers to column w of pool row 0; a block type
+    (FMT): to the block of column w, j its value in the block) at the given pool rows; rows
+    with n_ok False (N_MASK) and columns >= W read as 0. A block type's values come as fp32."""
     W_PAD: tl.constexpr = base.shape[1]
     ptrs = base + rows[:, None] * stride
-    if N_MASK:
+    if FMT != KV_FLOAT:
+        w_ok = tl.arange(0, W_PAD)[None, :] < W
+        if N_MASK:
+            x = _load_values(ptrs, j, n_ok[:, None] & w_ok, FMT)
+        else:
+            x = _load_values(ptrs, j, w_ok, FMT)
+    elif N_MASK:
         if W == W_PAD:
             x = tl.load(ptrs, mask=n_ok[:, None], other=0.0)
         else:
@@ -88,20 +98,27 @@ def _flash_step(
     MASKED: tl.constexpr,  # a diagonal step: per-row causal mask, keys past hi not read
     PRECISION: tl.constexpr,
     INTERP: tl.constexpr,
+    kj,  # [1, D_PAD] value of its block of each d (K_FMT a block type; else unused)
+    vj,  # [1, DV_PAD] (V_FMT a block type)
+    K_FMT: tl.constexpr,  # KV_FLOAT: k_base typed; a block type: k_base the blocks of each d
+    V_FMT: tl.constexpr,
+    DT: tl.constexpr,  # the products' dtype: the pool's, fp32 for a block type
 ):
     """One online-softmax step over keys s0 .. s0 + BLOCK_N - 1."""
-    DT = k_base.dtype.element_ty
     offs = tl.arange(0, BLOCK_N)
     keys = s0 + offs
     # The step lies in one block (BLOCK_N divides KV_BLOCK): one table entry, contiguous rows.
     block = tl.load(bt_row + s0 // KV_BLOCK).to(tl.int64)
     rows = block * KV_BLOCK + (s0 % KV_BLOCK) + offs  # [BLOCK_N] pool rows (int64)
     n_ok = keys < hi
-    k = _load_rows(k_base, rows, stride_kc, n_ok, MASKED, D)  # [BLOCK_N, D_PAD]
-    v = _load_rows(v_base, rows, stride_vc, n_ok, MASKED, DV)  # [BLOCK_N, DV_PAD]
+    k = _load_rows(k_base, rows, stride_kc, n_ok, MASKED, D, kj, K_FMT)  # [BLOCK_N, D_PAD]
+    v = _load_rows(v_base, rows, stride_vc, n_ok, MASKED, DV, vj, V_FMT)  # [BLOCK_N, DV_PAD]
     if INTERP:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
+    else:
+        k = k.to(DT)
+        v = v.to(DT)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BLOCK_R, BLOCK_N] log2 units
     if MASKED:
         s = tl.where(keys[None, :] <= last[:, None], s, float("-inf"))
@@ -146,6 +163,8 @@ def _flash_attention_kernel(
     B_PAD: tl.constexpr,  # a power of 2 >= B
     PRECISION: tl.constexpr,  # "ieee" for an f32 cache (no TF32); ignored for f16/bf16
     INTERP_KEYS: tl.constexpr,  # NB * KV_BLOCK under TRITON_INTERPRET, else 0 (see below)
+    K_FMT: tl.constexpr = KV_FLOAT,  # k_ptr: a float pool, or uint8 blocks (kv_cache.py)
+    V_FMT: tl.constexpr = KV_FLOAT,
     PDL: tl.constexpr = False,  # programmatic dependent launch (pdl.py)
 ):
     if PDL:
@@ -153,7 +172,11 @@ def _flash_attention_kernel(
     interp: tl.constexpr = INTERP_KEYS > 0
     kvh = tl.program_id(0)
     pid = tl.program_id(1)
-    DT = k_ptr.dtype.element_ty
+    # the products' dtype: the pool's, fp32 where K or V is a block type (or both f32)
+    if K_FMT == KV_FLOAT and V_FMT == KV_FLOAT:
+        DT: tl.constexpr = k_ptr.dtype.element_ty
+    else:
+        DT: tl.constexpr = tl.float32
 
     # -- which tile: sequence b has ceil(n_b * GROUP / BLOCK_R) tiles; heaviest first ---------
     bi = tl.arange(0, B_PAD)
@@ -202,8 +225,16 @@ def _flash_attention_kernel(
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, DV_PAD], dtype=tl.float32)
-    k_base = k_ptr + kvh * D + d[None, :]  # [1, D_PAD]
-    v_base = v_ptr + kvh * DV + dv[None, :]  # [1, DV_PAD]
+    kj = d[None, :] % 32  # a block type's value of its block
+    vj = dv[None, :] % 32
+    if K_FMT == KV_FLOAT:
+        k_base = k_ptr + kvh * D + d[None, :]  # [1, D_PAD]
+    else:  # stride_kc in bytes
+        k_base = _block_ptr(k_ptr + kvh * (D // 32) * _block_bytes(K_FMT), d[None, :], K_FMT)
+    if V_FMT == KV_FLOAT:
+        v_base = v_ptr + kvh * DV + dv[None, :]  # [1, DV_PAD]
+    else:
+        v_base = _block_ptr(v_ptr + kvh * (DV // 32) * _block_bytes(V_FMT), dv[None, :], V_FMT)
     # Triton 3.6's interpreter holds scalars as 1-element arrays, which numpy >= 2.4 refuses to
     # turn into a Python int for range(): there the loop runs over the whole table row and
     # skips the steps past hi by a Python `if` (as in attention.py). Compiled, the two loops run
@@ -213,23 +244,25 @@ def _flash_attention_kernel(
             if s0 < lo:
                 m_i, l_i, acc = _flash_step(
                     q, k_base, v_base, bt_row, s0, last, hi, stride_kc, stride_vc, m_i, l_i,
-                    acc, D, DV, BLOCK_N, KV_BLOCK, False, PRECISION, interp,
+                    acc, D, DV, BLOCK_N, KV_BLOCK, False, PRECISION, interp, kj, vj, K_FMT,
+                    V_FMT, DT,
                 )  # fmt: skip
             elif s0 < hi:
                 m_i, l_i, acc = _flash_step(
                     q, k_base, v_base, bt_row, s0, last, hi, stride_kc, stride_vc, m_i, l_i,
-                    acc, D, DV, BLOCK_N, KV_BLOCK, True, PRECISION, interp,
+                    acc, D, DV, BLOCK_N, KV_BLOCK, True, PRECISION, interp, kj, vj, K_FMT,
+                    V_FMT, DT,
                 )  # fmt: skip
     else:
         for s0 in range(0, lo, BLOCK_N):
             m_i, l_i, acc = _flash_step(
                 q, k_base, v_base, bt_row, s0, last, hi, stride_kc, stride_vc, m_i, l_i, acc,
-                D, DV, BLOCK_N, KV_BLOCK, False, PRECISION, interp,
+                D, DV, BLOCK_N, KV_BLOCK, False, PRECISION, interp, kj, vj, K_FMT, V_FMT, DT,
             )  # fmt: skip
         for s0 in range(lo, hi, BLOCK_N):
             m_i, l_i, acc = _flash_step(
                 q, k_base, v_base, bt_row, s0, last, hi, stride_kc, stride_vc, m_i, l_i, acc,
-                D, DV, BLOCK_N, KV_BLOCK, True, PRECISION, interp,
+                D, DV, BLOCK_N, KV_BLOCK, True, PRECISION, interp, kj, vj, K_FMT, V_FMT, DT,
             )  # fmt: skip
 
     o_rows = (tok * H + head) * DV  # [BLOCK_R]

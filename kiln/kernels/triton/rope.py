@@ -4,8 +4,9 @@ Program p owns head row j = p % (H + HKV) of token t = p // (H + HKV) (the order
 QKV row): a query head (j < H) is normalized, rotated by positions[t] and written to q_out; a key
 head is normalized, rotated and written to k_cache at row slots[t] (the token's row in the paged
 KV pool, kiln/kernels/attention.py), and the program also copies value head j - H into v_cache
-at the same row. Positions and slots are read on the device, so a captured CUDA graph serves
-every step and every block table.
+at the same row. A pool of a block type (q8_0, q4_0: K_FMT / V_FMT, kv_cache.py) gets the row
+quantized as ggml's reference quantizer does. Positions and slots are read on the device, so a
+captured CUDA graph serves every step and every block table.
 
 RoPE as kiln.ops.reference.rope: dims d < ROT are rotated in pairs, NEOX=False pairs (2i, 2i+1),
 NEOX=True pairs (i, i + ROT/2), by the angle pos * freqs[i] (fp32); dims d >= ROT are kept.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kiln.kernels.triton.kv_cache import KV_FLOAT, _block_bytes, _quantize_row
 from kiln.kernels.triton.norm import _rms_scale
 from kiln.kernels.triton.pdl import wait_for_inputs
 
@@ -61,8 +63,8 @@ def _qkv_norm_rope_kernel(
     slot_ptr,  # int64 [T]: pool row of each token's K and V
     freq_ptr,  # f32 [ROT / 2]
     qo_ptr,  # f32 [T, H, D] contiguous
-    kc_ptr,  # [S, HKV, D] f16/bf16/f32 pool, row stride stride_kc, head stride D
-    vc_ptr,  # [S, HKV, DV] f16/bf16/f32 pool, row stride stride_vc, head stride DV
+    kc_ptr,  # [S, HKV, D] f16/bf16/f32 pool, row stride stride_kc, head stride D; or K_FMT's
+    vc_ptr,  # [S, HKV, DV] f16/bf16/f32 pool (row stride stride_vc) or V_FMT's uint8 blocks
     H,
     HKV,
     D,
@@ -78,6 +80,8 @@ def _qkv_norm_rope_kernel(
     HAS_NORM: tl.constexpr,
     BLOCK_D: tl.constexpr,  # next power of two >= D
     BLOCK_DV: tl.constexpr,  # next power of two >= DV
+    K_FMT: tl.constexpr = KV_FLOAT,  # k_cache: a float pool, or uint8 blocks (kv_cache.py)
+    V_FMT: tl.constexpr = KV_FLOAT,
     PDL: tl.constexpr = False,  # programmatic dependent launch (pdl.py)
 ):
     if PDL:
@@ -115,10 +119,18 @@ def _qkv_norm_rope_kernel(
         slot = tl.load(slot_ptr + t)  # int64 scalar
         k_src = k_ptr + t * stride_kt + hk * D
         ky = _norm_rope_row(k_src, kw_ptr, d, partner, mask, rotated, cos, sin, D, eps, HAS_NORM)
-        ky = _to_cache(ky, kc_ptr.dtype.element_ty)
-        tl.store(kc_ptr + slot * stride_kc + hk * D + d, ky, mask=mask)
+        if K_FMT == KV_FLOAT:
+            ky = _to_cache(ky, kc_ptr.dtype.element_ty)
+            tl.store(kc_ptr + slot * stride_kc + hk * D + d, ky, mask=mask)
+        else:  # the row quantized into its blocks (stride_kc in bytes)
+            k_row = kc_ptr + slot * stride_kc + hk * (D // 32) * _block_bytes(K_FMT)
+            _quantize_row(k_row, ky, D, BLOCK_D, K_FMT)
         dv = tl.arange(0, BLOCK_DV)
         v_mask = dv < DV
         v = tl.load(v_ptr + t * stride_vt + hk * DV + dv, mask=v_mask, other=0.0)
-        v = _to_cache(v.to(tl.float32), vc_ptr.dtype.element_ty)
-        tl.store(vc_ptr + slot * stride_vc + hk * DV + dv, v, mask=v_mask)
+        if V_FMT == KV_FLOAT:
+            v = _to_cache(v.to(tl.float32), vc_ptr.dtype.element_ty)
+            tl.store(vc_ptr + slot * stride_vc + hk * DV + dv, v, mask=v_mask)
+        else:
+            v_row = vc_ptr + slot * stride_vc + hk * (DV // 32) * _block_bytes(V_FMT)
+            _quantize_row(v_row, v.to(tl.float32), DV, BLOCK_DV, V_FMT)

@@ -1,0 +1,112 @@
+"""Quantized KV-cache rows in the kernels: the q8_0 and q4_0 block types of kiln/quant/kv.py
+(llama.cpp's -ctk/-ctv), written by qkv_norm_rope and read by the attention kernels.
+
+A pool of a block type is uint8 [S, Hkv, D / 32 * BS]: each head's row is D / 32 GGML blocks of
+BS bytes (q8_0: 34, an f16 d then 32 int8 quants, value = d * q; q4_0: 18, an f16 d then 16
+bytes of nibbles, value j < 16 the low nibble of byte j and value j >= 16 the high nibble of
+byte j - 16, value = d * (q - 8)). `_quantize_row` quantizes one head's row as
+kiln/quant/legacy.py's _quantize_q8_0 / _quantize_q4_0 do (ggml's reference quantizers): the same
+fp32 operations with correctly rounded divisions, so both write the same bytes. `_load_values`
+dequantizes any set of values of a pool to fp32.
+
+Only @triton.jit functions and the format-id constexprs live here.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# The KV formats (the kernels' K_FMT / V_FMT constexprs): a float pool (its own dtype), q8_0, q4_0.
+KV_FLOAT: tl.constexpr = tl.constexpr(0)
+KV_Q8_0: tl.constexpr = tl.constexpr(1)
+KV_Q4_0: tl.constexpr = tl.constexpr(2)
+
+
+@triton.jit
+def _block_bytes(FMT: tl.constexpr):
+    """Bytes of one block of 32 values."""
+    if FMT == KV_Q8_0:
+        return 34
+    else:
+        return 18
+
+
+@triton.jit
+def _block_ptr(head_ptr, d, FMT: tl.constexpr):
+    """Pointers to the block of value d (any shape) of a head's row starting at head_ptr."""
+    return head_ptr + (d // 32) * _block_bytes(FMT)
+
+
+@triton.jit
+def _load_values(blk, j, mask, FMT: tl.constexpr):
+    """fp32 values j (0..31) of the blocks at byte pointers blk (same shape as j, or broadcast);
+    masked values read 0."""
+    lo = tl.load(blk, mask=mask, other=0).to(tl.uint16)
+    hi = tl.load(blk + 1, mask=mask, other=0).to(tl.uint16)
+    d = (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+    if FMT == KV_Q8_0:
+        q = tl.load(blk + 2 + j, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+        return d * q
+    else:
+        byte = tl.load(blk + 2 + j % 16, mask=mask, other=0)
+        q = ((byte >> ((j // 16) * 4)) & 0x0F).to(tl.float32) - 8.0
+        return d * q
+
+
+@triton.jit
+def _low_byte(y):
+    """fp32 of integral values -> int32 0..255 (legacy.py's _low_byte: through int32)."""
+    ok = tl.abs(y) < 2147483648.0
+    return tl.where(ok, y, 0.0).to(tl.int32) & 0xFF
+
+
+@triton.jit
+def _recip(d):
+    """1 / d correctly rounded (1 where d is 0: the caller discards it)."""
+    return tl.math.div_rn(tl.full(d.shape, 1.0, tl.float32), tl.where(d == 0, 1.0, d))
+
+
+@triton.jit
+def _store_f16(ptr, x, mask):
+    """x fp32 rounded to f16 (to nearest even), stored little-endian as two bytes at ptr."""
+    bits = x.to(tl.float16).to(tl.uint16, bitcast=True)
+    tl.store(ptr, (bits & 0xFF).to(tl.uint8), mask=mask)
+    tl.store(ptr + 1, (bits >> 8).to(tl.uint8), mask=mask)
+
+
+@triton.jit
+def _quantize_row(head_ptr, x, D, BLOCK: tl.constexpr, FMT: tl.constexpr):
+    """Store fp32 x [BLOCK] (values 0..D-1 of one head's row; D a multiple of 32, BLOCK a power
+    of two >= D; values past D are not read into any stored block) as the row's D / 32 blocks
+    at byte pointer head_ptr."""
+    NB: tl.constexpr = BLOCK // 32
+    xb = tl.reshape(x, (NB, 32))
+    blk = tl.arange(0, NB)
+    b_ok = blk < D // 32
+    j = tl.arange(0, 32)
+    ptr = head_ptr + blk * _block_bytes(FMT)  # [NB]
+    if FMT == KV_Q8_0:
+        d = tl.math.div_rn(tl.max(tl.abs(xb), axis=1), tl.full([NB], 127.0, tl.float32))
+        inv = tl.where(d == 0, 0.0, _recip(d))
+        v = xb * inv[:, None]
+        a = tl.abs(v)
+        fl = tl.floor(a)
+        r = fl + tl.floor(2 * (a - fl))  # |round half away from zero|, gguf's np_roundf
+        q = _low_byte(tl.where(v < 0, -r, r))
+        _store_f16(ptr, d, b_ok)
+        tl.store(ptr[:, None] + 2 + j[None, :], q.to(tl.uint8), mask=b_ok[:, None])
+    else:
+        # the value of largest magnitude, its sign kept (the first one on ties)
+        at = tl.argmax(tl.abs(xb), axis=1, tie_break_left=True)
+        mx = tl.sum(tl.where(j[None, :] == at[:, None], xb, 0.0), axis=1)
+        d = mx * -0.125  # / -8: exact
+        inv = tl.where(d == 0, 0.0, _recip(d))
+        y = xb * inv[:, None] + 8.5
+        q = tl.minimum(_low_byte(tl.where(y < 0, tl.ceil(y), tl.floor(y))), 15)  # trunc
+        halves = tl.permute(tl.reshape(q, (NB, 2, 16)), (0, 2, 1))  # [NB, 16, 2]
+        low, high = tl.split(halves)
+        _store_f16(ptr, d, b_ok)
+        i = tl.arange(0, 16)
+        packed = (low | (high << 4)).to(tl.uint8)
+        tl.store(ptr[:, None] + 2 + i[None, :], packed, mask=b_ok[:, None])

@@ -3,7 +3,8 @@ uint8 blocks of a block type (q8_0, q4_0: kiln/quant/kv.py's QuantizedRows, [S, 
 block bytes]) that qkv_norm_rope quantizes rows into and the attention kernels dequantize
 (kernels/triton/kv_cache.py).
 
-    kv_operand(pool, n_kv, d, what) -> (the tensor a kernel takes, its K_FMT / V_FMT id)
+    kv_operand(pool, n_kv, d, what) -> (the tensor a kernel takes, its K_FMT / V_FMT id, whether
+                                        its rows are stored rotated: kiln/quant/kv.py)
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ KV_FLOAT = 0
 BLOCK_IDS = {GGMLQuantizationType.Q8_0: 1, GGMLQuantizationType.Q4_0: 2}
 
 
-def kv_operand(pool, n_kv: int, d: int, what: str) -> tuple[torch.Tensor, int]:
+def kv_operand(pool, n_kv: int, d: int, what: str) -> tuple[torch.Tensor, int, bool]:
     """The tensor a kernel reads for this pool and its format id, checked: [S, n_kv, d] values,
     heads packed, a contiguous last dim, any row stride (in elements of the tensor: bytes for a
     block type)."""
@@ -34,7 +35,7 @@ def kv_operand(pool, n_kv: int, d: int, what: str) -> tuple[torch.Tensor, int]:
         assert data.dtype == torch.uint8 and data.stride(2) == 1 and data.stride(1) == row, (
             f"{what} must be uint8 blocks with packed heads; strides {data.stride()}"
         )
-        return data, BLOCK_IDS[qtype]
+        return data, BLOCK_IDS[qtype], pool.rotated
     assert pool.dim() == 3, f"{what} must be [S, Hkv, D]; got {tuple(pool.shape)}"
     assert pool.dtype in FLOAT_DTYPES, f"{what} must be f16/bf16/f32 or q8_0/q4_0; got {pool.dtype}"
     assert tuple(pool.shape[1:]) == (n_kv, d), (
@@ -43,4 +44,4 @@ def kv_operand(pool, n_kv: int, d: int, what: str) -> tuple[torch.Tensor, int]:
     assert pool.stride(2) == 1 and pool.stride(1) == d, (
         f"{what} must have packed heads and a contiguous last dim; strides {pool.stride()}"
     )
-    return pool, KV_FLOAT
+    return pool, KV_FLOAT, False

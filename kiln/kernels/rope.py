@@ -73,8 +73,8 @@ def qkv_norm_rope(
     assert freqs.device == dev, f"freqs on {freqs.device}, q on {dev}"
     rot = 2 * freqs.numel()
     assert 0 < rot <= d, f"rope rotates {rot} dims of heads of {d}"
-    kc, k_fmt = kv_operand(k_cache, n_kv, d, "k_cache")
-    vc, v_fmt = kv_operand(v_cache, n_kv, dv, "v_cache")
+    kc, k_fmt, k_rot = kv_operand(k_cache, n_kv, d, "k_cache")
+    vc, v_fmt, v_rot = kv_operand(v_cache, n_kv, dv, "v_cache")
     assert kc.shape[0] == vc.shape[0], "k_cache and v_cache differ in rows"
     assert kc.device == dev and vc.device == dev, "caches must be on q's device"
     assert k_fmt == 0 or d % 32 == 0, f"a block-type K cache needs D % 32 == 0; D={d}"
@@ -118,6 +118,8 @@ def qkv_norm_rope(
         BLOCK_DV=triton.next_power_of_2(dv),
         K_FMT=k_fmt,
         V_FMT=v_fmt,
+        K_ROT=k_rot,
+        V_ROT=v_rot,
         num_warps=num_warps_for(max(block_d, triton.next_power_of_2(dv))),
         **pdl_launch(pdl),
     )

@@ -160,7 +160,11 @@ class DecoderModel:
             k_cache,
             v_cache,
         )
+        if getattr(k_cache, "rotated", False):  # K stored rotated (kiln/quant/kv.py): q too
+            q = ops.kv_rotate(q)
         out = ops.attention(q, k_cache, v_cache, batch, self.scale)
+        if getattr(v_cache, "rotated", False):  # V stored rotated: the output rotated back
+            out = ops.kv_rotate(out)
         return ops.linear(out.reshape(n, c.n_head * c.head_dim_v), b.attn_output)
 
     def _ffn(self, b: _Block, x: torch.Tensor) -> torch.Tensor:

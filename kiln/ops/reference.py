@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kiln.quant.kv import write_rows
+from kiln.quant.kv import rotate, write_rows
 from kiln.weight import Weight
 
 ROUTES: dict[str, str] = {}  # every op is the reference: the spec, on any device
@@ -214,6 +214,13 @@ def qkv_norm_rope(
     write_rows(k_cache, slots, k)
     write_rows(v_cache, slots, v)
     return q
+
+
+def kv_rotate(x: torch.Tensor) -> torch.Tensor:
+    """x: [T, H, D] float -> float32: each 64 values of a head rotated by the Hadamard matrix
+    (kiln.quant.kv.rotate: its own inverse). A block-type KV pool stores its rows rotated; the
+    model rotates q like K before attention and the attention output back where V is."""
+    return rotate(x)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,15 @@ from gguf import quants
 
 from kiln.errors import UsageError
 from kiln.limits import kv_cache_bytes
-from kiln.quant.kv import CACHE_TYPES, QuantizedRows, cache_type, write_rows
+from kiln.quant.kv import (
+    CACHE_TYPES,
+    QuantizedRows,
+    cache_type,
+    hadamard,
+    rotate,
+    rotation,
+    write_rows,
+)
 
 BLOCK_TYPES = ("q8_0", "q4_0")
 CPU = torch.device("cpu")
@@ -42,7 +50,9 @@ def test_written_rows_are_ggmls_blocks_and_read_back_as_gguf_dequantizes(name, h
     assert isinstance(pool, QuantizedRows) and pool.shape == (12, heads, d)
     slots = torch.tensor([7, 2, 11, 0, 4])
     write_rows(pool, slots, x)
-    expect = quants.quantize(x.numpy(), kind.qtype)  # uint8 [5, heads, row_bytes]
+    assert pool.rotated == (d % 64 == 0)  # stored rotated where the head size allows
+    stored = rotate(x) if pool.rotated else x
+    expect = quants.quantize(stored.numpy(), kind.qtype)  # uint8 [5, heads, row_bytes]
     assert np.array_equal(pool.data[slots].numpy(), expect)
     back = pool.index_select(0, slots).float()
     assert back.dtype == torch.float32 and back.shape == (5, heads, d)
@@ -61,6 +71,34 @@ def test_a_strided_view_of_a_merged_result_quantizes_as_its_copy(name):
     write_rows(a, torch.arange(3), v)
     write_rows(b, torch.arange(3), v.contiguous())
     assert torch.equal(a.data, b.data)
+
+
+def test_rotation_is_llama_cpps_and_llama_attn_rot_disable_turns_it_off(monkeypatch):
+    """The rotation (llama.cpp's since April 2026): Sylvester's Hadamard matrix of 64 / 8 on
+    each 64 values, orthonormal, symmetric, its own inverse, so q.k and a weighted sum of V rows
+    survive it; block types only, head sizes multiple of 64; LLAMA_ATTN_ROT_DISABLE=1 off."""
+    h = hadamard(CPU)
+    assert (
+        h.shape == (64, 64) and torch.equal(h, h.T) and set(h.unique().tolist()) == {-0.125, 0.125}
+    )
+    assert torch.allclose(h @ h, torch.eye(64), atol=1e-6)
+    assert torch.equal(h[1, :4], torch.tensor([0.125, -0.125, 0.125, -0.125]))  # Sylvester order
+    gen = torch.Generator().manual_seed(5)
+    q, k = torch.randn(3, 128, generator=gen), torch.randn(3, 128, generator=gen)
+    assert torch.allclose(rotate(q) @ rotate(k).T, q @ k.T, atol=1e-4)
+    assert torch.allclose(rotate(rotate(q)), q, atol=1e-6)
+    for name, d, want in [("q8_0", 64, True), ("q4_0", 128, True), ("q8_0", 96, False),
+                          ("q8_0", 32, False), ("f16", 64, False)]:  # fmt: skip
+        assert rotation(CACHE_TYPES[name], d) == want, (name, d)
+    monkeypatch.setenv("LLAMA_ATTN_ROT_DISABLE", "1")
+    assert not rotation(CACHE_TYPES["q4_0"], 128)
+    assert not CACHE_TYPES["q4_0"].allocate(2, 1, 128, CPU).rotated
+    # a rotated pool's rows quantize rotate(x); its float() gives them rotated
+    monkeypatch.delenv("LLAMA_ATTN_ROT_DISABLE")
+    pool = CACHE_TYPES["q8_0"].allocate(3, 1, 64, CPU)
+    x = torch.randn(3, 1, 64, generator=gen)
+    pool.write(torch.arange(3), x)
+    assert torch.allclose(rotate(pool.float()), x, atol=2 * x.abs().amax().item() / 127)
 
 
 def test_float_types_store_the_dtype_and_block_pools_copy_rows():

@@ -28,11 +28,12 @@ PROMPT = [1, 17, 42, 99, 7, 23, 5, 64, 200, 3, 77, 150, 9, 61, 12, 250, 33, 4, 1
 
 
 @functools.cache
-def micro():
-    """tiny-llama, two layers, one KV head of 32 values: one q8_0 / q4_0 block a row."""
+def micro(head_dim: int = 32):
+    """tiny-llama, two layers, one KV head of 32 values: one q8_0 / q4_0 block a row (64: two
+    blocks, and rows stored rotated)."""
     preset = dataclasses.replace(
         PRESETS["tiny-llama"], name="micro-kv", n_layer=2, n_embd=64, n_head=2, n_head_kv=1,
-        head_dim=32, n_ff=96,
+        head_dim=head_dim, n_ff=96,
     )  # fmt: skip
     return synthetic(preset, "f32")
 
@@ -98,13 +99,15 @@ def test_cpu_backend_follows_the_reference_with_a_quantized_cache(k, v):
 
 
 @pytest.mark.parametrize(("k", "v"), [("q8_0", "q8_0"), ("q4_0", "f16"), ("f16", "q4_0")])
-def test_triton_backend_follows_the_reference_with_a_quantized_cache(k, v):
+@pytest.mark.parametrize("head_dim", [32, 64], ids=["d32", "d64-rotated"])
+def test_triton_backend_follows_the_reference_with_a_quantized_cache(k, v, head_dim):
     """The triton op set (Triton's interpreter on a CPU, a GPU's kernels where there is one):
     qkv_norm_rope quantizes the rows it writes, flash attention reads a prompt chunk's earlier
     rows back from the blocks, decode attention reads them all; logits as the torch backend's
     with the same cache types (the kernels' fp32 sums in another order aside), and the V bytes
-    of the first layer alike."""
-    gguf = micro()
+    of the first layer alike. Head size 64: block-type rows stored rotated (the kernel rotates
+    before it quantizes, the model rotates q and the output back)."""
+    gguf = micro(head_dim)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     logits, pools = {}, {}
     for backend in ("torch", "triton"):
@@ -113,6 +116,7 @@ def test_triton_backend_follows_the_reference_with_a_quantized_cache(k, v):
         seq = engine.new_sequence()
         out = [engine.prefill(PROMPT, seq, all_logits=True)]
         pools[backend] = _bytes(engine.pool.v[0])[: len(PROMPT)]
+        assert getattr(engine.pool.k[0], "rotated", False) == (head_dim == 64 and k != "f16")
         for token in (5, 77):
             out.append(engine.decode(token, seq))
         logits[backend] = torch.cat(out).float().cpu()
@@ -191,17 +195,24 @@ def demo_logits(demo_model):
     return ids, run, torch.log_softmax(run(None, None).double(), -1)
 
 
-# measured mean KLD against the float32 cache (96 tokens): q8_0 8.5e-4 (top-1 0.99), q4_0 0.12
-# (top-1 0.81: SmolLM2's K rows have outliers that 4 bits flatten); a q8_0 scale
-# of amax/64 or a q4_0 block read as q8_0 moves it by orders of magnitude
-@pytest.mark.parametrize(
-    ("k", "v", "bound", "top1"), [("q8_0", "q8_0", 4e-3, 0.95), ("q4_0", "q4_0", 0.25, 0.75)]
-)
-def test_quality_on_the_demo_model(demo_logits, k, v, bound, top1):
+# measured mean KLD against the float32 cache (96 tokens), rows rotated (kiln/quant/kv.py): q8_0
+# 3.9e-4 (top-1 1.0), q4_0 0.030 (top-1 0.91); without the rotation (LLAMA_ATTN_ROT_DISABLE=1)
+# q8_0 7.9e-4, q4_0 0.119 (top-1 0.84: SmolLM2's K rows have outliers that 4 bits flatten). A
+# q8_0 scale of amax/64 or a q4_0 block read as q8_0 moves it by orders of magnitude; q4_0's
+# bound also fails if the rotation is lost.
+@pytest.mark.parametrize(("rotate", "k", "v", "bound", "top1"), [
+    (True, "q8_0", "q8_0", 2e-3, 0.97), (True, "q4_0", "q4_0", 0.08, 0.85),
+    (False, "q4_0", "q4_0", 0.25, 0.75),
+])  # fmt: skip
+def test_quality_on_the_demo_model(demo_logits, monkeypatch, rotate, k, v, bound, top1):
     ids, run, base = demo_logits
+    if not rotate:
+        monkeypatch.setenv("LLAMA_ATTN_ROT_DISABLE", "1")
     values = kld_token_values(run(k, v), base, ids[1:] + [0])
     mean = float(values.kld.mean())
     print(f"{k}/{v}: mean KLD {mean:.3g}, top-1 {values.same_top.mean():.3f}")
     assert mean < bound, f"mean KLD {mean:.3g}"
     assert mean > 1e-6, "the quantized cache changed nothing: is it used?"
     assert values.same_top.mean() >= top1
+    if not rotate:
+        assert mean > 0.08, f"mean KLD {mean:.3g}: LLAMA_ATTN_ROT_DISABLE=1 left the rotation on?"

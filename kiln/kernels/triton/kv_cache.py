@@ -4,7 +4,8 @@
 A pool of a block type is uint8 [S, Hkv, D / 32 * BS]: each head's row is D / 32 GGML blocks of
 BS bytes (q8_0: 34, an f16 d then 32 int8 quants, value = d * q; q4_0: 18, an f16 d then 16
 bytes of nibbles, value j < 16 the low nibble of byte j and value j >= 16 the high nibble of
-byte j - 16, value = d * (q - 8)). `_quantize_row` quantizes one head's row as
+byte j - 16, value = d * (q - 8)), rotated first where kiln/quant/kv.py says (`_rotate`: the
+Hadamard matrix of 64 on each 64 values). `_quantize_row` quantizes one head's row as
 kiln/quant/legacy.py's _quantize_q8_0 / _quantize_q4_0 do (ggml's reference quantizers): the same
 fp32 operations with correctly rounded divisions, so both write the same bytes. `_load_values`
 dequantizes any set of values of a pool to fp32.
@@ -52,6 +53,21 @@ def _load_values(blk, j, mask, FMT: tl.constexpr):
         byte = tl.load(blk + 2 + j % 16, mask=mask, other=0)
         q = ((byte >> ((j // 16) * 4)) & 0x0F).to(tl.float32) - 8.0
         return d * q
+
+
+@triton.jit
+def _rotate(x, BLOCK: tl.constexpr):
+    """fp32 x [BLOCK] with each 64 values multiplied by the Hadamard matrix of 64 / 8
+    (kiln/quant/kv.py's rotation: H[i, j] = (-1)^popcount(i & j) / 8, symmetric)."""
+    NC: tl.constexpr = BLOCK // 64
+    i = tl.arange(0, 64)
+    p = i[:, None] & i[None, :]
+    p = p ^ (p >> 4)
+    p = p ^ (p >> 2)
+    p = p ^ (p >> 1)
+    h = tl.where((p & 1) == 0, 0.125, -0.125)  # [64, 64]
+    y = tl.sum(tl.reshape(x, (NC, 1, 64)) * h[None, :, :], axis=2)  # [NC, 64]
+    return tl.reshape(y, (BLOCK,))
 
 
 @triton.jit

@@ -5,8 +5,9 @@ QKV row): a query head (j < H) is normalized, rotated by positions[t] and writte
 head is normalized, rotated and written to k_cache at row slots[t] (the token's row in the paged
 KV pool, kiln/kernels/attention.py), and the program also copies value head j - H into v_cache
 at the same row. A pool of a block type (q8_0, q4_0: K_FMT / V_FMT, kv_cache.py) gets the row
-quantized as ggml's reference quantizer does. Positions and slots are read on the device, so a
-captured CUDA graph serves every step and every block table.
+rotated (K_ROT / V_ROT, kiln/quant/kv.py) and quantized as ggml's reference quantizer does.
+Positions and slots are read on the device, so a captured CUDA graph serves every step and
+every block table.
 
 RoPE as kiln.ops.reference.rope: dims d < ROT are rotated in pairs, NEOX=False pairs (2i, 2i+1),
 NEOX=True pairs (i, i + ROT/2), by the angle pos * freqs[i] (fp32); dims d >= ROT are kept.
@@ -21,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kiln.kernels.triton.kv_cache import KV_FLOAT, _block_bytes, _quantize_row
+from kiln.kernels.triton.kv_cache import KV_FLOAT, _block_bytes, _quantize_row, _rotate
 from kiln.kernels.triton.norm import _rms_scale
 from kiln.kernels.triton.pdl import wait_for_inputs
 
@@ -82,6 +83,8 @@ def _qkv_norm_rope_kernel(
     BLOCK_DV: tl.constexpr,  # next power of two >= DV
     K_FMT: tl.constexpr = KV_FLOAT,  # k_cache: a float pool, or uint8 blocks (kv_cache.py)
     V_FMT: tl.constexpr = KV_FLOAT,
+    K_ROT: tl.constexpr = False,  # a block-type row rotated before it is quantized
+    V_ROT: tl.constexpr = False,
     PDL: tl.constexpr = False,  # programmatic dependent launch (pdl.py)
 ):
     if PDL:
@@ -124,6 +127,8 @@ def _qkv_norm_rope_kernel(
             tl.store(kc_ptr + slot * stride_kc + hk * D + d, ky, mask=mask)
         else:  # the row quantized into its blocks (stride_kc in bytes)
             k_row = kc_ptr + slot * stride_kc + hk * (D // 32) * _block_bytes(K_FMT)
+            if K_ROT:
+                ky = _rotate(ky, BLOCK_D)
             _quantize_row(k_row, ky, D, BLOCK_D, K_FMT)
         dv = tl.arange(0, BLOCK_DV)
         v_mask = dv < DV
@@ -133,4 +138,7 @@ def _qkv_norm_rope_kernel(
             tl.store(vc_ptr + slot * stride_vc + hk * DV + dv, v, mask=v_mask)
         else:
             v_row = vc_ptr + slot * stride_vc + hk * (DV // 32) * _block_bytes(V_FMT)
-            _quantize_row(v_row, v.to(tl.float32), DV, BLOCK_DV, V_FMT)
+            v = v.to(tl.float32)
+            if V_ROT:
+                v = _rotate(v, BLOCK_DV)
+            _quantize_row(v_row, v, DV, BLOCK_DV, V_FMT)

@@ -12,12 +12,16 @@ from __future__ import annotations
 import torch
 from gguf.constants import GGMLQuantizationType
 
+from kiln.kernels.triton import kv_cache as _k
 from kiln.quant.kv import QuantizedRows
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# kernels/triton/kv_cache.py's format ids: KV_FLOAT, KV_Q8_0, KV_Q4_0
-KV_FLOAT = 0
-BLOCK_IDS = {GGMLQuantizationType.Q8_0: 1, GGMLQuantizationType.Q4_0: 2}
+# the kernels' K_FMT / V_FMT ids, as kernels/triton/kv_cache.py defines them
+KV_FLOAT = _k.KV_FLOAT.value
+BLOCK_IDS = {
+    GGMLQuantizationType.Q8_0: _k.KV_Q8_0.value,
+    GGMLQuantizationType.Q4_0: _k.KV_Q4_0.value,
+}
 
 
 def kv_operand(pool, n_kv: int, d: int, what: str) -> tuple[torch.Tensor, int, bool]:

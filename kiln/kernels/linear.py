@@ -78,8 +78,7 @@ def reads_q8_1(m: int, weight: Weight) -> bool:
 def route(m: int, weight: Weight, device: torch.device | None = None) -> str | None:
     """What runs a linear of M rows with this weight: "matvec" (1 row), as batch_method says for
     2..8 rows ("rows", "matvec" or "exact": the GEMM in fp32), "triton" (the GEMM kernel),
-    "dequant"
-    (dequant_matmul), or None (no kernel reads it: the reference)."""
+    "dequant" (dequant_matmul), or None (no kernel reads it: the reference)."""
     if len(weight.shape) != 2 or weight.raw is None:
         return None
     if m <= matvec.MAX_M:

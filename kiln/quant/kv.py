@@ -79,7 +79,7 @@ class KVCacheType:
         data = torch.zeros((rows, heads, self.row_bytes(dim)), device=device, dtype=torch.uint8)
         rotated = rotation(self, dim)
         if rotated:
-            hadamard(torch.device(device))  # made before any CUDA-graph capture reads it
+            hadamard(data.device)  # made before any CUDA-graph capture reads it (x.device's key)
         return QuantizedRows(data, self, dim, rotated)
 
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kiln.kernels.triton.kv_cache import KV_FLOAT, _block_bytes, _block_ptr, _load_values
+from kiln.kernels.triton.kv_cache import KV_FLOAT, _load_values, _value_ptrs
 from kiln.kernels.triton.pdl import wait_for_inputs
 
 
@@ -196,14 +196,9 @@ def _attention_decode_kernel(
     f32: tl.constexpr = K_FMT != KV_FLOAT or V_FMT != KV_FLOAT or DT == tl.float32
     kj = d[:, None] % 32  # a block type's value of its block
     vj = dv[None, :] % 32
-    if K_FMT == KV_FLOAT:  # [D_PAD, 1]: K is read transposed, [D_PAD, BLOCK_S]
-        k_base = k_ptr + kvh * D + d[:, None]
-    else:  # stride_kc in bytes
-        k_base = _block_ptr(k_ptr + kvh * (D // 32) * _block_bytes(K_FMT), d[:, None], K_FMT)
-    if V_FMT == KV_FLOAT:  # [1, DV_PAD]
-        v_base = v_ptr + kvh * DV + dv[None, :]
-    else:
-        v_base = _block_ptr(v_ptr + kvh * (DV // 32) * _block_bytes(V_FMT), dv[None, :], V_FMT)
+    # [D_PAD, 1]: K is read transposed, [D_PAD, BLOCK_S]; [1, DV_PAD] (block types: bytes)
+    k_base = _value_ptrs(k_ptr, kvh, d[:, None], D, K_FMT)
+    v_base = _value_ptrs(v_ptr, kvh, dv[None, :], DV, V_FMT)
     # Triton 3.6's interpreter holds scalars as 1-element arrays, which numpy >= 2.4 refuses to
     # turn into a Python int for range(): there the loop runs over the largest slice and skips
     # the steps past `end` by a Python `if`. Compiled, it runs over [start, end) only, so an

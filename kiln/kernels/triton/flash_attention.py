@@ -43,7 +43,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kiln.kernels.triton.kv_cache import KV_FLOAT, _block_bytes, _block_ptr, _load_values
+from kiln.kernels.triton.kv_cache import KV_FLOAT, _load_values, _value_ptrs
 from kiln.kernels.triton.pdl import wait_for_inputs
 
 
@@ -227,14 +227,8 @@ def _flash_attention_kernel(
     acc = tl.zeros([BLOCK_R, DV_PAD], dtype=tl.float32)
     kj = d[None, :] % 32  # a block type's value of its block
     vj = dv[None, :] % 32
-    if K_FMT == KV_FLOAT:
-        k_base = k_ptr + kvh * D + d[None, :]  # [1, D_PAD]
-    else:  # stride_kc in bytes
-        k_base = _block_ptr(k_ptr + kvh * (D // 32) * _block_bytes(K_FMT), d[None, :], K_FMT)
-    if V_FMT == KV_FLOAT:
-        v_base = v_ptr + kvh * DV + dv[None, :]  # [1, DV_PAD]
-    else:
-        v_base = _block_ptr(v_ptr + kvh * (DV // 32) * _block_bytes(V_FMT), dv[None, :], V_FMT)
+    k_base = _value_ptrs(k_ptr, kvh, d[None, :], D, K_FMT)  # [1, D_PAD] (block types: bytes)
+    v_base = _value_ptrs(v_ptr, kvh, dv[None, :], DV, V_FMT)  # [1, DV_PAD]
     # Triton 3.6's interpreter holds scalars as 1-element arrays, which numpy >= 2.4 refuses to
     # turn into a Python int for range(): there the loop runs over the whole table row and
     # skips the steps past hi by a Python `if` (as in attention.py). Compiled, the two loops run

@@ -34,9 +34,24 @@ def _block_bytes(FMT: tl.constexpr):
 
 
 @triton.jit
-def _block_ptr(head_ptr, d, FMT: tl.constexpr):
-    """Pointers to the block of value d (any shape) of a head's row starting at head_ptr."""
-    return head_ptr + (d // 32) * _block_bytes(FMT)
+def _head_ptr(ptr, h, D, FMT: tl.constexpr):
+    """Where head h's row of pool row 0 starts (rows of heads of D values; the pool's elements,
+    or bytes for a block type)."""
+    if FMT == KV_FLOAT:
+        return ptr + h * D
+    else:
+        return ptr + h * (D // 32) * _block_bytes(FMT)
+
+
+@triton.jit
+def _value_ptrs(ptr, h, d, D, FMT: tl.constexpr):
+    """Pointers for values d (any shape) of head h in pool row 0: a float pool's values, or the
+    blocks that hold them (_load_values takes d % 32 beside them)."""
+    head = _head_ptr(ptr, h, D, FMT)
+    if FMT == KV_FLOAT:
+        return head + d
+    else:
+        return head + (d // 32) * _block_bytes(FMT)
 
 
 @triton.jit

@@ -22,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kiln.kernels.triton.kv_cache import KV_FLOAT, _block_bytes, _quantize_row, _rotate
+from kiln.kernels.triton.kv_cache import KV_FLOAT, _head_ptr, _quantize_row, _rotate
 from kiln.kernels.triton.norm import _rms_scale
 from kiln.kernels.triton.pdl import wait_for_inputs
 
@@ -126,7 +126,7 @@ def _qkv_norm_rope_kernel(
             ky = _to_cache(ky, kc_ptr.dtype.element_ty)
             tl.store(kc_ptr + slot * stride_kc + hk * D + d, ky, mask=mask)
         else:  # the row quantized into its blocks (stride_kc in bytes)
-            k_row = kc_ptr + slot * stride_kc + hk * (D // 32) * _block_bytes(K_FMT)
+            k_row = _head_ptr(kc_ptr + slot * stride_kc, hk, D, K_FMT)
             if K_ROT:
                 ky = _rotate(ky, BLOCK_D)
             _quantize_row(k_row, ky, D, BLOCK_D, K_FMT)
@@ -137,7 +137,7 @@ def _qkv_norm_rope_kernel(
             v = _to_cache(v.to(tl.float32), vc_ptr.dtype.element_ty)
             tl.store(vc_ptr + slot * stride_vc + hk * DV + dv, v, mask=v_mask)
         else:
-            v_row = vc_ptr + slot * stride_vc + hk * (DV // 32) * _block_bytes(V_FMT)
+            v_row = _head_ptr(vc_ptr + slot * stride_vc, hk, DV, V_FMT)
             v = v.to(tl.float32)
             if V_ROT:
                 v = _rotate(v, BLOCK_DV)

@@ -2,7 +2,7 @@
 call and GB/s of K/V read against the sequence length, and % of a device-to-device copy (the
 achievable HBM bandwidth). Not run by CI; needs a CUDA device.
 
-    python benchmarks/attention.py [--heads 32,8,128] [--capacity 40960] [--dtype bf16]
+    python benchmarks/attention.py [--heads 32,8,128] [--capacity 40960] [--dtype bf16|q8_0|...]
                                    [--lengths 128,512,...] [-B 1] [--block-size 64] [--shuffle]
                                    [--sweep] [--sdpa]
 
@@ -14,6 +14,9 @@ one replay read disjoint blocks of one pool (like the layers of a model), at lea
 cache in all, so K/V come from HBM. Blocks are handed out in pool order (a fresh pool);
 --shuffle permutes them. GB/s counts the K and V rows of positions 0..length-1 of the B rows only
 (not q, the tables, the partial results or the output).
+--dtype is the cache type (-ctk/-ctv): f32, f16, bf16, or q8_0 / q4_0 blocks that the kernel
+dequantizes (GB/s then counts the blocks' bytes, scales included; rows stored rotated as a model
+stores them, which changes what the kernel reads, not how much).
 --sweep times a grid of launch configs at every length and prints the best per length.
 --sdpa also times torch's scaled_dot_product_attention on the same rows gathered contiguous
 (host-known length; enable_gqa) as a baseline.
@@ -28,9 +31,9 @@ import torch
 
 from kiln.kernels import attention as att
 from kiln.ops.reference import attention_decode as reference
+from kiln.quant.kv import CACHE_TYPES, write_rows
 
 LENGTHS = "128,256,512,1024,2048,4096,8192,16384,32768"
-DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32}
 L2_BYTES = 50 << 20  # H100: 50 MB
 # (block_s, min_slice, programs per SM, num_warps, num_stages); the first is the default.
 SWEEP = (
@@ -86,14 +89,19 @@ class Pools:
     batch i's rows owning disjoint blocks (the rows a call reads are disjoint between calls);
     entries past a row's blocks point at block 0."""
 
-    def __init__(self, args, n_kv: int, d: int, length: int, dtype: torch.dtype):
+    def __init__(self, args, n_kv: int, d: int, length: int):
         bs, b = args.block_size, args.batch
-        row_bytes = 2 * n_kv * d * dtype.itemsize
+        kind = CACHE_TYPES[args.dtype]
+        row_bytes = 2 * n_kv * kind.row_bytes(d)
         need = -(-length // bs)  # blocks per row
         self.n = max(2, math.ceil(4 * L2_BYTES / (b * need * bs * row_bytes)))
         n_blocks = self.n * b * need
-        self.k = torch.randn(n_blocks * bs, n_kv, d, device="cuda").to(dtype)
-        self.v = torch.randn(n_blocks * bs, n_kv, d, device="cuda").to(dtype)
+        rows = torch.arange(n_blocks * bs, device="cuda")
+        self.k, self.v = (kind.allocate(len(rows), n_kv, d, rows.device) for _ in range(2))
+        for pool in (self.k, self.v):
+            for chunk in rows.split(1 << 16):  # the quantized write's float32 temporaries
+                write_rows(pool, chunk, torch.randn(len(chunk), n_kv, d, device="cuda"))
+        self.row_bytes = row_bytes
         order = torch.randperm(n_blocks) if args.shuffle else torch.arange(n_blocks)
         owned = order.view(self.n, b, need).to(torch.int32)
         tables = torch.zeros(self.n, b, args.capacity // bs, dtype=torch.int32)
@@ -121,11 +129,10 @@ def _graph_us(call, calls: list[tuple]) -> float:
 def bench_length(args, q: torch.Tensor, length: int, copy: float, sms: int) -> None:
     """One output line (and the sweep's) for one sequence length."""
     n_kv, d = int(args.heads.split(",")[1]), q.shape[2]
-    dtype = DTYPES[args.dtype]
-    pools = Pools(args, n_kv, d, length, dtype)
+    pools = Pools(args, n_kv, d, length)
     calls = [pools.call(i) for i in range(pools.n)]
     scale = d**-0.5
-    kv_bytes = args.batch * length * n_kv * 2 * d * dtype.itemsize
+    kv_bytes = args.batch * length * pools.row_bytes
     y = att.attention_decode(q, *calls[0], scale)
     err = (y - reference(q, *calls[0], scale)).abs().max().item()
     assert err < 1e-3, f"length {length}: max error {err}"
@@ -136,8 +143,8 @@ def bench_length(args, q: torch.Tensor, length: int, copy: float, sms: int) -> N
     us = _graph_us(ours, calls)
     gbps = kv_bytes / us / 1e3
     line = f"{length:>7} {us:8.2f} {gbps:7.0f} {100 * gbps / copy:6.1f}%"
-    if args.sdpa:
-        qs = q.to(dtype).unsqueeze(2)  # [B, H, 1, D]
+    if args.sdpa and not CACHE_TYPES[args.dtype].quantized:
+        qs = q.to(pools.k.dtype).unsqueeze(2)  # [B, H, 1, D]
         bs = pools.block_size
         offs = torch.arange(bs, device="cuda")
 
@@ -173,7 +180,7 @@ def main() -> None:
     ap.add_argument("-B", "--batch", type=int, default=1, help="rows (sequences) per call")
     ap.add_argument("--block-size", type=int, default=64, help="rows per KV-cache block")
     ap.add_argument("--shuffle", action="store_true", help="blocks in a random pool order")
-    ap.add_argument("--dtype", default="bf16", choices=tuple(DTYPES))
+    ap.add_argument("--dtype", default="bf16", choices=tuple(CACHE_TYPES))
     ap.add_argument("--lengths", default=LENGTHS)
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sdpa", action="store_true")

@@ -46,12 +46,14 @@ from dataclasses import dataclass
 
 import torch
 import triton
+import triton.language as tl
 
 from kiln.kernels import pdl_launch
 from kiln.kernels.kv_cache import KV_FLOAT, kv_operand
 from kiln.kernels.triton import attention as _k
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 # Under TRITON_INTERPRET=1 (CPU tests) @triton.jit gives an InterpretedFunction.
 _INTERPRETED = type(_k._attention_decode_kernel).__name__ == "InterpretedFunction"
 _H100_SMS = 132
@@ -168,9 +170,24 @@ class Paged:
     v_fmt: int
 
     @property
-    def f32(self) -> bool:
-        """The kernels multiply in fp32: an f32 pool, or a block type (dequantized to fp32)."""
-        return self.k_fmt != KV_FLOAT or self.v_fmt != KV_FLOAT or self.k.dtype == torch.float32
+    def products_dtype(self) -> torch.dtype:
+        """The dtype K, V (and the softmax weights) enter the MMAs in: the float pool's (K's and
+        V's share one), the float pool's beside a block type (its values rounded to it), f16
+        for two block types (as llama.cpp's kernels read q8_0 / q4_0 blocks: the rounding,
+        2^-12 of a value at most, is far below the blocks' own)."""
+        floats = [
+            t.dtype for t, fmt in ((self.k, self.k_fmt), (self.v, self.v_fmt)) if fmt == KV_FLOAT
+        ]
+        return floats[0] if floats else torch.float16
+
+    @property
+    def precision(self) -> str:
+        """tl.dot's input_precision for fp32 operands: "ieee" for f32 pools and under the
+        interpreter, "tf32x3" (three TF32 products: about fp32's accuracy on tensor cores) for a
+        block type beside an f32 pool; f16/bf16 operands ignore it."""
+        if _INTERPRETED or (self.k_fmt == KV_FLOAT and self.v_fmt == KV_FLOAT):
+            return "ieee"
+        return "tf32x3"
 
 
 def attention_decode(
@@ -252,8 +269,9 @@ def attention_decode(
         BLOCK_S=block_s,
         KV_BLOCK=block_size,
         MIN_SLICE=cfg.min_slice,
-        SPLIT=not paged.f32,
-        PRECISION="ieee" if paged.f32 or _INTERPRETED else "tf32",
+        DT=TL_DTYPES[paged.products_dtype],
+        SPLIT=paged.products_dtype != torch.float32,
+        PRECISION=paged.precision,
         INTERP_SLICE=interp_slice,
         K_FMT=paged.k_fmt,
         V_FMT=paged.v_fmt,

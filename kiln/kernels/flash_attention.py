@@ -38,7 +38,7 @@ import torch
 import triton
 
 from kiln.kernels import pdl_launch
-from kiln.kernels.attention import check_paged
+from kiln.kernels.attention import TL_DTYPES, check_paged
 from kiln.kernels.triton import flash_attention as _k
 
 # Under TRITON_INTERPRET=1 (CPU tests) @triton.jit gives an InterpretedFunction.
@@ -130,7 +130,7 @@ def attention_prefill(
         ("positions", positions),
     ):
         assert t.device == dev, f"q on {dev}, {name} on {t.device}"
-    cfg = config or default_config(head_dim, dv, torch.float32 if paged.f32 else paged.k.dtype)
+    cfg = config or default_config(head_dim, dv, paged.products_dtype)
     for what in ("block_r", "block_n"):
         v = getattr(cfg, what)
         assert v >= 16 and v & (v - 1) == 0, f"{what} must be a power of 2 >= 16; got {v}"
@@ -166,8 +166,8 @@ def attention_prefill(
         BLOCK_N=block_n,
         KV_BLOCK=block_size,
         B_PAD=max(16, triton.next_power_of_2(n_seq)),
-        # fp32 pools multiply in fp32; block types (dequantized to fp32) in TF32 on the GPU
-        PRECISION="ieee" if paged.k.dtype == torch.float32 or _INTERPRETED else "tf32",
+        DT=TL_DTYPES[paged.products_dtype],
+        PRECISION=paged.precision,
         K_FMT=paged.k_fmt,
         V_FMT=paged.v_fmt,
         INTERP_KEYS=n_blocks * block_size if _INTERPRETED else 0,

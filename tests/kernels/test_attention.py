@@ -111,11 +111,16 @@ def _visible_rows(p: Paged, b: int) -> torch.Tensor:
     return rows.to(p.k_pool.device)
 
 
-def _products_dtype(p: Paged) -> torch.dtype:
-    """The dtype the kernel multiplies in: the pool's, fp32 where K or V is a block type."""
-    if isinstance(p.k_pool, QuantizedRows) or isinstance(p.v_pool, QuantizedRows):
-        return torch.float32
-    return p.k_pool.dtype
+def _products_dtype(p: Paged) -> torch.dtype | str:
+    """The key of the kernel's arithmetic in ATTENTION_DECODE: the float pool's dtype, or
+    "blocks as f16" where a q8_0 / q4_0 pool's values are rounded to f16 (two block types, or
+    one beside an f16 pool: kiln/kernels/attention.py's Paged.products_dtype)."""
+    pools = (p.k_pool, p.v_pool)
+    floats = [t.dtype for t in pools if not isinstance(t, QuantizedRows)]
+    if len(floats) == 2:
+        return floats[0]
+    assert floats in ([], [torch.float16]), "the tests pair block types with f16 pools only"
+    return "blocks as f16"
 
 
 def quantized(pool: torch.Tensor, kind: str) -> torch.Tensor | QuantizedRows:
@@ -198,8 +203,8 @@ def test_attention_decode_matches_reference(heads, dtype) -> None:
 @pytest.mark.parametrize("kv", (("q8_0", "q8_0"), ("q4_0", "q8_0"), ("f16", "q4_0")))
 def test_attention_decode_reads_quantized_pools(kv) -> None:
     """-ctk/-ctv q8_0 and q4_0: the kernel dequantizes the blocks of the rows it reads and
-    multiplies in fp32, as the reference does after its own dequantization; a float pool
-    beside a block type is read in fp32 too. Hidden rows (NaN) are never read."""
+    multiplies their values rounded to f16 (the reference: the exact dequantized values); an
+    f16 pool beside a block type. Hidden rows (NaN) are never read."""
     attention = _kernel()
     h, hkv, d = 8, 2, 64
     gen = torch.Generator(DEVICE).manual_seed(len(kv[0]) * 7 + len(kv[1]))

@@ -98,7 +98,7 @@ DECODE_FUSIONS: dict[str, tuple[float, float, str]] = {
 # their magnitudes) moves the softmax weights by up to 2 e S_h, and sum_i w_i |v_i| is the
 # magnitude of the weighted sum. Measured on random inputs under the interpreter (normalized
 # error): f32 1.5e-7, f16 1.4e-7, bf16 3.2e-6.
-ATTENTION_DECODE: dict[torch.dtype, tuple[float, float, str]] = {
+ATTENTION_DECODE: dict[torch.dtype | str, tuple[float, float, str]] = {
     torch.float32: (
         5e-6,
         1e-6,
@@ -116,6 +116,13 @@ ATTENTION_DECODE: dict[torch.dtype, tuple[float, float, str]] = {
         1e-6,
         "q and the softmax weights enter the bf16 MMAs as hi + lo bf16 pairs: 16 significant "
         "bits, 2^-18 relative each; 2 * 2^-18 * S_h + 2^-18 < 8e-6 * (1 + S_h), and a margin",
+    ),
+    "blocks as f16": (
+        2.5 * 2**-11 + 5e-6,
+        1e-6,
+        "q8_0 / q4_0 values rounded to f16 for the MMAs (u = 2^-11 of each; the reference "
+        "multiplies the exact dequantized values): u S_h in a score moves the weights by up to "
+        "2 u S_h, u more in V; q and p as hi + lo pairs as for f16; + float32's",
     ),
 }
 
@@ -187,7 +194,7 @@ MATMUL: dict[str, tuple[float, float, float, str]] = {
 # both while exp(2 u S) <= 1.25 (bf16: S <= 28; f16: S <= 228; the tests' random q, k at
 # D <= 128 give S < 12), plus the fp32 part as for an f32 cache. Measured on the tests' inputs
 # under the interpreter (normalized error): f32 1.2e-7, f16 1.0e-4, bf16 1.2e-3.
-FLASH_ATTENTION: dict[torch.dtype, tuple[float, float, str]] = {
+FLASH_ATTENTION: dict[torch.dtype | str, tuple[float, float, str]] = {
     torch.float32: (
         5e-6,
         1e-6,
@@ -203,5 +210,11 @@ FLASH_ATTENTION: dict[torch.dtype, tuple[float, float, str]] = {
         2.5 * 2**-8 + 5e-6,
         1e-6,
         "q and p rounded to bf16 for the tensor cores (u = 2^-8): 2.5 u, see above; + float32's",
+    ),
+    "blocks as f16": (
+        4 * 2**-11 + 5e-6,
+        1e-6,
+        "q8_0 / q4_0 values, q and p rounded to f16 (u = 2^-11): 2 u S in the scores moves the "
+        "weights by up to 4 u S, p and V add 2 u; + float32's",
     ),
 }

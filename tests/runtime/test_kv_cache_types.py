@@ -103,25 +103,30 @@ def test_cpu_backend_follows_the_reference_with_a_quantized_cache(k, v):
 def test_triton_backend_follows_the_reference_with_a_quantized_cache(k, v, head_dim):
     """The triton op set (Triton's interpreter on a CPU, a GPU's kernels where there is one):
     qkv_norm_rope quantizes the rows it writes, flash attention reads a prompt chunk's earlier
-    rows back from the blocks, decode attention reads them all; logits as the torch backend's
-    with the same cache types (the kernels' fp32 sums in another order aside), and the V bytes
-    of the first layer alike. Head size 64: block-type rows stored rotated (the kernel rotates
-    before it quantizes, the model rotates q and the output back)."""
+    rows back from the blocks, decode attention reads them all; the V bytes of the first layer
+    as the torch backend's, and logits as its with the same cache types. The kernels round the
+    dequantized values to f16 for the MMAs (kiln/kernels/attention.py), so the logits may differ
+    by a fraction of what the quantization itself changes (the torch backend with an f32
+    cache): at most a quarter of it (seen in the interpreter: 0.3% to 11.5%), where a wrong
+    scale or a misplaced block would give as much or more. Head size 64: block-type rows stored
+    rotated (the kernel rotates before it quantizes, the model rotates q and the output back)."""
     gguf = micro(head_dim)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     logits, pools = {}, {}
-    for backend in ("torch", "triton"):
-        model = build_model(gguf, dev, backend=backend)
-        engine = Engine(model, 64, 8, cache_type_k=k, cache_type_v=v)
+    for backend, kinds in (("torch", (k, v)), ("triton", (k, v)), ("f32", ("f32", "f32"))):
+        model = build_model(gguf, dev, backend="triton" if backend == "triton" else "torch")
+        engine = Engine(model, 64, 8, cache_type_k=kinds[0], cache_type_v=kinds[1])
         seq = engine.new_sequence()
         out = [engine.prefill(PROMPT, seq, all_logits=True)]
         pools[backend] = _bytes(engine.pool.v[0])[: len(PROMPT)]
-        assert getattr(engine.pool.k[0], "rotated", False) == (head_dim == 64 and k != "f16")
-        for token in (5, 77):
-            out.append(engine.decode(token, seq))
+        if backend == "triton":
+            assert getattr(engine.pool.k[0], "rotated", False) == (head_dim == 64 and k != "f16")
+        for token in (5, 77):  # (a CUDA graph's logits are overwritten by the next decode)
+            out.append(engine.decode(token, seq).clone())
         logits[backend] = torch.cat(out).float().cpu()
     assert torch.equal(pools["torch"], pools["triton"])
-    assert (logits["triton"] - logits["torch"]).abs().max() < 1e-3  # seen: 2e-6 .. 4e-5
+    quantization = (logits["torch"] - logits["f32"]).abs().max()
+    assert (logits["triton"] - logits["torch"]).abs().max() <= 0.25 * quantization
 
 
 def _bytes(pool) -> torch.Tensor:

@@ -27,7 +27,11 @@ For f16/bf16 caches the fp32 operand (q, then the softmax weights p) is split in
 cache dtype and both are multiplied: hi + lo carries 16 (bf16) or 22 (f16) significant bits, so
 the result is close to the fp32 reference instead of carrying a bf16 rounding of q and p (2**-9).
 The extra MMAs are free here: decode attention is bound by reading K/V. An f32 cache multiplies
-in fp32 (input_precision "ieee", no TF32).
+in fp32 (input_precision "ieee", no TF32). A block-type cache (q8_0, q4_0) is read a block at a
+time (kv_cache.py's `_load_block_rows`: each scale once, the quants as contiguous bytes),
+dequantized in registers and rounded to the products' dtype DT (the float pool's beside it, else
+f16, as llama.cpp's kernels do; kiln/kernels/attention.py's Paged.products_dtype), then
+multiplied as that float pool would be: with DT = f32 in tf32x3 (three TF32 products).
 
 Only @triton.jit functions live here; kiln/kernels/attention.py launches them.
 """
@@ -37,7 +41,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kiln.kernels.triton.kv_cache import KV_FLOAT, _load_values, _value_ptrs
+from kiln.kernels.triton.kv_cache import KV_FLOAT, _head_ptr, _load_block_rows
 from kiln.kernels.triton.pdl import wait_for_inputs
 
 
@@ -53,10 +57,10 @@ def _slice_of(length, P, BLOCK_S: tl.constexpr, MIN_SLICE: tl.constexpr):
 
 @triton.jit
 def _attend_block(
-    q_hi,  # [G_PAD, D_PAD] q * scale * log2(e) in the cache dtype (f32: q itself)
+    q_hi,  # [G_PAD, D_PAD] q * scale * log2(e) in DT (f32: q itself)
     q_lo,  # [G_PAD, D_PAD] the rest of q (SPLIT only)
-    k_base,  # [D_PAD, 1] pointers to K[0, h, d] (masked past D)
-    v_base,  # [1, DV_PAD] pointers to V[0, h, dv]
+    k_base,  # [D_PAD, 1] pointers to K[0, h, d] (masked past D); a block type: head h's bytes
+    v_base,  # [1, DV_PAD] pointers to V[0, h, dv]; a block type: head h's bytes in pool row 0
     bt_row,  # pointer to block_tables[b, 0] (int32)
     s0,  # first position of the step, a multiple of BLOCK_S; s0 < end
     end,  # positions >= end are masked
@@ -72,33 +76,32 @@ def _attend_block(
     SPLIT: tl.constexpr,
     PRECISION: tl.constexpr,
     INTERP: tl.constexpr,
-    kj,  # [D_PAD, 1] value of its block of each d (K_FMT a block type; else unused)
-    vj,  # [1, DV_PAD] (V_FMT a block type)
-    K_FMT: tl.constexpr,  # KV_FLOAT: k_base typed; a block type: k_base the blocks of each d
+    D_PAD: tl.constexpr,
+    DV_PAD: tl.constexpr,
+    K_FMT: tl.constexpr,  # KV_FLOAT: k_base typed; a block type: k_base a byte pointer
     V_FMT: tl.constexpr,
-    F32: tl.constexpr,  # fp32 products (an f32 or a block-type pool)
+    DT: tl.constexpr,  # the products' dtype (block-type values are rounded to it)
 ):
     """One online-softmax step over positions s0 .. s0 + BLOCK_S - 1 (those < end)."""
-    DT = k_base.dtype.element_ty
     offs = tl.arange(0, BLOCK_S)
     s_ok = s0 + offs < end
     # The step lies in one block (BLOCK_S divides KV_BLOCK): one table entry, contiguous rows.
     block = tl.load(bt_row + s0 // KV_BLOCK).to(tl.int64)
     rows = block * KV_BLOCK + (s0 % KV_BLOCK) + offs  # [BLOCK_S] pool rows (int64)
-    d_ok = tl.arange(0, k_base.shape[0]) < D
-    dv_ok = tl.arange(0, v_base.shape[1]) < DV
-    k_mask = d_ok[:, None] & s_ok[None, :]
-    v_mask = s_ok[:, None] & dv_ok[None, :]
     if K_FMT == KV_FLOAT:
+        k_mask = (tl.arange(0, D_PAD) < D)[:, None] & s_ok[None, :]
         kt = tl.load(k_base + rows[None, :] * stride_kc, mask=k_mask, other=0.0)  # [D_PAD, BLOCK_S]
     else:
-        kt = _load_values(k_base + rows[None, :] * stride_kc, kj, k_mask, K_FMT)
+        kt = tl.trans(_load_block_rows(k_base + rows * stride_kc, s_ok, D, D_PAD, K_FMT))
     if V_FMT == KV_FLOAT:
+        v_mask = s_ok[:, None] & (tl.arange(0, DV_PAD) < DV)[None, :]
         v = tl.load(v_base + rows[:, None] * stride_vc, mask=v_mask, other=0.0)  # [BLOCK_S, DV_PAD]
     else:
-        v = _load_values(v_base + rows[:, None] * stride_vc, vj, v_mask, V_FMT)
-    if INTERP or F32:  # the interpreter multiplies bf16 as raw uint16 bits: fp32 operands (exact)
-        kt = kt.to(tl.float32)
+        v = _load_block_rows(v_base + rows * stride_vc, s_ok, DV, DV_PAD, V_FMT)
+    kt = kt.to(DT)  # a no-op for a float pool of DT
+    v = v.to(DT)
+    if INTERP or DT == tl.float32:  # the interpreter multiplies bf16 as raw uint16 bits: fp32
+        kt = kt.to(tl.float32)  # operands (exact)
         v = v.to(tl.float32)
     scores = tl.dot(q_hi, kt, input_precision=PRECISION)  # [G_PAD, BLOCK_S]
     if SPLIT:
@@ -126,8 +129,8 @@ def _attend_block(
 @triton.jit
 def _attention_decode_kernel(
     q_ptr,  # [B, H, D] f32/f16/bf16 contiguous
-    k_ptr,  # [S, Hkv, D] pool, f32/f16/bf16, row stride stride_kc, unit stride along D
-    v_ptr,  # [S, Hkv, DV] pool, same dtype as k, row stride stride_vc
+    k_ptr,  # [S, Hkv, D] pool: f32/f16/bf16, or uint8 blocks; row stride stride_kc
+    v_ptr,  # [S, Hkv, DV] pool (a float pool beside a float K: its dtype), stride_vc
     bt_ptr,  # int32 [B, NB], row stride stride_bt: the blocks of each sequence
     len_ptr,  # int64 [B]: row b attends to positions 0..seq_lens[b]-1 (>= 1)
     part_o_ptr,  # f32 [B, P, H, DV]: each slice's softmax-normalized output
@@ -149,8 +152,9 @@ def _attention_decode_kernel(
     BLOCK_S: tl.constexpr,  # keys per step, a power of 2 dividing KV_BLOCK
     KV_BLOCK: tl.constexpr,  # pool rows per cache block (block_size)
     MIN_SLICE: tl.constexpr,  # a multiple of BLOCK_S
-    SPLIT: tl.constexpr,  # f16/bf16 cache: hi/lo split of the fp32 operands (module docstring)
-    PRECISION: tl.constexpr,  # "ieee" for fp32 operands (no TF32); ignored for f16/bf16
+    DT: tl.constexpr,  # the products' dtype: the float pool's, f16 for two block types
+    SPLIT: tl.constexpr,  # DT f16/bf16: hi/lo split of the fp32 operands (module docstring)
+    PRECISION: tl.constexpr,  # fp32 operands: "ieee" (f32 cache), "tf32x3" (block types)
     INTERP_SLICE: tl.constexpr,  # largest slice under TRITON_INTERPRET, else 0 (see below)
     K_FMT: tl.constexpr = KV_FLOAT,  # k_ptr: a float pool, or uint8 blocks (kv_cache.py)
     V_FMT: tl.constexpr = KV_FLOAT,
@@ -162,7 +166,6 @@ def _attention_decode_kernel(
     kvh = tl.program_id(0)
     pid = tl.program_id(1)
     b = tl.program_id(2)
-    DT = k_ptr.dtype.element_ty
     length = tl.minimum(tl.load(len_ptr + b).to(tl.int32), NB * KV_BLOCK)
     size = _slice_of(length, P, BLOCK_S, MIN_SLICE)
     start = pid * size
@@ -193,12 +196,14 @@ def _attention_decode_kernel(
     m_i = tl.full([G_PAD], float("-inf"), dtype=tl.float32)  # running max of log2 scores
     l_i = tl.zeros([G_PAD], dtype=tl.float32)  # running sum of exp2(score - m_i)
     acc = tl.zeros([G_PAD, DV_PAD], dtype=tl.float32)
-    f32: tl.constexpr = K_FMT != KV_FLOAT or V_FMT != KV_FLOAT or DT == tl.float32
-    kj = d[:, None] % 32  # a block type's value of its block
-    vj = dv[None, :] % 32
-    # [D_PAD, 1]: K is read transposed, [D_PAD, BLOCK_S]; [1, DV_PAD] (block types: bytes)
-    k_base = _value_ptrs(k_ptr, kvh, d[:, None], D, K_FMT)
-    v_base = _value_ptrs(v_ptr, kvh, dv[None, :], DV, V_FMT)
+    # Head kvh's row in pool row 0 (block types: a byte pointer); a float pool's values as
+    # [D_PAD, 1] (K is read transposed, [D_PAD, BLOCK_S]) and [1, DV_PAD]
+    k_base = _head_ptr(k_ptr, kvh, D, K_FMT)
+    v_base = _head_ptr(v_ptr, kvh, DV, V_FMT)
+    if K_FMT == KV_FLOAT:
+        k_base = k_base + d[:, None]
+    if V_FMT == KV_FLOAT:
+        v_base = v_base + dv[None, :]
     # Triton 3.6's interpreter holds scalars as 1-element arrays, which numpy >= 2.4 refuses to
     # turn into a Python int for range(): there the loop runs over the largest slice and skips
     # the steps past `end` by a Python `if`. Compiled, it runs over [start, end) only, so an
@@ -226,11 +231,11 @@ def _attention_decode_kernel(
                     SPLIT,
                     PRECISION,
                     interp,
-                    kj,
-                    vj,
+                    D_PAD,
+                    DV_PAD,
                     K_FMT,
                     V_FMT,
-                    f32,
+                    DT,
                 )
     else:
         for s0 in range(start, end, BLOCK_S):
@@ -254,11 +259,11 @@ def _attention_decode_kernel(
                 SPLIT,
                 PRECISION,
                 interp,
-                kj,
-                vj,
+                D_PAD,
+                DV_PAD,
                 K_FMT,
                 V_FMT,
-                f32,
+                DT,
             )
 
     active = start < end

@@ -32,8 +32,11 @@ keys past hi are never read (the pool rows there may hold anything, even NaN).
 Online softmax in fp32 in base 2 (q is pre-scaled by scale * log2(e)). Both products run on
 tensor cores with operands in the cache dtype (q and the softmax weights p are rounded to f16 /
 bf16 as in FlashAttention) and fp32 accumulation; an f32 cache multiplies in fp32 (input_precision
-"ieee"). Under TRITON_INTERPRET the same rounded operands are multiplied in fp32 (the interpreter
-multiplies bf16 as raw uint16 bits), which is what the tensor cores compute, up to summation order.
+"ieee"). A block-type cache (q8_0, q4_0) is dequantized in registers a block at a time
+(kv_cache.py's `_load_block_rows`) and its values rounded to the products' dtype DT, as in the
+decode kernel (attention.py). Under TRITON_INTERPRET the same rounded operands are multiplied in
+fp32 (the interpreter multiplies bf16 as raw uint16 bits), which is what the tensor cores compute,
+up to summation order.
 
 Only @triton.jit functions live here; kiln/kernels/flash_attention.py launches them.
 """
@@ -43,32 +46,32 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kiln.kernels.triton.kv_cache import KV_FLOAT, _load_values, _value_ptrs
+from kiln.kernels.triton.kv_cache import KV_FLOAT, _head_ptr, _load_block_rows
 from kiln.kernels.triton.pdl import wait_for_inputs
 
 
 @triton.jit
 def _load_rows(
-    base, rows, stride, n_ok, N_MASK: tl.constexpr, W: tl.constexpr, j, FMT: tl.constexpr
-):
+    base, rows, stride, n_ok, N_MASK: tl.constexpr, W: tl.constexpr, W_PAD: tl.constexpr,
+    FMT: tl.constexpr,
+):  # fmt: skip
     """[BLOCK_N, W_PAD] from base ([1, W_PAD] pointers to column w of pool row 0; a block type
-    (FMT): to the block of column w, j its value in the block) at the given pool rows; rows
-    with n_ok False (N_MASK) and columns >= W read as 0. A block type's values come as fp32."""
-    W_PAD: tl.constexpr = base.shape[1]
-    ptrs = base + rows[:, None] * stride
+    (FMT): a byte pointer to the head's row in pool row 0) at the given pool rows; rows with
+    n_ok False (N_MASK) and columns >= W read as 0. A block type's values come as fp32."""
     if FMT != KV_FLOAT:
-        w_ok = tl.arange(0, W_PAD)[None, :] < W
         if N_MASK:
-            x = _load_values(ptrs, j, n_ok[:, None] & w_ok, FMT)
+            x = _load_block_rows(base + rows * stride, n_ok, W, W_PAD, FMT)
         else:
-            x = _load_values(ptrs, j, w_ok, FMT)
+            x = _load_block_rows(base + rows * stride, rows >= 0, W, W_PAD, FMT)
     elif N_MASK:
+        ptrs = base + rows[:, None] * stride
         if W == W_PAD:
             x = tl.load(ptrs, mask=n_ok[:, None], other=0.0)
         else:
             w_ok = tl.arange(0, W_PAD) < W
             x = tl.load(ptrs, mask=n_ok[:, None] & w_ok[None, :], other=0.0)
     else:
+        ptrs = base + rows[:, None] * stride
         if W == W_PAD:
             x = tl.load(ptrs)
         else:
@@ -80,8 +83,8 @@ def _load_rows(
 @triton.jit
 def _flash_step(
     q,  # [BLOCK_R, D_PAD] q * scale * log2(e), in the cache dtype (f32 under the interpreter)
-    k_base,  # [1, D_PAD] pointers to K[0, h, d]
-    v_base,  # [1, DV_PAD] pointers to V[0, h, dv]
+    k_base,  # [1, D_PAD] pointers to K[0, h, d]; a block type: head h's bytes in pool row 0
+    v_base,  # [1, DV_PAD] pointers to V[0, h, dv]; a block type: as k_base
     bt_row,  # pointer to block_tables[b, 0] (int32)
     s0,  # first key of the step, a multiple of BLOCK_N
     last,  # [BLOCK_R] the last key each row sees (MASKED only)
@@ -98,11 +101,11 @@ def _flash_step(
     MASKED: tl.constexpr,  # a diagonal step: per-row causal mask, keys past hi not read
     PRECISION: tl.constexpr,
     INTERP: tl.constexpr,
-    kj,  # [1, D_PAD] value of its block of each d (K_FMT a block type; else unused)
-    vj,  # [1, DV_PAD] (V_FMT a block type)
-    K_FMT: tl.constexpr,  # KV_FLOAT: k_base typed; a block type: k_base the blocks of each d
+    D_PAD: tl.constexpr,
+    DV_PAD: tl.constexpr,
+    K_FMT: tl.constexpr,  # KV_FLOAT: k_base typed; a block type: k_base a byte pointer
     V_FMT: tl.constexpr,
-    DT: tl.constexpr,  # the products' dtype: the pool's, fp32 for a block type
+    DT: tl.constexpr,  # the products' dtype (a block type's values are rounded to it)
 ):
     """One online-softmax step over keys s0 .. s0 + BLOCK_N - 1."""
     offs = tl.arange(0, BLOCK_N)
@@ -111,8 +114,8 @@ def _flash_step(
     block = tl.load(bt_row + s0 // KV_BLOCK).to(tl.int64)
     rows = block * KV_BLOCK + (s0 % KV_BLOCK) + offs  # [BLOCK_N] pool rows (int64)
     n_ok = keys < hi
-    k = _load_rows(k_base, rows, stride_kc, n_ok, MASKED, D, kj, K_FMT)  # [BLOCK_N, D_PAD]
-    v = _load_rows(v_base, rows, stride_vc, n_ok, MASKED, DV, vj, V_FMT)  # [BLOCK_N, DV_PAD]
+    k = _load_rows(k_base, rows, stride_kc, n_ok, MASKED, D, D_PAD, K_FMT)  # [BLOCK_N, D_PAD]
+    v = _load_rows(v_base, rows, stride_vc, n_ok, MASKED, DV, DV_PAD, V_FMT)  # [BLOCK_N, DV_PAD]
     if INTERP:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -161,7 +164,8 @@ def _flash_attention_kernel(
     BLOCK_N: tl.constexpr,  # keys per step, a power of 2 dividing KV_BLOCK
     KV_BLOCK: tl.constexpr,  # pool rows per cache block (block_size)
     B_PAD: tl.constexpr,  # a power of 2 >= B
-    PRECISION: tl.constexpr,  # "ieee" for an f32 cache (no TF32); ignored for f16/bf16
+    DT: tl.constexpr,  # the products' dtype: the float pool's, f16 for two block types
+    PRECISION: tl.constexpr,  # fp32 operands: "ieee" (f32 cache), "tf32x3" (a block type beside)
     INTERP_KEYS: tl.constexpr,  # NB * KV_BLOCK under TRITON_INTERPRET, else 0 (see below)
     K_FMT: tl.constexpr = KV_FLOAT,  # k_ptr: a float pool, or uint8 blocks (kv_cache.py)
     V_FMT: tl.constexpr = KV_FLOAT,
@@ -172,11 +176,6 @@ def _flash_attention_kernel(
     interp: tl.constexpr = INTERP_KEYS > 0
     kvh = tl.program_id(0)
     pid = tl.program_id(1)
-    # the products' dtype: the pool's, fp32 where K or V is a block type (or both f32)
-    if K_FMT == KV_FLOAT and V_FMT == KV_FLOAT:
-        DT: tl.constexpr = k_ptr.dtype.element_ty
-    else:
-        DT: tl.constexpr = tl.float32
 
     # -- which tile: sequence b has ceil(n_b * GROUP / BLOCK_R) tiles; heaviest first ---------
     bi = tl.arange(0, B_PAD)
@@ -225,10 +224,14 @@ def _flash_attention_kernel(
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, DV_PAD], dtype=tl.float32)
-    kj = d[None, :] % 32  # a block type's value of its block
-    vj = dv[None, :] % 32
-    k_base = _value_ptrs(k_ptr, kvh, d[None, :], D, K_FMT)  # [1, D_PAD] (block types: bytes)
-    v_base = _value_ptrs(v_ptr, kvh, dv[None, :], DV, V_FMT)  # [1, DV_PAD]
+    # Head kvh's row in pool row 0 (block types: a byte pointer); a float pool's values as
+    # [1, D_PAD] and [1, DV_PAD]
+    k_base = _head_ptr(k_ptr, kvh, D, K_FMT)
+    v_base = _head_ptr(v_ptr, kvh, DV, V_FMT)
+    if K_FMT == KV_FLOAT:
+        k_base = k_base + d[None, :]
+    if V_FMT == KV_FLOAT:
+        v_base = v_base + dv[None, :]
     # Triton 3.6's interpreter holds scalars as 1-element arrays, which numpy >= 2.4 refuses to
     # turn into a Python int for range(): there the loop runs over the whole table row and
     # skips the steps past hi by a Python `if` (as in attention.py). Compiled, the two loops run
@@ -238,25 +241,25 @@ def _flash_attention_kernel(
             if s0 < lo:
                 m_i, l_i, acc = _flash_step(
                     q, k_base, v_base, bt_row, s0, last, hi, stride_kc, stride_vc, m_i, l_i,
-                    acc, D, DV, BLOCK_N, KV_BLOCK, False, PRECISION, interp, kj, vj, K_FMT,
+                    acc, D, DV, BLOCK_N, KV_BLOCK, False, PRECISION, interp, D_PAD, DV_PAD, K_FMT,
                     V_FMT, DT,
                 )  # fmt: skip
             elif s0 < hi:
                 m_i, l_i, acc = _flash_step(
                     q, k_base, v_base, bt_row, s0, last, hi, stride_kc, stride_vc, m_i, l_i,
-                    acc, D, DV, BLOCK_N, KV_BLOCK, True, PRECISION, interp, kj, vj, K_FMT,
+                    acc, D, DV, BLOCK_N, KV_BLOCK, True, PRECISION, interp, D_PAD, DV_PAD, K_FMT,
                     V_FMT, DT,
                 )  # fmt: skip
     else:
         for s0 in range(0, lo, BLOCK_N):
             m_i, l_i, acc = _flash_step(
                 q, k_base, v_base, bt_row, s0, last, hi, stride_kc, stride_vc, m_i, l_i, acc,
-                D, DV, BLOCK_N, KV_BLOCK, False, PRECISION, interp, kj, vj, K_FMT, V_FMT, DT,
+                D, DV, BLOCK_N, KV_BLOCK, False, PRECISION, interp, D_PAD, DV_PAD, K_FMT, V_FMT, DT,
             )  # fmt: skip
         for s0 in range(lo, hi, BLOCK_N):
             m_i, l_i, acc = _flash_step(
                 q, k_base, v_base, bt_row, s0, last, hi, stride_kc, stride_vc, m_i, l_i, acc,
-                D, DV, BLOCK_N, KV_BLOCK, True, PRECISION, interp, kj, vj, K_FMT, V_FMT, DT,
+                D, DV, BLOCK_N, KV_BLOCK, True, PRECISION, interp, D_PAD, DV_PAD, K_FMT, V_FMT, DT,
             )  # fmt: skip
 
     o_rows = (tok * H + head) * DV  # [BLOCK_R]

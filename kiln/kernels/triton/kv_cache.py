@@ -7,8 +7,8 @@ bytes of nibbles, value j < 16 the low nibble of byte j and value j >= 16 the hi
 byte j - 16, value = d * (q - 8)), rotated first where kiln/quant/kv.py says (`_rotate`: the
 Hadamard matrix of 64 on each 64 values). `_quantize_row` quantizes one head's row as
 kiln/quant/legacy.py's _quantize_q8_0 / _quantize_q4_0 do (ggml's reference quantizers): the same
-fp32 operations with correctly rounded divisions, so both write the same bytes. `_load_values`
-dequantizes any set of values of a pool to fp32.
+fp32 operations with correctly rounded divisions, so both write the same bytes.
+`_load_block_rows` dequantizes head rows of a pool to fp32 for the attention kernels.
 
 Only @triton.jit functions and the format-id constexprs live here.
 """
@@ -44,30 +44,32 @@ def _head_ptr(ptr, h, D, FMT: tl.constexpr):
 
 
 @triton.jit
-def _value_ptrs(ptr, h, d, D, FMT: tl.constexpr):
-    """Pointers for values d (any shape) of head h in pool row 0: a float pool's values, or the
-    blocks that hold them (_load_values takes d % 32 beside them)."""
-    head = _head_ptr(ptr, h, D, FMT)
-    if FMT == KV_FLOAT:
-        return head + d
-    else:
-        return head + (d // 32) * _block_bytes(FMT)
-
-
-@triton.jit
-def _load_values(blk, j, mask, FMT: tl.constexpr):
-    """fp32 values j (0..31) of the blocks at byte pointers blk (same shape as j, or broadcast);
-    masked values read 0."""
-    lo = tl.load(blk, mask=mask, other=0).to(tl.uint16)
-    hi = tl.load(blk + 1, mask=mask, other=0).to(tl.uint16)
-    d = (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+def _load_block_rows(row_ptrs, row_ok, W, W_PAD: tl.constexpr, FMT: tl.constexpr):
+    """fp32 [N, W_PAD]: values 0..W-1 of N head rows of a block type (row_ptrs [N]: byte pointers
+    to where each row's first block starts), rows with row_ok False and values >= W read as 0.
+    Each block's f16 scale is loaded once and its quants as contiguous bytes, then the values
+    are formed in registers (W a multiple of 32, W_PAD a power of two >= W and >= 32)."""
+    N: tl.constexpr = row_ptrs.shape[0]
+    NB: tl.constexpr = W_PAD // 32
+    blk = tl.arange(0, NB)
+    ok = row_ok[:, None] & (blk[None, :] < W // 32)  # [N, NB]
+    bp = row_ptrs[:, None] + blk[None, :] * _block_bytes(FMT)  # [N, NB] the blocks
+    lo = tl.load(bp, mask=ok, other=0).to(tl.uint16)
+    hi = tl.load(bp + 1, mask=ok, other=0).to(tl.uint16)
+    d = (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)[:, :, None]
     if FMT == KV_Q8_0:
-        q = tl.load(blk + 2 + j, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
-        return d * q
-    else:
-        byte = tl.load(blk + 2 + j % 16, mask=mask, other=0)
-        q = ((byte >> ((j // 16) * 4)) & 0x0F).to(tl.float32) - 8.0
-        return d * q
+        j = tl.arange(0, 32)
+        q = tl.load(bp[:, :, None] + 2 + j[None, None, :], mask=ok[:, :, None], other=0)
+        x = q.to(tl.int8, bitcast=True).to(tl.float32) * d  # [N, NB, 32]
+    else:  # value j: the low nibble of byte j (j < 16), the high one of byte j - 16
+        # (each byte loaded twice, the second time from L1. Joining the two nibble planes with
+        # tl.join instead gave wrong q4_0 V operands on an H100, unexplained, right in the
+        # interpreter and as K)
+        j = tl.arange(0, 32)
+        byte = tl.load(bp[:, :, None] + 2 + j[None, None, :] % 16, mask=ok[:, :, None], other=0)
+        nibble = (byte >> (j[None, None, :] // 16 * 4)) & 0x0F
+        x = (nibble.to(tl.float32) - 8.0) * d  # [N, NB, 32]
+    return tl.reshape(x, (N, W_PAD))
 
 
 @triton.jit

@@ -38,6 +38,7 @@ class Fusion:
     min_capability: tuple[int, int] | None = None  # the oldest CUDA compute capability it runs on
     needs_triton: bool = False  # off unless the triton backend runs (on CUDA or interpreted)
     approximate: bool = False  # changes results beyond fp32 rounding: gated by KLD, not tokens
+    tuned: bool = False  # its default on a GPU model is decided there by `kiln tune`
 
     @property
     def env_var(self) -> str:
@@ -55,9 +56,10 @@ def register(
     min_capability: tuple[int, int] | None = None,
     needs_triton: bool = False,
     approximate: bool = False,
+    tuned: bool = False,
 ) -> Fusion:
     FUSIONS[name] = Fusion(
-        name, summary, builtin, needs_gpu_backend, min_capability, needs_triton, approximate
+        name, summary, builtin, needs_gpu_backend, min_capability, needs_triton, approximate, tuned
     )
     return FUSIONS[name]
 
@@ -72,6 +74,7 @@ register("qk_norm", "the Q and K per-head RMSNorms of the QKV result in one laun
 register(
     "qkv_norm_rope",
     "decode: QK RMSNorm, RoPE and the KV-cache write in one kernel (supersedes qk_norm)",
+    tuned=True,
 )
 register("swiglu", "silu(gate) * up of the gate/up result in one kernel")
 register(
@@ -93,6 +96,7 @@ register(
     builtin=False,
     needs_triton=True,
     approximate=True,
+    tuned=True,
 )
 # Off until an A/B on a device turns it on there (its device default): it changes only when
 # kernels start, not what they compute.
@@ -103,6 +107,7 @@ register(
     builtin=False,
     needs_gpu_backend=True,
     min_capability=(9, 0),
+    tuned=True,
 )
 
 
@@ -114,15 +119,22 @@ def device_defaults_path(device_name: str) -> Path:
 def device_defaults(device: torch.device) -> dict[str, bool]:
     """{fusion: on} measured on this GPU model, {} where nothing was measured (or on a CPU).
 
-    File format: {"fusion": {"on": bool, "evidence": "the A/B numbers and command"}, ...}
+    File format (written by `kiln tune --write`, kiln/bench/tune.py): {"fusion": {"on": bool,
+    "evidence": "the A/B numbers and command", ...}, ..., "device": {the GPU it was measured
+    on}}: keys that name no fusion are not states.
     """
+    return {name: bool(entry["on"]) for name, entry in device_entries(device).items()}
+
+
+def device_entries(device: torch.device) -> dict[str, dict]:
+    """The measured entries of this GPU model's file, by fusion ({} on a CPU or unmeasured)."""
     if device.type != "cuda":
         return {}
     path = device_defaults_path(torch.cuda.get_device_name(device))
     if not path.exists():
         return {}
     data = json.loads(path.read_text())
-    return {name: bool(entry["on"]) for name, entry in data.items() if name in FUSIONS}
+    return {name: entry for name, entry in data.items() if name in FUSIONS}
 
 
 def environment_names() -> list[str]:

@@ -20,7 +20,10 @@ ratios) ± the sample sd of the ratios. Fewer than 2 rounds give no verdict.
 
 Then each configuration generates `check_tokens` greedy tokens (argmax) from the same fixed
 prompt, and the token ids are compared: a change that is meant to be arithmetic-neutral must keep
-them identical.
+them identical. An approximate change (norm_quant's 8-bit activations) may change a token where
+two were nearly tied, so `check="kld"` also decodes A's tokens one by one through both
+configurations and compares their next-token distributions: the mean KL divergence of B from A
+and how often their top-1 agree, passing under KLD_GATE (issue #14's gate of the q8_1 path).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from kiln.fusion import parse_overrides
 
 DEFAULT_ROUNDS = 10
 DEFAULT_CHECK_TOKENS = 128
+KLD_GATE = (2e-3, 0.99)  # mean KL divergence at most, same top-1 at least (check="kld")
 PROMPT_TOKENS = 64  # more than a small -ub, so the prompt's split into micro-batches counts
 PROMPT_SEED = 0
 
@@ -223,6 +227,27 @@ class ABParams:
     backend: str = "auto"
     warmup: bool = True
     check_tokens: int = DEFAULT_CHECK_TOKENS
+    check: str = "tokens"  # "tokens": greedy ids identical; "kld": also the KLD gate
+
+
+@dataclass(frozen=True)
+class KLDCheck:
+    """B's next-token distributions against A's along A's greedy tokens (decoded one by one)."""
+
+    mean: float  # mean KL divergence of B from A per token
+    top1: float  # fraction of tokens where B's argmax is A's
+    n: int
+
+    @property
+    def passed(self) -> bool:
+        return self.mean <= KLD_GATE[0] and self.top1 >= KLD_GATE[1]
+
+    def __str__(self) -> str:
+        verdict = "within" if self.passed else "OUTSIDE"
+        return (
+            f"mean KLD {self.mean:.3g}, same top-1 {100 * self.top1:.2f}% over {self.n} tokens: "
+            f"{verdict} the gate (KLD <= {KLD_GATE[0]:g}, top-1 >= {100 * KLD_GATE[1]:g}%)"
+        )
 
 
 @dataclass
@@ -243,12 +268,21 @@ class ABResult:
     models: dict[str, str]  # label -> -m value
     rows: list[ABRow]
     tokens: dict[str, list[int]] = field(default_factory=dict)  # label -> greedy token ids
+    kld: KLDCheck | None = None  # check="kld"
 
     @property
     def outputs_identical(self) -> bool | None:
         if not self.tokens:
             return None
         return self.tokens["A"] == self.tokens["B"]
+
+    @property
+    def outputs_pass(self) -> bool | None:
+        """The output check's verdict: identical tokens, or with check="kld" the KLD gate;
+        None when nothing was compared."""
+        if self.kld is not None:
+            return self.kld.passed
+        return self.outputs_identical
 
 
 def _tests(params: ABParams, cfg: Config) -> list[B.TestInstance]:
@@ -304,16 +338,28 @@ def run_ab(params: ABParams, progress: B.Progress | None = None) -> ABResult:
                 (row.a if c.label == "A" else row.b).append(1e9 * n_tokens / ns)
     del sessions
     tokens: dict[str, list[int]] = {}
+    kld = None
     if params.check_tokens > 0:
         for c in configs:
             progress.status(f"{c.label}: {params.check_tokens} greedy tokens", keep=True)
             with applied_env(c.env):
-                ub = min(c.n_batch or B.DEFAULT_N_BATCH[0], c.n_ubatch or B.DEFAULT_N_UBATCH[0])
-                tokens[c.label] = greedy_tokens(loaded[c.label], params.check_tokens, ub)
+                tokens[c.label] = greedy_tokens(loaded[c.label], params.check_tokens, _ub(c))
+        if params.check == "kld":
+            progress.status("KL divergence of B from A along A's tokens", keep=True)
+            logits = {}
+            for c in configs:
+                with applied_env(c.env):
+                    logits[c.label] = decoded_logits(loaded[c.label], tokens["A"], _ub(c))
+            kld = kld_check(logits["A"], logits["B"], tokens["A"])
     progress.clear()
     return ABResult(
-        params, device, {c.label: c.model or params.model for c in configs}, rows, tokens
+        params, device, {c.label: c.model or params.model for c in configs}, rows, tokens, kld
     )
+
+
+def _ub(c: Config) -> int:
+    """The prompt micro-batch of a configuration (min of its -b and -ub)."""
+    return min(c.n_batch or B.DEFAULT_N_BATCH[0], c.n_ubatch or B.DEFAULT_N_UBATCH[0])
 
 
 def check_sizes(
@@ -363,6 +409,30 @@ def greedy_tokens(lm: B.LoadedModel, n: int, ubatch: int = 512) -> list[int]:
             logits = engine.decode(token, cache)
     memory.synchronize(lm.model.device)
     return out
+
+
+def decoded_logits(lm: B.LoadedModel, continuation: Sequence[int], ubatch: int = 512):
+    """float32 [n, n_vocab]: the next-token logits after fixed_prompt, then after each token of
+    the continuation but its last, decoded one by one (the decode path, which decode-only
+    fusions change; a prompt pass would not run it)."""
+    from kiln.runtime.engine import Engine
+
+    prompt = fixed_prompt(lm)
+    engine = Engine(lm.model, n_ctx=len(prompt) + len(continuation), ubatch=ubatch)
+    cache = engine.new_sequence()
+    rows = [engine.prefill(prompt, cache)[-1:].float().clone()]
+    for token in continuation[:-1]:
+        rows.append(engine.decode(token, cache).float().clone())  # (a graph's buffer)
+    return torch.cat(rows)
+
+
+def kld_check(a_logits: torch.Tensor, b_logits: torch.Tensor, tokens: Sequence[int]) -> KLDCheck:
+    """KLDCheck of B's logits against A's (the base), row by row."""
+    from kiln.bench.perplexity import kld_token_values
+
+    base = torch.log_softmax(a_logits.double(), dim=-1)
+    values = kld_token_values(b_logits, base, list(tokens))
+    return KLDCheck(float(values.kld.mean()), float(values.same_top.mean()), len(tokens))
 
 
 # -- report ---------------------------------------------------------------------------------------
@@ -415,6 +485,8 @@ def format_report(res: ABResult) -> str:
                 f"greedy outputs over {n} tokens: DIFFER from token {first} "
                 f"(A {a[first]}, B {b[first]})"
             )
+    if res.kld is not None:
+        lines.append(f"next-token distributions of B against A: {res.kld}")
     return "\n".join(lines)
 
 

@@ -20,6 +20,15 @@ from kiln.errors import UsageError
 from kiln.gguf.model import GGUFModel
 
 SYNTHETIC = "synthetic:"
+# The standard models of Kiln's measurements (scripts/bench_standard.py, `kiln tune`): real
+# shapes, random weights, built on the bench device.
+STANDARD_MODELS = (
+    "synthetic:qwen3-0.6b:q8_0",
+    "synthetic:qwen3-8b:q4_k_m",
+    "synthetic:qwen3-8b:q8_0",
+    "synthetic:qwen3-30b-a3b:q4_k_m",
+    "synthetic:llama3-8b:q4_0",
+)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ MODULES = (
     "ab",
     "history",
     "fusions",
+    "tune",
     "serve",
 )
 

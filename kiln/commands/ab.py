@@ -42,6 +42,12 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         "--check-tokens", type=int, default=128, metavar="N",
         help="greedy tokens each configuration generates for the output check (0: none)",
     )  # fmt: skip
+    p.add_argument(
+        "--check", choices=("tokens", "kld"), default="tokens",
+        help="the output check: greedy tokens identical (default), or also the KL divergence "
+        "of B's next-token distributions from A's along A's tokens (for approximate changes "
+        "such as norm_quant; passes at mean KLD <= 2e-3 and same top-1 >= 99%%)",
+    )  # fmt: skip
     p._parse_optional = _configurations_stay_positional(p._parse_optional)  # type: ignore
 
 
@@ -83,6 +89,10 @@ def ab_params(args: argparse.Namespace):
         raise UsageError("kiln ab runs one model; to compare two, give A and B each its own -m")
     if args.check_tokens < 0:
         raise UsageError(f"--check-tokens must be >= 0, got {args.check_tokens}")
+    if args.check == "kld" and args.check_tokens == 0:
+        raise UsageError(
+            "--check kld compares the distributions along --check-tokens tokens: give N > 0"
+        )
     return AB.ABParams(
         model=models[0],
         a=AB.parse_config(texts[0], "A"),
@@ -96,6 +106,7 @@ def ab_params(args: argparse.Namespace):
         backend=args.backend,
         warmup=not args.no_warmup,
         check_tokens=args.check_tokens,
+        check=args.check,
     )
 
 

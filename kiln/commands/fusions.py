@@ -23,6 +23,9 @@ def run(args: argparse.Namespace) -> int:
     backend = resolve_backend(args.backend, device)
     policy = FusionPolicy.resolve(device, backend, parse_overrides(args.fusion))
     print(format_table(policy, describe_device(device), backend))
+    evidence = format_evidence(policy, device)
+    if evidence:
+        print(evidence)
     print(format_routes(backend, dict(policy.states)))
     return 0
 
@@ -43,6 +46,20 @@ def format_routes(backend: str, states: dict[str, bool], weights=None) -> str:
             lines += [f"  {name} ({qtype.name})" for name, qtype in slow]
         elif backend == "triton":
             lines.append("every weight's format has a kernel")
+    return "\n".join(lines)
+
+
+def format_evidence(policy, device) -> str:
+    """The measurements behind each device default in force (`kiln tune --write`, or an A/B
+    recorded by hand), one paragraph per fusion; "" where none is."""
+    from kiln.fusion import device_entries
+
+    entries = device_entries(device)
+    used = [n for n, src in policy.sources.items() if src == "device default" and n in entries]
+    if not used:
+        return ""
+    lines = ["evidence of the device defaults:"]
+    lines += [f"  {name}: {entries[name].get('evidence', '(none recorded)')}" for name in used]
     return "\n".join(lines)
 
 

@@ -1,10 +1,12 @@
-"""`kiln history`: the performance history that `kiln bench --record` appends to.
+"""`kiln history`: the performance history that `kiln bench --record` and
+`scripts/bench_standard.py --record` append to.
 
     kiln history list                         # commits with records, oldest first
-    kiln history compare HEAD~1 HEAD          # t/s of two commits side by side, slowdowns flagged
-    kiln history plot -o perf.png             # t/s per test over the commits
+    kiln history compare HEAD~1 HEAD          # speed and quality side by side, regressions flagged
+    kiln history plot                         # t/s, PPL and KLD over the commits: docs/history.png
 
 The file: --history PATH, else $KILN_HISTORY, else bench/history.jsonl at the git top level.
+`compare` exits with 1 when a row is flagged SLOWER or WORSE, 0 otherwise (an error is 1 too).
 """
 
 from __future__ import annotations
@@ -13,6 +15,16 @@ import argparse
 
 from kiln.cli import command
 from kiln.errors import UsageError
+
+COMPARE_RULES = (
+    "Speed: a test is flagged SLOWER when mean2 + sd2 < mean1 - sd1 (mean and sample standard "
+    "deviation of the pooled repetitions), FASTER when mean2 - sd2 > mean1 + sd1. Quality (records "
+    "with ppl, kld or top1, e.g. from scripts/bench_standard.py): WORSE when the value moved the "
+    "bad way (PPL and KLD up, top-1 down) by more than sqrt(err1^2 + err2^2), err being each "
+    "side's uncertainty; BETTER when it moved the good way by more than that. Exit status: 1 when "
+    "anything is flagged SLOWER or WORSE (or on an error), 0 otherwise, so CI and scripts can "
+    "use it."
+)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -32,10 +44,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     _common(lst)
     cmp_ = sub.add_parser(
         "compare",
-        help="t/s of two commits side by side; SLOWER where mean2 + sd2 < mean1 - sd1",
-        description="t/s of REV1 and REV2 side by side, like llama.cpp's compare-llama-bench.py. "
-        "A test is flagged SLOWER when mean2 + sd2 < mean1 - sd1 (sd: the sample standard "
-        "deviation of the repetitions), FASTER when mean2 - sd2 > mean1 + sd1.",
+        help="speed and quality of two commits side by side; exits with 1 on SLOWER or WORSE",
+        description="Speed (t/s) and quality (PPL, KLD, top-1, where records carry them) of REV1 "
+        "and REV2 side by side, like llama.cpp's compare-llama-bench.py. " + COMPARE_RULES,
     )
     cmp_.add_argument(
         "rev1", metavar="REV1", help="the baseline: commit prefix, branch, tag, HEAD~N"
@@ -45,19 +56,31 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         "--dirty", action="store_true", help="use records measured on a dirty tree too"
     )
     _common(cmp_)
-    plt = sub.add_parser("plot", help="t/s per test over the commits (PNG, matplotlib)")
-    plt.add_argument(
-        "-o", "--output", default="history.png", help="image file (default history.png)"
+    plt = sub.add_parser(
+        "plot",
+        help="t/s per test, PPL and KLD over the commits, in one image (matplotlib)",
+        description="One figure over the commits in the order recorded: a panel of t/s per test "
+        "(error bars: one sd), then a panel of PPL and of KLD per test whose records carry them "
+        "(error bars: their uncertainty); one line per model and device.",
     )
+    plt.add_argument(
+        "-o", "--output", metavar="FILE",
+        help="image file; the format from its suffix (default docs/history.png at the git top "
+        "level of the history file's checkout; outside one, the history's name with .png)",
+    )  # fmt: skip
     _common(plt)
 
 
-@command("history", "The performance history: list, compare two commits, plot.", _add_arguments)
+@command(
+    "history",
+    "The performance history: list, compare two commits (exit 1 on a regression), plot.",
+    _add_arguments,
+)
 def run(args: argparse.Namespace) -> int:
     from kiln.bench import history as H
 
     if not getattr(args, "action", None):
-        raise UsageError("give an action: kiln history list | compare REV1 REV2 | plot -o OUT.png")
+        raise UsageError("give an action: kiln history list | compare REV1 REV2 | plot [-o OUT]")
     path = H.history_path(args.history)
     records = H.load_history(path)
     filters = {"model": args.model, "test": args.test, "device": args.device}
@@ -69,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
         b = H.resolve_rev(args.rev2, records, repo)
         comparison = H.compare(records, a, b, include_dirty=args.dirty, filters=filters)
         print(H.format_compare(comparison, H.rev_name(args.rev1, a), H.rev_name(args.rev2, b)))
+        return 1 if comparison.regressed else 0
     else:
-        out = H.plot(records, args.output, filters)
+        out = H.plot(records, args.output or H.default_plot_path(path), filters)
         print(f"kiln history: wrote {out}")
     return 0

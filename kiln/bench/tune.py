@@ -10,6 +10,10 @@ default is flipped (B becomes this GPU's default) only when B wins on every mode
 otherwise the builtin stays. Either way the decision and its numbers are an entry of
 kernels/configs/fusions,device=<GPU>.json (with --write), which FusionPolicy reads as the
 "device default" and `kiln fusions` prints with its evidence.
+
+A write keeps the trials the file holds of other models (on this GPU model) and decides over all
+of them: the standard set can be measured a model or two at a time (a machine lent for minutes,
+an 8B model's trial taking one or two) and the decision is still over every model measured.
 """
 
 from __future__ import annotations
@@ -52,10 +56,28 @@ class ModelTrial:
     def summary(self) -> str:
         tests = "; ".join(
             f"{row.test} {statistics.fmean(row.a):.2f} -> {statistics.fmean(row.b):.2f} t/s "
-            f"(B/A {row.verdict.ratio:.3f} +- {row.verdict.spread:.3f}, {row.verdict.kind})"
+            f"(B/A {row.verdict.ratio:.3f} +- {row.verdict.spread:.3f}, {row.verdict.kind}, "
+            f"n = {row.verdict.n})"
             for row in self.rows
         )
         return f"-m {self.model} {tests}; outputs {self.outputs}"
+
+    def record(self) -> dict:
+        """The trial as the device file keeps it (from_record reads it back)."""
+        tests = {row.test: {"a_ts": row.a, "b_ts": row.b} for row in self.rows}
+        return {
+            "model": self.model,
+            "outputs": self.outputs,
+            "outputs_pass": self.outputs_pass,
+            "tests": tests,
+        }
+
+    @staticmethod
+    def from_record(rec: dict) -> ModelTrial:
+        rows = tuple(
+            AB.ABRow(test, list(t["a_ts"]), list(t["b_ts"])) for test, t in rec["tests"].items()
+        )
+        return ModelTrial(rec["model"], rows, rec["outputs"], bool(rec["outputs_pass"]))
 
 
 @dataclass(frozen=True)
@@ -69,7 +91,7 @@ class Decision:
     def flipped(self) -> bool:
         return self.on != self.builtin
 
-    def evidence(self, device: str, rounds: int) -> str:
+    def evidence(self, device: str) -> str:
         state, builtin = ("on" if s else "off" for s in (self.on, self.builtin))
         verdict = (
             f"{state} (builtin {builtin}): B won on every model"
@@ -80,7 +102,7 @@ class Decision:
         trials = " | ".join(t.summary() for t in self.trials)
         return (
             f"{device}, {datetime.now(timezone.utc):%Y-%m-%d}, kiln tune ({ab}, -p {N_PROMPT} "
-            f"-n {N_GEN}, {rounds} rounds interleaved): {verdict}. {trials}"
+            f"-n {N_GEN}, interleaved): {verdict}. {trials}"
         )
 
 
@@ -182,30 +204,35 @@ def device_record(device: torch.device) -> dict:
     }
 
 
-def write_device_file(
-    decisions: Sequence[Decision], gpu: dict, rounds: int, path: Path | None = None
-) -> Path:
+def earlier_trials(path: Path, fusion: str) -> list[ModelTrial]:
+    """The trials the device file at `path` holds for `fusion` ([] for none, or for an entry
+    recorded by hand, which keeps its numbers as text only)."""
+    if not path.exists():
+        return []
+    entry = json.loads(path.read_text()).get(fusion, {})
+    return [ModelTrial.from_record(rec) for rec in entry.get("measured", [])]
+
+
+def with_earlier(decision: Decision, earlier: Sequence[ModelTrial]) -> Decision:
+    """The decision over this run's trials and the earlier ones of models it did not measure."""
+    now = {t.model for t in decision.trials}
+    return decide(
+        decision.fusion, [t for t in earlier if t.model not in now] + list(decision.trials)
+    )
+
+
+def write_device_file(decisions: Sequence[Decision], gpu: dict, path: Path | None = None) -> Path:
     """The decisions into the fusion file of the GPU model `gpu` (device_record) describes,
-    with their evidence; entries of fusions not tuned now are kept."""
+    with their evidence and trials; entries of fusions not tuned now are kept (a decision
+    that should count earlier trials is made with with_earlier first)."""
     path = path or device_defaults_path(gpu["name"])
     data = json.loads(path.read_text()) if path.exists() else {}
     short = gpu["name"].removeprefix("NVIDIA ")
     for d in decisions:
         data[d.fusion] = {
             "on": d.on,
-            "evidence": d.evidence(short, rounds),
-            "measured": [
-                {
-                    "model": t.model,
-                    "outputs": t.outputs,
-                    "outputs_pass": t.outputs_pass,
-                    "tests": {
-                        row.test: {"a_ts": row.a, "b_ts": row.b, "verdict": row.verdict.kind}
-                        for row in t.rows
-                    },
-                }
-                for t in d.trials
-            ],
+            "evidence": d.evidence(short),
+            "measured": [t.record() for t in d.trials],
         }
     data["device"] = gpu
     write_text(path, json.dumps(data, indent=1) + "\n")

@@ -5,6 +5,8 @@ depends on the GPU, and (--kernels) tune the kernels' launch configs first.
     kiln tune -m synthetic:qwen3-8b:q4_k_m --fusion pdl --rounds 10
     kiln tune --write                           # ... and write this GPU's fusion defaults
     kiln tune --kernels --write                 # the mat-vec and GEMM tables first
+    kiln tune -m synthetic:qwen3-0.6b:q8_0 --write   # one model now: decided with the file's
+                                                     # earlier trials of the others
 
 How a default is decided: kiln/bench/tune.py.
 """
@@ -59,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from kiln.bench import llama_bench as B
     from kiln.bench import tune as T
     from kiln.bench.models import STANDARD_MODELS
+    from kiln.fusion import device_defaults_path
     from kiln.ops import resolve_backend
 
     rounds = args.rounds if args.rounds is not None else T.DEFAULT_ROUNDS
@@ -84,10 +87,16 @@ def run(args: argparse.Namespace) -> int:
         flush=True,
     )
     decisions = T.run_tune(models, fusions, rounds, args.device, args.backend, progress)
-    for d in decisions:
-        print(f"{d.fusion}: {'on' if d.on else 'off'}{' (flipped)' if d.flipped else ''}")
     if args.write:
-        path = T.write_device_file(decisions, T.device_record(device), rounds)
+        gpu = T.device_record(device)
+        path = device_defaults_path(gpu["name"])
+        decisions = [T.with_earlier(d, T.earlier_trials(path, d.fusion)) for d in decisions]
+    for d in decisions:
+        models_seen = ", ".join(t.model for t in d.trials)
+        state = f"{'on' if d.on else 'off'}{' (flipped)' if d.flipped else ''}"
+        print(f"{d.fusion}: {state}, decided over {models_seen}")
+    if args.write:
+        T.write_device_file(decisions, gpu, path)
         print(f"kiln tune: wrote {path}")
     else:
         print("kiln tune: nothing written (--write keeps the decisions as this GPU's defaults)")

@@ -40,9 +40,12 @@ def test_a_default_flips_only_on_a_win_on_every_model() -> None:
         d = T.decide("pdl", [wins[0], other])
         assert not d.flipped and d.on is FUSIONS["pdl"].builtin
     assert not T.decide("pdl", []).flipped
-    text = T.decide("qkv_norm_rope", wins).evidence("H100 80GB HBM3", 5)
+    text = T.decide("qkv_norm_rope", wins).evidence("H100 80GB HBM3")
     assert "off (builtin on): B won on every model" in text
-    assert "-m a pp512 " in text and "tg128 100.14 -> 120.17 t/s (B/A 1.200 +- 0.000, win)" in text
+    assert (
+        "-m a pp512 " in text
+        and "tg128 100.14 -> 120.17 t/s (B/A 1.200 +- 0.000, win, n = 5)" in text
+    )
 
 
 def test_which_fusions_are_tuned_here() -> None:
@@ -63,13 +66,29 @@ def test_the_device_file_keeps_other_entries_and_kiln_fusions_shows_the_evidence
     path.write_text(json.dumps({"swiglu": {"on": True, "evidence": "by hand"}}))
     gpu = {"name": "NVIDIA Test GPU", "sms": 132, "driver": "580.0"}
     decision = T.decide("pdl", [_trial("a", FASTER)])
-    T.write_device_file([decision], gpu, 5, path)
+    T.write_device_file([decision], gpu, path)
     data = json.loads(path.read_text())
     assert data["swiglu"] == {"on": True, "evidence": "by hand"}
     assert data["device"] == gpu
     assert data["pdl"]["on"] is True and data["pdl"]["evidence"].startswith("Test GPU, ")
-    tests = data["pdl"]["measured"][0]["tests"]
-    assert tests["tg128"]["b_ts"] == FASTER and tests["tg128"]["verdict"] == "win"
+    assert data["pdl"]["measured"][0]["tests"]["tg128"]["b_ts"] == FASTER
+    assert T.earlier_trials(path, "swiglu") == []  # recorded by hand: no trials kept
+
+    # a later run measures another model only: the decision counts the file's trial of "a" too,
+    # and a new trial of "a" replaces the old one
+    later = T.decide("pdl", [_trial("b", SAME)])
+    assert not later.flipped
+    both = T.with_earlier(later, T.earlier_trials(path, "pdl"))
+    assert [t.model for t in both.trials] == ["a", "b"] and not both.flipped
+    again = T.with_earlier(
+        T.decide("pdl", [_trial("a", FASTER), _trial("b", FASTER)]), T.earlier_trials(path, "pdl")
+    )
+    assert [t.model for t in again.trials] == ["a", "b"] and again.flipped
+    T.write_device_file([both], gpu, path)
+    kept = json.loads(path.read_text())["pdl"]
+    assert kept["on"] is False and [m["model"] for m in kept["measured"]] == ["a", "b"]
+    assert T.ModelTrial.from_record(kept["measured"][0]).rows[1].verdict.kind == "win"
+    data = json.loads(path.read_text())
 
     entries = {n: e for n, e in data.items() if n in FUSIONS}
     monkeypatch.setattr("kiln.fusion.device_entries", lambda device: entries)

@@ -2,6 +2,7 @@
 when replayed as a CUDA graph.
 
     python scripts/profile_decode.py --model synthetic:qwen3-8b:q4_k_m:4 [--batch 4] [--fusion X=0]
+                                     [-ctk q8_0 -ctv q8_0]
 
 An Engine of B sequences (--batch, default 1) is filled to n_ctx - 1 tokens each, so the step
 decodes position n_ctx - 1 of every sequence. One eager decode step (Engine.step, after a
@@ -37,9 +38,15 @@ from kiln.runtime.engine import Engine  # noqa: E402
 FILL_UBATCH = 8  # prompt forwards of <= 8 rows run the mat-vec kernels, not the reference
 
 
-def filled_engine(model, n_ctx: int, batch: int) -> tuple[Engine, list]:
-    """An Engine of `batch` sequences holding n_ctx - 1 random tokens each."""
-    engine = Engine(model, n_ctx=n_ctx, ubatch=FILL_UBATCH, n_seq=batch)
+def filled_engine(
+    model, n_ctx: int, batch: int, cache_type_k: str | None = None, cache_type_v: str | None = None
+) -> tuple[Engine, list]:
+    """An Engine of `batch` sequences holding n_ctx - 1 random tokens each (KV cache types as
+    -ctk / -ctv; None: the backend's)."""
+    engine = Engine(
+        model, n_ctx=n_ctx, ubatch=FILL_UBATCH, n_seq=batch, cache_type_k=cache_type_k,
+        cache_type_v=cache_type_v,
+    )  # fmt: skip
     rng = random.Random(0)
     seqs = [engine.new_sequence() for _ in range(batch)]
     for seq in seqs:
@@ -108,6 +115,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--batch", type=int, default=1, metavar="B",
         help="sequences decoded together in the step (default 1)",
     )  # fmt: skip
+    for flag, long in (("-ctk", "--cache-type-k"), ("-ctv", "--cache-type-v")):
+        ap.add_argument(
+            flag, long, default=None, metavar="TYPE",
+            help=f"the KV cache's {long[-1].upper()} type: f16, bf16, q8_0, q4_0 (default: the "
+            "backend's)",
+        )  # fmt: skip
     ap.add_argument(
         "--trace", type=int, default=0, metavar="N",
         help="also list the first N launches in order (one layer's shapes, kernel by kernel)",
@@ -129,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.model:
         gguf, name = load_gguf(spec, torch.device("cuda"))
         model = build_model(gguf, "cuda", backend="triton", fusions=fusions)
-        engine, seqs = filled_engine(model, args.n_ctx, args.batch)
+        engine, seqs = filled_engine(
+            model, args.n_ctx, args.batch, args.cache_type_k, args.cache_type_v
+        )
         launched = kernel_times(engine, seqs)
         times: dict[str, list[float]] = defaultdict(list)
         for kernel, us in launched:

@@ -59,3 +59,7 @@ def test_profile_decode_profiles_the_same_step_each_time(cpu_model):
     assert script.kernel_times(engine, seqs) == []  # no CUDA kernel on the CPU
     assert [s.length for s in seqs] == [64, 64]  # cut back: the profiled step is repeatable
     assert script.graph_us(engine, seqs) is None  # no CUDA graphs on the CPU
+    # -ctk / -ctv: the pool of the cache type asked for
+    engine, _ = script.filled_engine(cpu_model, 9, 1, "q8_0", "f16")
+    assert engine.pool.k[0].type.name == "q8_0" and engine.pool.v[0].dtype == torch.float16
+    assert script.parse_args(["--model", "m", "-ctk", "q4_0"]).cache_type_k == "q4_0"

@@ -125,7 +125,7 @@ def check_paged(
     assert v_pool.shape[:2] == k_pool.shape[:2], (
         f"v_pool {tuple(v_pool.shape)} does not match k_pool {tuple(k_pool.shape)}"
     )
-    # (rotated rows need nothing here: the model rotates q and the output, kiln/quant/kv.py)
+    # (rotated rows need nothing here: q comes rotated, the model rotates the output back)
     k, k_fmt, _ = kv_operand(k_pool, n_kv, head_dim, "k_pool")
     v, v_fmt, _ = kv_operand(v_pool, n_kv, dv, "v_pool")
     assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous(), (

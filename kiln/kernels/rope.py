@@ -47,7 +47,8 @@ def qkv_norm_rope(
     pdl: bool = False,
 ) -> torch.Tensor:
     """Q/K head RMSNorm (when the weights are given), RoPE at positions, K and V written into the
-    cache pools at rows slots -> q f32 [T, H, D]."""
+    cache pools at rows slots -> q f32 [T, H, D] (rotated like K where K's pool stores its rows
+    rotated, as kiln.ops.reference.qkv_norm_rope)."""
     check_heads(q, "qkv_norm_rope q")
     check_heads(k, "qkv_norm_rope k")
     check_heads(v, "qkv_norm_rope v")

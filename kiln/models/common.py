@@ -160,8 +160,7 @@ class DecoderModel:
             k_cache,
             v_cache,
         )
-        if getattr(k_cache, "rotated", False):  # K stored rotated (kiln/quant/kv.py): q too
-            q = ops.kv_rotate(q)
+        # (where K is stored rotated, kiln/quant/kv.py, qkv_norm_rope returned q rotated too)
         out = ops.attention(q, k_cache, v_cache, batch, self.scale)
         if getattr(v_cache, "rotated", False):  # V stored rotated: the output rotated back
             out = ops.kv_rotate(out)

@@ -35,7 +35,7 @@ from gguf.constants import GGMLQuantizationType
 
 from kiln.errors import UsageError
 from kiln.ops import cpu_pack, reference
-from kiln.quant.kv import write_rows
+from kiln.quant.kv import rotated_like, write_rows
 from kiln.weight import Weight
 
 
@@ -264,7 +264,7 @@ def qkv_norm_rope(
         k = rope(k, positions, freqs, neox)
     write_rows(k_cache, slots, k)
     write_rows(v_cache, slots, v)
-    return q
+    return rotated_like(q, k_cache)
 
 
 def _adjacent_heads(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:

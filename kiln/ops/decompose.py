@@ -10,7 +10,7 @@ from collections.abc import Callable
 from types import SimpleNamespace
 
 from kiln.ops import reference
-from kiln.quant.kv import write_rows
+from kiln.quant.kv import rotated_like, write_rows
 
 
 def unfused(name: str, ops: SimpleNamespace) -> Callable:
@@ -42,7 +42,7 @@ def _qkv_norm_rope(ops):
         k = ops.rope(k, positions, freqs, neox)
         write_rows(k_cache, slots, k)
         write_rows(v_cache, slots, v)
-        return q
+        return rotated_like(q, k_cache)
 
     return qkv_norm_rope
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kiln.quant.kv import rotate, write_rows
+from kiln.quant.kv import rotate, rotated_like, write_rows
 from kiln.weight import Weight
 
 ROUTES: dict[str, str] = {}  # every op is the reference: the spec, on any device
@@ -205,7 +205,8 @@ def qkv_norm_rope(
     q: [T, H, D], k: [T, Hkv, D], v: [T, Hkv, Dv] (views of a merged QKV result are fine);
     positions: int64 [T] (the rotation); slots: int64 [T] (distinct pool rows, see
     attention_decode); k_cache: [S, Hkv, D], v_cache: [S, Hkv, Dv] (each in its cache type:
-    kiln.quant.kv.write_rows converts or quantizes the rows) -> q float32 [T, H, D].
+    kiln.quant.kv.write_rows converts or quantizes the rows) -> q float32 [T, H, D], rotated
+    like K where the K pool stores its rows rotated (kiln/quant/kv.py: a block type).
     """
     if q_weight is not None:
         q, k = qk_norm(q, k, q_weight, k_weight, eps)
@@ -213,13 +214,14 @@ def qkv_norm_rope(
     k = rope(k, positions, freqs, neox)
     write_rows(k_cache, slots, k)
     write_rows(v_cache, slots, v)
-    return q
+    return rotated_like(q, k_cache)
 
 
 def kv_rotate(x: torch.Tensor) -> torch.Tensor:
     """x: [T, H, D] float -> float32: each 64 values of a head rotated by the Hadamard matrix
-    (kiln.quant.kv.rotate: its own inverse). A block-type KV pool stores its rows rotated; the
-    model rotates q like K before attention and the attention output back where V is."""
+    (kiln.quant.kv.rotate: its own inverse). A block-type KV pool stores its rows rotated;
+    qkv_norm_rope returns q rotated like K, and the model rotates the attention output back
+    with this op where V is."""
     return rotate(x)
 
 

@@ -17,8 +17,9 @@ that is a multiple of ROT (64) stores each row rotated by the orthonormal Hadama
 ROT x ROT (Sylvester's, scaled by 1 / sqrt(ROT); symmetric, its own inverse), applied to each
 ROT values of the row (`rotate`). Rotation spreads a few outlier channels over the block, so
 its quantization loses less (demo model, -ctk/-ctv q4_0, wiki.test.raw: llama.cpp's perplexity
-30.16 with it, 33.56 without). The model rotates q like K (scores unchanged: H is orthonormal)
-and the attention output back where V is rotated. `LLAMA_ATTN_ROT_DISABLE=1` turns it off, as
+30.16 with it, 33.56 without). qkv_norm_rope returns q rotated like K (`rotated_like`; scores
+unchanged: H is orthonormal), in the same launch on the GPU, and the model rotates the attention
+output back where V is rotated (the `kv_rotate` op). `LLAMA_ATTN_ROT_DISABLE=1` turns it off, as
 it does llama.cpp's (`rotation` is the one decision).
 """
 
@@ -111,6 +112,12 @@ def rotate(x: torch.Tensor) -> torch.Tensor:
     h = hadamard(x.device)
     shape = x.shape
     return (x.float().reshape(*shape[:-1], shape[-1] // ROT, ROT) @ h).reshape(shape)
+
+
+def rotated_like(q: torch.Tensor, k_cache) -> torch.Tensor:
+    """q rotated (float32) where the K pool stores its rows rotated, else q as is: the query that
+    reads a rotated K (q . k is unchanged by the same orthonormal rotation of both)."""
+    return rotate(q) if getattr(k_cache, "rotated", False) else q
 
 
 CACHE_TYPES: dict[str, KVCacheType] = {

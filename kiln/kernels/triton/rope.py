@@ -5,7 +5,8 @@ QKV row): a query head (j < H) is normalized, rotated by positions[t] and writte
 head is normalized, rotated and written to k_cache at row slots[t] (the token's row in the paged
 KV pool, kiln/kernels/attention.py), and the program also copies value head j - H into v_cache
 at the same row. A pool of a block type (q8_0, q4_0: K_FMT / V_FMT, kv_cache.py) gets the row
-rotated (K_ROT / V_ROT, kiln/quant/kv.py) and quantized as ggml's reference quantizer does.
+rotated (K_ROT / V_ROT, kiln/quant/kv.py) and quantized as ggml's reference quantizer does;
+with K_ROT the query heads are written rotated too (q . k unchanged).
 Positions and slots are read on the device, so a captured CUDA graph serves every step and
 every block table.
 
@@ -116,6 +117,8 @@ def _qkv_norm_rope_kernel(
     if j < H:
         q_src = q_ptr + t * stride_qt + j * D
         qy = _norm_rope_row(q_src, qw_ptr, d, partner, mask, rotated, cos, sin, D, eps, HAS_NORM)
+        if K_ROT:  # q rotated as K is stored: q . k unchanged (kiln/quant/kv.py)
+            qy = _rotate(qy, BLOCK_D)
         tl.store(qo_ptr + (t * H + j) * D + d, qy, mask=mask)
     else:
         hk = j - H

@@ -33,6 +33,7 @@ fails (e.g. out of memory) is reported and the others still run; the exit status
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import tempfile
 import time
@@ -213,7 +214,7 @@ def ppl_record(llm: Any, tokens: list[int], a: argparse.Namespace, device, progr
         "samples_ts": [ts],
         "test": f"ppl c{PPL_CTX}",
         "ppl": result.ppl,
-        "ppl_err": _finite_or_none(result.ppl_err),
+        "ppl_err": result.ppl_err if math.isfinite(result.ppl_err) else None,
         "ppl_chunks": n_chunks,
         "ppl_file": Path(a.ppl_file).name,
     }
@@ -290,10 +291,6 @@ def measure_quality(a: argparse.Namespace, text: str, device, progress, record) 
             print(f"bench_standard: {name} failed: {e}", file=sys.stderr)
             failed.append(name)
     return failed
-
-
-def _finite_or_none(x: float) -> float | None:
-    return x if x == x and abs(x) != float("inf") else None
 
 
 # -- recording -------------------------------------------------------------------------------------

@@ -49,10 +49,10 @@ import triton
 import triton.language as tl
 
 from kiln.kernels import pdl_launch
-from kiln.kernels.kv_cache import KV_FLOAT, kv_operand
+from kiln.kernels.kv_cache import FLOAT_DTYPES, KV_FLOAT, kv_operand
 from kiln.kernels.triton import attention as _k
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+DTYPES = FLOAT_DTYPES  # of q, and of a float pool
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 # Under TRITON_INTERPRET=1 (CPU tests) @triton.jit gives an InterpretedFunction.
 _INTERPRETED = type(_k._attention_decode_kernel).__name__ == "InterpretedFunction"

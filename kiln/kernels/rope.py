@@ -20,7 +20,7 @@ import torch
 import triton
 
 from kiln.kernels import pdl_launch
-from kiln.kernels.kv_cache import kv_operand
+from kiln.kernels.kv_cache import KV_FLOAT, kv_operand
 from kiln.kernels.norm import check_heads, num_warps_for, weight_f32
 from kiln.kernels.triton import rope as _k
 from kiln.quant.kv import QuantizedRows
@@ -78,8 +78,8 @@ def qkv_norm_rope(
     vc, v_fmt, v_rot = kv_operand(v_cache, n_kv, dv, "v_cache")
     assert kc.shape[0] == vc.shape[0], "k_cache and v_cache differ in rows"
     assert kc.device == dev and vc.device == dev, "caches must be on q's device"
-    assert k_fmt == 0 or d % 32 == 0, f"a block-type K cache needs D % 32 == 0; D={d}"
-    assert v_fmt == 0 or dv % 32 == 0, f"a block-type V cache needs Dv % 32 == 0; Dv={dv}"
+    assert k_fmt == KV_FLOAT or d % 32 == 0, f"a block-type K cache needs D % 32 == 0; D={d}"
+    assert v_fmt == KV_FLOAT or dv % 32 == 0, f"a block-type V cache needs Dv % 32 == 0; Dv={dv}"
 
     positions = positions.contiguous()
     slots = slots.contiguous()

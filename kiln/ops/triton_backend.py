@@ -237,7 +237,7 @@ def _gate_up(linear, gate, up):
 
 
 def check_kv_cache_types(k_type, v_type) -> None:
-    """The attention kernels read K and V each in q8_0 or q4_0 blocks (dequantized to fp32) or
+    """The attention kernels read K and V each in q8_0 or q4_0 blocks (dequantized in the kernel) or
     in a float dtype (f16, bf16, f32), the two float ones of one dtype: two different float
     types are refused with what to use instead."""
     from kiln.errors import UsageError

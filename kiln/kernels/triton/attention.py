@@ -154,7 +154,7 @@ def _attention_decode_kernel(
     MIN_SLICE: tl.constexpr,  # a multiple of BLOCK_S
     DT: tl.constexpr,  # the products' dtype: the float pool's, f16 for two block types
     SPLIT: tl.constexpr,  # DT f16/bf16: hi/lo split of the fp32 operands (module docstring)
-    PRECISION: tl.constexpr,  # fp32 operands: "ieee" (f32 cache), "tf32x3" (block types)
+    PRECISION: tl.constexpr,  # fp32 operands: "ieee" (f32 cache), "tf32x3" (a block type beside)
     INTERP_SLICE: tl.constexpr,  # largest slice under TRITON_INTERPRET, else 0 (see below)
     K_FMT: tl.constexpr = KV_FLOAT,  # k_ptr: a float pool, or uint8 blocks (kv_cache.py)
     V_FMT: tl.constexpr = KV_FLOAT,

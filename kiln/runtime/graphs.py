@@ -25,6 +25,9 @@ BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 # MoE layers above 8 rows run paths (the per-slot expert mat-vecs past their tuned size, the
 # grouped GEMM's device-side plan) that no GPU run has captured yet: their batches stay eager.
 MOE_MAX_BUCKET = 8
+# Buckets up to this size have been captured on every GPU run: a capture failing there is a bug
+# (raised); above it the batch falls back to eager launches, said once.
+PROVEN_BUCKET = 8
 
 
 def buckets_for(n_seq: int, moe: bool) -> tuple[int, ...]:
@@ -128,7 +131,7 @@ class GraphRunner:
     def __call__(self, tokens: Seq[int], seqs: Seq[Sequence]) -> torch.Tensor | None:
         """One decode token for each of len(seqs) <= max_batch sequences (their blocks
         reserved, lengths not yet advanced) -> logits float32 [B, n_vocab]: a view of a buffer
-        the next replay overwrites; None where the bucket's capture failed (above 8 rows: said
+        the next replay overwrites; None where the bucket's capture failed (above PROVEN_BUCKET rows: said
         once on stderr, and the caller runs the batch eagerly from then on)."""
         if self.pool.generation != self._generation:  # the pool grew: its tensors moved
             self._graphs.clear()
@@ -144,7 +147,7 @@ class GraphRunner:
             try:
                 graph = self._graphs[size] = _Bucket(self.model, self.pool, size, self._mempool)
             except RuntimeError as e:  # an op of this batch size that a graph cannot hold
-                if size <= 8:  # the buckets every GPU run has captured: a real failure
+                if size <= PROVEN_BUCKET:
                     raise
                 self.failed[size] = f"{type(e).__name__}: {e}".splitlines()[0]
                 print(

@@ -125,9 +125,9 @@ def check_paged(
     assert v_pool.shape[:2] == k_pool.shape[:2], (
         f"v_pool {tuple(v_pool.shape)} does not match k_pool {tuple(k_pool.shape)}"
     )
-    # (rotated rows need nothing here: q comes rotated, the model rotates the output back)
+    # (K's rotated rows need nothing here: q comes rotated like them, from qkv_norm_rope)
     k, k_fmt, _ = kv_operand(k_pool, n_kv, head_dim, "k_pool")
-    v, v_fmt, _ = kv_operand(v_pool, n_kv, dv, "v_pool")
+    v, v_fmt, v_rot = kv_operand(v_pool, n_kv, dv, "v_pool")
     assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous(), (
         "q, k_pool and v_pool must be contiguous"
     )
@@ -152,13 +152,14 @@ def check_paged(
         f"block_tables must be int32 with contiguous rows; got {block_tables.dtype} "
         f"strides {block_tables.stride()}"
     )
-    return Paged(n_head, n_kv, head_dim, dv, k, k_fmt, v, v_fmt)
+    return Paged(n_head, n_kv, head_dim, dv, k, k_fmt, v, v_fmt, v_rot)
 
 
 @dataclass(frozen=True)
 class Paged:
-    """check_paged's result: the head counts and sizes, and each pool as its kernel takes it
-    (the tensor, its K_FMT / V_FMT id)."""
+    """check_paged's result: the head counts and sizes, each pool as its kernel takes it (the
+    tensor, its K_FMT / V_FMT id), and whether V's rows are stored rotated (kiln/quant/kv.py:
+    the kernels rotate the output back, V_ROT)."""
 
     n_head: int
     n_kv: int
@@ -168,6 +169,7 @@ class Paged:
     k_fmt: int
     v: torch.Tensor
     v_fmt: int
+    v_rot: bool = False
 
     @property
     def products_dtype(self) -> torch.dtype:
@@ -275,6 +277,7 @@ def attention_decode(
         INTERP_SLICE=interp_slice,
         K_FMT=paged.k_fmt,
         V_FMT=paged.v_fmt,
+        V_ROT=paged.v_rot,
         num_warps=cfg.num_warps,
         num_stages=_triton_stages(cfg.num_stages),
         **pdl_launch(pdl),

@@ -170,6 +170,7 @@ def attention_prefill(
         PRECISION=paged.precision,
         K_FMT=paged.k_fmt,
         V_FMT=paged.v_fmt,
+        V_ROT=paged.v_rot,
         INTERP_KEYS=n_blocks * block_size if _INTERPRETED else 0,
         num_warps=cfg.num_warps,
         num_stages=_triton_stages(cfg.num_stages),

@@ -160,10 +160,9 @@ class DecoderModel:
             k_cache,
             v_cache,
         )
-        # (where K is stored rotated, kiln/quant/kv.py, qkv_norm_rope returned q rotated too)
+        # (where the pools store their rows rotated, kiln/quant/kv.py, qkv_norm_rope returned q
+        # rotated like K, and attention rotates its output back)
         out = ops.attention(q, k_cache, v_cache, batch, self.scale)
-        if getattr(v_cache, "rotated", False):  # V stored rotated: the output rotated back
-            out = ops.kv_rotate(out)
         return ops.linear(out.reshape(n, c.n_head * c.head_dim_v), b.attn_output)
 
     def _ffn(self, b: _Block, x: torch.Tensor) -> torch.Tensor:

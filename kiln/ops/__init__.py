@@ -30,7 +30,6 @@ OP_NAMES = (
     "rope_frequencies",
     "rope",
     "attention",
-    "kv_rotate",
     "swiglu",
     "moe_route",
     "moe_ffn",
@@ -55,7 +54,6 @@ class OpSet:
     rope_frequencies: Callable
     rope: Callable
     attention: Callable
-    kv_rotate: Callable
     swiglu: Callable
     moe_route: Callable
     moe_ffn: Callable

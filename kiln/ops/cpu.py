@@ -291,14 +291,17 @@ def attention(q: torch.Tensor, k_pool, v_pool, batch, scale: float) -> torch.Ten
     """The reference's attention over the paged pool (kiln.ops.reference.attention), each
     sequence's keys a slice of the pool where its blocks are consecutive (the usual case). The
     decode step of one such sequence reads its slice directly: per_sequence's slices of the
-    queries and positions and its loop cost 4 us a layer, 0.1 ms a token on the demo model."""
+    queries and positions and its loop cost 4 us a layer, 0.1 ms a token on the demo model.
+    The output is rotated back where V's rows are stored rotated, as the reference's."""
     if batch.query_lens == (1,) and batch.first_rows[0] is not None:
         first, length = batch.first_rows[0], batch.kv_lens[0]
         end = first + length
-        return _one_query(q, k_pool[first:end], v_pool[first:end], length, scale)
-    return reference.per_sequence(
-        q, k_pool, v_pool, batch, lambda qs, k, v, pos: _causal(qs, k, v, pos, scale)
-    )
+        out = _one_query(q, k_pool[first:end], v_pool[first:end], length, scale)
+    else:
+        out = reference.per_sequence(
+            q, k_pool, v_pool, batch, lambda qs, k, v, pos: _causal(qs, k, v, pos, scale)
+        )
+    return rotated_like(out, v_pool)
 
 
 def _causal(
@@ -379,7 +382,6 @@ def ops(pdl: bool = False) -> dict:
         "rope_frequencies": reference.rope_frequencies,
         "rope": rope,
         "attention": attention,
-        "kv_rotate": reference.kv_rotate,
         "swiglu": swiglu,
         "moe_route": moe_route,
         "moe_ffn": reference.moe_ffn,
@@ -395,7 +397,6 @@ ROUTES = {
     "qkv_norm_rope": "torch (cached RoPE tables)",
     "rope": "torch (cached RoPE tables)",
     "attention": "torch: one query as two batched mat-muls, prompts in 8 MB passes",
-    "kv_rotate": "reference",
     "swiglu": "torch",
     "moe_route": "reference",
     "moe_ffn": "reference",

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kiln.quant.kv import rotate, rotated_like, write_rows
+from kiln.quant.kv import rotated_like, write_rows
 from kiln.weight import Weight
 
 ROUTES: dict[str, str] = {}  # every op is the reference: the spec, on any device
@@ -86,11 +86,11 @@ def attention(
     dequantized through .float()); batch: kiln.runtime.batch.ForwardBatch (each sequence's
     queries are contiguous; a key at position j is visible to a query at position p when
     j <= p) -> f32 [T, H, Dv]. Reads the batch's host lengths: not capturable (prompts, the
-    reference).
+    reference). Pools of rows stored rotated (kiln/quant/kv.py): q comes rotated like K (from
+    qkv_norm_rope), and the output is rotated back where V is (H is its own inverse).
     """
-    return per_sequence(
-        q, k_pool, v_pool, batch, lambda qs, k, v, pos: causal(qs, k, v, pos, scale)
-    )
+    out = per_sequence(q, k_pool, v_pool, batch, lambda qs, k, v, pos: causal(qs, k, v, pos, scale))
+    return rotated_like(out, v_pool)
 
 
 def per_sequence(q, k_pool, v_pool, batch, attend) -> torch.Tensor:
@@ -157,7 +157,8 @@ def attention_decode(
     to positions 0 .. seq_lens[b] - 1 of sequence b, whose position j lives in pool row
     block_tables[b, j // block_size] * block_size + j % block_size. Table entries past the
     sequence's blocks are gathered but masked (any valid block id); rows past a length never
-    reach the result, even NaN ones. Device ops only (no host sync): graph-capturable.
+    reach the result, even NaN ones. Device ops only (no host sync): graph-capturable. Rotated
+    pools as attention's.
     """
     n_rows, n_blocks = block_tables.shape
     n_head, n_kv, d = q.shape[1], k_pool.shape[1], q.shape[2]
@@ -173,7 +174,7 @@ def attention_decode(
     scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     out = torch.einsum("bkgc,bckd->bkgd", probs, v)  # [B, Hkv, G, Dv]
-    return out.reshape(n_rows, n_head, v_pool.shape[2])
+    return rotated_like(out.reshape(n_rows, n_head, v_pool.shape[2]), v_pool)
 
 
 def qk_norm(
@@ -215,14 +216,6 @@ def qkv_norm_rope(
     write_rows(k_cache, slots, k)
     write_rows(v_cache, slots, v)
     return rotated_like(q, k_cache)
-
-
-def kv_rotate(x: torch.Tensor) -> torch.Tensor:
-    """x: [T, H, D] float -> float32: each 64 values of a head rotated by the Hadamard matrix
-    (kiln.quant.kv.rotate: its own inverse). A block-type KV pool stores its rows rotated;
-    qkv_norm_rope returns q rotated like K, and the model rotates the attention output back
-    with this op where V is."""
-    return rotate(x)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -99,7 +99,6 @@ def ops(pdl: bool = False) -> dict:
         "rope_frequencies": reference.rope_frequencies,
         "rope": reference.rope,
         "attention": attention,
-        "kv_rotate": reference.kv_rotate,
         "swiglu": partial(activation.swiglu, pdl=pdl),
         "moe_route": moe_route,
         "moe_ffn": reference.moe_ffn,  # composed below, once the set's swiglu is known
@@ -278,7 +277,6 @@ ROUTES = {
     "rope": "reference (only the unfused qkv_norm_rope calls it)",
     "attention": "flash-decoding kernel over the paged pool for one query per sequence; "
     "flash attention kernel over the pool for prompts",
-    "kv_rotate": "reference (torch: a mat-mul by the 64 x 64 Hadamard matrix)",
     "swiglu": "kernel",
     "moe_route": "kernel up to 8 rows; reference above",
     "moe_ffn": "per-row expert mat-vec kernels + combine kernel up to 8 rows; above, the "

@@ -18,9 +18,10 @@ ROT x ROT (Sylvester's, scaled by 1 / sqrt(ROT); symmetric, its own inverse), ap
 ROT values of the row (`rotate`). Rotation spreads a few outlier channels over the block, so
 its quantization loses less (demo model, -ctk/-ctv q4_0, wiki.test.raw: llama.cpp's perplexity
 30.16 with it, 33.56 without). qkv_norm_rope returns q rotated like K (`rotated_like`; scores
-unchanged: H is orthonormal), in the same launch on the GPU, and the model rotates the attention
-output back where V is rotated (the `kv_rotate` op). `LLAMA_ATTN_ROT_DISABLE=1` turns it off, as
-it does llama.cpp's (`rotation` is the one decision).
+unchanged: H is orthonormal), in the same launch on the GPU, and the attention op rotates its
+output back where V is rotated (`rotated_like` again: H is its own inverse; in the attention
+kernels' epilogue on the GPU). `LLAMA_ATTN_ROT_DISABLE=1` turns it off, as it does llama.cpp's
+(`rotation` is the one decision).
 """
 
 from __future__ import annotations
@@ -114,10 +115,11 @@ def rotate(x: torch.Tensor) -> torch.Tensor:
     return (x.float().reshape(*shape[:-1], shape[-1] // ROT, ROT) @ h).reshape(shape)
 
 
-def rotated_like(q: torch.Tensor, k_cache) -> torch.Tensor:
-    """q rotated (float32) where the K pool stores its rows rotated, else q as is: the query that
-    reads a rotated K (q . k is unchanged by the same orthonormal rotation of both)."""
-    return rotate(q) if getattr(k_cache, "rotated", False) else q
+def rotated_like(x: torch.Tensor, pool) -> torch.Tensor:
+    """x rotated (float32) where the pool stores its rows rotated, else x as is: the query that
+    reads a rotated K (q . k is unchanged by the same orthonormal rotation of both), and the
+    attention output over a rotated V rotated back."""
+    return rotate(x) if getattr(pool, "rotated", False) else x
 
 
 CACHE_TYPES: dict[str, KVCacheType] = {

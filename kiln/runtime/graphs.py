@@ -131,8 +131,8 @@ class GraphRunner:
     def __call__(self, tokens: Seq[int], seqs: Seq[Sequence]) -> torch.Tensor | None:
         """One decode token for each of len(seqs) <= max_batch sequences (their blocks
         reserved, lengths not yet advanced) -> logits float32 [B, n_vocab]: a view of a buffer
-        the next replay overwrites; None where the bucket's capture failed (above PROVEN_BUCKET rows: said
-        once on stderr, and the caller runs the batch eagerly from then on)."""
+        the next replay overwrites; None where the bucket's capture failed (above PROVEN_BUCKET
+        rows: said once on stderr, and the caller runs the batch eagerly from then on)."""
         if self.pool.generation != self._generation:  # the pool grew: its tensors moved
             self._graphs.clear()
             self._generation = self.pool.generation

@@ -218,3 +218,18 @@ FLASH_ATTENTION: dict[torch.dtype | str, tuple[float, float, str]] = {
         "weights by up to 4 u S, p and V add 2 u; + float32's",
     ),
 }
+
+
+def rotated_bound(bound: torch.Tensor, mag: torch.Tensor) -> torch.Tensor:
+    """The bound of an output rotated after its error arose (kiln/quant/kv.py's 64 x 64
+    Hadamard matrix / 8, on each 64 values of the last axis), from the elementwise `bound` of
+    its error before and the magnitudes `mag` of the values rotated: H e moves each value by at
+    most sum|e| / 8 over its 64, and the rotation's own fp32 sums (six butterfly stages in the
+    kernels, a mat-mul in the reference) add about 1e-6 of sum|x| / 8."""
+    return (_block_sums(bound) + 1e-6 * _block_sums(mag)) / 8
+
+
+def _block_sums(x: torch.Tensor) -> torch.Tensor:
+    """x [..., D] with each 64 values replaced by their sum (the reach of a 64 x 64 rotation)."""
+    blocks = x.reshape(*x.shape[:-1], -1, 64)
+    return blocks.sum(-1, keepdim=True).expand_as(blocks).reshape(x.shape)

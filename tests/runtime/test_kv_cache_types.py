@@ -109,8 +109,8 @@ def test_triton_backend_follows_the_reference_with_a_quantized_cache(k, v, head_
     by a fraction of what the quantization itself changes (the torch backend with an f32
     cache): at most a quarter of it (seen in the interpreter: 0.3% to 11.5%), where a wrong
     scale or a misplaced block would give as much or more. Head size 64: block-type rows stored
-    rotated (the kernel rotates K before it quantizes and returns q rotated, the model rotates the
-    output back)."""
+    rotated (the kernel rotates K before it quantizes and returns q rotated, attention rotates
+    its output back)."""
     gguf = micro(head_dim)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     logits, pools = {}, {}

@@ -41,7 +41,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kiln.kernels.triton.kv_cache import KV_FLOAT, _head_ptr, _load_block_rows
+from kiln.kernels.triton.kv_cache import KV_FLOAT, _head_ptr, _load_block_rows, _rotate_rows
 from kiln.kernels.triton.pdl import wait_for_inputs
 
 
@@ -158,6 +158,7 @@ def _attention_decode_kernel(
     INTERP_SLICE: tl.constexpr,  # largest slice under TRITON_INTERPRET, else 0 (see below)
     K_FMT: tl.constexpr = KV_FLOAT,  # k_ptr: a float pool, or uint8 blocks (kv_cache.py)
     V_FMT: tl.constexpr = KV_FLOAT,
+    V_ROT: tl.constexpr = False,  # V's rows stored rotated: the output is rotated back
     PDL: tl.constexpr = False,  # programmatic dependent launch (pdl.py)
 ):
     if PDL:
@@ -268,14 +269,17 @@ def _attention_decode_kernel(
 
     active = start < end
     l_safe = tl.where(l_i > 0, l_i, 1.0)  # idle slices and padded heads store nothing
+    o = acc / l_safe[:, None]
+    if V_ROT:  # each slice's output rotated back: the combine's weighted sum is linear
+        o = _rotate_rows(o, G_PAD, DV_PAD)
     o_mask = active & g_ok[:, None] & (dv[None, :] < DV)
     if size >= length:  # the only slice: its result is the row's output
         o_ptrs = out_ptr + (b * H + heads[:, None]) * DV + dv[None, :]
-        tl.store(o_ptrs, acc / l_safe[:, None], mask=o_mask)
+        tl.store(o_ptrs, o, mask=o_mask)
     else:
         part = b * P + pid
         o_ptrs = part_o_ptr + (part * H + heads[:, None]) * DV + dv[None, :]
-        tl.store(o_ptrs, acc / l_safe[:, None], mask=o_mask)
+        tl.store(o_ptrs, o, mask=o_mask)
         tl.store(part_lse_ptr + part * H + heads, m_i + tl.log2(l_safe), mask=active & g_ok)
 
 

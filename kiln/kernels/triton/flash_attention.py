@@ -46,7 +46,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kiln.kernels.triton.kv_cache import KV_FLOAT, _head_ptr, _load_block_rows
+from kiln.kernels.triton.kv_cache import KV_FLOAT, _head_ptr, _load_block_rows, _rotate_rows
 from kiln.kernels.triton.pdl import wait_for_inputs
 
 
@@ -169,6 +169,7 @@ def _flash_attention_kernel(
     INTERP_KEYS: tl.constexpr,  # NB * KV_BLOCK under TRITON_INTERPRET, else 0 (see below)
     K_FMT: tl.constexpr = KV_FLOAT,  # k_ptr: a float pool, or uint8 blocks (kv_cache.py)
     V_FMT: tl.constexpr = KV_FLOAT,
+    V_ROT: tl.constexpr = False,  # V's rows stored rotated: the output is rotated back
     PDL: tl.constexpr = False,  # programmatic dependent launch (pdl.py)
 ):
     if PDL:
@@ -264,6 +265,8 @@ def _flash_attention_kernel(
 
     o_rows = (tok * H + head) * DV  # [BLOCK_R]
     o = acc / l_i[:, None]
+    if V_ROT:
+        o = _rotate_rows(o, BLOCK_R, DV_PAD)
     if DV == DV_PAD:
         tl.store(out_ptr + o_rows[:, None] + dv[None, :], o, mask=r_ok[:, None])
     else:

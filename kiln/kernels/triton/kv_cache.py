@@ -8,7 +8,8 @@ byte j - 16, value = d * (q - 8)), rotated first where kiln/quant/kv.py says (`_
 Hadamard matrix of 64 on each 64 values). `_quantize_row` quantizes one head's row as
 kiln/quant/legacy.py's _quantize_q8_0 / _quantize_q4_0 do (ggml's reference quantizers): the same
 fp32 operations with correctly rounded divisions, so both write the same bytes.
-`_load_block_rows` dequantizes head rows of a pool to fp32 for the attention kernels.
+`_load_block_rows` dequantizes head rows of a pool to fp32 for the attention kernels, and
+`_rotate_rows` rotates their output back where V's rows are stored rotated.
 
 Only @triton.jit functions and the format-id constexprs live here.
 """
@@ -73,18 +74,36 @@ def _load_block_rows(row_ptrs, row_ok, W, W_PAD: tl.constexpr, FMT: tl.constexpr
 
 
 @triton.jit
-def _rotate(x, BLOCK: tl.constexpr):
-    """fp32 x [BLOCK] with each 64 values multiplied by the Hadamard matrix of 64 / 8
-    (kiln/quant/kv.py's rotation: H[i, j] = (-1)^popcount(i & j) / 8, symmetric)."""
-    NC: tl.constexpr = BLOCK // 64
-    i = tl.arange(0, 64)
-    p = i[:, None] & i[None, :]
-    p = p ^ (p >> 4)
-    p = p ^ (p >> 2)
-    p = p ^ (p >> 1)
-    h = tl.where((p & 1) == 0, 0.125, -0.125)  # [64, 64]
-    y = tl.sum(tl.reshape(x, (NC, 1, 64)) * h[None, :, :], axis=2)  # [NC, 64]
-    return tl.reshape(y, (BLOCK,))
+def _butterfly(y, N: tl.constexpr, S: tl.constexpr):
+    """One stage of the fast Walsh-Hadamard transform of y [N]: values i and i + S (bit S of i
+    clear) become (a + b, a - b). Sums over an axis of 2 and a select, no tl.join (see
+    _load_block_rows)."""
+    z = tl.reshape(y, (N // (2 * S), 2, S))
+    c = tl.arange(0, 2)[None, :, None]
+    plus = tl.sum(z, axis=1)[:, None, :]  # a + b
+    minus = tl.sum(tl.where(c == 0, z, -z), axis=1)[:, None, :]  # a - b
+    return tl.reshape(tl.where(c == 0, plus, minus), (N,))
+
+
+@triton.jit
+def _rotate(x, N: tl.constexpr):
+    """fp32 x [N] (N a power of two >= 64) with each 64 values multiplied by the Hadamard matrix
+    of 64 / 8 (kiln/quant/kv.py's rotation: H[i, j] = (-1)^popcount(i & j) / 8, symmetric, its
+    own inverse): six butterfly stages (6 N additions), then the exact scaling by 1/8, instead of
+    the 64 N products of a [64, 64] matrix built in registers (the first form)."""
+    y = _butterfly(x, N, 1)
+    y = _butterfly(y, N, 2)
+    y = _butterfly(y, N, 4)
+    y = _butterfly(y, N, 8)
+    y = _butterfly(y, N, 16)
+    y = _butterfly(y, N, 32)
+    return y * 0.125
+
+
+@triton.jit
+def _rotate_rows(x, M: tl.constexpr, N: tl.constexpr):
+    """fp32 x [M, N] with each 64 values of every row rotated as _rotate does."""
+    return tl.reshape(_rotate(tl.reshape(x, (M * N,)), M * N), (M, N))
 
 
 @triton.jit

@@ -4,7 +4,7 @@ achievable HBM bandwidth). Not run by CI; needs a CUDA device.
 
     python benchmarks/attention.py [--heads 32,8,128] [--capacity 40960] [--dtype bf16|q8_0|...]
                                    [--lengths 128,512,...] [-B 1] [--block-size 64] [--shuffle]
-                                   [--sweep] [--sdpa]
+                                   [--no-ahead] [--sweep] [--sdpa]
 
 Each call is a batch of B rows (-B, default 1), every row of the same length, each over its own
 blocks of a paged pool (--block-size rows per block; table rows of capacity / block-size
@@ -17,6 +17,7 @@ cache in all, so K/V come from HBM. Blocks are handed out in pool order (a fresh
 --dtype is the cache type (-ctk/-ctv): f32, f16, bf16, or q8_0 / q4_0 blocks that the kernel
 dequantizes (GB/s then counts the blocks' bytes, scales included; rows stored rotated as a model
 stores them, which changes what the kernel reads, not how much).
+--no-ahead times block-type pools with their loads not issued a step ahead (the kernel's AHEAD).
 --sweep times a grid of launch configs at every length and prints the best per length.
 --sdpa also times torch's scaled_dot_product_attention on the same rows gathered contiguous
 (host-known length; enable_gqa) as a baseline.
@@ -25,6 +26,7 @@ stores them, which changes what the kernel reads, not how much).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 
 import torch
@@ -137,7 +139,7 @@ def bench_length(args, q: torch.Tensor, length: int, copy: float, sms: int) -> N
     err = (y - reference(q, *calls[0], scale)).abs().max().item()
     assert err < 1e-3, f"length {length}: max error {err}"
 
-    def ours(k, v, tables, lens, bs, cfg=None):
+    def ours(k, v, tables, lens, bs, cfg=args.config):
         att.attention_decode(q, k, v, tables, lens, bs, scale, cfg)
 
     us = _graph_us(ours, calls)
@@ -165,7 +167,7 @@ def bench_length(args, q: torch.Tensor, length: int, copy: float, sms: int) -> N
     if args.sweep:
         times = {}
         for b, s, per_sm, w, st in SWEEP:
-            cfg = att.AttentionConfig(b, s, per_sm * sms, w, st)
+            cfg = att.AttentionConfig(b, s, per_sm * sms, w, st, args.config.ahead)
             times[(b, s, per_sm, w, st)] = _graph_us(lambda *a, cfg=cfg: ours(*a, cfg), calls)
         best = min(times, key=times.get)
         row = "  ".join("/".join(map(str, c)) + f":{t:.1f}" for c, t in times.items())
@@ -182,6 +184,10 @@ def main() -> None:
     ap.add_argument("--shuffle", action="store_true", help="blocks in a random pool order")
     ap.add_argument("--dtype", default="bf16", choices=tuple(CACHE_TYPES))
     ap.add_argument("--lengths", default=LENGTHS)
+    ap.add_argument(
+        "--no-ahead", action="store_true",
+        help="block-type pools: loads not issued a step ahead (AttentionConfig.ahead off)",
+    )  # fmt: skip
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sdpa", action="store_true")
     args = ap.parse_args()
@@ -191,7 +197,7 @@ def main() -> None:
     n_head, n_kv, d = (int(v) for v in args.heads.split(","))
     copy = copy_gbps()
     dev = torch.device("cuda")
-    default = att.default_config(dev)
+    default = args.config = dataclasses.replace(att.default_config(dev), ahead=not args.no_ahead)
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     print(f"{torch.cuda.get_device_name()}: device-to-device copy {copy:.0f} GB/s")
     print(

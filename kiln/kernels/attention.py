@@ -69,6 +69,9 @@ class AttentionConfig:
     programs: int = 4 * _H100_SMS  # Hkv * P target at long lengths
     num_warps: int = 4
     num_stages: int = 3  # K/V steps in flight + 1, as in an unpaged loop (see _triton_stages)
+    # block-type pools: each step's loads issued one step ahead in registers (Triton's
+    # pipeliner leaves loads that are dequantized before the MMAs unpipelined)
+    ahead: bool = True
 
 
 def default_config(device: torch.device) -> AttentionConfig:
@@ -278,6 +281,7 @@ def attention_decode(
         K_FMT=paged.k_fmt,
         V_FMT=paged.v_fmt,
         V_ROT=paged.v_rot,
+        AHEAD=cfg.ahead and (paged.k_fmt != KV_FLOAT or paged.v_fmt != KV_FLOAT),
         num_warps=cfg.num_warps,
         num_stages=_triton_stages(cfg.num_stages),
         **pdl_launch(pdl),

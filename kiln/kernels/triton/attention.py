@@ -41,7 +41,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kiln.kernels.triton.kv_cache import KV_FLOAT, _head_ptr, _load_block_rows, _rotate_rows
+from kiln.kernels.triton.kv_cache import (
+    KV_FLOAT,
+    _dequant_blocks,
+    _fetch_blocks,
+    _head_ptr,
+    _rotate_rows,
+)
 from kiln.kernels.triton.pdl import wait_for_inputs
 
 
@@ -56,50 +62,67 @@ def _slice_of(length, P, BLOCK_S: tl.constexpr, MIN_SLICE: tl.constexpr):
 
 
 @triton.jit
+def _step_block(bt_row, s0, end, KV_BLOCK: tl.constexpr):
+    """The cache block of the step at s0 (int64; 0, unread, where s0 >= end)."""
+    return tl.load(bt_row + s0 // KV_BLOCK, mask=s0 < end, other=0).to(tl.int64)
+
+
+@triton.jit
+def _fetch(
+    base, block, s0, end, stride, W: tl.constexpr, W_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
+    KV_BLOCK: tl.constexpr, FMT: tl.constexpr, IS_K: tl.constexpr,
+):  # fmt: skip
+    """One pool's rows of the step at s0 in `block` (those < end), as loaded: a float pool's
+    tile (K transposed, [W_PAD, BLOCK_S]; V [BLOCK_S, W_PAD]) and an unused placeholder, or a
+    block type's (scale bits, quants) of kv_cache.py's _fetch_blocks."""
+    offs = tl.arange(0, BLOCK_S)
+    s_ok = s0 + offs < end
+    # The step lies in one block (BLOCK_S divides KV_BLOCK): contiguous rows.
+    rows = block * KV_BLOCK + (s0 % KV_BLOCK) + offs  # [BLOCK_S] pool rows (int64)
+    if FMT == KV_FLOAT:
+        w_ok = tl.arange(0, W_PAD) < W
+        if IS_K:  # base: [W_PAD, 1] pointers
+            ok = w_ok[:, None] & s_ok[None, :]
+            x = tl.load(base + rows[None, :] * stride, mask=ok, other=0.0)
+        else:  # base: [1, W_PAD] pointers
+            ok = s_ok[:, None] & w_ok[None, :]
+            x = tl.load(base + rows[:, None] * stride, mask=ok, other=0.0)
+        return x, tl.zeros([1], dtype=tl.uint16)
+    else:
+        return _fetch_blocks(base + rows * stride, s_ok, W, W_PAD, FMT)
+
+
+@triton.jit
+def _values(a, b, W_PAD: tl.constexpr, FMT: tl.constexpr, IS_K: tl.constexpr, DT: tl.constexpr):
+    """_fetch's result as the MMA operand in DT (K transposed)."""
+    if FMT == KV_FLOAT:
+        return a.to(DT)  # a no-op for a float pool of DT
+    else:
+        x = _dequant_blocks(a, b, W_PAD, FMT).to(DT)
+        if IS_K:
+            x = tl.trans(x)
+        return x
+
+
+@triton.jit
 def _attend_block(
     q_hi,  # [G_PAD, D_PAD] q * scale * log2(e) in DT (f32: q itself)
     q_lo,  # [G_PAD, D_PAD] the rest of q (SPLIT only)
-    k_base,  # [D_PAD, 1] pointers to K[0, h, d] (masked past D); a block type: head h's bytes
-    v_base,  # [1, DV_PAD] pointers to V[0, h, dv]; a block type: head h's bytes in pool row 0
-    bt_row,  # pointer to block_tables[b, 0] (int32)
+    kt,  # [D_PAD, BLOCK_S] the step's keys in DT (_values)
+    v,  # [BLOCK_S, DV_PAD] its values in DT
     s0,  # first position of the step, a multiple of BLOCK_S; s0 < end
     end,  # positions >= end are masked
-    stride_kc,
-    stride_vc,
     m_i,  # [G_PAD] running max of the log2 scores
     l_i,  # [G_PAD] running sum of exp2(score - m_i)
     acc,  # [G_PAD, DV_PAD] running sum of exp2(score - m_i) * v
-    D: tl.constexpr,
-    DV: tl.constexpr,
     BLOCK_S: tl.constexpr,
-    KV_BLOCK: tl.constexpr,
     SPLIT: tl.constexpr,
     PRECISION: tl.constexpr,
     INTERP: tl.constexpr,
-    D_PAD: tl.constexpr,
-    DV_PAD: tl.constexpr,
-    K_FMT: tl.constexpr,  # KV_FLOAT: k_base typed; a block type: k_base a byte pointer
-    V_FMT: tl.constexpr,
     DT: tl.constexpr,  # the products' dtype (block-type values are rounded to it)
 ):
     """One online-softmax step over positions s0 .. s0 + BLOCK_S - 1 (those < end)."""
-    offs = tl.arange(0, BLOCK_S)
-    s_ok = s0 + offs < end
-    # The step lies in one block (BLOCK_S divides KV_BLOCK): one table entry, contiguous rows.
-    block = tl.load(bt_row + s0 // KV_BLOCK).to(tl.int64)
-    rows = block * KV_BLOCK + (s0 % KV_BLOCK) + offs  # [BLOCK_S] pool rows (int64)
-    if K_FMT == KV_FLOAT:
-        k_mask = (tl.arange(0, D_PAD) < D)[:, None] & s_ok[None, :]
-        kt = tl.load(k_base + rows[None, :] * stride_kc, mask=k_mask, other=0.0)  # [D_PAD, BLOCK_S]
-    else:
-        kt = tl.trans(_load_block_rows(k_base + rows * stride_kc, s_ok, D, D_PAD, K_FMT))
-    if V_FMT == KV_FLOAT:
-        v_mask = s_ok[:, None] & (tl.arange(0, DV_PAD) < DV)[None, :]
-        v = tl.load(v_base + rows[:, None] * stride_vc, mask=v_mask, other=0.0)  # [BLOCK_S, DV_PAD]
-    else:
-        v = _load_block_rows(v_base + rows * stride_vc, s_ok, DV, DV_PAD, V_FMT)
-    kt = kt.to(DT)  # a no-op for a float pool of DT
-    v = v.to(DT)
+    s_ok = s0 + tl.arange(0, BLOCK_S) < end
     if INTERP or DT == tl.float32:  # the interpreter multiplies bf16 as raw uint16 bits: fp32
         kt = kt.to(tl.float32)  # operands (exact)
         v = v.to(tl.float32)
@@ -124,6 +147,41 @@ def _attend_block(
     else:
         acc = tl.dot(p, v, acc, input_precision=PRECISION)
     return m_new, l_i, acc
+
+
+@triton.jit
+def _step(
+    q_hi, q_lo, k_base, v_base, bt_row, s0, end, stride_kc, stride_vc, m_i, l_i, acc,
+    ka, kb, va, vb, block,  # AHEAD: this step's loads and the next step's block
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_S: tl.constexpr, KV_BLOCK: tl.constexpr,
+    SPLIT: tl.constexpr, PRECISION: tl.constexpr, INTERP: tl.constexpr, D_PAD: tl.constexpr,
+    DV_PAD: tl.constexpr, K_FMT: tl.constexpr, V_FMT: tl.constexpr, DT: tl.constexpr,
+    AHEAD: tl.constexpr,
+):  # fmt: skip
+    """The step at s0 (< end): its K and V read (AHEAD: loaded by the step before, which also
+    loaded this step's block; this one then issues the next step's loads before its MMAs, so
+    their latency overlaps them), then one online-softmax step. -> the state, and AHEAD the
+    next step's loads and the block after (masked, so never read, past `end`)."""
+    if AHEAD:
+        kt = _values(ka, kb, D_PAD, K_FMT, True, DT)
+        v = _values(va, vb, DV_PAD, V_FMT, False, DT)
+        nxt = s0 + BLOCK_S
+        ka, kb = _fetch(k_base, block, nxt, end, stride_kc, D, D_PAD, BLOCK_S, KV_BLOCK,
+                        K_FMT, True)  # fmt: skip
+        va, vb = _fetch(v_base, block, nxt, end, stride_vc, DV, DV_PAD, BLOCK_S, KV_BLOCK,
+                        V_FMT, False)  # fmt: skip
+        block = _step_block(bt_row, nxt + BLOCK_S, end, KV_BLOCK)
+    else:
+        here = _step_block(bt_row, s0, end, KV_BLOCK)
+        k0, k1 = _fetch(k_base, here, s0, end, stride_kc, D, D_PAD, BLOCK_S, KV_BLOCK, K_FMT, True)
+        v0, v1 = _fetch(v_base, here, s0, end, stride_vc, DV, DV_PAD, BLOCK_S, KV_BLOCK, V_FMT,
+                        False)  # fmt: skip
+        kt = _values(k0, k1, D_PAD, K_FMT, True, DT)
+        v = _values(v0, v1, DV_PAD, V_FMT, False, DT)
+    m_i, l_i, acc = _attend_block(
+        q_hi, q_lo, kt, v, s0, end, m_i, l_i, acc, BLOCK_S, SPLIT, PRECISION, INTERP, DT
+    )
+    return m_i, l_i, acc, ka, kb, va, vb, block
 
 
 @triton.jit
@@ -159,6 +217,7 @@ def _attention_decode_kernel(
     K_FMT: tl.constexpr = KV_FLOAT,  # k_ptr: a float pool, or uint8 blocks (kv_cache.py)
     V_FMT: tl.constexpr = KV_FLOAT,
     V_ROT: tl.constexpr = False,  # V's rows stored rotated: the output is rotated back
+    AHEAD: tl.constexpr = False,  # each step's loads issued a step ahead (_step)
     PDL: tl.constexpr = False,  # programmatic dependent launch (pdl.py)
 ):
     if PDL:
@@ -209,63 +268,34 @@ def _attention_decode_kernel(
     # turn into a Python int for range(): there the loop runs over the largest slice and skips
     # the steps past `end` by a Python `if`. Compiled, it runs over [start, end) only, so an
     # idle slice costs one load of its row's length.
+    if AHEAD:  # the first step's loads (and the second's block) before the loop
+        block = _step_block(bt_row, start, end, KV_BLOCK)
+        ka, kb = _fetch(k_base, block, start, end, stride_kc, D, D_PAD, BLOCK_S, KV_BLOCK,
+                        K_FMT, True)  # fmt: skip
+        va, vb = _fetch(v_base, block, start, end, stride_vc, DV, DV_PAD, BLOCK_S, KV_BLOCK,
+                        V_FMT, False)  # fmt: skip
+        block = _step_block(bt_row, start + BLOCK_S, end, KV_BLOCK)
+    else:  # placeholders, never read
+        ka = tl.zeros([1], dtype=tl.uint16)
+        kb = ka
+        va = ka
+        vb = ka
+        block = start.to(tl.int64)
     if interp:
         for s0 in range(0, INTERP_SLICE, BLOCK_S):
             if start + s0 < end:
-                m_i, l_i, acc = _attend_block(
-                    q_hi,
-                    q_lo,
-                    k_base,
-                    v_base,
-                    bt_row,
-                    start + s0,
-                    end,
-                    stride_kc,
-                    stride_vc,
-                    m_i,
-                    l_i,
-                    acc,
-                    D,
-                    DV,
-                    BLOCK_S,
-                    KV_BLOCK,
-                    SPLIT,
-                    PRECISION,
-                    interp,
-                    D_PAD,
-                    DV_PAD,
-                    K_FMT,
-                    V_FMT,
-                    DT,
-                )
+                m_i, l_i, acc, ka, kb, va, vb, block = _step(
+                    q_hi, q_lo, k_base, v_base, bt_row, start + s0, end, stride_kc, stride_vc,
+                    m_i, l_i, acc, ka, kb, va, vb, block, D, DV, BLOCK_S, KV_BLOCK, SPLIT,
+                    PRECISION, interp, D_PAD, DV_PAD, K_FMT, V_FMT, DT, AHEAD,
+                )  # fmt: skip
     else:
         for s0 in range(start, end, BLOCK_S):
-            m_i, l_i, acc = _attend_block(
-                q_hi,
-                q_lo,
-                k_base,
-                v_base,
-                bt_row,
-                s0,
-                end,
-                stride_kc,
-                stride_vc,
-                m_i,
-                l_i,
-                acc,
-                D,
-                DV,
-                BLOCK_S,
-                KV_BLOCK,
-                SPLIT,
-                PRECISION,
-                interp,
-                D_PAD,
-                DV_PAD,
-                K_FMT,
-                V_FMT,
-                DT,
-            )
+            m_i, l_i, acc, ka, kb, va, vb, block = _step(
+                q_hi, q_lo, k_base, v_base, bt_row, s0, end, stride_kc, stride_vc,
+                m_i, l_i, acc, ka, kb, va, vb, block, D, DV, BLOCK_S, KV_BLOCK, SPLIT,
+                PRECISION, interp, D_PAD, DV_PAD, K_FMT, V_FMT, DT, AHEAD,
+            )  # fmt: skip
 
     active = start < end
     l_safe = tl.where(l_i > 0, l_i, 1.0)  # idle slices and padded heads store nothing

@@ -8,7 +8,8 @@ byte j - 16, value = d * (q - 8)), rotated first where kiln/quant/kv.py says (`_
 Hadamard matrix of 64 on each 64 values). `_quantize_row` quantizes one head's row as
 kiln/quant/legacy.py's _quantize_q8_0 / _quantize_q4_0 do (ggml's reference quantizers): the same
 fp32 operations with correctly rounded divisions, so both write the same bytes.
-`_load_block_rows` dequantizes head rows of a pool to fp32 for the attention kernels, and
+`_load_block_rows` dequantizes head rows of a pool to fp32 for the attention kernels (in two
+parts, `_fetch_blocks` and `_dequant_blocks`, where a kernel loads one step ahead), and
 `_rotate_rows` rotates their output back where V's rows are stored rotated.
 
 Only @triton.jit functions and the format-id constexprs live here.
@@ -45,32 +46,50 @@ def _head_ptr(ptr, h, D, FMT: tl.constexpr):
 
 
 @triton.jit
-def _load_block_rows(row_ptrs, row_ok, W, W_PAD: tl.constexpr, FMT: tl.constexpr):
-    """fp32 [N, W_PAD]: values 0..W-1 of N head rows of a block type (row_ptrs [N]: byte pointers
-    to where each row's first block starts), rows with row_ok False and values >= W read as 0.
-    Each block's f16 scale is loaded once and its quants as contiguous bytes, then the values
-    are formed in registers (W a multiple of 32, W_PAD a power of two >= W and >= 32)."""
-    N: tl.constexpr = row_ptrs.shape[0]
+def _fetch_blocks(row_ptrs, row_ok, W, W_PAD: tl.constexpr, FMT: tl.constexpr):
+    """The raw bytes of values 0..W-1 of N head rows of a block type (row_ptrs [N]: byte
+    pointers to where each row's first block starts; rows with row_ok False and blocks past W
+    read as 0) -> (the f16 scales' bits uint16 [N, NB], the quants uint8 [N, NB, 32]: q8_0 value
+    j's byte, q4_0 the byte holding value j's nibble), NB = W_PAD // 32. Each scale is loaded
+    once and the quants as contiguous bytes (W a multiple of 32, W_PAD a power of two >= W and
+    >= 32). Only loads: their latency can overlap other work until _dequant_blocks reads them."""
     NB: tl.constexpr = W_PAD // 32
     blk = tl.arange(0, NB)
     ok = row_ok[:, None] & (blk[None, :] < W // 32)  # [N, NB]
     bp = row_ptrs[:, None] + blk[None, :] * _block_bytes(FMT)  # [N, NB] the blocks
     lo = tl.load(bp, mask=ok, other=0).to(tl.uint16)
     hi = tl.load(bp + 1, mask=ok, other=0).to(tl.uint16)
-    d = (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)[:, :, None]
+    j = tl.arange(0, 32)
     if FMT == KV_Q8_0:
-        j = tl.arange(0, 32)
         q = tl.load(bp[:, :, None] + 2 + j[None, None, :], mask=ok[:, :, None], other=0)
-        x = q.to(tl.int8, bitcast=True).to(tl.float32) * d  # [N, NB, 32]
     else:  # value j: the low nibble of byte j (j < 16), the high one of byte j - 16
         # (each byte loaded twice, the second time from L1. Joining the two nibble planes with
         # tl.join instead gave wrong q4_0 V operands on an H100, unexplained, right in the
         # interpreter and as K)
+        q = tl.load(bp[:, :, None] + 2 + j[None, None, :] % 16, mask=ok[:, :, None], other=0)
+    return lo | (hi << 8), q
+
+
+@triton.jit
+def _dequant_blocks(d_bits, q, W_PAD: tl.constexpr, FMT: tl.constexpr):
+    """fp32 [N, W_PAD]: the values of _fetch_blocks' (d_bits, q)."""
+    N: tl.constexpr = q.shape[0]
+    d = d_bits.to(tl.float16, bitcast=True).to(tl.float32)[:, :, None]
+    if FMT == KV_Q8_0:
+        x = q.to(tl.int8, bitcast=True).to(tl.float32) * d  # [N, NB, 32]
+    else:
         j = tl.arange(0, 32)
-        byte = tl.load(bp[:, :, None] + 2 + j[None, None, :] % 16, mask=ok[:, :, None], other=0)
-        nibble = (byte >> (j[None, None, :] // 16 * 4)) & 0x0F
+        nibble = (q >> (j[None, None, :] // 16 * 4)) & 0x0F
         x = (nibble.to(tl.float32) - 8.0) * d  # [N, NB, 32]
     return tl.reshape(x, (N, W_PAD))
+
+
+@triton.jit
+def _load_block_rows(row_ptrs, row_ok, W, W_PAD: tl.constexpr, FMT: tl.constexpr):
+    """fp32 [N, W_PAD]: values 0..W-1 of N head rows of a block type, as _fetch_blocks reads
+    them (rows with row_ok False and values >= W read as 0)."""
+    d_bits, q = _fetch_blocks(row_ptrs, row_ok, W, W_PAD, FMT)
+    return _dequant_blocks(d_bits, q, W_PAD, FMT)
 
 
 @triton.jit

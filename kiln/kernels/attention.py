@@ -13,7 +13,9 @@ read (any value). seq_lens and block_tables stay on the device and are never rea
 launch parameter follows from the shapes (B, NB, block_size, H, Hkv, D), so one captured CUDA
 graph serves every length and every block table. seq_lens[b] >= 1 is the caller's contract (not
 checked: that would read the device); a row of length 0 gets no output (its memory is left as
-allocated), and lengths past C = NB * block_size are clamped to C.
+allocated), and lengths past C = NB * block_size are clamped to C. Pools of a block type
+(kiln/quant/kv.py's QuantizedRows) are dequantized in the kernel; where they store their rows
+rotated, q comes rotated like K (from qkv_norm_rope) and the output is rotated back like V.
 
 How the work is split. Stage 1 runs Hkv x P x B programs; program (h, p, b) reads KV head h for
 all its query heads of row b over the p-th slice of the row's first seq_lens[b] positions. P is

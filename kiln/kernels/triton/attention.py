@@ -31,7 +31,11 @@ in fp32 (input_precision "ieee", no TF32). A block-type cache (q8_0, q4_0) is re
 time (kv_cache.py's `_load_block_rows`: each scale once, the quants as contiguous bytes),
 dequantized in registers and rounded to the products' dtype DT (the float pool's beside it, else
 f16, as llama.cpp's kernels do; kiln/kernels/attention.py's Paged.products_dtype), then
-multiplied as that float pool would be: with DT = f32 in tf32x3 (three TF32 products).
+multiplied as that float pool would be: with DT = f32 in tf32x3 (three TF32 products). Triton's
+pipeliner leaves such loads (dequantized before the MMAs) unpipelined, so with a block type each
+step's loads are issued one step ahead, in registers (AHEAD, `_step`). Where V's rows are stored
+rotated (kiln/quant/kv.py) each slice's output is rotated back before it is stored (V_ROT; the
+combine's weighted sum is linear, so the merged output is rotated back too).
 
 Only @triton.jit functions live here; kiln/kernels/attention.py launches them.
 """

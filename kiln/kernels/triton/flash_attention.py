@@ -34,7 +34,8 @@ tensor cores with operands in the cache dtype (q and the softmax weights p are r
 bf16 as in FlashAttention) and fp32 accumulation; an f32 cache multiplies in fp32 (input_precision
 "ieee"). A block-type cache (q8_0, q4_0) is dequantized in registers a block at a time
 (kv_cache.py's `_load_block_rows`) and its values rounded to the products' dtype DT, as in the
-decode kernel (attention.py). Under TRITON_INTERPRET the same rounded operands are multiplied in
+decode kernel (attention.py), and where V's rows are stored rotated the output is rotated back
+before it is stored (V_ROT). Under TRITON_INTERPRET the same rounded operands are multiplied in
 fp32 (the interpreter multiplies bf16 as raw uint16 bits), which is what the tensor cores compute,
 up to summation order.
 

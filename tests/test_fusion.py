@@ -76,6 +76,29 @@ def test_measured_device_defaults_are_read(tmp_path, monkeypatch):
     assert F.FusionPolicy.resolve("cuda", "triton", env={"KILN_SWIGLU": "1"}).swiglu
 
 
+@pytest.mark.parametrize(
+    "path", sorted(F.CONFIG_DIR.glob("fusions,device=*.json")), ids=lambda p: p.stem
+)
+def test_shipped_device_files_are_what_kiln_tune_writes(path, monkeypatch):
+    """Each committed fusion file names its GPU (the file is that GPU's), holds entries of known
+    fusions with a state, its evidence and the measured trials, and is read back as that GPU's
+    device defaults."""
+    data = json.loads(path.read_text())
+    device = data.pop("device")
+    assert {"name", "sms", "driver"} <= set(device), device
+    assert F.device_defaults_path(device["name"]) == path
+    assert data and set(data) <= set(F.FUSIONS), sorted(data)
+    for name, entry in data.items():
+        assert isinstance(entry["on"], bool), name
+        assert entry["evidence"].startswith(device["name"].removeprefix("NVIDIA ")), name
+        assert entry["measured"], name
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: device["name"])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
+    policy = F.FusionPolicy.resolve("cuda", "triton", env={})
+    for name, entry in data.items():
+        assert (getattr(policy, name), policy.sources[name]) == (entry["on"], "device default")
+
+
 def test_pdl_needs_hopper(monkeypatch):
     """Programmatic dependent launch is off before compute capability 9.0, whatever was asked."""
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")

@@ -53,6 +53,18 @@ class ModelTrial:
         kinds = [row.verdict.kind for row in self.rows]
         return self.outputs_pass and "win" in kinds and "loss" not in kinds
 
+    def why_not(self) -> str:
+        """Why B did not win on this model ("" when it did)."""
+        if self.win:
+            return ""
+        losses = [row.test for row in self.rows if row.verdict.kind == "loss"]
+        if losses:
+            return f"a loss at {', '.join(losses)}"
+        if not self.outputs_pass:
+            return "its outputs fail the check"
+        n = min(row.verdict.n for row in self.rows)
+        return f"no significant difference at n = {n} (more rounds may decide)"
+
     def summary(self) -> str:
         tests = "; ".join(
             f"{row.test} {statistics.fmean(row.a):.2f} -> {statistics.fmean(row.b):.2f} t/s "
@@ -96,7 +108,7 @@ class Decision:
         verdict = (
             f"{state} (builtin {builtin}): B won on every model"
             if self.flipped
-            else f"kept {state} (builtin): B did not win on every model"
+            else f"kept {state} (builtin): B did not win on every model ({self.shortfall()})"
         )
         ab = f"--fusion {self.fusion}={int(self.builtin)} vs {int(not self.builtin)}"
         trials = " | ".join(t.summary() for t in self.trials)
@@ -104,6 +116,12 @@ class Decision:
             f"{device}, {datetime.now(timezone.utc):%Y-%m-%d}, kiln tune ({ab}, -p {N_PROMPT} "
             f"-n {N_GEN}, interleaved): {verdict}. {trials}"
         )
+
+    def shortfall(self) -> str:
+        """Where B did not win, model by model ("" when it won everywhere)."""
+        if not self.trials:
+            return "no model measured"
+        return "; ".join(f"{t.model}: {t.why_not()}" for t in self.trials if not t.win)
 
 
 def decide(fusion: str, trials: Sequence[ModelTrial]) -> Decision:
@@ -187,7 +205,8 @@ def run_tune(
             trials.append(t)
         d = decide(fusion, trials)
         state = "on" if d.on else "off"
-        report(f"{fusion}: {state} ({'flipped' if d.flipped else 'builtin kept'})\n")
+        kept = f"builtin kept: B did not win on {d.shortfall()}"
+        report(f"{fusion}: {state} ({'flipped' if d.flipped else kept})\n")
         decisions.append(d)
     return decisions
 

@@ -32,13 +32,15 @@ def test_a_default_flips_only_on_a_win_on_every_model() -> None:
     d = T.decide("pdl", wins)
     assert d.flipped and d.on is (not FUSIONS["pdl"].builtin)
     # one model without a significant win, one whose outputs fail, one that loses: builtin kept
-    for other in (
-        _trial("b", SAME),
-        _trial("b", FASTER, False),
-        _trial("b", [x / 1.2 for x in STEADY]),
+    for other, why in (
+        (_trial("b", SAME), "b: no significant difference at n = 5 (more rounds may decide)"),
+        (_trial("b", FASTER, False), "b: its outputs fail the check"),
+        (_trial("b", [x / 1.2 for x in STEADY]), "b: a loss at tg128"),
     ):
         d = T.decide("pdl", [wins[0], other])
         assert not d.flipped and d.on is FUSIONS["pdl"].builtin
+        assert d.shortfall() == why  # said in the report and the evidence
+        assert f"B did not win on every model ({why})" in d.evidence("H100 80GB HBM3")
     assert not T.decide("pdl", []).flipped
     text = T.decide("qkv_norm_rope", wins).evidence("H100 80GB HBM3")
     assert "off (builtin on): B won on every model" in text

@@ -60,6 +60,11 @@ SWEEP = (
     (64, 128, 4, 4, 2),
     (32, 64, 4, 4, 2),
     (32, 32, 8, 4, 2),
+    # more warps per program: block-type pools spend a step's time dequantizing in registers
+    (64, 256, 4, 8, 3),
+    (64, 256, 2, 8, 3),
+    (32, 256, 4, 8, 3),
+    (64, 128, 4, 8, 3),
 )
 
 

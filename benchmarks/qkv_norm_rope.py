@@ -5,8 +5,8 @@ kiln/quant/kv.py) and not (LLAMA_ATTN_ROT_DISABLE=1). Not run by CI; needs a CUD
     python benchmarks/qkv_norm_rope.py [--heads 32,8,128] [-T 1] [--types f16,q8_0,q4_0]
 
 Each time is of --launches launches (default 36, a qwen3-8b decode step's layers) replayed from
-one CUDA graph, timed with CUDA events (median of 20 replays), divided by the launches: the
-launch-bound latency a decode step pays per layer.
+one CUDA graph, timed as benchmarks/attention.py times its calls (median of 20 replays),
+divided by the launches: the launch-bound latency a decode step pays per layer.
 """
 
 from __future__ import annotations
@@ -14,32 +14,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
-from kiln.kernels.rope import qkv_norm_rope
-from kiln.quant.kv import CACHE_TYPES, ROT
+import torch  # noqa: E402
 
-
-def time_us(fn, launches: int, iters: int = 20) -> float:
-    """us per call of fn: `launches` calls captured in one graph, the median replay."""
-    fn()  # compile outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(launches):
-            fn()
-    for _ in range(3):
-        graph.replay()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / launches)
-    return sorted(times)[len(times) // 2]
+from benchmarks.attention import _graph_us  # noqa: E402
+from kiln.kernels.rope import qkv_norm_rope  # noqa: E402
+from kiln.quant.kv import CACHE_TYPES, ROT  # noqa: E402
 
 
 def bench(args, type_name: str, rotated: bool) -> float:
@@ -55,12 +38,11 @@ def bench(args, type_name: str, rotated: bool) -> float:
     freqs = (1e6 ** (-torch.arange(0, d, 2, device=dev).float() / d)).contiguous()
     kind = CACHE_TYPES[type_name]
     k_cache, v_cache = (kind.allocate(4096, n_kv, d, dev) for _ in range(2))
-    return time_us(
-        lambda: qkv_norm_rope(
-            q, k, v, qw, kw, 1e-6, positions, slots, freqs, True, k_cache, v_cache
-        ),
-        args.launches,
-    )
+
+    def launch():
+        qkv_norm_rope(q, k, v, qw, kw, 1e-6, positions, slots, freqs, True, k_cache, v_cache)
+
+    return _graph_us(launch, [()] * args.launches)
 
 
 def main() -> None:

@@ -11,6 +11,10 @@ reads to float32. Every backend that accepts a block type writes the same bytes.
 
 One layer's pool of S rows: f32 / f16 / bf16, a float tensor [S, Hkv, D] of that dtype; q8_0,
 uint8 [S, Hkv, D / 32 * 34] (D / 32 Q8_0 blocks a head); q4_0, uint8 [S, Hkv, D / 32 * 18].
+A head's row holds its blocks' bytes split (`to_split`): the D / 32 f16 scales first, then the
+blocks' quants (32 bytes a block for q8_0, 16 for q4_0) in block order, so the quants of a row
+are contiguous and as aligned as the row (a GGML block of 34 or 18 bytes puts them at 2 mod 4):
+the attention kernels read them in 8- and 16-byte loads. The bytes are ggml's, moved.
 
 Rotation, as llama.cpp does since its PR 21038 (April 2026): a block-type pool of a head size
 that is a multiple of ROT (64) stores each row rotated by the orthonormal Hadamard matrix of
@@ -189,12 +193,33 @@ class QuantizedRows:
 
     def float(self) -> torch.Tensor:
         """The rows' values as stored (rotated where `rotated`), float32 [..., Hkv, D]."""
-        return dequantize(self.data, self.type.qtype, self.dim)
+        return dequantize(from_split(self.data, self.type), self.type.qtype, self.dim)
 
     def write(self, slots: torch.Tensor, x: torch.Tensor) -> None:
         """x: float [T, Hkv, D] (rotated first where `rotated`) quantized into rows `slots`
         (int64 [T])."""
-        self.data.index_copy_(0, slots, quantize(rotate(x) if self.rotated else x, self.type.qtype))
+        blocks = quantize(rotate(x) if self.rotated else x, self.type.qtype)
+        self.data.index_copy_(0, slots, to_split(blocks, self.type))
+
+
+SCALE_BYTES = 2  # the f16 scale that opens a q8_0 / q4_0 block
+
+
+def to_split(blocks: torch.Tensor, kind: KVCacheType) -> torch.Tensor:
+    """uint8 [..., NB * block bytes] GGML blocks -> the pool's row layout (see the top): the NB
+    scales, then the NB blocks' quants."""
+    b = blocks.reshape(*blocks.shape[:-1], -1, get_format(kind.qtype).type_size)
+    scales, quants = b[..., :SCALE_BYTES], b[..., SCALE_BYTES:]
+    return torch.cat((scales.flatten(-2), quants.flatten(-2)), dim=-1)
+
+
+def from_split(data: torch.Tensor, kind: KVCacheType) -> torch.Tensor:
+    """The pool's row layout -> uint8 GGML blocks [..., NB * block bytes] (to_split undone)."""
+    size = get_format(kind.qtype).type_size
+    nb = data.shape[-1] // size
+    scales = data[..., : nb * SCALE_BYTES].reshape(*data.shape[:-1], nb, SCALE_BYTES)
+    quants = data[..., nb * SCALE_BYTES :].reshape(*data.shape[:-1], nb, size - SCALE_BYTES)
+    return torch.cat((scales, quants), dim=-1).flatten(-2)
 
 
 def write_rows(cache: torch.Tensor | QuantizedRows, slots: torch.Tensor, x: torch.Tensor) -> None:

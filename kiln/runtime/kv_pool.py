@@ -1,13 +1,14 @@
 """The paged KV cache: one pool of fixed-size blocks per layer, shared by every sequence.
 
-Per layer the pool is K [S, Hkv, D] and V [S, Hkv, Dv] with S = n_blocks * block_size rows, each
-in its cache type (kiln/quant/kv.py: by default f16 on the GPU, float32 on the reference path;
-q8_0 / q4_0 store the rows as GGML blocks along the head, a QuantizedRows). A `Sequence` owns a
-list of blocks: its position j lives in row blocks[j // block_size] * block_size + j % block_size
-(the token's "slot"). Blocks are allocated here and only here (the model never allocates; it
-writes the slots a ForwardBatch names), freed when a sequence is freed or truncated, and shared
-between forked sequences (a common prompt prefix) with a reference count: a sequence about to
-write into a shared block copies it first (copy-on-write), so a fork never changes its parent.
+Per layer the pool is K [S, Hkv, D] and V [S, Hkv, Dv] with S = n_blocks * block_size rows, each in
+its cache type (kiln/quant/kv.py: by default f16 on the GPU, float32 on the reference path; q8_0 /
+q4_0 store the rows as GGML blocks along the head, scales then quants, a QuantizedRows). A
+`Sequence` owns a list of blocks: its position j lives in row blocks[j // block_size] * block_size
++ j % block_size (the token's "slot"). Blocks are allocated here and only here (the model never
+allocates; it writes the slots a ForwardBatch names), freed when a sequence is freed or truncated,
+and shared between forked sequences (a common prompt prefix) with a reference count: a sequence
+about to write into a shared block copies it first (copy-on-write), so a fork never changes its
+parent.
 
 Block 0 is the scratch block: never given to a sequence, it is where the padded rows of a
 CUDA-graph batch bucket write and read (kiln/runtime/graphs.py).

@@ -15,6 +15,7 @@ from kiln.quant.kv import (
     CACHE_TYPES,
     QuantizedRows,
     cache_type,
+    from_split,
     hadamard,
     rotate,
     rotation,
@@ -42,7 +43,8 @@ def _rows(gen: torch.Generator, t: int, heads: int, d: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", BLOCK_TYPES)
 @pytest.mark.parametrize(("heads", "d"), [(1, 32), (2, 64), (3, 128), (1, 96)])
-def test_written_rows_are_ggmls_blocks_and_read_back_as_gguf_dequantizes(name, heads, d):
+def test_written_rows_are_ggmls_blocks_split_and_read_back_as_gguf_dequantizes(name, heads, d):
+    """A head's row holds ggml's blocks' bytes split: the D / 32 scales, then the quants."""
     kind = CACHE_TYPES[name]
     gen = torch.Generator().manual_seed(d + heads)
     x = _rows(gen, 5, heads, d)
@@ -53,7 +55,11 @@ def test_written_rows_are_ggmls_blocks_and_read_back_as_gguf_dequantizes(name, h
     assert pool.rotated == (d % 64 == 0)  # stored rotated where the head size allows
     stored = rotate(x) if pool.rotated else x
     expect = quants.quantize(stored.numpy(), kind.qtype)  # uint8 [5, heads, row_bytes]
-    assert np.array_equal(pool.data[slots].numpy(), expect)
+    blocks = expect.reshape(5, heads, d // 32, -1)
+    split = np.concatenate([blocks[..., :2].reshape(5, heads, -1),
+                            blocks[..., 2:].reshape(5, heads, -1)], axis=-1)  # fmt: skip
+    assert np.array_equal(pool.data[slots].numpy(), split)
+    assert np.array_equal(from_split(pool.data[slots], kind).numpy(), expect)
     back = pool.index_select(0, slots).float()
     assert back.dtype == torch.float32 and back.shape == (5, heads, d)
     assert np.array_equal(back.numpy(), quants.dequantize(expect, kind.qtype))

@@ -102,7 +102,7 @@ def _values(a, b, W_PAD: tl.constexpr, FMT: tl.constexpr, IS_K: tl.constexpr, DT
     if FMT == KV_FLOAT:
         return a.to(DT)  # a no-op for a float pool of DT
     else:
-        x = _dequant_blocks(a, b, W_PAD, FMT).to(DT)
+        x = _dequant_blocks(a, b, W_PAD, FMT, DT)
         if IS_K:
             x = tl.trans(x)
         return x

@@ -1,16 +1,18 @@
 """Quantized KV-cache rows in the kernels: the q8_0 and q4_0 block types of kiln/quant/kv.py
 (llama.cpp's -ctk/-ctv), written by qkv_norm_rope and read by the attention kernels.
 
-A pool of a block type is uint8 [S, Hkv, D / 32 * BS]: each head's row is D / 32 GGML blocks of
-BS bytes (q8_0: 34, an f16 d then 32 int8 quants, value = d * q; q4_0: 18, an f16 d then 16
-bytes of nibbles, value j < 16 the low nibble of byte j and value j >= 16 the high nibble of
-byte j - 16, value = d * (q - 8)), rotated first where kiln/quant/kv.py says (`_rotate`: the
-Hadamard matrix of 64 on each 64 values). `_quantize_row` quantizes one head's row as
-kiln/quant/legacy.py's _quantize_q8_0 / _quantize_q4_0 do (ggml's reference quantizers): the same
-fp32 operations with correctly rounded divisions, so both write the same bytes.
-`_load_block_rows` dequantizes head rows of a pool to fp32 for the attention kernels (in two
-parts, `_fetch_blocks` and `_dequant_blocks`, where a kernel loads one step ahead), and
-`_rotate_rows` rotates their output back where V's rows are stored rotated.
+A pool of a block type is uint8 [S, Hkv, D / 32 * BS]: each head's row holds the bytes of D / 32
+GGML blocks of BS bytes (q8_0: 34, an f16 d and 32 int8 quants, value = d * q; q4_0: 18, an f16
+d and 16 bytes of nibbles, value j < 16 the low nibble of byte j and value j >= 16 the high
+nibble of byte j - 16, value = d * (q - 8)), split as kiln/quant/kv.py's `to_split` says: the
+D / 32 scales first, then the blocks' quants, so the quants are contiguous and as aligned as the
+row. Rows are rotated first where kiln/quant/kv.py says (`_rotate`: the Hadamard matrix of 64 on
+each 64 values). `_quantize_row` quantizes one head's row as kiln/quant/legacy.py's
+_quantize_q8_0 / _quantize_q4_0 do (ggml's reference quantizers): the same fp32 operations with
+correctly rounded divisions, so both write the same bytes. `_load_block_rows` dequantizes head
+rows of a pool for the attention kernels (in two parts, `_fetch_blocks` and `_dequant_blocks`,
+where a kernel loads one step ahead), and `_rotate_rows` rotates their output back where V's
+rows are stored rotated.
 
 Only @triton.jit functions and the format-id constexprs live here.
 """
@@ -46,41 +48,72 @@ def _head_ptr(ptr, h, D, FMT: tl.constexpr):
 
 
 @triton.jit
+def _scale_ptrs(row_ptrs, blk):
+    """f16 pointers to the scales of blocks blk of head rows starting at byte pointers row_ptrs
+    (the row's first bytes: kiln/quant/kv.py's split layout)."""
+    return (row_ptrs + blk * 2).to(tl.pointer_type(tl.float16))
+
+
+@triton.jit
+def _quant_ptrs(row_ptrs, W):
+    """Byte pointers to where the quants of head rows of W values start (after the W / 32
+    scales)."""
+    return row_ptrs + (W // 32) * 2
+
+
+@triton.jit
 def _fetch_blocks(row_ptrs, row_ok, W, W_PAD: tl.constexpr, FMT: tl.constexpr):
-    """The raw bytes of values 0..W-1 of N head rows of a block type (row_ptrs [N]: byte
-    pointers to where each row's first block starts; rows with row_ok False and blocks past W
-    read as 0) -> (the f16 scales' bits uint16 [N, NB], the quants uint8 [N, NB, 32]: q8_0 value
-    j's byte, q4_0 the byte holding value j's nibble), NB = W_PAD // 32. Each scale is loaded
-    once and the quants as contiguous bytes (W a multiple of 32, W_PAD a power of two >= W and
-    >= 32). Only loads: their latency can overlap other work until _dequant_blocks reads them."""
+    """The raw contents of values 0..W-1 of N head rows of a block type (row_ptrs [N]: byte
+    pointers to where each row starts; rows with row_ok False and blocks past W read as 0) ->
+    (the f16 scales [N, NB], the quants uint8 [N, NB, 32]: q8_0 value j's byte, q4_0 the byte
+    holding value j's nibble), NB = W_PAD // 32. The scales come in one load a row and the quants
+    as contiguous runs (aligned as the row is: kiln/quant/kv.py's split layout; W a multiple of
+    32, W_PAD a power of two >= W and >= 32). Only loads: their latency can overlap other work
+    until _dequant_blocks reads them."""
     NB: tl.constexpr = W_PAD // 32
     blk = tl.arange(0, NB)
     ok = row_ok[:, None] & (blk[None, :] < W // 32)  # [N, NB]
-    bp = row_ptrs[:, None] + blk[None, :] * _block_bytes(FMT)  # [N, NB] the blocks
-    lo = tl.load(bp, mask=ok, other=0).to(tl.uint16)
-    hi = tl.load(bp + 1, mask=ok, other=0).to(tl.uint16)
-    j = tl.arange(0, 32)
+    d = tl.load(_scale_ptrs(row_ptrs[:, None], blk[None, :]), mask=ok, other=0.0)
+    qp = _quant_ptrs(row_ptrs, W)[:, None, None]
+    j = tl.arange(0, 32)[None, None, :]
     if FMT == KV_Q8_0:
-        q = tl.load(bp[:, :, None] + 2 + j[None, None, :], mask=ok[:, :, None], other=0)
+        q = tl.load(qp + blk[None, :, None] * 32 + j, mask=ok[:, :, None], other=0)
     else:  # value j: the low nibble of byte j (j < 16), the high one of byte j - 16
         # (each byte loaded twice, the second time from L1. Joining the two nibble planes with
         # tl.join instead gave wrong q4_0 V operands on an H100, unexplained, right in the
         # interpreter and as K)
-        q = tl.load(bp[:, :, None] + 2 + j[None, None, :] % 16, mask=ok[:, :, None], other=0)
-    return lo | (hi << 8), q
+        q = tl.load(qp + blk[None, :, None] * 16 + j % 16, mask=ok[:, :, None], other=0)
+    return d, q
 
 
 @triton.jit
-def _dequant_blocks(d_bits, q, W_PAD: tl.constexpr, FMT: tl.constexpr):
-    """fp32 [N, W_PAD]: the values of _fetch_blocks' (d_bits, q)."""
+def _dequant_blocks(d, q, W_PAD: tl.constexpr, FMT: tl.constexpr, DT: tl.constexpr):
+    """[N, W_PAD] in DT: the values of _fetch_blocks' (d, q), each d * q rounded once to DT.
+    DT f16: the quant becomes an exact f16 by its bits (0x6400 | u is the f16 1024 + u for
+    u = 0..255) less the offset, times d in f16: the product of two f16 values is exact in fp32,
+    so rounding it once to f16 is what the f16 multiply does. No int-to-float or float-to-half
+    conversion (16 a clock on an SM, against 64 or more for the logic and half-precision
+    operations used instead: on sm_90 the q8_0 decode step went from 1101 to 905 instructions).
+    Other DT: fp32 products, then rounded to DT."""
     N: tl.constexpr = q.shape[0]
-    d = d_bits.to(tl.float16, bitcast=True).to(tl.float32)[:, :, None]
-    if FMT == KV_Q8_0:
-        x = q.to(tl.int8, bitcast=True).to(tl.float32) * d  # [N, NB, 32]
+    if DT == tl.float16:
+        if FMT == KV_Q8_0:  # int8 x: u = x + 128 = its byte ^ 0x80
+            u = (q ^ 0x80).to(tl.uint16) | 0x6400
+            x = u.to(tl.float16, bitcast=True) - 1152.0
+        else:  # nibble n: 1024 + n - 1032 = n - 8
+            j = tl.arange(0, 32)
+            u = ((q >> (j[None, None, :] // 16 * 4)) & 0x0F).to(tl.uint16) | 0x6400
+            x = u.to(tl.float16, bitcast=True) - 1032.0
+        x = x * d[:, :, None]
     else:
-        j = tl.arange(0, 32)
-        nibble = (q >> (j[None, None, :] // 16 * 4)) & 0x0F
-        x = (nibble.to(tl.float32) - 8.0) * d  # [N, NB, 32]
+        d32 = d.to(tl.float32)[:, :, None]
+        if FMT == KV_Q8_0:
+            x = q.to(tl.int8, bitcast=True).to(tl.float32) * d32  # [N, NB, 32]
+        else:
+            j = tl.arange(0, 32)
+            nibble = (q >> (j[None, None, :] // 16 * 4)) & 0x0F
+            x = (nibble.to(tl.float32) - 8.0) * d32  # [N, NB, 32]
+        x = x.to(DT)
     return tl.reshape(x, (N, W_PAD))
 
 
@@ -88,8 +121,8 @@ def _dequant_blocks(d_bits, q, W_PAD: tl.constexpr, FMT: tl.constexpr):
 def _load_block_rows(row_ptrs, row_ok, W, W_PAD: tl.constexpr, FMT: tl.constexpr):
     """fp32 [N, W_PAD]: values 0..W-1 of N head rows of a block type, as _fetch_blocks reads
     them (rows with row_ok False and values >= W read as 0)."""
-    d_bits, q = _fetch_blocks(row_ptrs, row_ok, W, W_PAD, FMT)
-    return _dequant_blocks(d_bits, q, W_PAD, FMT)
+    d, q = _fetch_blocks(row_ptrs, row_ok, W, W_PAD, FMT)
+    return _dequant_blocks(d, q, W_PAD, FMT, tl.float32)
 
 
 @triton.jit
@@ -139,14 +172,6 @@ def _recip(d):
 
 
 @triton.jit
-def _store_f16(ptr, x, mask):
-    """x fp32 rounded to f16 (to nearest even), stored little-endian as two bytes at ptr."""
-    bits = x.to(tl.float16).to(tl.uint16, bitcast=True)
-    tl.store(ptr, (bits & 0xFF).to(tl.uint8), mask=mask)
-    tl.store(ptr + 1, (bits >> 8).to(tl.uint8), mask=mask)
-
-
-@triton.jit
 def _quantize_row(head_ptr, x, D, BLOCK: tl.constexpr, FMT: tl.constexpr):
     """Store fp32 x [BLOCK] (values 0..D-1 of one head's row; D a multiple of 32, BLOCK a power
     of two >= D; values past D are not read into any stored block) as the row's D / 32 blocks
@@ -156,7 +181,8 @@ def _quantize_row(head_ptr, x, D, BLOCK: tl.constexpr, FMT: tl.constexpr):
     blk = tl.arange(0, NB)
     b_ok = blk < D // 32
     j = tl.arange(0, 32)
-    ptr = head_ptr + blk * _block_bytes(FMT)  # [NB]
+    d_ptrs = _scale_ptrs(head_ptr, blk)  # [NB]
+    q_ptr = _quant_ptrs(head_ptr, D)
     if FMT == KV_Q8_0:
         d = tl.math.div_rn(tl.max(tl.abs(xb), axis=1), tl.full([NB], 127.0, tl.float32))
         inv = tl.where(d == 0, 0.0, _recip(d))
@@ -165,8 +191,8 @@ def _quantize_row(head_ptr, x, D, BLOCK: tl.constexpr, FMT: tl.constexpr):
         fl = tl.floor(a)
         r = fl + tl.floor(2 * (a - fl))  # |round half away from zero|, gguf's np_roundf
         q = _low_byte(tl.where(v < 0, -r, r))
-        _store_f16(ptr, d, b_ok)
-        tl.store(ptr[:, None] + 2 + j[None, :], q.to(tl.uint8), mask=b_ok[:, None])
+        tl.store(d_ptrs, d.to(tl.float16), mask=b_ok)
+        tl.store(q_ptr + blk[:, None] * 32 + j[None, :], q.to(tl.uint8), mask=b_ok[:, None])
     else:
         # the value of largest magnitude, its sign kept (the first one on ties)
         at = tl.argmax(tl.abs(xb), axis=1, tie_break_left=True)
@@ -177,7 +203,7 @@ def _quantize_row(head_ptr, x, D, BLOCK: tl.constexpr, FMT: tl.constexpr):
         q = tl.minimum(_low_byte(tl.where(y < 0, tl.ceil(y), tl.floor(y))), 15)  # trunc
         halves = tl.permute(tl.reshape(q, (NB, 2, 16)), (0, 2, 1))  # [NB, 16, 2]
         low, high = tl.split(halves)
-        _store_f16(ptr, d, b_ok)
+        tl.store(d_ptrs, d.to(tl.float16), mask=b_ok)
         i = tl.arange(0, 16)
         packed = (low | (high << 4)).to(tl.uint8)
-        tl.store(ptr[:, None] + 2 + i[None, :], packed, mask=b_ok[:, None])
+        tl.store(q_ptr + blk[:, None] * 16 + i[None, :], packed, mask=b_ok[:, None])

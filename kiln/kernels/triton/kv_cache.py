@@ -65,11 +65,12 @@ def _quant_ptrs(row_ptrs, W):
 def _fetch_blocks(row_ptrs, row_ok, W, W_PAD: tl.constexpr, FMT: tl.constexpr):
     """The raw contents of values 0..W-1 of N head rows of a block type (row_ptrs [N]: byte
     pointers to where each row starts; rows with row_ok False and blocks past W read as 0) ->
-    (the f16 scales [N, NB], the quants uint8 [N, NB, 32]: q8_0 value j's byte, q4_0 the byte
-    holding value j's nibble), NB = W_PAD // 32. The scales come in one load a row and the quants
-    as contiguous runs (aligned as the row is: kiln/quant/kv.py's split layout; W a multiple of
-    32, W_PAD a power of two >= W and >= 32). Only loads: their latency can overlap other work
-    until _dequant_blocks reads them."""
+    (the f16 scales [N, NB], the quants: q8_0 uint8 [N, NB, 32], value j's byte; q4_0 uint8
+    [N, NB, 2, 16], at [.., h, i] the byte holding value 16 h + i's nibble, each byte loaded
+    once for both halves), NB = W_PAD // 32. The scales come in one load a row and the quants as
+    contiguous runs (aligned as the row is: kiln/quant/kv.py's split layout; W a multiple of 32,
+    W_PAD a power of two >= W and >= 32). Only loads: their latency can overlap other work until
+    _dequant_blocks reads them."""
     NB: tl.constexpr = W_PAD // 32
     blk = tl.arange(0, NB)
     ok = row_ok[:, None] & (blk[None, :] < W // 32)  # [N, NB]
@@ -78,42 +79,43 @@ def _fetch_blocks(row_ptrs, row_ok, W, W_PAD: tl.constexpr, FMT: tl.constexpr):
     j = tl.arange(0, 32)[None, None, :]
     if FMT == KV_Q8_0:
         q = tl.load(qp + blk[None, :, None] * 32 + j, mask=ok[:, :, None], other=0)
-    else:  # value j: the low nibble of byte j (j < 16), the high one of byte j - 16
-        # (each byte loaded twice, the second time from L1. Joining the two nibble planes with
-        # tl.join instead gave wrong q4_0 V operands on an H100, unexplained, right in the
-        # interpreter and as K)
-        q = tl.load(qp + blk[None, :, None] * 16 + j % 16, mask=ok[:, :, None], other=0)
+    else:  # the high half's pointers are the low half's: a broadcast the load reads once
+        i = tl.arange(0, 16)[None, None, :]
+        ptrs = (qp + blk[None, :, None] * 16 + i)[:, :, None, :]
+        ptrs = tl.broadcast_to(ptrs, (row_ptrs.shape[0], NB, 2, 16))
+        q = tl.load(ptrs, mask=ok[:, :, None, None], other=0)
     return d, q
 
 
 @triton.jit
 def _dequant_blocks(d, q, W_PAD: tl.constexpr, FMT: tl.constexpr, DT: tl.constexpr):
     """[N, W_PAD] in DT: the values of _fetch_blocks' (d, q), each d * q rounded once to DT.
-    DT f16: the quant becomes an exact f16 by its bits (0x6400 | u is the f16 1024 + u for
-    u = 0..255) less the offset, times d in f16: the product of two f16 values is exact in fp32,
-    so rounding it once to f16 is what the f16 multiply does. No int-to-float or float-to-half
-    conversion (16 a clock on an SM, against 64 or more for the logic and half-precision
-    operations used instead: on sm_90 the q8_0 decode step went from 1101 to 905 instructions).
-    Other DT: fp32 products, then rounded to DT."""
+    DT f16: the quant becomes an exact f16 by its bits, less an offset (q8_0: 0x6400 | u is the
+    f16 1024 + u for a byte u; q4_0: the low nibble n gives 0x6400 | n = 1024 + n, the high one
+    0x5400 | 16 n = 64 + n, where the f16 step is 1/16), times d in f16: the product of two f16
+    values is exact in fp32, so rounding it once to f16 is what the f16 multiply does. No
+    int-to-float or float-to-half conversion (16 a clock on an SM, against 64 or more for the
+    logic and half-precision operations used instead) and no shifts: on sm_90 the decode step
+    went from 1101 to 841 instructions for q8_0 and from 1680 to 727 for q4_0. Other DT: fp32
+    products, then rounded to DT."""
     N: tl.constexpr = q.shape[0]
-    if DT == tl.float16:
-        if FMT == KV_Q8_0:  # int8 x: u = x + 128 = its byte ^ 0x80
-            u = (q ^ 0x80).to(tl.uint16) | 0x6400
-            x = u.to(tl.float16, bitcast=True) - 1152.0
-        else:  # nibble n: 1024 + n - 1032 = n - 8
-            j = tl.arange(0, 32)
-            u = ((q >> (j[None, None, :] // 16 * 4)) & 0x0F).to(tl.uint16) | 0x6400
-            x = u.to(tl.float16, bitcast=True) - 1032.0
-        x = x * d[:, :, None]
-    else:
-        d32 = d.to(tl.float32)[:, :, None]
-        if FMT == KV_Q8_0:
-            x = q.to(tl.int8, bitcast=True).to(tl.float32) * d32  # [N, NB, 32]
+    if FMT == KV_Q8_0:
+        if DT == tl.float16:
+            u = q.to(tl.uint16) ^ 0x6480  # (byte ^ 0x80) | 0x6400 = 1024 + x + 128
+            x = (u.to(tl.float16, bitcast=True) - 1152.0) * d[:, :, None]
         else:
-            j = tl.arange(0, 32)
-            nibble = (q >> (j[None, None, :] // 16 * 4)) & 0x0F
-            x = (nibble.to(tl.float32) - 8.0) * d32  # [N, NB, 32]
-        x = x.to(DT)
+            x = (q.to(tl.int8, bitcast=True).to(tl.float32) * d.to(tl.float32)[:, :, None]).to(DT)
+    else:
+        hi = (tl.arange(0, 2) == 1)[None, None, :, None]  # [N, NB, 2, 16]: value 16 h + i
+        if DT == tl.float16:
+            mask = tl.where(hi, 0xF0, 0x0F).to(tl.uint16)
+            base = tl.where(hi, 0x5400, 0x6400).to(tl.uint16)
+            off = tl.where(hi, 72.0, 1032.0).to(tl.float16)
+            u = (q.to(tl.uint16) & mask) | base
+            x = (u.to(tl.float16, bitcast=True) - off) * d[:, :, None, None]
+        else:
+            nibble = (q >> tl.where(hi, 4, 0).to(tl.uint8)) & 0x0F
+            x = ((nibble.to(tl.float32) - 8.0) * d.to(tl.float32)[:, :, None, None]).to(DT)
     return tl.reshape(x, (N, W_PAD))
 
 

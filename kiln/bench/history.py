@@ -619,7 +619,7 @@ def rev_name(rev: str, commit: str) -> str:
 
 
 def format_list(records: Sequence[dict[str, Any]], filters: dict[str, str] | None = None) -> str:
-    """The commits with records, in the order first recorded."""
+    """The commits with records, in the history's order (commit_order)."""
     records = [r for r in records if _matches(r, filters or {})]
     if not records:
         raise UsageError("no records match the filters")
@@ -638,13 +638,20 @@ def format_list(records: Sequence[dict[str, Any]], filters: dict[str, str] | Non
 
 # -- plot ------------------------------------------------------------------------------------------
 def commit_order(records: Sequence[dict[str, Any]]) -> list[tuple[str, bool]]:
-    """(commit, dirty) in the order first recorded (timestamps are UTC ISO strings)."""
+    """(commit, dirty) in the history's order: by build number (the commits up to it, which a
+    speed record carries as llama-bench's build_number) where every commit has one, so that a
+    commit measured later (a backfill) still sits where it belongs; then, and where a number is
+    missing, in the order first recorded (timestamps are UTC ISO strings)."""
     first: dict[tuple[str, bool], str] = {}
+    number: dict[tuple[str, bool], int] = {}
     for r in records:
         k = (str(r["commit"]), bool(r.get("dirty")))
         ts = str(r.get("timestamp") or r.get("test_time") or "")
         if k not in first or ts < first[k]:
             first[k] = ts
+        number[k] = max(number.get(k, 0), int(r.get("build_number") or 0))
+    if all(number.values()):
+        return sorted(first, key=lambda k: (number[k], first[k]))
     return sorted(first, key=lambda k: first[k])
 
 
@@ -695,7 +702,7 @@ def plot(
     colors = {line: f"C{i % 10}" for i, line in enumerate(every_line)}  # one per line, all panels
     for ax, panel in zip(axes[:, 0], panels):
         _draw(ax, panel, order, colors)
-    axes[-1, 0].set_xlabel("commit (in the order recorded; + = dirty tree)")
+    axes[-1, 0].set_xlabel("commit (in the history's order; + = dirty tree)")
     fig.tight_layout()
     try:
         with atomic_output(out, "wb", what="the plot") as f:

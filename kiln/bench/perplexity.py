@@ -164,6 +164,7 @@ class PerplexityResult:
     chunks: tuple[float, ...]  # the running PPL after each chunk: llama.cpp's [1], [2], ...
     n_ctx: int = DEFAULT_CTX
     seconds: float = 0.0  # evaluation only (no loading, no tokenizing)
+    chunk_seconds: tuple[float, ...] = ()  # each chunk's share of `seconds`
 
     def chunk_line(self) -> str:
         """`[1]75.2343,[2]64.4105,...` as llama-perplexity prints it."""
@@ -242,7 +243,8 @@ def perplexity_of_tokens(
     count = 0
     running: list[float] = []
     result = None
-    start = time.perf_counter()
+    start = last = time.perf_counter()
+    times: list[float] = []
     for i, (logits, targets) in enumerate(scored_logits(engine, tokens, n_ctx, n_chunk, bos)):
         check_finite(logits, f"the logits of chunk {i + 1}")
         nll = token_nll(logits, targets)
@@ -252,6 +254,9 @@ def perplexity_of_tokens(
         if sink is not None:
             sink(logits)
         running.append(math.exp(sum_nll / count))
+        now = time.perf_counter()
+        times.append(now - last)
+        last = now
         ppl, err = ppl_estimate(sum_nll, sum_nll2, count)
         result = PerplexityResult(
             ppl=ppl,
@@ -260,7 +265,8 @@ def perplexity_of_tokens(
             n_tokens=count,
             chunks=tuple(running),
             n_ctx=n_ctx,
-            seconds=time.perf_counter() - start,
+            seconds=now - start,
+            chunk_seconds=tuple(times),
         )
         if progress is not None:
             progress(i + 1, n_chunk, result)

@@ -40,7 +40,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", metavar="ACTION")
-    lst = sub.add_parser("list", help="the commits with records, in the order recorded")
+    lst = sub.add_parser(
+        "list", help="the commits with records, in the history's order (build number, then time)"
+    )
     _common(lst)
     cmp_ = sub.add_parser(
         "compare",
@@ -59,7 +61,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     plt = sub.add_parser(
         "plot",
         help="t/s per test, PPL and KLD over the commits, in one image (matplotlib)",
-        description="One figure over the commits in the order recorded: a panel of t/s per test "
+        description="One figure over the commits in the history's order: a panel of t/s per test "
         "(error bars: one sd), then a panel of PPL and of KLD per test whose records carry them "
         "(error bars: their uncertainty); one line per model and device.",
     )

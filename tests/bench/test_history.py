@@ -324,6 +324,13 @@ def _bench_standard():
     return module
 
 
+def test_bench_standard_times_the_perplexity_past_its_first_chunk():
+    """The first chunk also compiles: its speed is left out where there are more."""
+    S = _bench_standard()
+    assert S.chunk_rates((2.0, 0.5, 0.25)) == [S.PPL_CTX / 0.5, S.PPL_CTX / 0.25]
+    assert S.chunk_rates((2.0,)) == [S.PPL_CTX / 2.0]
+
+
 def test_bench_standard_records_speed_and_quality(tmp_path, monkeypatch, capsys, stories_model):
     """The standard set's flow on the CPU, the demo model replaced by stories260K (real, tiny):
     speed records of a tiny model, the PPL record and the KLD record (the cpu backend against
@@ -359,6 +366,7 @@ def test_bench_standard_records_speed_and_quality(tmp_path, monkeypatch, capsys,
     assert tests == ["pp8", "tg2", "tg2 @ d4", "ppl c512", "kld c512 vs torch"]
     ppl, kld = records[-2:]
     assert ppl["backends"] == kld["backends"] == "cpu" and ppl["avg_ts"] > 0
+    assert ppl["samples_ts"] == [ppl["avg_ts"]] and ppl["stddev_ts"] == 0  # one chunk: its own
     assert ppl["ppl"] > 1 and ppl["ppl_err"] > 0 and ppl["ppl_chunks"] == 1
     # stories260K is F32: the cpu backend computes what the reference does, up to rounding
     # (and the base's uint16 log-probs: a KLD a little below 0 is possible)
@@ -490,6 +498,17 @@ def test_plot_draws_what_it_promises(hist, tmp_path, capsys, monkeypatch):
         assert blue[rows].sum() > 100, f"panel {third + 1} has no line"
     order = H.commit_order(H.load_history(hist))
     assert [H.commit_label(*k) for k in order] == labels
+
+
+def test_commits_go_in_build_number_order_so_a_backfilled_commit_sits_where_it_belongs():
+    """C1 (build 4) measured after C2 (build 5): its records still come first; a commit
+    without a build number anywhere puts the order back to the time first recorded."""
+    late = "2026-01-03T00:00:00Z"
+    old = rec(C1, "tg128", [10.0], build_number=4, timestamp=late)
+    quality = qrec(C1, "ppl c512", ppl=28.0, ppl_err=0.3, timestamp=late)  # no build number
+    new = rec(C2, "tg128", [11.0], build_number=5)
+    assert H.commit_order([new, old, quality]) == [(C1, False), (C2, False)]
+    assert H.commit_order([new, {**old, "build_number": 0}]) == [(C2, False), (C1, False)]
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -91,6 +91,9 @@ def test_all_chunks_by_default_and_a_context_beyond_the_engines(stories, stories
     assert result.ppl == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-6)
     firsts = [math.exp(sum(nll[: 63 * (i + 1)]) / (63 * (i + 1))) for i in range(n_chunks)]
     assert result.chunks == pytest.approx(firsts, rel=1e-6)
+    # each chunk's time, together the evaluation's (scripts/bench_standard.py's speed per chunk)
+    assert len(result.chunk_seconds) == n_chunks and min(result.chunk_seconds) > 0
+    assert sum(result.chunk_seconds) == pytest.approx(result.seconds, rel=1e-9)
 
 
 def test_chunks_start_with_bos_in_place_of_their_first_token(stories, monkeypatch):

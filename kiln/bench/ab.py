@@ -23,7 +23,8 @@ prompt, and the token ids are compared: a change that is meant to be arithmetic-
 them identical. An approximate change (norm_quant's 8-bit activations) may change a token where
 two were nearly tied, so `check="kld"` also decodes A's tokens one by one through both
 configurations and compares their next-token distributions: the mean KL divergence of B from A
-and how often their top-1 agree, passing under KLD_GATE (issue #14's gate of the q8_1 path).
+and how often their top-1 agree, passing kiln/bench/gate.py's gate (issue #14's gate of the q8_1
+path).
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ from typing import IO, Any
 
 import torch
 
+from kiln.bench import gate, memory
 from kiln.bench import llama_bench as B
-from kiln.bench import memory
 from kiln.bench import models as M
 from kiln.bench.models import load_gguf
 from kiln.errors import UsageError
@@ -51,7 +52,6 @@ from kiln.fusion import parse_overrides
 
 DEFAULT_ROUNDS = 10
 DEFAULT_CHECK_TOKENS = 128
-KLD_GATE = (2e-3, 0.99)  # mean KL divergence at most, same top-1 at least (check="kld")
 PROMPT_TOKENS = 64  # more than a small -ub, so the prompt's split into micro-batches counts
 PROMPT_SEED = 0
 
@@ -240,13 +240,13 @@ class KLDCheck:
 
     @property
     def passed(self) -> bool:
-        return self.mean <= KLD_GATE[0] and self.top1 >= KLD_GATE[1]
+        return self.mean <= gate.KLD_MAX and self.top1 >= gate.TOP1_MIN
 
     def __str__(self) -> str:
         verdict = "within" if self.passed else "OUTSIDE"
         return (
             f"mean KLD {self.mean:.3g}, same top-1 {100 * self.top1:.2f}% over {self.n} tokens: "
-            f"{verdict} the gate (KLD <= {KLD_GATE[0]:g}, top-1 >= {100 * KLD_GATE[1]:g}%)"
+            f"{verdict} the gate ({gate.describe()})"
         )
 
 

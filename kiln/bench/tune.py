@@ -4,8 +4,8 @@ kiln/fusion.py), decided on this GPU by measurement and written with its evidenc
 For each tuned fusion that can run here and each model (the standard five unless -m says), an
 interleaved A/B (kiln/bench/ab.py) of the fusion's builtin state (A) against the other (B) on
 tg128 and pp512, then the output check: identical greedy tokens for an exact fusion, the KLD
-gate (ab.KLD_GATE) for an approximate one. B wins on a model when some test is a win beyond the
-run-to-run spread (the paired t-test of ab.verdict), none is a loss, and the outputs pass. The
+gate (kiln/bench/gate.py) for an approximate one. B wins on a model when some test is a win beyond
+the run-to-run spread (the paired t-test of ab.verdict), none is a loss, and the outputs pass. The
 default is flipped (B becomes this GPU's default) only when B wins on every model measured;
 otherwise the builtin stays. Either way the decision and its numbers are an entry of
 kernels/configs/fusions,device=<GPU>.json (with --write), which FusionPolicy reads as the

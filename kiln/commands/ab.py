@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 
+from kiln.bench import gate
 from kiln.cli import command
 from kiln.commands.bench import add_test_arguments
 from kiln.commands.common import apply_threads
@@ -46,7 +47,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         "--check", choices=("tokens", "kld"), default="tokens",
         help="the output check: greedy tokens identical (default), or also the KL divergence "
         "of B's next-token distributions from A's along A's tokens (for approximate changes "
-        "such as norm_quant; passes at mean KLD <= 2e-3 and same top-1 >= 99%%)",
+        f"such as norm_quant; passes at {gate.describe().replace('%', '%%')})",
     )  # fmt: skip
     p._parse_optional = _configurations_stay_positional(p._parse_optional)  # type: ignore
 

@@ -4,7 +4,7 @@ achievable HBM bandwidth). Not run by CI; needs a CUDA device.
 
     python benchmarks/attention.py [--heads 32,8,128] [--capacity 40960] [--dtype bf16|q8_0|...]
                                    [--lengths 128,512,...] [-B 1] [--block-size 64] [--shuffle]
-                                   [--no-ahead] [--sweep] [--sdpa]
+                                   [--no-ahead] [--fit-wave] [--sweep] [--sdpa]
 
 Each call is a batch of B rows (-B, default 1), every row of the same length, each over its own
 blocks of a paged pool (--block-size rows per block; table rows of capacity / block-size
@@ -18,6 +18,8 @@ cache in all, so K/V come from HBM. Blocks are handed out in pool order (a fresh
 dequantizes (GB/s then counts the blocks' bytes, scales included; rows stored rotated as a model
 stores them, which changes what the kernel reads, not how much).
 --no-ahead times block-type pools with their loads not issued a step ahead (the kernel's AHEAD).
+--fit-wave caps the kernel's registers so that every program of a long length is resident at
+once (AttentionConfig.fit_wave: 128 a thread for 4 programs of 4 warps an SM).
 --sweep times a grid of launch configs at every length and prints the best per length.
 --sdpa also times torch's scaled_dot_product_attention on the same rows gathered contiguous
 (host-known length; enable_gqa) as a baseline.
@@ -172,7 +174,9 @@ def bench_length(args, q: torch.Tensor, length: int, copy: float, sms: int) -> N
     if args.sweep:
         times = {}
         for b, s, per_sm, w, st in SWEEP:
-            cfg = att.AttentionConfig(b, s, per_sm * sms, w, st, args.config.ahead)
+            cfg = att.AttentionConfig(
+                b, s, per_sm * sms, w, st, args.config.ahead, args.config.fit_wave
+            )
             times[(b, s, per_sm, w, st)] = _graph_us(lambda *a, cfg=cfg: ours(*a, cfg), calls)
         best = min(times, key=times.get)
         row = "  ".join("/".join(map(str, c)) + f":{t:.1f}" for c, t in times.items())
@@ -193,6 +197,11 @@ def main() -> None:
         "--no-ahead", action="store_true",
         help="block-type pools: loads not issued a step ahead (AttentionConfig.ahead off)",
     )  # fmt: skip
+    ap.add_argument(
+        "--fit-wave", action="store_true",
+        help="registers capped so that every program of a long length fits at once "
+        "(AttentionConfig.fit_wave)",
+    )  # fmt: skip
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sdpa", action="store_true")
     args = ap.parse_args()
@@ -202,7 +211,9 @@ def main() -> None:
     n_head, n_kv, d = (int(v) for v in args.heads.split(","))
     copy = copy_gbps()
     dev = torch.device("cuda")
-    default = args.config = dataclasses.replace(att.default_config(dev), ahead=not args.no_ahead)
+    default = args.config = dataclasses.replace(
+        att.default_config(dev), ahead=not args.no_ahead, fit_wave=args.fit_wave
+    )
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     print(f"{torch.cuda.get_device_name()}: device-to-device copy {copy:.0f} GB/s")
     print(

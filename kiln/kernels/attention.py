@@ -74,26 +74,52 @@ class AttentionConfig:
     # block-type pools: each step's loads issued one step ahead in registers (Triton's
     # pipeliner leaves loads that are dequantized before the MMAs unpipelined)
     ahead: bool = True
+    # registers capped so that all `programs` fit on the SMs at once (wave_registers): at long
+    # lengths every program then runs in one wave; off, the compiler's choice (on sm_90 146
+    # registers for f16 and 147 for q8_0 at D = 128: 3 programs of 4 warps an SM where the
+    # launch gives 4, so 4/3 waves). Not yet timed on a GPU (benchmarks/attention.py --fit-wave)
+    fit_wave: bool = False
 
 
 def default_config(device: torch.device) -> AttentionConfig:
     """Untuned: 4 programs per SM at long lengths; benchmarks/attention.py --sweep measures the
     alternatives on a GPU."""
-    return _default_config(device.type, device.index)
+    return AttentionConfig(programs=4 * sm_count(device))
 
 
-@functools.cache
-def _default_config(kind: str, index: int | None) -> AttentionConfig:
-    sms = _H100_SMS
-    if kind == "cuda":
-        sms = torch.cuda.get_device_properties(index).multi_processor_count
-    return AttentionConfig(programs=4 * sms)
+def sm_count(device: torch.device) -> int:
+    """The device's SMs (an H100's 132 where there is no GPU: the interpreter, sm_90 compiles)."""
+    return _sm_count(device.index) if device.type == "cuda" else _H100_SMS
 
 
 def n_slices(capacity: int, n_kv: int, config: AttentionConfig) -> int:
     """P, the programs per KV head and row (grid axis 1), from the shapes only; capacity is a
     table row's C = NB * block_size."""
     return max(1, min(triton.cdiv(capacity, config.min_slice), triton.cdiv(config.programs, n_kv)))
+
+
+REGISTERS_PER_SM = 65536  # sm_80 .. sm_90
+
+
+def wave_registers(config: AttentionConfig, sms: int) -> int:
+    """Registers a thread may use for config.programs programs of config.num_warps warps to be
+    resident on `sms` SMs at once (a multiple of 8, at most 255; at least 64)."""
+    per_sm = triton.cdiv(config.programs, sms)
+    regs = REGISTERS_PER_SM // (per_sm * config.num_warps * 32) // 8 * 8
+    return max(64, min(255, regs))
+
+
+def wave_launch(config: AttentionConfig, device: torch.device) -> dict[str, int]:
+    """The decode kernel's maxnreg launch option where config.fit_wave asks for it (compiled
+    kernels only: the interpreter has no registers)."""
+    if not config.fit_wave or _INTERPRETED:
+        return {}
+    return {"maxnreg": wave_registers(config, sm_count(device))}
+
+
+@functools.cache
+def _sm_count(index: int | None) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _triton_stages(num_stages: int) -> int:
@@ -284,6 +310,7 @@ def attention_decode(
         V_FMT=paged.v_fmt,
         V_ROT=paged.v_rot,
         AHEAD=cfg.ahead and (paged.k_fmt != KV_FLOAT or paged.v_fmt != KV_FLOAT),
+        **wave_launch(cfg, dev),
         num_warps=cfg.num_warps,
         num_stages=_triton_stages(cfg.num_stages),
         **pdl_launch(pdl),

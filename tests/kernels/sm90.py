@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ class Compiled:
     shared_bytes: int
     launch_pdl: bool  # launched with programmatic dependent launch
     waits: bool  # its PTX has griddepcontrol.wait (kiln/kernels/triton/pdl.py)
+    maxnreg: int | None = None  # the register cap its PTX gives ptxas (.maxnreg), if any
 
 
 class _Sm90Driver:
@@ -42,6 +44,11 @@ class _Sm90Driver:
 
     def get_current_stream(self, device=None) -> int:
         return 0
+
+
+def _maxnreg(ptx: str) -> int | None:
+    m = re.search(r"\.maxnreg\s+(\d+)", ptx)
+    return int(m.group(1)) if m else None
 
 
 @contextlib.contextmanager
@@ -64,6 +71,7 @@ def compile_only() -> Iterator[list[Compiled]]:
                 meta.shared,
                 bool(meta.launch_pdl),
                 "griddepcontrol.wait" in kernel.asm["ptx"],
+                _maxnreg(kernel.asm["ptx"]),
             )
         )
         return kernel

@@ -404,3 +404,40 @@ def test_attention_kernels_compile_for_sm90() -> None:
     shared = [int(line[2]) for line in lines if line[0] == "_attention_decode_kernel"]
     assert shared[1] >= 4 * 64 * 128 * 2, f"qwen3-8b f16: K/V not double-buffered\n{out}"
     print(out)
+
+
+_COMPILE_FIT_WAVE = """
+import sys
+sys.path.insert(0, {root!r})
+import torch
+from kiln.kernels.attention import AttentionConfig, attention_decode
+from kiln.quant.kv import cache_type
+from tests.kernels.sm90 import compile_only
+
+tables = torch.zeros(1, 40960 // 64, dtype=torch.int32)
+q = torch.zeros(1, 32, 128)
+with compile_only() as done:
+    for kind in ("f16", "q8_0"):
+        for fit in (False, True):
+            k = cache_type(kind).allocate(40960, 8, 128, torch.device("cpu"))
+            cfg = AttentionConfig(programs=4 * 132, fit_wave=fit)
+            attention_decode(q, k, k, tables, torch.full((1,), 5), 64, 128 ** -0.5, cfg)
+for c in done:
+    if c.kernel == "_attention_decode_kernel":
+        print(c.maxnreg)
+"""
+
+
+def test_fit_wave_caps_the_registers_so_that_every_program_is_resident():
+    """4 programs of 4 warps an SM share its 65536 registers: 128 a thread (the compiler's own
+    choice at D = 128 is 146 for f16 and 147 for q8_0, 3 programs an SM); the cap reaches ptxas
+    as the PTX's .maxnreg only where the config asks for it."""
+    att = _kernel()
+    cfg = att.AttentionConfig(programs=4 * 132)
+    assert att.wave_registers(cfg, 132) == 128
+    assert att.wave_registers(dataclasses.replace(cfg, programs=3 * 132), 132) == 168
+    assert att.wave_registers(dataclasses.replace(cfg, programs=2 * 132), 132) == 255
+    assert att.wave_registers(dataclasses.replace(cfg, programs=8 * 132, num_warps=8), 132) == 64
+    assert att.wave_launch(cfg, torch.device("cpu")) == {}  # off by default
+    out = run_compile_check(_COMPILE_FIT_WAVE.format(root=str(ROOT)))
+    assert out.split() == ["None", "128", "None", "128"], out

@@ -84,6 +84,12 @@ PRESETS: dict[str, Preset] = {
         Preset("llama3-8b", "llama", n_layer=32, n_embd=4096, n_head=32, n_head_kv=8,
                head_dim=128, n_ff=14336, n_vocab=128256, n_ctx=8192, rope_base=500000.0,
                rms_eps=1e-5, tied_output=False, add_bos=True),
+        # meta-llama/Llama-3.1-8B config.json: llama3-8b's shapes, a context of 131072 by
+        # llama 3.1's RoPE scaling (the depth tables go past llama3-8b's 8192 with it)
+        Preset("llama3.1-8b", "llama", n_layer=32, n_embd=4096, n_head=32, n_head_kv=8,
+               head_dim=128, n_ff=14336, n_vocab=128256, n_ctx=131072, rope_base=500000.0,
+               rms_eps=1e-5, tied_output=False, add_bos=True,
+               rope_llama3=(8.0, 1.0, 4.0, 8192)),
         # Qwen/Qwen2.5-0.5B: rows of 896 are not multiples of 256 (K-quant fallbacks)
         Preset("qwen2.5-0.5b", "qwen2", n_layer=24, n_embd=896, n_head=14, n_head_kv=2,
                head_dim=64, n_ff=4864, n_vocab=151936, n_ctx=32768, rope_base=1e6,

@@ -3,6 +3,7 @@ llama.cpp loads, and a forward pass that stays finite."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import re
@@ -41,6 +42,7 @@ def tiny(preset: str, mix: str):
 # Parameter counts of the Hugging Face checkpoints (tied embeddings counted once).
 HF_PARAMS = {
     "llama3-8b": 8_030_261_248,
+    "llama3.1-8b": 8_030_261_248 + 64,  # and the 64 rope_freqs factors GGUF stores as a tensor
     "qwen3-0.6b": 596_049_920,
     "qwen3-8b": 8_190_735_360,
     "qwen3-30b-a3b": 30_532_122_624,
@@ -62,6 +64,9 @@ def test_real_preset_shapes():
     assert (llama.n_ff, llama.n_vocab, llama.rope_base, llama.tied_output) == (
         14336, 128256, 500000.0, False,
     )  # fmt: skip
+    llama31 = preset_config(PRESETS["llama3.1-8b"])
+    assert dataclasses.replace(llama31, n_ctx_train=8192, has_rope_freqs=False) == llama
+    assert llama31.n_ctx_train == 131072 and llama31.has_rope_freqs
     small = preset_config(PRESETS["qwen3-0.6b"])
     assert small.head_dim * small.n_head != small.n_embd and small.tied_output
     moe = preset_config(PRESETS["qwen3-30b-a3b"])

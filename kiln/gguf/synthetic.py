@@ -77,19 +77,18 @@ class Preset:
         return self.arch.startswith("qwen3") or self.head_dim * self.n_head != self.n_embd
 
 
+# meta-llama/Meta-Llama-3-8B config.json
+_LLAMA3_8B = Preset("llama3-8b", "llama", n_layer=32, n_embd=4096, n_head=32, n_head_kv=8,
+                    head_dim=128, n_ff=14336, n_vocab=128256, n_ctx=8192, rope_base=500000.0,
+                    rms_eps=1e-5, tied_output=False, add_bos=True)  # fmt: skip
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
-        # meta-llama/Meta-Llama-3-8B config.json
-        Preset("llama3-8b", "llama", n_layer=32, n_embd=4096, n_head=32, n_head_kv=8,
-               head_dim=128, n_ff=14336, n_vocab=128256, n_ctx=8192, rope_base=500000.0,
-               rms_eps=1e-5, tied_output=False, add_bos=True),
+        _LLAMA3_8B,
         # meta-llama/Llama-3.1-8B config.json: llama3-8b's shapes, a context of 131072 by
         # llama 3.1's RoPE scaling (the depth tables go past llama3-8b's 8192 with it)
-        Preset("llama3.1-8b", "llama", n_layer=32, n_embd=4096, n_head=32, n_head_kv=8,
-               head_dim=128, n_ff=14336, n_vocab=128256, n_ctx=131072, rope_base=500000.0,
-               rms_eps=1e-5, tied_output=False, add_bos=True,
-               rope_llama3=(8.0, 1.0, 4.0, 8192)),
+        replace(_LLAMA3_8B, name="llama3.1-8b", n_ctx=131072, rope_llama3=(8.0, 1.0, 4.0, 8192)),
         # Qwen/Qwen2.5-0.5B: rows of 896 are not multiples of 256 (K-quant fallbacks)
         Preset("qwen2.5-0.5b", "qwen2", n_layer=24, n_embd=896, n_head=14, n_head_kv=2,
                head_dim=64, n_ff=4864, n_vocab=151936, n_ctx=32768, rope_base=1e6,

@@ -329,6 +329,7 @@ def attention_decode(
         MIN_SLICE=cfg.min_slice,
         CHUNK=chunk,
         INTERP_P=interp_p,
+        V_ROT=paged.v_rot,
         num_warps=max(1, min(8, chunk * dv_pad // 1024)),
         **pdl_launch(pdl),
     )

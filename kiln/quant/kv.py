@@ -23,9 +23,9 @@ ROT values of the row (`rotate`). Rotation spreads a few outlier channels over t
 its quantization loses less (demo model, -ctk/-ctv q4_0, wiki.test.raw: llama.cpp's perplexity
 30.16 with it, 33.56 without). qkv_norm_rope returns q rotated like K (`rotated_like`; scores
 unchanged: H is orthonormal), in the same launch on the GPU, and the attention op rotates its
-output back where V is rotated (`rotated_like` again: H is its own inverse; in the attention
-kernels' epilogue on the GPU). `LLAMA_ATTN_ROT_DISABLE=1` turns it off, as it does llama.cpp's
-(`rotation` is the one decision).
+output back where V is rotated (`rotated_like` again: H is its own inverse; on the GPU in the
+decode combine and the flash kernel's epilogue). `LLAMA_ATTN_ROT_DISABLE=1` turns it off, as it
+does llama.cpp's (`rotation` is the one decision).
 """
 
 from __future__ import annotations

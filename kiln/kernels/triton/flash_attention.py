@@ -54,16 +54,17 @@ from kiln.kernels.triton.pdl import wait_for_inputs
 @triton.jit
 def _load_rows(
     base, rows, stride, n_ok, N_MASK: tl.constexpr, W: tl.constexpr, W_PAD: tl.constexpr,
-    FMT: tl.constexpr,
+    FMT: tl.constexpr, DT: tl.constexpr,
 ):  # fmt: skip
     """[BLOCK_N, W_PAD] from base ([1, W_PAD] pointers to column w of pool row 0; a block type
     (FMT): a byte pointer to the head's row in pool row 0) at the given pool rows; rows with
-    n_ok False (N_MASK) and columns >= W read as 0. A block type's values come as fp32."""
+    n_ok False (N_MASK) and columns >= W read as 0. A block type's values come rounded to the
+    products' dtype DT (kv_cache.py's _dequant_blocks: for f16 by the bits, no conversions)."""
     if FMT != KV_FLOAT:
         if N_MASK:
-            x = _load_block_rows(base + rows * stride, n_ok, W, W_PAD, FMT)
+            x = _load_block_rows(base + rows * stride, n_ok, W, W_PAD, FMT, DT)
         else:
-            x = _load_block_rows(base + rows * stride, rows >= 0, W, W_PAD, FMT)
+            x = _load_block_rows(base + rows * stride, rows >= 0, W, W_PAD, FMT, DT)
     elif N_MASK:
         ptrs = base + rows[:, None] * stride
         if W == W_PAD:
@@ -115,8 +116,8 @@ def _flash_step(
     block = tl.load(bt_row + s0 // KV_BLOCK).to(tl.int64)
     rows = block * KV_BLOCK + (s0 % KV_BLOCK) + offs  # [BLOCK_N] pool rows (int64)
     n_ok = keys < hi
-    k = _load_rows(k_base, rows, stride_kc, n_ok, MASKED, D, D_PAD, K_FMT)  # [BLOCK_N, D_PAD]
-    v = _load_rows(v_base, rows, stride_vc, n_ok, MASKED, DV, DV_PAD, V_FMT)  # [BLOCK_N, DV_PAD]
+    k = _load_rows(k_base, rows, stride_kc, n_ok, MASKED, D, D_PAD, K_FMT, DT)  # [BLOCK_N, D_PAD]
+    v = _load_rows(v_base, rows, stride_vc, n_ok, MASKED, DV, DV_PAD, V_FMT, DT)
     if INTERP:
         k = k.to(tl.float32)
         v = v.to(tl.float32)

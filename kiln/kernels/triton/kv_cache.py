@@ -120,11 +120,11 @@ def _dequant_blocks(d, q, W_PAD: tl.constexpr, FMT: tl.constexpr, DT: tl.constex
 
 
 @triton.jit
-def _load_block_rows(row_ptrs, row_ok, W, W_PAD: tl.constexpr, FMT: tl.constexpr):
-    """fp32 [N, W_PAD]: values 0..W-1 of N head rows of a block type, as _fetch_blocks reads
-    them (rows with row_ok False and values >= W read as 0)."""
+def _load_block_rows(row_ptrs, row_ok, W, W_PAD: tl.constexpr, FMT: tl.constexpr, DT: tl.constexpr):
+    """[N, W_PAD] in DT: values 0..W-1 of N head rows of a block type, as _fetch_blocks reads
+    them (rows with row_ok False and values >= W read as 0), rounded once to DT."""
     d, q = _fetch_blocks(row_ptrs, row_ok, W, W_PAD, FMT)
-    return _dequant_blocks(d, q, W_PAD, FMT, tl.float32)
+    return _dequant_blocks(d, q, W_PAD, FMT, DT)
 
 
 @triton.jit

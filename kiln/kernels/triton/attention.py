@@ -23,22 +23,22 @@ every length and every block table. Rows of different lengths share a launch: sl
 or past their row's length run no iteration and store nothing, and the combine of each row reads
 only that row's active slices. A row of length 0 is never given (its output is left unwritten).
 
-Both products run on tensor cores with the group padded to G_PAD >= 16 rows (tl.dot's minimum).
-For f16/bf16 caches the fp32 operand (q, then the softmax weights p) is split into hi + lo in the
-cache dtype and both are multiplied: hi + lo carries 16 (bf16) or 22 (f16) significant bits, so
-the result is close to the fp32 reference instead of carrying a bf16 rounding of q and p (2**-9).
-The extra MMAs are free here: decode attention is bound by reading K/V. An f32 cache multiplies
-in fp32 (input_precision "ieee", no TF32). A block-type cache (q8_0, q4_0) is read a block at a
-time (kv_cache.py's `_load_block_rows`: each scale once, the quants as contiguous bytes),
-dequantized in registers and rounded to the products' dtype DT (the float pool's beside it, else
-f16, as llama.cpp's kernels do; kiln/kernels/attention.py's Paged.products_dtype), then
-multiplied as that float pool would be: with DT = f32 in tf32x3 (three TF32 products). Triton's
-pipeliner leaves such loads (dequantized before the MMAs) unpipelined, so with a block type each
-step's loads are issued one step ahead, in registers (AHEAD, `_step`). Where V's rows are stored
-rotated (kiln/quant/kv.py: V_ROT) stage 1 always writes its slices' outputs as they are, and the
-combine rotates the merged output back, once per head (the merge is linear): in stage 1's
-epilogue the rotation cost every program 808 of its 2384 sm_90 instructions and 12 barriers
-(q8_0), in the combine it costs 104.
+Both products run on tensor cores with the group padded to G_PAD >= 16 rows (tl.dot's minimum). For
+f16/bf16 caches the fp32 operand (q, then the softmax weights p) is split into hi + lo in the cache
+dtype and both are multiplied: hi + lo carries 16 (bf16) or 22 (f16) significant bits, so the
+result is close to the fp32 reference instead of carrying a bf16 rounding of q and p (2**-9). The
+extra MMAs are free here: decode attention is bound by reading K/V. An f32 cache multiplies in fp32
+(input_precision "ieee", no TF32). A block-type cache (q8_0, q4_0) is read a block at a time
+(kv_cache.py's `_fetch_blocks`: each row's scales in one load, the quants as contiguous bytes),
+dequantized in registers (`_dequant_blocks`) and rounded to the products' dtype DT (the float
+pool's beside it, else f16, as llama.cpp's kernels do; kiln/kernels/attention.py's
+Paged.products_dtype), then multiplied as that float pool would be: with DT = f32 in tf32x3 (three
+TF32 products). Triton's pipeliner leaves such loads (dequantized before the MMAs) unpipelined, so
+with a block type each step's loads are issued one step ahead, in registers (AHEAD, `_step`). Where
+V's rows are stored rotated (kiln/quant/kv.py: V_ROT) stage 1 always writes its slices' outputs as
+they are, and the combine rotates the merged output back, once per head (the merge is linear): in
+stage 1's epilogue the rotation cost every program 808 of its 2384 sm_90 instructions and 12
+barriers (q8_0), in the combine it costs 104.
 
 Only @triton.jit functions live here; kiln/kernels/attention.py launches them.
 """
@@ -81,7 +81,7 @@ def _fetch(
 ):  # fmt: skip
     """One pool's rows of the step at s0 in `block` (those < end), as loaded: a float pool's
     tile (K transposed, [W_PAD, BLOCK_S]; V [BLOCK_S, W_PAD]) and an unused placeholder, or a
-    block type's (scale bits, quants) of kv_cache.py's _fetch_blocks."""
+    block type's (f16 scales, quants) of kv_cache.py's _fetch_blocks."""
     offs = tl.arange(0, BLOCK_S)
     s_ok = s0 + offs < end
     # The step lies in one block (BLOCK_S divides KV_BLOCK): contiguous rows.

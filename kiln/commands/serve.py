@@ -40,6 +40,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         help="the model name clients give (default: -m's file name without .gguf, or the "
         "known name given)",
     )  # fmt: skip
+    p.add_argument(
+        "--overlap", choices=("on", "off"), default="on",
+        help="launch each decode step with the last step's ids still on the device, and read "
+        "them while it runs (default on; off: every step waits for the last one's ids)",
+    )  # fmt: skip
     add_chat_template_args(p)
 
 
@@ -68,6 +73,7 @@ def serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         chat_template=args.chat_template,
         template_kwargs=kwargs,
+        overlap=args.overlap == "on",
     )
     print(f"kiln: serving {llm.path.name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -17,6 +17,7 @@ when it runs out.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence as Seq
 
 import torch
@@ -118,16 +119,25 @@ class Engine:
 
     # -- forward -----------------------------------------------------------------------------
     @torch.inference_mode()
-    def step(self, entries: Seq[tuple[Sequence, Seq[int]]], logits: str = "last") -> torch.Tensor:
+    def step(
+        self,
+        entries: Seq[tuple[Sequence, Seq[int]]],
+        logits: str = "last",
+        tokens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """One forward of (sequence, new token ids) entries -> float32 logits: [B, n_vocab] of
         each sequence's last token ("last"), [T, n_vocab] of every token ("all") or [0, n_vocab]
-        ("none"). The sequences' lengths advance."""
+        ("none"). The sequences' lengths advance. tokens: the T ids on the device, in place of
+        the entries' (which then only count them)."""
         for seq, ids in entries:
             if not ids:
                 raise UsageError("the prompt is empty: give at least one token")
-            self.check_ids(ids)
+            if tokens is None:
+                self.check_ids(ids)
             self.reserve(seq, len(ids))
         batch = build_batch(entries, self.device, logits)
+        if tokens is not None:
+            batch = dataclasses.replace(batch, tokens=tokens)
         out = self.model.forward(batch, self.pool)
         for seq, ids in entries:
             seq.length += len(ids)
@@ -156,21 +166,34 @@ class Engine:
         return self.decode_batch([token], [seq])
 
     @torch.inference_mode()
-    def decode_batch(self, tokens: Seq[int], seqs: Seq[Sequence]) -> torch.Tensor:
+    def decode_batch(self, tokens: Seq[int] | torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
         """One token for each of B distinct sequences -> logits float32 [B, n_vocab], row b for
-        seqs[b] (with CUDA graphs: a buffer that the next decode overwrites)."""
+        seqs[b] (with CUDA graphs: a buffer that the next decode overwrites). tokens: ids on the
+        host, or int64 [B] on the device (a step's sampled ids, not yet read back: the next
+        step is queued behind the last one without waiting for it; a negative id, a broken
+        row's, decodes as 0)."""
         if len(tokens) != len(seqs) or not seqs:
             raise UsageError(f"decode_batch: {len(tokens)} tokens for {len(seqs)} sequences")
         if len({id(s) for s in seqs}) != len(seqs):
             raise UsageError("decode_batch: a sequence appears twice in one batch")
-        if self.graphs is None or not self.graphs.serves(len(seqs)):
+        on_device = isinstance(tokens, torch.Tensor)
+        if on_device:
+            tokens = tokens.clamp(min=0)
+
+        def eagerly() -> torch.Tensor:
+            if on_device:
+                return self.step([(s, [0]) for s in seqs], tokens=tokens)
             return self.step([(s, [t]) for s, t in zip(seqs, tokens)])
-        self.check_ids(list(tokens))
+
+        if self.graphs is None or not self.graphs.serves(len(seqs)):
+            return eagerly()
+        if not on_device:
+            self.check_ids(tokens)
         for seq in seqs:
             self.reserve(seq, 1)
         logits = self.graphs(tokens, seqs)
         if logits is None:  # the bucket's capture failed: eagerly (the blocks are reserved)
-            return self.step([(s, [t]) for s, t in zip(seqs, tokens)])
+            return eagerly()
         for seq in seqs:
             seq.length += 1
         return logits

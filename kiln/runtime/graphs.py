@@ -82,15 +82,16 @@ class _Bucket:
         with torch.cuda.graph(self.graph, pool=mempool):
             self.logits = model.forward(self.batch, pool)
 
-    def replay(self, tokens: Seq[int], seqs: Seq[Sequence]) -> torch.Tensor:
+    def replay(self, tokens: Seq[int] | torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
         # host work here is on every decoded token's critical path (the sampler waits for the
         # logits): numpy writes into the pinned buffer, no tensor built per step
         n, bs = len(seqs), self.batch.block_size
+        on_device = isinstance(tokens, torch.Tensor)  # copied in after the staged values
         self.copied.synchronize()
         staged = self.staged
-        for i, (token, seq) in enumerate(zip(tokens, seqs)):
+        for i, seq in enumerate(seqs):
             p = seq.length
-            staged[0, i] = token
+            staged[0, i] = 0 if on_device else tokens[i]
             staged[1, i] = p
             staged[2, i] = seq.blocks[p // bs] * bs + p % bs
             staged[3, i] = p + 1
@@ -98,6 +99,8 @@ class _Bucket:
             staged[:, n:] = ((0,), (0,), (SCRATCH_BLOCK * bs,), (1,))
             self.rows = n
         self.ints.copy_(self.ints_staged, non_blocking=True)
+        if on_device:
+            self.ints[0, :n].copy_(tokens)
         blocks = [seq.blocks for seq in seqs]
         if blocks != self.host_tables:
             tables = self.tables_staged.numpy()
@@ -128,11 +131,12 @@ class GraphRunner:
         a bucket whose capture has not failed."""
         return n <= self.max_batch and self.bucket(n) not in self.failed
 
-    def __call__(self, tokens: Seq[int], seqs: Seq[Sequence]) -> torch.Tensor | None:
+    def __call__(self, tokens: Seq[int] | torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor | None:
         """One decode token for each of len(seqs) <= max_batch sequences (their blocks
-        reserved, lengths not yet advanced) -> logits float32 [B, n_vocab]: a view of a buffer
-        the next replay overwrites; None where the bucket's capture failed (above PROVEN_BUCKET
-        rows: said once on stderr, and the caller runs the batch eagerly from then on)."""
+        reserved, lengths not yet advanced; tokens on the host or the device) -> logits
+        float32 [B, n_vocab]: a view of a buffer the next replay overwrites; None where the
+        bucket's capture failed (above PROVEN_BUCKET rows: said once on stderr, and the caller
+        runs the batch eagerly from then on)."""
         if self.pool.generation != self._generation:  # the pool grew: its tensors moved
             self._graphs.clear()
             self._generation = self.pool.generation

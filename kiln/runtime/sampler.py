@@ -84,6 +84,13 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def penalizes(self) -> bool:
+        """Whether a penalty applies: the selection then reads the history's last tokens."""
+        return bool(self.repeat_last_n) and (
+            self.repeat_penalty != 1.0 or self.presence_penalty != 0 or self.frequency_penalty != 0
+        )
+
 
 def _check(ok: bool, message: str) -> None:
     if not ok:
@@ -191,7 +198,10 @@ class _Step:
             else:  # padded with token 0 under neutral penalties: its value written back as is
                 row += [1.0, 0.0, 0.0, u] + [0] * (2 * self.recent)
             rows.append(row)
-        self.table = torch.tensor(rows, dtype=torch.float64).to(device, non_blocking=True)
+        table = torch.tensor(rows, dtype=torch.float64)
+        if device.type == "cuda":  # pinned: the copy is queued, the host does not wait for it
+            table = table.pin_memory()
+        self.table = table.to(device, non_blocking=True)
 
     def column(self, i: int) -> torch.Tensor:
         """[B, 1]"""
@@ -212,9 +222,7 @@ def _float32(x: float) -> float:
 def _recent_counts(p: SamplingParams, history: Sequence[int], n_vocab: int) -> Counter:
     """The tokens of the last repeat_last_n of the history and how often each occurs; empty when
     every penalty is off."""
-    if not p.repeat_last_n or (
-        p.repeat_penalty == 1.0 and p.presence_penalty == 0 and p.frequency_penalty == 0
-    ):
+    if not p.penalizes:
         return Counter()
     counts = Counter(history[-p.repeat_last_n :])
     if counts and (min(counts) < 0 or max(counts) >= n_vocab):
@@ -392,6 +400,62 @@ def sample_batch(
     one device -> host transfer. A row with a NaN or an infinity raises a ModelOutputError after
     it (naming the first such row's generated token number; `error.rows` lists the bad rows) and
     no row is returned or advances its step count."""
+    pending = launch_batch(logits, samplers, histories, logprobs)
+    choices = pending.collect()
+    bad = [i for i, c in enumerate(choices) if c is None]
+    if bad:
+        error = pending.error(bad)
+        for s in samplers:
+            s.steps -= 1
+        raise error
+    return choices
+
+
+class PendingChoices:
+    """A batch's selections launched on the device and not yet read (launch_batch): `token`
+    holds the chosen ids on the device (-1 for a row whose logits were not finite), so that the
+    next decode step can be launched with them before the host has seen them; collect() brings
+    them back (the copy into pinned memory was queued at launch: on a GPU the host waits only
+    for the step to end)."""
+
+    def __init__(self, samplers, asked, token: torch.Tensor, out: torch.Tensor):
+        self.samplers, self.asked, self.token = samplers, asked, token
+        self._event = None
+        if out.device.type == "cuda":
+            self._host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+            self._host.copy_(out, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = out
+
+    def collect(self) -> list[Choice | None]:
+        """The rows' Choices; None for a row whose logits held a NaN or an infinity."""
+        if self._event is not None:
+            self._event.synchronize()
+        rows = self._host.tolist()  # the one transfer's values
+        return [None if row[0] < 0 else _choice(row, n) for row, n in zip(rows, self.asked)]
+
+    def error(self, rows: list[int]) -> ModelOutputError:
+        """The error of the broken rows (indices into the batch): `error.rows` lists them."""
+        error = ModelOutputError(
+            f"the model's logits hold NaN or infinite values (at generated token "
+            f"{self.samplers[rows[0]].steps}): its weights are likely corrupt, or a computation "
+            f"overflows in this precision; check the file (kiln info, a perplexity run) or try "
+            f"--backend torch / another quantization"
+        )
+        error.rows = rows
+        return error
+
+
+def launch_batch(
+    logits: torch.Tensor,
+    samplers: Sequence[Sampler],
+    histories: Sequence[Sequence[int]],
+    logprobs: Sequence[int | None] | None = None,
+) -> PendingChoices:
+    """sample_batch's selections, queued on the logits' device and not waited for: the
+    samplers' step counts advance now (every row's; a broken row's request ends anyway)."""
     n_rows = len(samplers)
     if logits.dim() != 2 or logits.shape[0] != n_rows or len(histories) != n_rows:
         raise ValueError(
@@ -403,7 +467,8 @@ def sample_batch(
     n_vocab = logits.shape[-1]
     asked = _logprob_counts(logprobs, n_rows, n_vocab)
     if not n_rows:
-        return []
+        none = torch.empty((0, 1), dtype=torch.int64, device=logits.device)
+        return PendingChoices(samplers, asked, none[:, 0], none)
     uniforms = [uniform(s.seed, s.steps) for s in samplers]
     step = _Step([s.params for s in samplers], histories, uniforms, n_vocab, logits.device)
     logits = logits.float()
@@ -414,7 +479,7 @@ def sample_batch(
     logits = _penalize(logits, step)
     token = torch.where(finite, _select(logits, step), -1)
     if not any(n is not None for n in asked):
-        rows = [[t] for t in token.tolist()]  # the one transfer
+        out = token[:, None]
     else:
         lp = torch.log_softmax(logits, -1)
         parts = [token[:, None].double(), lp.gather(1, token.clamp(min=0)[:, None]).double()]
@@ -422,20 +487,10 @@ def sample_batch(
         if n_top:
             values, ids = torch.topk(lp, n_top, dim=-1)
             parts += [ids.double(), values.double()]
-        rows = torch.cat(parts, 1).tolist()  # the one transfer
-    bad = [i for i, row in enumerate(rows) if row[0] < 0]
-    if bad:
-        error = ModelOutputError(
-            f"the model's logits hold NaN or infinite values (at generated token "
-            f"{samplers[bad[0]].steps + 1}): its weights are likely corrupt, or a computation "
-            f"overflows in this precision; check the file (kiln info, a perplexity run) or try "
-            f"--backend torch / another quantization"
-        )
-        error.rows = bad
-        raise error
+        out = torch.cat(parts, 1)
     for s in samplers:
         s.steps += 1
-    return [_choice(row, n) for row, n in zip(rows, asked)]
+    return PendingChoices(samplers, asked, token, out)
 
 
 def _logprob_counts(

@@ -11,9 +11,17 @@ requests are admitted while a slot (engine.n_seq) and the pool's blocks allow, F
 are processed in chunks (at most one chunk per request and `engine.ubatch` tokens in all per
 iteration, in one forward), so a long prompt does not stall the running streams; then one
 engine.decode_batch for every running sequence (CUDA graphs with it on the GPU) and one
-sample_batch for all rows, each with its own parameters. Text goes out through generate.py's
+selection for all rows, each with its own parameters. Text goes out through generate.py's
 RowState (stop strings, EOS, max_tokens, UTF-8-safe pieces) as Events to the request's callback,
 called on the scheduler thread (it must be quick and must not raise).
+
+Overlap (on unless turned off): a decode step is launched with the ids the previous step
+selected while they are still on the device, and the previous step's ids are read, turned into
+text and sent only then, while the GPU runs the new step; the host's share of a step (reading
+the ids back, the tokenizer, the callbacks) then no longer adds to it. A row whose previous
+token ends it (EOS, a stop string) has had one step too many, thrown away: its sequence keeps
+no token past its history. Rows whose penalties read the history (repeat, presence, frequency)
+cannot select before the previous ids are known: while one runs, every step waits for them.
 
 Prefix reuse: finished requests leave their sequence in a small LRU with the ids it holds; a
 new request whose prompt shares a prefix with one forks it (copy-on-write blocks) and
@@ -29,11 +37,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kiln.errors import KilnError, ModelOutputError, UsageError
+import torch
+
+from kiln.errors import KilnError, UsageError
 from kiln.runtime.engine import Engine, common_prefix
 from kiln.runtime.generate import Completion, RowState
 from kiln.runtime.kv_pool import Sequence
-from kiln.runtime.sampler import Choice, SamplingParams, sample_batch
+from kiln.runtime.sampler import Choice, PendingChoices, SamplingParams, launch_batch
 
 
 class QueueFull(KilnError):
@@ -73,7 +83,7 @@ class Handle:
 class _Request:
     __slots__ = (
         "ids", "params", "logprobs", "emit", "handle", "row", "result", "seq", "done_prefill",
-        "next_token", "submitted", "first_token_at",
+        "next_token", "inflight", "submitted", "first_token_at",
     )  # fmt: skip
 
     def __init__(self, ids, params, logprobs, emit, handle, tokenizer):
@@ -85,9 +95,20 @@ class _Request:
         self.row = RowState(tokenizer, ids, params, self.result)
         self.seq: Sequence | None = None
         self.done_prefill = 0  # prompt tokens in the sequence
-        self.next_token: int | None = None  # sampled, to be decoded
+        self.next_token: int | None = None  # sampled, read back, to be decoded
+        self.inflight: _Inflight | None = None  # the step holding its newest token, unread
         self.submitted = time.perf_counter()
         self.first_token_at: float | None = None
+
+
+class _Inflight:
+    """A step's selections launched and not read yet: its rows in batch order, and each row's
+    sequence length after the step (the context check of its token)."""
+
+    __slots__ = ("rows", "choices", "lengths")
+
+    def __init__(self, rows: list[_Request], choices: PendingChoices, lengths: list[int]):
+        self.rows, self.choices, self.lengths = rows, choices, lengths
 
 
 class _PrefixCache:
@@ -153,6 +174,7 @@ class Scheduler:
         max_queue: int = 64,
         prefix_cache: int | None = None,
         name: str = "kiln-scheduler",
+        overlap: bool = True,
     ):
         if max_queue < 1:
             raise UsageError(f"the queue size (--max-queue) must be >= 1, got {max_queue}")
@@ -163,6 +185,8 @@ class Scheduler:
         self._calls: collections.deque = collections.deque()
         self._waiting: collections.deque[_Request] = collections.deque()
         self._running: list[_Request] = []
+        self._inflight: _Inflight | None = None  # the last decode step, its ids unread
+        self.overlap = overlap
         self._closed = False
         # read by other threads (metrics): plain ints, updated by the loop
         self.n_waiting = 0
@@ -348,47 +372,109 @@ class Scheduler:
                 ready.append(r)
                 rows.append(i)
         if ready:
-            self._sample(ready, logits[rows])
+            step = self._launch(ready, logits[rows])
+            if step is not None:
+                self._resolve(step)
 
     def _decode(self) -> None:
-        rows = [r for r in self._running if r.next_token is not None]
-        if not rows:
-            return
+        last, self._inflight = self._inflight, None
+        if last is not None and not self._chains(last):
+            self._resolve(last)
+            last = None
+        rows = [r for r in self._running if r.next_token is not None or self._continues(r)]
+        if rows:
+            try:
+                tokens = self._tokens(rows, last)
+                logits = self.engine.decode_batch(tokens, [r.seq for r in rows])
+            except Exception as e:
+                if last is not None:
+                    self._resolve(last)
+                for r in rows:
+                    if r.seq is not None:
+                        self._fail(r, e)
+                return
+            self._inflight = self._launch(rows, logits)
+        if last is not None:
+            self._resolve(last)  # while the GPU runs the step just launched
+        if not self.overlap and self._inflight is not None:
+            step, self._inflight = self._inflight, None
+            self._resolve(step)
+
+    def _chains(self, last: _Inflight) -> bool:
+        """Whether the next step may be launched before `last`'s ids are read."""
+        return self.overlap and not any(r.params.penalizes for r in last.rows)
+
+    def _continues(self, r: _Request) -> bool:
+        """Whether r's unread token is decoded in the next step: unless it is r's last by
+        max_tokens or the context (an EOS or a stop string is only seen when read)."""
+        return (
+            r.inflight is not None
+            and len(r.result.token_ids) + 1 < r.params.max_tokens
+            and r.seq.length < self.engine.n_ctx
+        )
+
+    def _tokens(self, rows: list[_Request], last: _Inflight | None):
+        """The step's input ids: a host list when every row's is known, else a device tensor
+        with the unread ones taken from `last`'s selections."""
+        if all(r.next_token is not None for r in rows):
+            return [r.next_token for r in rows]
+        at = {id(r): i for i, r in enumerate(last.rows)}
+        known = [r.next_token for r in rows if r.next_token is not None]
+        index, k = [], len(last.rows)
+        for r in rows:
+            if r.next_token is None:
+                index.append(at[id(r)])
+            else:
+                index.append(k)
+                k += 1
+        ids = last.choices.token
+        if not known and index == list(range(len(rows))):  # the same rows, or the first ones
+            return ids[: len(rows)]
+        device = ids.device
+        if known:
+            ids = torch.cat([ids, torch.tensor(known, dtype=ids.dtype).to(device)])
+        return ids[torch.tensor(index, dtype=torch.int64).to(device)]
+
+    def _launch(self, rows: list[_Request], logits) -> _Inflight | None:
+        """Queue the rows' selections -> the step, their ids unread (None: it failed, and so
+        did its rows)."""
         try:
-            logits = self.engine.decode_batch([r.next_token for r in rows], [r.seq for r in rows])
+            choices = launch_batch(
+                logits,
+                [r.row.sampler for r in rows],
+                [r.row.history for r in rows],
+                [r.logprobs for r in rows],
+            )
         except Exception as e:
             for r in rows:
                 self._fail(r, e)
-            return
-        self._sample(rows, logits)
+            return None
+        step = _Inflight(rows, choices, [r.seq.length for r in rows])
+        for r in rows:
+            r.next_token, r.inflight = None, step
+        return step
 
-    def _sample(self, rows: list[_Request], logits) -> None:
-        while rows:
-            try:
-                choices = sample_batch(
-                    logits,
-                    [r.row.sampler for r in rows],
-                    [r.row.history for r in rows],
-                    [r.logprobs for r in rows],
-                )
-            except ModelOutputError as e:  # fail the broken rows, sample the others again
-                bad = set(getattr(e, "rows", range(len(rows))))
-                for i in bad:
-                    self._fail(rows[i], e)
-                keep = [i for i in range(len(rows)) if i not in bad]
-                rows, logits = [rows[i] for i in keep], logits[keep]
-                continue
-            break
+    def _resolve(self, step: _Inflight) -> None:
+        """Read a step's ids and hand each live row its token."""
+        choices = step.choices.collect()
         now = time.perf_counter()
-        for r, choice in zip(rows, choices):
+        for i, (r, choice, length) in enumerate(zip(step.rows, choices, step.lengths)):
+            if r.seq is None:  # finished, failed or cancelled since the step was launched
+                continue
+            newest = r.inflight is step
+            if newest:
+                r.inflight = None
+            if choice is None:
+                self._fail(r, step.choices.error([i]))
+                continue
             if r.first_token_at is None:
                 r.first_token_at = now
-            piece = r.row.take(choice, r.seq.length < self.engine.n_ctx)
+            piece = r.row.take(choice, length < self.engine.n_ctx)
             _emit(r, Event(text=piece, choice=choice))
             if r.row.done:
                 r.result.stats.generate_seconds = now - r.first_token_at
                 self._finish(r)
-            else:
+            elif newest:
                 r.next_token = choice.token
 
     def _finish(self, r: _Request) -> None:
@@ -396,6 +482,9 @@ class Scheduler:
         if r in self._running:
             self._running.remove(r)
         if r.seq is not None:
+            # a step launched before r's end was known wrote one row past it (its last token,
+            # or an EOS that is not in the history): not kept
+            r.seq.truncate(len(r.row.history))
             self.cache.put(r.seq, r.row.history)
             r.seq = None
         _emit(r, Event(text=piece, done=True, result=r.result))
@@ -410,7 +499,7 @@ class Scheduler:
         if r.seq is not None:
             r.seq.free()
             r.seq = None
-        r.next_token = None
+        r.next_token, r.inflight = None, None
 
 
 def _emit(r: _Request, event: Event) -> None:

@@ -60,6 +60,21 @@ def _batched(engine: Engine, prompts: list[list[int]], steps: int) -> list[list[
     return out
 
 
+def _batched_on_device(engine: Engine, prompts: list[list[int]], steps: int) -> list[list[int]]:
+    """_batched with each step's ids handed over on the device (as the server's overlapped
+    loop does), read back only at the end."""
+    seqs = [engine.new_sequence() for _ in prompts]
+    logits = torch.cat([engine.prefill(p, s) for p, s in zip(prompts, seqs)])
+    picked = []
+    for _ in range(steps):
+        tokens = torch.argmax(logits, dim=-1)
+        picked.append(tokens)
+        logits = engine.decode_batch(tokens, seqs)
+    for s in seqs:
+        s.free()
+    return torch.stack(picked, 1).tolist()
+
+
 def _engine(gguf, backend: str, graphs: bool = True, n_seq: int = 8) -> Engine:
     model = build_model(gguf, DEVICE, backend=backend, fusions={"cuda_graphs": graphs})
     return Engine(model, n_ctx=max(PROMPT_LENGTHS) + STEPS + 1, n_seq=n_seq)
@@ -80,6 +95,24 @@ def test_batch_decodes_what_each_sequence_decodes_alone(tiny, backend, graphs):
     alone = [_alone(engine, p, STEPS) for p in prompts]
     for b in (1, 2, 3, 8):
         assert _batched(engine, prompts[:b], STEPS) == alone[:b], f"B={b}"
+
+
+@pytest.mark.parametrize(("backend", "graphs"), BACKENDS, ids=lambda v: str(v))
+def test_ids_on_the_device_decode_what_ids_on_the_host_decode(backend, graphs):
+    """decode_batch with the ids as a device tensor (graph replay and eager), and a negative id
+    (a broken row's) decoding as 0."""
+    gguf = synthetic("tiny-qwen3", "q8_0", device=DEVICE)
+    engine = _engine(gguf, backend, graphs)
+    prompts = _prompts(gguf.config.n_vocab, 8)
+    for b in (1, 3):
+        host = _batched(engine, prompts[:b], STEPS)
+        assert _batched_on_device(engine, prompts[:b], STEPS) == host, f"B={b}"
+    seqs = [engine.new_sequence() for _ in range(2)]
+    twins = [engine.new_sequence() for _ in range(2)]
+    for s in seqs + twins:
+        engine.prefill(prompts[1], s)
+    negative = engine.decode_batch(torch.tensor([-1, 5], device=DEVICE), seqs).clone()
+    assert torch.equal(negative, engine.decode_batch([0, 5], twins))
 
 
 def test_triton_kernels_batch_in_the_interpreter():

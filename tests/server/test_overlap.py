@@ -1,0 +1,166 @@
+"""The scheduler's overlap (stories260K, torch backend): a decode step launched with the ids the
+last step selected before they are read gives every request the same tokens, text, finish
+reason and log-probabilities as the loop that reads each step's ids first; a row that ends at
+read time (a stop string) keeps no token past its history; rows whose penalties read the
+history make the loop wait."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import kiln
+from kiln.runtime.sampler import SamplingParams
+from kiln.runtime.scheduler import Scheduler
+
+PROMPTS = ("Once upon a time", "Lily", "The dog ran", "One day", "Tom had a", "The sun")
+
+
+class Collector:
+    def __init__(self):
+        self.result, self.error, self.done = None, None, threading.Event()
+
+    def __call__(self, event):
+        if event.done:
+            self.result, self.error = event.result, event.error
+            self.done.set()
+
+
+def _requests():
+    """(prompt, params, logprobs): greedy and seeded draws; stop strings, short and long
+    max_tokens; log-probabilities; one row with a repeat penalty."""
+    return [
+        (PROMPTS[0], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), None),
+        (PROMPTS[1], SamplingParams(temperature=0.9, seed=3, max_tokens=57), 2),
+        (PROMPTS[2], SamplingParams(temperature=0, max_tokens=90, stop=(" park",)), None),
+        (PROMPTS[3], SamplingParams(temperature=0.7, seed=11, max_tokens=3, ignore_eos=True), None),
+        (PROMPTS[4], SamplingParams(temperature=0, max_tokens=1), 0),
+        (PROMPTS[5], SamplingParams(temperature=0.8, seed=5, max_tokens=64, stop=("Lily",)), None),
+    ]
+
+
+def _llm(path, n_seq=4):
+    return kiln.LLM(path, backend="torch", n_ctx=256, ubatch=16, n_seq=n_seq, verbose=False)
+
+
+class PeriodEnds:
+    """The model's tokenizer with "." as an end-of-generation token (stories260K writes no EOS
+    in a short test): a row then ends when a token is read that the next step already took."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+        period = tokenizer.encode(".", add_special=False)[-1]  # after SPM's space prefix
+        self.eog_ids = tokenizer.eog_ids | {period}
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
+def _serve(llm, requests, overlap: bool, spy: list | None = None, tokenizer=None):
+    """Every request submitted while the loop is held, so that both runs batch the same way
+    -> (the Collectors, the prefix cache's kept sequences: {its first token ids: its length})."""
+    s = Scheduler(llm.engine, tokenizer or llm.tokenizer, prefix_cache=8, overlap=overlap)
+    if spy is not None:
+        decode = llm.engine.decode_batch
+
+        def watched(tokens, seqs):
+            spy.append(isinstance(tokens, torch.Tensor))
+            return decode(tokens, seqs)
+
+        llm.engine.decode_batch = watched
+    try:
+        inside, release = threading.Event(), threading.Event()
+
+        def hold():
+            inside.set()
+            release.wait(60)
+
+        pause = threading.Thread(target=s.call, args=(hold, 90))
+        pause.start()
+        assert inside.wait(20)
+        out = []
+        for prompt, params, logprobs in requests:
+            c = Collector()
+            s.submit(llm.encode_prompt(prompt), params, c, logprobs=logprobs)
+            out.append(c)
+        release.set()
+        pause.join(30)
+        for c in out:
+            assert c.done.wait(60), "a request did not finish"
+            assert c.error is None, c.error
+        kept = s.call(lambda: {tuple(ids[:4]): seq.length for seq, ids in s.cache.entries.values()})
+        return out, kept
+    finally:
+        s.close()
+        if spy is not None:
+            del llm.engine.decode_batch
+
+
+def _same(a, b):
+    assert a.token_ids == b.token_ids
+    assert a.text == b.text
+    assert a.finish_reason == b.finish_reason
+    if a.logprobs is None:
+        assert b.logprobs is None
+    else:
+        # the values to float32 rounding: a batch of other rows (a row's one extra step) moves
+        # the reference matmul's last bits
+        def ids(c):
+            return [c.token, *(t for t, _ in c.top)]
+
+        def values(c):
+            return [c.logprob, *(v for _, v in c.top)]
+
+        assert [ids(c) for c in a.logprobs] == [ids(c) for c in b.logprobs]
+        for x, y in zip(a.logprobs, b.logprobs):
+            assert values(x) == pytest.approx(values(y), abs=1e-4)
+
+
+@pytest.mark.parametrize("n_seq", [2, 4])
+def test_overlap_gives_every_request_what_the_waiting_loop_gives(stories_model, n_seq):
+    """n_seq 2: requests wait for slots, rows join and leave the running batch between steps
+    (the next step's ids gathered from the last step's and the new rows'); 4: most run at once."""
+    llm = _llm(stories_model, n_seq)
+    requests = _requests()
+    spy: list[bool] = []
+    fast, kept = _serve(llm, requests, overlap=True, spy=spy, tokenizer=PeriodEnds(llm.tokenizer))
+    slow, kept_slow = _serve(llm, requests, overlap=False, tokenizer=PeriodEnds(llm.tokenizer))
+    for a, b in zip(fast, slow):
+        _same(a.result, b.result)
+    reasons = {c.result.finish_reason for c in fast}
+    assert reasons == {"length", "stop", "eos"}, reasons  # every way of ending is covered
+    assert any(spy), "no step was launched with the last step's ids on the device"
+    # Waiting, a row's sequence holds its history but the last token (read, never decoded), or
+    # all of it when an EOS (not in the history) ended it. Overlapped, a row that ended when its
+    # last token was read had one more step: its stop-string token (in the history) stays, its
+    # EOS may not. A row ended by max_tokens had no extra step.
+    assert kept.keys() == kept_slow.keys() and len(kept) == len(requests)
+    by_start = {}
+    for (prompt, _, _), c in zip(requests, fast):
+        ids = llm.encode_prompt(prompt) + c.result.token_ids
+        by_start[tuple(ids[:4])] = (len(ids), c.result.finish_reason)
+    for start, length in kept.items():
+        history, reason = by_start[start]
+        assert kept_slow[start] == history - (reason != "eos"), (reason, history)
+        assert length == history - (reason == "length"), (reason, length, history)
+
+
+def test_greedy_overlap_matches_generate(stories_model):
+    llm = _llm(stories_model)
+    params = SamplingParams(temperature=0, max_tokens=33)
+    out, _ = _serve(llm, [(p, params, None) for p in PROMPTS[:4]], overlap=True)
+    for prompt, c in zip(PROMPTS, out):
+        assert c.result.token_ids == llm.generate(llm.encode_prompt(prompt), params).token_ids
+
+
+def test_a_penalized_row_makes_every_step_wait_for_its_ids(stories_model):
+    llm = _llm(stories_model)
+    penalized = SamplingParams(temperature=0, max_tokens=30, repeat_penalty=1.3)
+    plain = SamplingParams(temperature=0, max_tokens=30)
+    spy: list[bool] = []
+    out, _ = _serve(llm, [(PROMPTS[0], penalized, None), (PROMPTS[1], plain, None)], True, spy)
+    assert spy and not any(spy)
+    want = llm.generate(llm.encode_prompt(PROMPTS[0]), penalized)
+    assert out[0].result.token_ids == want.token_ids

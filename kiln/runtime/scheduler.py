@@ -15,9 +15,9 @@ selection for all rows, each with its own parameters. Text goes out through gene
 RowState (stop strings, EOS, max_tokens, UTF-8-safe pieces) as Events to the request's callback,
 called on the scheduler thread (it must be quick and must not raise).
 
-Overlap (on unless turned off): a decode step is launched with the ids the previous step
-selected while they are still on the device, and the previous step's ids are read, turned into
-text and sent only then, while the GPU runs the new step; the host's share of a step (reading
+Overlap (on unless turned off): a decode step is launched with the ids the previous step (a
+decode step, or a prompt's last chunk) selected while they are still on the device, and those
+ids are read, turned into text and sent only then, while the GPU runs the new step; the host's share of a step (reading
 the ids back, the tokenizer, the callbacks) then no longer adds to it. A row whose previous
 token ends it (EOS, a stop string) has had one step too many, thrown away: its sequence keeps
 no token past its history. Rows whose penalties read the history (repeat, presence, frequency)
@@ -185,7 +185,7 @@ class Scheduler:
         self._calls: collections.deque = collections.deque()
         self._waiting: collections.deque[_Request] = collections.deque()
         self._running: list[_Request] = []
-        self._inflight: _Inflight | None = None  # the last decode step, its ids unread
+        self._unread: list[_Inflight] = []  # selections launched, their ids not read yet
         self.overlap = overlap
         self._closed = False
         # read by other threads (metrics): plain ints, updated by the loop
@@ -374,35 +374,38 @@ class Scheduler:
         if ready:
             step = self._launch(ready, logits[rows])
             if step is not None:
-                self._resolve(step)
+                self._unread.append(step)  # the first tokens: read after the decode's launch
 
     def _decode(self) -> None:
-        last, self._inflight = self._inflight, None
-        if last is not None and not self._chains(last):
-            self._resolve(last)
-            last = None
+        unread, self._unread = self._unread, []
+        for step in [s for s in unread if not self._chains(s)]:
+            self._resolve(step)
+            unread.remove(step)
         rows = [r for r in self._running if r.next_token is not None or self._continues(r)]
         if rows:
             try:
-                tokens = self._tokens(rows, last)
+                tokens = self._tokens(rows, unread)
                 logits = self.engine.decode_batch(tokens, [r.seq for r in rows])
             except Exception as e:
-                if last is not None:
-                    self._resolve(last)
+                for step in unread:
+                    self._resolve(step)
                 for r in rows:
                     if r.seq is not None:
                         self._fail(r, e)
                 return
-            self._inflight = self._launch(rows, logits)
-        if last is not None:
-            self._resolve(last)  # while the GPU runs the step just launched
-        if not self.overlap and self._inflight is not None:
-            step, self._inflight = self._inflight, None
-            self._resolve(step)
+            step = self._launch(rows, logits)
+            if step is not None:
+                self._unread.append(step)
+        for step in unread:
+            self._resolve(step)  # while the GPU runs the step just launched
+        if not self.overlap:
+            for step in self._unread:
+                self._resolve(step)
+            self._unread = []
 
-    def _chains(self, last: _Inflight) -> bool:
-        """Whether the next step may be launched before `last`'s ids are read."""
-        return self.overlap and not any(r.params.penalizes for r in last.rows)
+    def _chains(self, step: _Inflight) -> bool:
+        """Whether the next step may be launched before `step`'s ids are read."""
+        return self.overlap and not any(r.params.penalizes for r in step.rows)
 
     def _continues(self, r: _Request) -> bool:
         """Whether r's unread token is decoded in the next step: unless it is r's last by
@@ -413,27 +416,32 @@ class Scheduler:
             and r.seq.length < self.engine.n_ctx
         )
 
-    def _tokens(self, rows: list[_Request], last: _Inflight | None):
+    def _tokens(self, rows: list[_Request], unread: list[_Inflight]):
         """The step's input ids: a host list when every row's is known, else a device tensor
-        with the unread ones taken from `last`'s selections."""
+        with the unread ones taken from the selections of the steps that made them."""
         if all(r.next_token is not None for r in rows):
             return [r.next_token for r in rows]
-        at = {id(r): i for i, r in enumerate(last.rows)}
+        at, k = {}, 0  # a row's place among the unread steps' ids, side by side
+        for step in unread:
+            for i, r in enumerate(step.rows):
+                if r.inflight is step:
+                    at[id(r)] = k + i
+            k += len(step.rows)
         known = [r.next_token for r in rows if r.next_token is not None]
-        index, k = [], len(last.rows)
+        index = []
         for r in rows:
             if r.next_token is None:
                 index.append(at[id(r)])
             else:
                 index.append(k)
                 k += 1
-        ids = last.choices.token
-        if not known and index == list(range(len(rows))):  # the same rows, or the first ones
-            return ids[: len(rows)]
-        device = ids.device
+        parts = [step.choices.token for step in unread]
+        if not known and len(parts) == 1 and index == list(range(len(rows))):
+            return parts[0][: len(rows)]  # the last step's rows, or the first of them
+        device = parts[0].device
         if known:
-            ids = torch.cat([ids, torch.tensor(known, dtype=ids.dtype).to(device)])
-        return ids[torch.tensor(index, dtype=torch.int64).to(device)]
+            parts.append(torch.tensor(known, dtype=torch.int64).to(device))
+        return torch.cat(parts)[torch.tensor(index, dtype=torch.int64).to(device)]
 
     def _launch(self, rows: list[_Request], logits) -> _Inflight | None:
         """Queue the rows' selections -> the step, their ids unread (None: it failed, and so

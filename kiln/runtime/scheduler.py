@@ -15,13 +15,13 @@ selection for all rows, each with its own parameters. Text goes out through gene
 RowState (stop strings, EOS, max_tokens, UTF-8-safe pieces) as Events to the request's callback,
 called on the scheduler thread (it must be quick and must not raise).
 
-Overlap (on unless turned off): a decode step is launched with the ids the previous step (a
-decode step, or a prompt's last chunk) selected while they are still on the device, and those
-ids are read, turned into text and sent only then, while the GPU runs the new step; the host's share of a step (reading
-the ids back, the tokenizer, the callbacks) then no longer adds to it. A row whose previous
-token ends it (EOS, a stop string) has had one step too many, thrown away: its sequence keeps
-no token past its history. Rows whose penalties read the history (repeat, presence, frequency)
-cannot select before the previous ids are known: while one runs, every step waits for them.
+Overlap (on unless turned off): a decode step is launched with the ids the previous step (a decode
+step, or a prompt's last chunk) selected while they are still on the device, and those ids are read,
+turned into text and sent only then, while the GPU runs the new step; the host's share of a step
+(reading the ids back, the tokenizer, the callbacks) then no longer adds to it. A row whose previous
+token ends it (EOS, a stop string) has had one step too many, thrown away: its sequence keeps no
+token past its history. Rows whose penalties read the history (repeat, presence, frequency) cannot
+select before the previous ids are known: while one runs, every step waits for them.
 
 Prefix reuse: finished requests leave their sequence in a small LRU with the ids it holds; a
 new request whose prompt shares a prefix with one forks it (copy-on-write blocks) and

@@ -58,7 +58,7 @@ class PeriodEnds:
         return getattr(self._tokenizer, name)
 
 
-def _serve(llm, requests, overlap: bool, spy: list | None = None, tokenizer=None):
+def _serve(llm, requests, overlap: bool, spy: list | None = None, tokenizer=None, ok=True):
     """Every request submitted while the loop is held, so that both runs batch the same way
     -> (the Collectors, the prefix cache's kept sequences: {its first token ids: its length})."""
     s = Scheduler(llm.engine, tokenizer or llm.tokenizer, prefix_cache=8, overlap=overlap)
@@ -83,13 +83,14 @@ def _serve(llm, requests, overlap: bool, spy: list | None = None, tokenizer=None
         out = []
         for prompt, params, logprobs in requests:
             c = Collector()
-            s.submit(llm.encode_prompt(prompt), params, c, logprobs=logprobs)
+            ids = llm.encode_prompt(prompt) if isinstance(prompt, str) else prompt
+            s.submit(ids, params, c, logprobs=logprobs)
             out.append(c)
         release.set()
         pause.join(30)
         for c in out:
             assert c.done.wait(60), "a request did not finish"
-            assert c.error is None, c.error
+            assert c.error is None or not ok, c.error
         kept = s.call(lambda: {tuple(ids[:4]): seq.length for seq, ids in s.cache.entries.values()})
         return out, kept
     finally:
@@ -164,3 +165,45 @@ def test_a_penalized_row_makes_every_step_wait_for_its_ids(stories_model):
     assert spy and not any(spy)
     want = llm.generate(llm.encode_prompt(PROMPTS[0]), penalized)
     assert out[0].result.token_ids == want.token_ids
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_a_row_with_broken_logits_fails_alone(stories_model, overlap):
+    """One request's logits turn NaN at its 6th decode step: it ends with the model output
+    error, the others finish as they would alone (with overlap the broken row's -1 id, fed to
+    the next step on the device, decodes as 0 and is never read)."""
+    from kiln.errors import ModelOutputError
+
+    llm = _llm(stories_model)
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    prompts = [llm.encode_prompt(p) for p in PROMPTS[:3]]
+    engine = llm.engine
+    step, decode = engine.step, engine.decode_batch
+    victim: dict = {}
+
+    def stepped(entries, logits="last", tokens=None):
+        for seq, ids in entries:
+            if list(ids) == prompts[1]:  # its whole prompt: one chunk (ubatch 16)
+                victim["seq"], victim["steps"] = seq, 0
+        return step(entries, logits, tokens)
+
+    def broken(tokens, seqs):
+        logits = decode(tokens, seqs).clone()
+        for i, seq in enumerate(seqs):
+            if seq is victim.get("seq"):
+                victim["steps"] += 1
+                if victim["steps"] >= 6:
+                    logits[i, 3] = float("nan")
+        return logits
+
+    engine.step, engine.decode_batch = stepped, broken
+    try:
+        out, _ = _serve(llm, [(p, params, None) for p in prompts], overlap, ok=False)
+    finally:
+        del engine.step, engine.decode_batch
+    assert victim["steps"] >= 6
+    assert isinstance(out[1].error, ModelOutputError), out[1].error
+    assert len(out[1].result.token_ids) == 6  # the prompt's token, 5 good decode steps
+    for i in (0, 2):
+        assert out[i].error is None, out[i].error
+        assert out[i].result.token_ids == llm.generate(prompts[i], params).token_ids

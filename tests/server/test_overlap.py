@@ -1,8 +1,8 @@
 """The scheduler's overlap (stories260K, torch backend): a decode step launched with the ids the
 last step selected before they are read gives every request the same tokens, text, finish
 reason and log-probabilities as the loop that reads each step's ids first; a row that ends at
-read time (a stop string) keeps no token past its history; rows whose penalties read the
-history make the loop wait."""
+read time (an EOS, a stop string) keeps no token past its history; rows whose penalties read
+the history make the loop wait; a row whose logits break fails alone."""
 
 from __future__ import annotations
 

@@ -212,7 +212,9 @@ def main() -> None:
     copy = copy_gbps()
     dev = torch.device("cuda")
     default = args.config = dataclasses.replace(
-        att.default_config(dev, CACHE_TYPES[args.dtype].quantized), ahead=not args.no_ahead, fit_wave=args.fit_wave
+        att.default_config(dev, CACHE_TYPES[args.dtype].quantized),
+        ahead=not args.no_ahead,
+        fit_wave=args.fit_wave,
     )
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     print(f"{torch.cuda.get_device_name()}: device-to-device copy {copy:.0f} GB/s")

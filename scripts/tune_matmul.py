@@ -21,6 +21,7 @@ Every shape and bucket is 20 shapes x 10 buckets x up to 18 configs: restrict a 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from dataclasses import asdict
@@ -54,7 +55,9 @@ def candidates(bucket: int) -> list[mm.MatmulConfig]:
     where the left operand has 128 rows (two warpgroups), else 4; GROUP_M 8, 3 stages (4 for tiles
     of 16 and 32 rows). Compiled for sm_90, accumulators of more than 128 registers a thread spill
     (256 x 256 tiles: 465-1248 spill stores in the loop), and BLOCK_K 128 spills from 128 on:
-    BLOCK_K 128 only up to 64 accumulator registers. At most 17 a bucket."""
+    BLOCK_K 128 only up to 64 accumulator registers. Up to 64 rows (decode-sized launches, where
+    a step's work is too small to hide its weight loads) each also with the loads issued a step
+    ahead (MatmulConfig.ahead). At most 34 a bucket."""
     top = min(256, max(16, bucket))
     out = []
     for bm in (top, top // 2) if top > 16 else (16,):
@@ -69,6 +72,8 @@ def candidates(bucket: int) -> list[mm.MatmulConfig]:
                 for bk in (64, 128) if swap_ab else (64,):
                     if acc <= 128 and (bk == 64 or acc <= 64):
                         out.append(mm.MatmulConfig(bm, bn, bk, 8, warps, stages, swap_ab))
+    if bucket <= 64:
+        out += [dataclasses.replace(c, ahead=True) for c in out]
     return out
 
 

@@ -49,6 +49,8 @@ class MatmulConfig:
     num_stages: int  # software-pipelining depth of the K loop
     swap_ab: bool = True  # out^T = W @ x^T: the weight tile from registers (triton/matmul.py)
     splits: int | None = None  # K ranges run by programs of their own; None: auto_splits
+    # the weight tile's loads issued a step early, in registers (triton/matmul.py _k_loop)
+    ahead: bool = False
 
 
 # Programs a launch aims at with split-K (auto_splits): about 4 an SM of an H100.
@@ -258,6 +260,7 @@ def matmul(
         SWAP_AB=cfg.swap_ab,
         **_tile_args(weight.qtype, k, cfg.block_k, k_split),
         EXACT=exact,
+        AHEAD=cfg.ahead,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         **pdl_launch(pdl),

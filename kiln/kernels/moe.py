@@ -243,6 +243,7 @@ def grouped_expert_linear(
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         **_mm._tile_args(weight.qtype, k, cfg.block_k),
+        AHEAD=cfg.ahead,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         **pdl_launch(pdl),

@@ -10,6 +10,7 @@ the CPU this runs through Triton's interpreter on small shapes (M = 9, 16, 33, 1
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import textwrap
 from pathlib import Path
@@ -169,6 +170,33 @@ def test_tilings_reach_every_path() -> None:
     for want in [(32, True, False), (32, False, True), (256, False, False), (256, True, True)]:
         assert want in seen, want
     assert (1, False, False) in seen and ("groups", True) in seen
+
+
+# Every format and path with the weight loads issued a step ahead (MatmulConfig.ahead): TILINGS'
+# cases (both dot orders, a ragged last step, several super-blocks a step) and the default
+# configs' shapes; one step (K = one block) fetches its only step twice.
+AHEAD = (
+    [c[:4] + (dict(c[4]),) for c in TILINGS]
+    + [(fmt, 9, 33, 3 * _block(fmt) if _block(fmt) > 1 else 100, None) for fmt in FORMATS]
+    + [("Q4_K", 16, 64, 256, dict(zip(_C, (16, 64, 256, 1, 4, 1, True))))]
+)
+
+
+@pytest.mark.parametrize(
+    "case", AHEAD, ids=lambda c: f"{c[0]}_M{c[1]}_N{c[2]}_K{c[3]}_{bool(c[4])}"
+)
+def test_loads_ahead_give_the_same_bits(case, mm) -> None:
+    """ahead only moves the weight loads one step earlier: the same values multiplied in the
+    same order, so the output is bit for bit that of the loads in their step."""
+    fmt, m, n, k, fields = case
+    cfg = mm.MatmulConfig(**fields) if fields else mm.default_config(_T[fmt], n, k, m)
+    gen = _gen(m + n + k)
+    w = _weight(fmt, n, k, gen)
+    x = torch.randn(m, k, generator=gen, device=DEVICE)
+    base = mm.matmul(x, w, dataclasses.replace(cfg, ahead=False))
+    ahead = mm.matmul(x, w, dataclasses.replace(cfg, ahead=True))
+    assert torch.equal(base, ahead), f"{fmt} M={m} N={n} K={k} {cfg}"
+    check_matmul(ahead, x, w, f"ahead {fmt} M={m} N={n} K={k} {cfg}")
 
 
 # (format, M, N, K, MatmulConfig fields with splits): split-K's K ranges. Whole ranges (Q4_K:

@@ -31,42 +31,75 @@ Q6_K: tl.constexpr = tl.constexpr(10)
 @triton.jit
 def _f16_at(p):
     """The little-endian f16 at byte pointer p, as fp32."""
-    lo = tl.load(p).to(tl.uint16)
-    hi = tl.load(p + 1).to(tl.uint16)
-    return (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+    return _f16_of(tl.load(p), tl.load(p + 1))
+
+
+@triton.jit
+def _f16_of(lo, hi):
+    """The f16 of its two little-endian bytes (uint8), as fp32."""
+    return (lo.to(tl.uint16) | (hi.to(tl.uint16) << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+# Each format's dequantization is a fetch (only the loads of the bytes it reads, returned raw as
+# a tuple: a kernel may issue the next step's fetch before it decodes this one's, so that their
+# latency overlaps the work) and a decode (the reference's fp32 operations on those bytes).
+# _dequant_legacy and _dequant_k are the two together.
+
+
+@triton.jit
+def _fetch_legacy(blk, j, FMT: tl.constexpr):
+    """The bytes _decode_legacy reads (blk: byte pointers [BLOCK_N, S, 1] to block starts; j:
+    [1, 1, 32] value index in the block): (d's two bytes, m's two bytes, the high-bit byte, the
+    quant byte); a format without a part repeats another (no load)."""
+    nib_byte = j % 16
+    lo = tl.load(blk)
+    hi = tl.load(blk + 1)
+    if FMT == Q8_0:
+        q = tl.load(blk + 2 + j)
+        return lo, hi, lo, hi, q, q
+    elif FMT == Q4_0:
+        q = tl.load(blk + 2 + nib_byte)
+        return lo, hi, lo, hi, q, q
+    elif FMT == Q4_1:
+        q = tl.load(blk + 4 + nib_byte)
+        return lo, hi, tl.load(blk + 2), tl.load(blk + 3), q, q
+    elif FMT == Q5_0:
+        return lo, hi, lo, hi, tl.load(blk + 2 + j // 8), tl.load(blk + 6 + nib_byte)
+    else:  # Q5_1
+        m_lo, m_hi = tl.load(blk + 2), tl.load(blk + 3)
+        return lo, hi, m_lo, m_hi, tl.load(blk + 4 + j // 8), tl.load(blk + 8 + nib_byte)
+
+
+@triton.jit
+def _decode_legacy(raw, j, FMT: tl.constexpr):
+    """fp32 [BLOCK_N, S, 32]: the values of _fetch_legacy's bytes."""
+    d_lo, d_hi, m_lo, m_hi, hbyte, qbyte = raw
+    nib_shift = (j // 16) * 4
+    d = _f16_of(d_lo, d_hi)
+    if FMT == Q8_0:
+        w = qbyte.to(tl.int8, bitcast=True).to(tl.float32) * d
+    elif FMT == Q4_0:
+        q = (qbyte >> nib_shift) & 0x0F
+        w = d * (q.to(tl.float32) - 8.0)
+    elif FMT == Q4_1:
+        q = (qbyte >> nib_shift) & 0x0F
+        w = d * q.to(tl.float32) + _f16_of(m_lo, m_hi)
+    elif FMT == Q5_0:
+        hb = (hbyte >> (j % 8)) & 1
+        q = ((qbyte >> nib_shift) & 0x0F) | (hb << 4)
+        w = d * (q.to(tl.float32) - 16.0)
+    else:  # Q5_1
+        hb = (hbyte >> (j % 8)) & 1
+        q = ((qbyte >> nib_shift) & 0x0F) | (hb << 4)
+        w = d * q.to(tl.float32) + _f16_of(m_lo, m_hi)
+    return w
 
 
 @triton.jit
 def _dequant_legacy(blk, j, FMT: tl.constexpr):
     """blk: byte pointers [BLOCK_N, S, 1] to block starts; j: [1, 1, 32] value index in block
     -> fp32 [BLOCK_N, S, 32]."""
-    nib_byte = j % 16
-    nib_shift = (j // 16) * 4
-    if FMT == Q8_0:
-        d = _f16_at(blk)
-        q = tl.load(blk + 2 + j).to(tl.int8, bitcast=True).to(tl.float32)
-        w = q * d
-    elif FMT == Q4_0:
-        d = _f16_at(blk)
-        q = (tl.load(blk + 2 + nib_byte) >> nib_shift) & 0x0F
-        w = d * (q.to(tl.float32) - 8.0)
-    elif FMT == Q4_1:
-        d = _f16_at(blk)
-        m = _f16_at(blk + 2)
-        q = (tl.load(blk + 4 + nib_byte) >> nib_shift) & 0x0F
-        w = d * q.to(tl.float32) + m
-    elif FMT == Q5_0:
-        d = _f16_at(blk)
-        hb = (tl.load(blk + 2 + j // 8) >> (j % 8)) & 1
-        q = ((tl.load(blk + 6 + nib_byte) >> nib_shift) & 0x0F) | (hb << 4)
-        w = d * (q.to(tl.float32) - 16.0)
-    else:  # Q5_1
-        d = _f16_at(blk)
-        m = _f16_at(blk + 2)
-        hb = (tl.load(blk + 4 + j // 8) >> (j % 8)) & 1
-        q = ((tl.load(blk + 8 + nib_byte) >> nib_shift) & 0x0F) | (hb << 4)
-        w = d * q.to(tl.float32) + m
-    return w
+    return _decode_legacy(_fetch_legacy(blk, j, FMT), j, FMT)
 
 
 @triton.jit
@@ -75,31 +108,68 @@ def _scale_min_k4(blk, s):
     a = tl.load(blk + 4 + s)  # scales[s]
     b = tl.load(blk + 8 + s)  # scales[s + 4]
     c = tl.load(blk + 4 + tl.where(s >= 4, s - 4, s))  # scales[s - 4] (used for s >= 4)
+    return _scale_min_of(a, b, c, s)
+
+
+@triton.jit
+def _scale_min_of(a, b, c, s):
+    """(scale, min) as fp32 from scales[s], scales[s + 4] and scales[s - 4] (bytes)."""
     sc = tl.where(s < 4, a & 63, (b & 15) | ((c >> 6) << 4))
     mn = tl.where(s < 4, b & 63, (b >> 4) | ((a >> 6) << 4))
     return sc.to(tl.float32), mn.to(tl.float32)
 
 
 @triton.jit
-def _dequant_k(blk, s, j, FMT: tl.constexpr):
-    """blk: byte pointers [BLOCK_N, 1, 1] to super-block starts; s: [1, 8, 1] sub-block of 32;
-    j: [1, 1, 32] -> fp32 [BLOCK_N, 8, 32] (value 32 * s + j)."""
+def _fetch_k(blk, s, j, FMT: tl.constexpr):
+    """The bytes _decode_k reads (blk: byte pointers [BLOCK_N, 1, 1] to super-block starts; s:
+    [1, 8, 1] sub-block of 32; j: [1, 1, 32]). Q6_K: (ql, qh, the sub-block scale, d's two
+    bytes); Q4_K/Q5_K: (d's and dmin's two bytes, scales[s], scales[s + 4], scales[s - 4],
+    the quant byte, the high-bit byte); a format without a part repeats another (no load)."""
     if FMT == Q6_K:
         h = s // 4
         qq = s % 4
-        ql = (tl.load(blk + 64 * h + 32 * (qq % 2) + j) >> ((qq // 2) * 4)) & 0x0F
-        qh = (tl.load(blk + 128 + 32 * h + j) >> (2 * qq)) & 3
-        q = (ql | (qh << 4)).to(tl.int32) - 32
-        sc = tl.load(blk + 192 + 2 * s + j // 16).to(tl.int8, bitcast=True).to(tl.float32)
-        w = (_f16_at(blk + 208) * sc) * q.to(tl.float32)
+        ql = tl.load(blk + 64 * h + 32 * (qq % 2) + j)
+        qh = tl.load(blk + 128 + 32 * h + j)
+        sc = tl.load(blk + 192 + 2 * s + j // 16)
+        d_lo, d_hi = tl.load(blk + 208), tl.load(blk + 209)
+        return ql, qh, sc, d_lo, d_hi, ql, ql, ql, ql
     else:
-        d = _f16_at(blk)
-        dmin = _f16_at(blk + 2)
-        sc, mn = _scale_min_k4(blk, s)
+        d_lo, d_hi = tl.load(blk), tl.load(blk + 1)
+        m_lo, m_hi = tl.load(blk + 2), tl.load(blk + 3)
+        a = tl.load(blk + 4 + s)  # scales[s]
+        b = tl.load(blk + 8 + s)  # scales[s + 4]
+        c = tl.load(blk + 4 + tl.where(s >= 4, s - 4, s))  # scales[s - 4] (used for s >= 4)
         if FMT == Q4_K:
-            q = (tl.load(blk + 16 + 32 * (s // 2) + j) >> ((s % 2) * 4)) & 0x0F
+            q = tl.load(blk + 16 + 32 * (s // 2) + j)
+            return d_lo, d_hi, m_lo, m_hi, a, b, c, q, q
         else:  # Q5_K
-            ql = (tl.load(blk + 48 + 32 * (s // 2) + j) >> ((s % 2) * 4)) & 0x0F
-            q = ql | (((tl.load(blk + 16 + j) >> s) & 1) << 4)
-        w = (d * sc) * q.to(tl.float32) - dmin * mn
+            q = tl.load(blk + 48 + 32 * (s // 2) + j)
+            return d_lo, d_hi, m_lo, m_hi, a, b, c, q, tl.load(blk + 16 + j)
+
+
+@triton.jit
+def _decode_k(raw, s, j, FMT: tl.constexpr):
+    """fp32 [BLOCK_N, 8, 32] (value 32 * s + j): the values of _fetch_k's bytes."""
+    if FMT == Q6_K:
+        ql8, qh8, sc8, d_lo, d_hi, _a, _b, _c, _d = raw
+        qq = s % 4
+        ql = (ql8 >> ((qq // 2) * 4)) & 0x0F
+        qh = (qh8 >> (2 * qq)) & 3
+        q = (ql | (qh << 4)).to(tl.int32) - 32
+        sc = sc8.to(tl.int8, bitcast=True).to(tl.float32)
+        w = (_f16_of(d_lo, d_hi) * sc) * q.to(tl.float32)
+    else:
+        d_lo, d_hi, m_lo, m_hi, a, b, c, q8, qh8 = raw
+        sc, mn = _scale_min_of(a, b, c, s)
+        q = (q8 >> ((s % 2) * 4)) & 0x0F
+        if FMT == Q5_K:
+            q = q | (((qh8 >> s) & 1) << 4)
+        w = (_f16_of(d_lo, d_hi) * sc) * q.to(tl.float32) - _f16_of(m_lo, m_hi) * mn
     return w
+
+
+@triton.jit
+def _dequant_k(blk, s, j, FMT: tl.constexpr):
+    """blk: byte pointers [BLOCK_N, 1, 1] to super-block starts; s: [1, 8, 1] sub-block of 32;
+    j: [1, 1, 32] -> fp32 [BLOCK_N, 8, 32] (value 32 * s + j)."""
+    return _decode_k(_fetch_k(blk, s, j, FMT), s, j, FMT)

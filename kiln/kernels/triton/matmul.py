@@ -49,7 +49,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kiln.kernels.triton.dequant import _dequant_k, _dequant_legacy
+from kiln.kernels.triton.dequant import _decode_k, _decode_legacy, _fetch_k, _fetch_legacy
 from kiln.kernels.triton.pdl import wait_for_inputs
 
 
@@ -81,6 +81,82 @@ def _dot(a, b, acc, EXACT: tl.constexpr, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
+def _tile_groups(k0, K, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """A block-format step's indices: (g [1, G, 1, 1], the group of 32 values of the row, 0 for
+    groups past K; j [1, 1, 2, 16], the value in the group; g_ok, whether g is inside K)."""
+    G: tl.constexpr = BLOCK_K // 32
+    g = k0 // 32 + tl.arange(0, G)[None, :, None, None]
+    h = tl.arange(0, 2)[None, None, :, None]  # [1, 1, 2, 1]: half of the group
+    i = tl.arange(0, 16)[None, None, None, :]  # [1, 1, 1, 16]
+    g_ok = g < K // 32
+    if not EVEN_K:
+        g = tl.where(g_ok, g, 0)  # groups past K read the row's first block
+    return g, 16 * h + i, g_ok
+
+
+@triton.jit
+def _weight_fetch(
+    w_rows,
+    k0,
+    K,
+    FMT: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    TYPE_SIZE: tl.constexpr,
+    BLOCK_VALUES: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    """The loads of _weight_tile's step (no use of what they return: _weight_decode's): the
+    typed [BLOCK_N, BLOCK_K] tile of a float format, else dequant.py's fetch tuple."""
+    if BLOCK_VALUES == 1:
+        k = k0 + tl.arange(0, BLOCK_K)[None, :]
+        if EVEN_K:
+            return tl.load(w_rows + k)
+        else:
+            return tl.load(w_rows + k, mask=k < K, other=0.0)
+    else:
+        row4 = tl.expand_dims(tl.expand_dims(w_rows, 2), 3)  # [BLOCK_N, 1, 1, 1]
+        g, j, _ = _tile_groups(k0, K, BLOCK_K, EVEN_K)
+        if BLOCK_VALUES == 32:
+            return _fetch_legacy(row4 + g * TYPE_SIZE, j, FMT)
+        else:
+            return _fetch_k(row4 + (g // 8) * TYPE_SIZE, g % 8, j, FMT)
+
+
+@triton.jit
+def _weight_decode(
+    raw,
+    k0,
+    K,
+    FMT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_VALUES: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+    EXACT: tl.constexpr,
+):
+    """bf16 (EXACT: fp32) [BLOCK_N, BLOCK_K]: the values of _weight_fetch's loads, 0 past K."""
+    if BLOCK_VALUES == 1:
+        w = raw
+        if EXACT:
+            w = w.to(tl.float32)
+        elif w.dtype != tl.bfloat16:  # f16 and f32 through fp32 (exact for f16)
+            w = _to_bf16(w.to(tl.float32), INTERPRETED)
+    else:
+        g, j, g_ok = _tile_groups(k0, K, BLOCK_K, EVEN_K)
+        if BLOCK_VALUES == 32:
+            w4 = _decode_legacy(raw, j, FMT)
+        else:
+            w4 = _decode_k(raw, g % 8, j, FMT)
+        if not EVEN_K:
+            w4 = tl.where(g_ok, w4, 0.0)
+        w = tl.reshape(w4, (BLOCK_N, BLOCK_K))
+        if not EXACT:
+            w = _to_bf16(w, INTERPRETED)
+    return w
+
+
+@triton.jit
 def _weight_tile(
     w_rows,  # [BLOCK_N, 1] pointers to the tile's weight rows (typed or uint8)
     k0,  # first value of the step: a multiple of BLOCK_K
@@ -95,36 +171,10 @@ def _weight_tile(
     EXACT: tl.constexpr = False,  # fp32 values, not rounded to bf16
 ):
     """bf16 (EXACT: fp32) [BLOCK_N, BLOCK_K]: values k0 .. k0 + BLOCK_K of the rows, 0 past K."""
-    if BLOCK_VALUES == 1:
-        k = k0 + tl.arange(0, BLOCK_K)[None, :]
-        if EVEN_K:
-            w = tl.load(w_rows + k)
-        else:
-            w = tl.load(w_rows + k, mask=k < K, other=0.0)
-        if EXACT:
-            w = w.to(tl.float32)
-        elif w.dtype != tl.bfloat16:  # f16 and f32 through fp32 (exact for f16)
-            w = _to_bf16(w.to(tl.float32), INTERPRETED)
-    else:
-        G: tl.constexpr = BLOCK_K // 32
-        row4 = tl.expand_dims(tl.expand_dims(w_rows, 2), 3)  # [BLOCK_N, 1, 1, 1]
-        g = k0 // 32 + tl.arange(0, G)[None, :, None, None]  # [1, G, 1, 1]: group of the row
-        h = tl.arange(0, 2)[None, None, :, None]  # [1, 1, 2, 1]: half of the group
-        i = tl.arange(0, 16)[None, None, None, :]  # [1, 1, 1, 16]
-        j = 16 * h + i  # value in the group
-        if not EVEN_K:
-            g_ok = g < K // 32
-            g = tl.where(g_ok, g, 0)  # groups past K read the row's first block
-        if BLOCK_VALUES == 32:
-            w4 = _dequant_legacy(row4 + g * TYPE_SIZE, j, FMT)
-        else:
-            w4 = _dequant_k(row4 + (g // 8) * TYPE_SIZE, g % 8, j, FMT)
-        if not EVEN_K:
-            w4 = tl.where(g_ok, w4, 0.0)
-        w = tl.reshape(w4, (BLOCK_N, BLOCK_K))
-        if not EXACT:
-            w = _to_bf16(w, INTERPRETED)
-    return w
+    raw = _weight_fetch(w_rows, k0, K, FMT, BLOCK_K, TYPE_SIZE, BLOCK_VALUES, EVEN_K)
+    return _weight_decode(
+        raw, k0, K, FMT, BLOCK_N, BLOCK_K, BLOCK_VALUES, EVEN_K, INTERPRETED, EXACT
+    )
 
 
 @triton.jit
@@ -145,13 +195,20 @@ def _k_loop(
     INTERPRETED: tl.constexpr,
     EXACT: tl.constexpr,
     SWAP_AB: tl.constexpr,
+    AHEAD: tl.constexpr = False,
 ):
     """acc + the tile's products over values k_base .. k_base + k_len of K: per BLOCK_K step the
     x tile (bf16, or fp32 when EXACT) and the weight tile dequantized in registers, multiplied
-    by _dot in SWAP_AB's order. Shared by the dense GEMM and the grouped one (triton/moe.py)."""
+    by _dot in SWAP_AB's order. AHEAD: each step's weight loads are issued one step early (the
+    weight goes to registers, which Triton's pipeliner does not stage: without it every step
+    waits for its loads), the last step fetching itself again. Shared by the dense GEMM and the
+    grouped one (triton/moe.py)."""
     # Triton 3.6's interpreter holds a scalar argument as a 1-element array, which numpy >= 2.4
     # refuses to turn into a Python int for range(); there the launcher passes k_len as a
     # constexpr. Compiled kernels keep it a runtime value, so one binary serves every K.
+    if AHEAD:
+        last = k_base + (((K_INTERP if K_INTERP > 0 else k_len) - 1) // BLOCK_K) * BLOCK_K
+        raw = _weight_fetch(w_rows, k_base, K, FMT, BLOCK_K, TYPE_SIZE, BLOCK_VALUES, EVEN_K)
     for kk in range(0, K_INTERP if K_INTERP > 0 else k_len, BLOCK_K):
         k0 = k_base + kk
         kx = k0 + tl.arange(0, BLOCK_K)[None, :]
@@ -159,19 +216,27 @@ def _k_loop(
             xa = tl.load(x_rows + kx)
         else:
             xa = tl.load(x_rows + kx, mask=kx < K, other=0.0)
-        w = _weight_tile(
-            w_rows,
-            k0,
-            K,
-            FMT,
-            BLOCK_N,
-            BLOCK_K,
-            TYPE_SIZE,
-            BLOCK_VALUES,
-            EVEN_K,
-            INTERPRETED,
-            EXACT,
-        )
+        if AHEAD:
+            k_next = tl.minimum(k0 + BLOCK_K, last)
+            nxt = _weight_fetch(w_rows, k_next, K, FMT, BLOCK_K, TYPE_SIZE, BLOCK_VALUES, EVEN_K)
+            w = _weight_decode(
+                raw, k0, K, FMT, BLOCK_N, BLOCK_K, BLOCK_VALUES, EVEN_K, INTERPRETED, EXACT
+            )
+            raw = nxt
+        else:
+            w = _weight_tile(
+                w_rows,
+                k0,
+                K,
+                FMT,
+                BLOCK_N,
+                BLOCK_K,
+                TYPE_SIZE,
+                BLOCK_VALUES,
+                EVEN_K,
+                INTERPRETED,
+                EXACT,
+            )
         if SWAP_AB:
             acc = _dot(w, tl.trans(xa), acc, EXACT, INTERPRETED)
         else:
@@ -205,6 +270,7 @@ def _matmul_kernel(
     INTERPRETED: tl.constexpr,  # under TRITON_INTERPRET (_to_bf16, _dot)
     EXACT: tl.constexpr = False,  # fp32 x and weight tiles, tf32x3 products (_dot)
     PDL: tl.constexpr = False,  # programmatic dependent launch (pdl.py)
+    AHEAD: tl.constexpr = False,  # weight loads issued a step early (_k_loop)
 ):
     if PDL:
         wait_for_inputs()
@@ -231,7 +297,7 @@ def _matmul_kernel(
     pid_k = tl.program_id(1)
     acc = _k_loop(
         acc, x_rows, w_rows, pid_k * k_split, k_split, K, K_INTERP, FMT, BLOCK_N, BLOCK_K,
-        TYPE_SIZE, BLOCK_VALUES, EVEN_K, INTERPRETED, EXACT, SWAP_AB,
+        TYPE_SIZE, BLOCK_VALUES, EVEN_K, INTERPRETED, EXACT, SWAP_AB, AHEAD,
     )  # fmt: skip
     out_type = out_ptr.dtype.element_ty
     out_ptr += pid_k.to(tl.int64) * stride_os

@@ -49,6 +49,7 @@ def _grouped_matmul_kernel(
     EVEN_K: tl.constexpr,
     INTERPRETED: tl.constexpr,
     PDL: tl.constexpr = False,
+    AHEAD: tl.constexpr = False,  # weight loads issued a step early (matmul.py _k_loop)
 ):
     if PDL:
         wait_for_inputs()
@@ -66,7 +67,7 @@ def _grouped_matmul_kernel(
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # out^T: the weight rows lead
         acc = _k_loop(
             acc, x_rows, w_rows, 0, K, K, K_INTERP, FMT, BLOCK_N, BLOCK_K, TYPE_SIZE, BLOCK_VALUES,
-            EVEN_K, INTERPRETED, False, True,
+            EVEN_K, INTERPRETED, False, True, AHEAD,
         )  # fmt: skip
         out = out_ptr + slots.to(tl.int64)[None, :] * stride_om + rn[:, None]
         tl.store(out, acc, mask=slot_ok[None, :] & (rn[:, None] < N))

@@ -14,6 +14,7 @@ import torch
 import kiln
 from kiln.runtime.sampler import SamplingParams
 from kiln.runtime.scheduler import Scheduler
+from tests.server.test_server import paused
 
 PROMPTS = ("Once upon a time", "Lily", "The dog ran", "One day", "Tom had a", "The sun")
 
@@ -71,23 +72,13 @@ def _serve(llm, requests, overlap: bool, spy: list | None = None, tokenizer=None
 
         llm.engine.decode_batch = watched
     try:
-        inside, release = threading.Event(), threading.Event()
-
-        def hold():
-            inside.set()
-            release.wait(60)
-
-        pause = threading.Thread(target=s.call, args=(hold, 90))
-        pause.start()
-        assert inside.wait(20)
         out = []
-        for prompt, params, logprobs in requests:
-            c = Collector()
-            ids = llm.encode_prompt(prompt) if isinstance(prompt, str) else prompt
-            s.submit(ids, params, c, logprobs=logprobs)
-            out.append(c)
-        release.set()
-        pause.join(30)
+        with paused(s):
+            for prompt, params, logprobs in requests:
+                c = Collector()
+                ids = llm.encode_prompt(prompt) if isinstance(prompt, str) else prompt
+                s.submit(ids, params, c, logprobs=logprobs)
+                out.append(c)
         for c in out:
             assert c.done.wait(60), "a request did not finish"
             assert c.error is None or not ok, c.error

@@ -13,6 +13,7 @@ import kiln
 from kiln.errors import UsageError
 from kiln.runtime.sampler import SamplingParams
 from kiln.runtime.scheduler import QueueFull, Scheduler
+from tests.server.test_server import paused
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24)
 
@@ -178,23 +179,11 @@ def test_refusals(stories_model):
         with pytest.raises(UsageError, match="vocabulary"):
             s.submit([10**6], GREEDY, Collector())
         long = SamplingParams(temperature=0, max_tokens=250, ignore_eos=True)
-        inside, release = threading.Event(), threading.Event()
-
-        def hold():
-            inside.set()
-            release.wait(60)
-
-        pause = threading.Thread(target=s.call, args=(hold, 90))
-        pause.start()
-        assert inside.wait(20)  # the loop is held between iterations: requests queue
-        try:
+        with paused(s):  # the loop is held between iterations: requests queue
             h1 = s.submit([1, 2], long, Collector())
             with pytest.raises(QueueFull, match="retry later"):
                 s.submit([1, 4], long, Collector())
             h1.cancel()
-        finally:
-            release.set()
-            pause.join(30)
     finally:
         s.close()
     with pytest.raises(UsageError, match="max-queue"):

@@ -420,6 +420,7 @@ class PendingChoices:
 
     def __init__(self, samplers, asked, token: torch.Tensor, out: torch.Tensor):
         self.samplers, self.asked, self.token = samplers, asked, token
+        self.steps = [s.steps + 1 for s in samplers]  # each row's token number (1 = first)
         self._event = None
         if out.device.type == "cuda":
             self._host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
@@ -440,7 +441,7 @@ class PendingChoices:
         """The error of the broken rows (indices into the batch): `error.rows` lists them."""
         error = ModelOutputError(
             f"the model's logits hold NaN or infinite values (at generated token "
-            f"{self.samplers[rows[0]].steps}): its weights are likely corrupt, or a computation "
+            f"{self.steps[rows[0]]}): its weights are likely corrupt, or a computation "
             f"overflows in this precision; check the file (kiln info, a perplexity run) or try "
             f"--backend torch / another quantization"
         )
@@ -488,9 +489,10 @@ def launch_batch(
             values, ids = torch.topk(lp, n_top, dim=-1)
             parts += [ids.double(), values.double()]
         out = torch.cat(parts, 1)
+    pending = PendingChoices(samplers, asked, token, out)
     for s in samplers:
         s.steps += 1
-    return PendingChoices(samplers, asked, token, out)
+    return pending
 
 
 def _logprob_counts(

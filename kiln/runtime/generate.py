@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kiln.runtime.engine import Engine, PromptCache
-from kiln.runtime.sampler import Choice, Sampler, SamplingParams, sample_batch
+from kiln.runtime.sampler import Choice, Sampler, SamplingParams, launch_batch, sample_batch
 
 
 @dataclass(slots=True)
@@ -115,11 +115,16 @@ def generate_stream(
     result: Completion,
     prompt_cache: PromptCache | None = None,
     logprobs: int | None = None,
+    overlap: bool = True,
 ) -> Iterator[str]:
     """Yields text pieces; `result` is filled as it goes (text, ids, finish reason, stats).
     prompt_cache: reuse its kept sequence for the prompt's common prefix and keep the sequence
     (prompt and reply) in it at the end. logprobs: record each token's log-probability and the
-    top-n (0: the chosen token's only)."""
+    top-n (0: the chosen token's only). overlap (without penalties, which read the history): each
+    decode step is launched with the token just selected still on the device, and that token is
+    read, detokenized and yielded while the step runs, as the server's scheduler does; a token
+    that ends the reply (EOS, a stop string) has then had one step too many, whose output is
+    dropped (the same tokens either way)."""
     row = RowState(tokenizer, prompt_ids, params, result)
     if logprobs is not None:
         result.logprobs = []
@@ -135,14 +140,24 @@ def generate_stream(
         logits = engine.prefill(prompt_ids[cached:], seq)
         stats.prompt_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
+        chain = overlap and not params.penalizes
         while not row.done:
-            (choice,) = sample_batch(logits[-1:], [row.sampler], [row.history], _n(logprobs))
-            piece = row.take(choice, seq.length < engine.n_ctx)
+            pending = launch_batch(logits[-1:], [row.sampler], [row.history], _n(logprobs))
+            length = seq.length
+            ahead = chain and len(result.token_ids) + 1 < params.max_tokens
+            if ahead and length < engine.n_ctx:  # the next step, before the token is read
+                logits = engine.decode_batch(pending.token, [seq])
+            (choice,) = pending.collect()
+            if choice is None:
+                raise pending.error([0])
+            piece = row.take(choice, length < engine.n_ctx)
             if piece:
                 yield piece
-            if not row.done:
+            if not row.done and seq.length == length:  # not decoded ahead
                 logits = engine.decode(choice.token, seq)
         stats.generate_seconds = time.perf_counter() - t0
+        # a step decoded ahead of the end wrote one row past the history (its EOS): not kept
+        seq.truncate(len(row.history))
         if prompt_cache is not None:
             prompt_cache.keep(seq, row.history)  # before the last yield: a reader may stop there
             kept = True

@@ -43,6 +43,17 @@ class ForwardBatch:
         return sum(self.query_lens)
 
 
+def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host values (nested lists) as a tensor on `device`. On a GPU through pinned memory and a
+    queued copy: a copy from pageable memory makes the host wait until the device has run all
+    it was given, which would stall a step launched behind one still running (the server's
+    overlap)."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def build_batch(
     entries: Seq[tuple[Sequence, Seq[int]]],
     device: torch.device,
@@ -70,14 +81,14 @@ def build_batch(
         rows.append(len(tokens) - 1)
     width = n_blocks or max(len(seq.blocks) for seq, _ in entries)
     table = [seq.blocks + [SCRATCH_BLOCK] * (width - len(seq.blocks)) for seq, _ in entries]
-    ints = torch.tensor([tokens, positions, slots], dtype=torch.int64).to(device)
+    ints = to_device([tokens, positions, slots], torch.int64, device)
     starts = [0]
     for n in query_lens:
         starts.append(starts[-1] + n)
     if logits == "all":
         logit_rows = None
     elif logits == "last":
-        logit_rows = None if len(rows) == len(tokens) else torch.tensor(rows, device=device)
+        logit_rows = None if len(rows) == len(tokens) else to_device(rows, torch.int64, device)
     else:
         logit_rows = torch.empty(0, dtype=torch.int64, device=device)
     pool = entries[0][0].pool
@@ -85,9 +96,9 @@ def build_batch(
         tokens=ints[0],
         positions=ints[1],
         slots=ints[2],
-        block_tables=torch.tensor(table, dtype=torch.int32).to(device),
-        seq_lens=torch.tensor(kv_lens, dtype=torch.int64).to(device),
-        query_start=torch.tensor(starts, dtype=torch.int64).to(device),
+        block_tables=to_device(table, torch.int32, device),
+        seq_lens=to_device(kv_lens, torch.int64, device),
+        query_start=to_device(starts, torch.int64, device),
         logit_rows=logit_rows,
         query_lens=tuple(query_lens),
         kv_lens=tuple(kv_lens),

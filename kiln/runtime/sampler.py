@@ -18,6 +18,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from kiln.errors import ModelOutputError, UsageError
+from kiln.runtime.batch import to_device
 
 SEED_MAX = 2**64 - 1  # the draw's generator takes 64-bit seeds (llama.cpp's --seed is 32-bit)
 
@@ -198,10 +199,7 @@ class _Step:
             else:  # padded with token 0 under neutral penalties: its value written back as is
                 row += [1.0, 0.0, 0.0, u] + [0] * (2 * self.recent)
             rows.append(row)
-        table = torch.tensor(rows, dtype=torch.float64)
-        if device.type == "cuda":  # pinned: the copy is queued, the host does not wait for it
-            table = table.pin_memory()
-        self.table = table.to(device, non_blocking=True)
+        self.table = to_device(rows, torch.float64, device)
 
     def column(self, i: int) -> torch.Tensor:
         """[B, 1]"""

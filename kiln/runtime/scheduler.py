@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from kiln.errors import KilnError, UsageError
+from kiln.runtime.batch import to_device
 from kiln.runtime.engine import Engine, common_prefix
 from kiln.runtime.generate import Completion, RowState
 from kiln.runtime.kv_pool import Sequence
@@ -440,8 +441,8 @@ class Scheduler:
             return parts[0][: len(rows)]  # the last step's rows, or the first of them
         device = parts[0].device
         if known:
-            parts.append(torch.tensor(known, dtype=torch.int64).to(device))
-        return torch.cat(parts)[torch.tensor(index, dtype=torch.int64).to(device)]
+            parts.append(to_device(known, torch.int64, device))
+        return torch.cat(parts)[to_device(index, torch.int64, device)]
 
     def _launch(self, rows: list[_Request], logits) -> _Inflight | None:
         """Queue the rows' selections -> the step, their ids unread (None: it failed, and so

@@ -1,7 +1,8 @@
-"""`kiln serve -m MODEL`: an OpenAI-compatible HTTP server (see docs/serving.md). The model is
-loaded and warmed up (Engine.warm_up: the KV pool allocated, every batch shape's kernels compiled
-and CUDA graphs captured) before the server starts listening, so /health answers "ok" from the
-first request and no client waits for a compile."""
+"""`kiln serve -m MODEL`: an OpenAI-compatible HTTP server (see docs/serving.md). The port
+answers at once: while the model loads and warms up (Engine.warm_up: the KV pool allocated, every
+batch shape's kernels compiled and CUDA graphs captured) /health says "loading" (503) and the API
+503 with Retry-After (kiln/server/loading.py), so no client waits for a compile; then the app of
+kiln/server/app.py serves. A model that fails to load stops the server with its error."""
 
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from kiln.server import create_app
+    from kiln.server.loading import LoadingApp
 
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in 0..65535, got {args.port}")
@@ -61,22 +63,44 @@ def serve(args: argparse.Namespace) -> int:
     if args.max_queue < 1:
         raise UsageError(f"--max-queue must be >= 1, got {args.max_queue}")
     kwargs = chat_template_kwargs(args)
-    llm = load_llm(args, n_seq=args.parallel)
-    t0 = time.perf_counter()
-    print("kiln: warming up (kernels for every batch shape, CUDA graphs) ..", file=sys.stderr)
-    runs = llm.engine.warm_up()
-    print(f"kiln: warm-up: {runs} forwards in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    app = create_app(
-        llm,
-        api_key=args.api_key,
-        model_name=args.alias or _name(args.model),
-        max_queue=args.max_queue,
-        chat_template=args.chat_template,
-        template_kwargs=kwargs,
-        overlap=args.overlap == "on",
+
+    def load():
+        llm = load_llm(args, n_seq=args.parallel)
+        t0 = time.perf_counter()
+        print("kiln: warming up (kernels for every batch shape, CUDA graphs) ..", file=sys.stderr)
+        runs = llm.engine.warm_up()
+        print(
+            f"kiln: warm-up: {runs} forwards in {time.perf_counter() - t0:.1f} s", file=sys.stderr
+        )
+        app = create_app(
+            llm,
+            api_key=args.api_key,
+            model_name=args.alias or _name(args.model),
+            max_queue=args.max_queue,
+            chat_template=args.chat_template,
+            template_kwargs=kwargs,
+            overlap=args.overlap == "on",
+        )
+        print(f"kiln: serving {llm.path.name} on {url}/v1", file=sys.stderr)
+        return app
+
+    url = f"http://{args.host}:{args.port}"
+    app = LoadingApp(load, api_key=args.api_key, on_failure=lambda error: stop())
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", lifespan="on")
     )
-    print(f"kiln: serving {llm.path.name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+    def stop() -> None:
+        server.should_exit = True
+
+    print(
+        f"kiln: listening on {url} (/health says 'loading' until the model is ready)",
+        file=sys.stderr,
+    )
+    app.start()
+    server.run()
+    if app.error is not None:
+        raise app.error
     return 0
 
 

@@ -51,6 +51,17 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+def key_ok(authorization: str, api_key: str | None) -> bool:
+    """Whether an Authorization header value carries the API key ('Bearer KEY'; compared in
+    constant time); True when the server has no key."""
+    if api_key is None:
+        return True
+    scheme, _, token = authorization.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        token.strip().encode(), api_key.encode()
+    )
+
+
 def create_app(
     llm,
     *,
@@ -103,13 +114,7 @@ def create_app(
         return JSONResponse(body, status_code=500)
 
     def auth(request: Request) -> None:
-        if api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            token.strip().encode(), api_key.encode()
-        ):
+        if not key_ok(request.headers.get("authorization", ""), api_key):
             raise APIError(
                 401,
                 "invalid or missing API key: send the header 'Authorization: Bearer KEY'",

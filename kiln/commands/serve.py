@@ -46,6 +46,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         help="launch each decode step with the last step's ids still on the device, and read "
         "them while it runs (default on; off: every step waits for the last one's ids)",
     )  # fmt: skip
+    p.add_argument(
+        "--mix", choices=("on", "off"), default="off",
+        help="run an iteration's prompt chunks in the decode step's forward (on), or in a "
+        "forward of their own before it (off, the default)",
+    )  # fmt: skip
     add_chat_template_args(p)
 
 
@@ -80,6 +85,7 @@ def serve(args: argparse.Namespace) -> int:
             chat_template=args.chat_template,
             template_kwargs=kwargs,
             overlap=args.overlap == "on",
+            mix=args.mix == "on",
         )
         print(f"kiln: serving {llm.path.name} on {url}/v1", file=sys.stderr)
         return app

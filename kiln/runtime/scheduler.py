@@ -23,6 +23,10 @@ token ends it (EOS, a stop string) has had one step too many, thrown away: its s
 token past its history. Rows whose penalties read the history (repeat, presence, frequency) cannot
 select before the previous ids are known: while one runs, every step waits for them.
 
+Mix (off unless turned on): an iteration's prompt chunks run in the decode step's forward, after
+the decode rows, instead of in a forward of their own before it: one pass over the weights where
+there were two, at the price of an eager step (no CUDA graph) where a prompt is processed.
+
 Prefix reuse: finished requests leave their sequence in a small LRU with the ids it holds; a
 new request whose prompt shares a prefix with one forks it (copy-on-write blocks) and
 processes only the rest (a chat's next turn). The LRU is dropped, oldest first, when the pool
@@ -176,6 +180,7 @@ class Scheduler:
         prefix_cache: int | None = None,
         name: str = "kiln-scheduler",
         overlap: bool = True,
+        mix: bool = False,
     ):
         if max_queue < 1:
             raise UsageError(f"the queue size (--max-queue) must be >= 1, got {max_queue}")
@@ -187,7 +192,7 @@ class Scheduler:
         self._waiting: collections.deque[_Request] = collections.deque()
         self._running: list[_Request] = []
         self._unread: list[_Inflight] = []  # selections launched, their ids not read yet
-        self.overlap = overlap
+        self.overlap, self.mix = overlap, mix
         self._closed = False
         # read by other threads (metrics): plain ints, updated by the loop
         self.n_waiting = 0
@@ -311,8 +316,11 @@ class Scheduler:
     def _iteration(self) -> None:
         self._drop_cancelled()
         self._admit()
-        self._prefill()
-        self._decode()
+        chunks = self._chunks()
+        if chunks and not self.mix:
+            self._prefill(chunks)
+            chunks = []
+        self._decode(chunks)
 
     def _drop_cancelled(self) -> None:
         for r in [r for r in self._running if r.handle.cancelled]:
@@ -345,56 +353,72 @@ class Scheduler:
             r.result.stats.cached_tokens = cached
             self._running.append(r)
 
-    def _prefill(self) -> None:
-        budget = self.engine.ubatch
-        entries, owners = [], []
+    def _chunks(self) -> list[tuple[_Request, list[int]]]:
+        """This iteration's prompt chunks: (request, its next ids), at most one a request and
+        engine.ubatch ids in all, in admission order."""
+        budget, chunks = self.engine.ubatch, []
         for r in self._running:
             if r.done_prefill >= len(r.ids) or budget <= 0:
                 continue
             chunk = r.ids[r.done_prefill : r.done_prefill + budget]
             budget -= len(chunk)
-            entries.append((r.seq, chunk))
-            owners.append(r)
-        if not entries:
-            return
+            chunks.append((r, chunk))
+        return chunks
+
+    def _prefill(self, chunks: list[tuple[_Request, list[int]]]) -> None:
+        """The prompt chunks in a forward of their own; the first tokens of the prompts they
+        end are selected, to be read after the decode step's launch."""
         t0 = time.perf_counter()
         try:
-            logits = self.engine.step(entries, "last")
+            logits = self.engine.step([(r.seq, chunk) for r, chunk in chunks], "last")
         except Exception as e:
-            for r in owners:
+            for r, _ in chunks:
                 self._fail(r, e)
             return
-        seconds = time.perf_counter() - t0
-        ready, rows = [], []
-        for i, ((_, chunk), r) in enumerate(zip(entries, owners)):
+        ready = self._prefilled(chunks, time.perf_counter() - t0)
+        if ready:
+            step = self._launch([r for _, r in ready], logits[[i for i, _ in ready]])
+            if step is not None:
+                self._unread.append(step)
+
+    def _prefilled(self, chunks, seconds: float) -> list[tuple[int, _Request]]:
+        """Count the chunks as processed -> (chunk index, request) of the prompts now whole."""
+        ready = []
+        for i, (r, chunk) in enumerate(chunks):
             r.done_prefill += len(chunk)
             r.result.stats.prompt_seconds += seconds
             if r.done_prefill == len(r.ids):
-                ready.append(r)
-                rows.append(i)
-        if ready:
-            step = self._launch(ready, logits[rows])
-            if step is not None:
-                self._unread.append(step)  # the first tokens: read after the decode's launch
+                ready.append((i, r))
+        return ready
 
-    def _decode(self) -> None:
+    def _decode(self, chunks: list[tuple[_Request, list[int]]]) -> None:
+        """One forward of every running sequence's next token (with `mix`, beside the prompt
+        chunks), and the selection of their next tokens (and of the prompts the chunks end)."""
         unread, self._unread = self._unread, []
         for step in [s for s in unread if not self._chains(s)]:
             self._resolve(step)
             unread.remove(step)
         rows = [r for r in self._running if r.next_token is not None or self._continues(r)]
-        if rows:
+        if rows or chunks:
+            t0 = time.perf_counter()
             try:
-                tokens = self._tokens(rows, unread)
-                logits = self.engine.decode_batch(tokens, [r.seq for r in rows])
+                tokens = self._tokens(rows, unread) if rows else []
+                if chunks:
+                    logits = self._mixed(rows, tokens, chunks)
+                else:
+                    logits = self.engine.decode_batch(tokens, [r.seq for r in rows])
             except Exception as e:
                 for step in unread:
                     self._resolve(step)
-                for r in rows:
+                for r in rows + [r for r, _ in chunks]:
                     if r.seq is not None:
                         self._fail(r, e)
                 return
-            step = self._launch(rows, logits)
+            ready = self._prefilled(chunks, time.perf_counter() - t0)
+            if chunks:  # the decode rows', then those of the prompts the chunks end
+                index = list(range(len(rows))) + [len(rows) + i for i, _ in ready]
+                rows, logits = rows + [r for _, r in ready], logits[index]
+            step = self._launch(rows, logits) if rows else None
             if step is not None:
                 self._unread.append(step)
         for step in unread:
@@ -403,6 +427,18 @@ class Scheduler:
             for step in self._unread:
                 self._resolve(step)
             self._unread = []
+
+    def _mixed(self, rows: list[_Request], tokens, chunks) -> torch.Tensor:
+        """One forward of the decode rows' tokens (a host list, or ids on the device) followed
+        by the prompt chunks -> logits of each entry's last token, in that order."""
+        prompt_entries = [(r.seq, chunk) for r, chunk in chunks]
+        if not isinstance(tokens, torch.Tensor):
+            decode = [(r.seq, [t]) for r, t in zip(rows, tokens)]
+            return self.engine.step(decode + prompt_entries, "last")
+        entries = [(r.seq, [0]) for r in rows] + prompt_entries
+        prompts = [t for _, chunk in chunks for t in chunk]
+        ids = torch.cat([tokens.clamp(min=0), to_device(prompts, torch.int64, tokens.device)])
+        return self.engine.step(entries, "last", tokens=ids)
 
     def _chains(self, step: _Inflight) -> bool:
         """Whether the next step may be launched before `step`'s ids are read."""

@@ -72,13 +72,14 @@ def create_app(
     chat_template: str | None = None,
     template_kwargs: dict[str, Any] | None = None,
     overlap: bool = True,
+    mix: bool = False,
 ) -> FastAPI:
     """An app serving `llm` (a kiln.LLM, loaded): its engine is run by a Scheduler thread
     started here and stopped when the app shuts down (or by app.state.scheduler.close())."""
     if max_body < 1:
         raise UsageError(f"the body size limit must be >= 1 byte, got {max_body}")
     name = model_name or llm.path.stem
-    scheduler = Scheduler(llm.engine, llm.tokenizer, max_queue=max_queue, overlap=overlap)
+    scheduler = Scheduler(llm.engine, llm.tokenizer, max_queue=max_queue, overlap=overlap, mix=mix)
     metrics = Metrics(scheduler)
     created = int(time.time())
 

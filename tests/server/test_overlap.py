@@ -59,10 +59,13 @@ class PeriodEnds:
         return getattr(self._tokenizer, name)
 
 
-def _serve(llm, requests, overlap: bool, spy: list | None = None, tokenizer=None, ok=True):
+def _serve(
+    llm, requests, overlap: bool, spy: list | None = None, tokenizer=None, ok=True, mix=False
+):
     """Every request submitted while the loop is held, so that both runs batch the same way
     -> (the Collectors, the prefix cache's kept sequences: {its first token ids: its length})."""
-    s = Scheduler(llm.engine, tokenizer or llm.tokenizer, prefix_cache=8, overlap=overlap)
+    tokenizer = tokenizer or llm.tokenizer
+    s = Scheduler(llm.engine, tokenizer, prefix_cache=8, overlap=overlap, mix=mix)
     if spy is not None:
         decode = llm.engine.decode_batch
 
@@ -198,3 +201,29 @@ def test_a_row_with_broken_logits_fails_alone(stories_model, overlap):
     for i in (0, 2):
         assert out[i].error is None, out[i].error
         assert out[i].result.token_ids == llm.generate(prompts[i], params).token_ids
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_prompt_chunks_beside_decode_tokens_give_the_same_replies(stories_model, overlap):
+    """mix: an iteration's prompt chunks run in the decode step's forward (a long prompt in
+    chunks of ubatch while the others decode; rows joining after their prompt); every reply is
+    what separate forwards give."""
+    llm = _llm(stories_model, n_seq=3)
+    long = "The little dog ran to the park and saw a big red ball. " * 4
+    requests = _requests()[:4] + [(long, SamplingParams(temperature=0, max_tokens=12), None)]
+    step, mixed = llm.engine.step, []
+
+    def watched(entries, logits="last", tokens=None):
+        lengths = {len(ids) for _, ids in entries}
+        mixed.append(1 in lengths and len(lengths) > 1)
+        return step(entries, logits, tokens)
+
+    llm.engine.step = watched
+    try:
+        fast, _ = _serve(llm, requests, overlap, mix=True, tokenizer=PeriodEnds(llm.tokenizer))
+    finally:
+        del llm.engine.step
+    slow, _ = _serve(llm, requests, overlap=False, tokenizer=PeriodEnds(llm.tokenizer))
+    for a, b in zip(fast, slow):
+        _same(a.result, b.result)
+    assert any(mixed), "no forward held prompt chunks beside decode tokens"

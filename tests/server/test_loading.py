@@ -9,29 +9,19 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 
 import httpx
 import openai
-import uvicorn
 
 import kiln
 from kiln.server import create_app
 from kiln.server.loading import LoadingApp
+from tests.server.test_server import serve_in_thread
 
 
 class Running:
     def __init__(self, app):
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="error", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]})
-        self.thread.start()
-        deadline = time.time() + 20
-        while not self.server.started:
-            assert time.time() < deadline, "the server did not start"
-            time.sleep(0.02)
+        self.url, self.server, self.thread = serve_in_thread(app)
 
     def stop(self) -> None:
         self.server.should_exit = True

@@ -32,20 +32,26 @@ def _llm(path, n_seq=4, n_ctx=CTX):
     return kiln.LLM(path, backend="torch", n_ctx=n_ctx, ubatch=16, n_seq=n_seq, verbose=False)
 
 
+def serve_in_thread(app) -> tuple[str, uvicorn.Server, threading.Thread]:
+    """uvicorn serving `app` in a thread on a free loopback port, started -> (url, server,
+    thread): stop it with server.should_exit = True and thread.join()."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(uvicorn.Config(app, log_level="error", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]})
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started:
+        assert time.time() < deadline, "the server did not start"
+        time.sleep(0.02)
+    return url, server, thread
+
+
 class Server:
     def __init__(self, app):
         self.app = app
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        config = uvicorn.Config(app, log_level="error", lifespan="on")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]})
-        self.thread.start()
-        deadline = time.time() + 20
-        while not self.server.started:
-            assert time.time() < deadline, "the server did not start"
-            time.sleep(0.02)
+        self.url, self.server, self.thread = serve_in_thread(app)
         self.scheduler = app.state.scheduler
         self.pool = self.scheduler.engine.pool
 

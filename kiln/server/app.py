@@ -51,6 +51,22 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+def error_response(e: APIError) -> JSONResponse:
+    """The OpenAI-shaped JSON response of an APIError."""
+    body = error_body(e.message, e.type, e.param, e.code)
+    return JSONResponse(body, status_code=e.status, headers=e.headers)
+
+
+def key_error() -> APIError:
+    """The 401 of a request without the server's API key."""
+    return APIError(
+        401,
+        "invalid or missing API key: send the header 'Authorization: Bearer KEY'",
+        "authentication_error",
+        code="invalid_api_key",
+    )
+
+
 def key_ok(authorization: str, api_key: str | None) -> bool:
     """Whether an Authorization header value carries the API key ('Bearer KEY'; compared in
     constant time); True when the server has no key."""
@@ -94,8 +110,7 @@ def create_app(
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
         metrics.requests.labels(request.url.path, str(e.status)).inc()
-        body = error_body(e.message, e.type, e.param, e.code)
-        return JSONResponse(body, status_code=e.status, headers=e.headers)
+        return error_response(e)
 
     @app.exception_handler(404)
     async def _not_found(request: Request, e):
@@ -116,12 +131,7 @@ def create_app(
 
     def auth(request: Request) -> None:
         if not key_ok(request.headers.get("authorization", ""), api_key):
-            raise APIError(
-                401,
-                "invalid or missing API key: send the header 'Authorization: Bearer KEY'",
-                "authentication_error",
-                code="invalid_api_key",
-            )
+            raise key_error()
 
     async def read_body(request: Request, schema: type[BaseModel]):
         length = request.headers.get("content-length", "")

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from starlette.responses import JSONResponse
 
-from kiln.server.app import error_body, key_ok
+from kiln.server.app import APIError, error_response, key_error, key_ok
 
 
 class LoadingApp:
@@ -62,18 +62,13 @@ class LoadingApp:
             return JSONResponse({"status": "error", "message": _text(error)}, status_code=500)
         headers = dict(scope["headers"])
         if not key_ok(headers.get(b"authorization", b"").decode("latin-1"), self._api_key):
-            body = error_body(
-                "invalid or missing API key: send the header 'Authorization: Bearer KEY'",
-                "authentication_error",
-                code="invalid_api_key",
-            )
-            return JSONResponse(body, status_code=401)
+            return error_response(key_error())
         if error is None:
             message, code = "the model is loading: retry in a moment", "model_loading"
         else:
             message, code = f"the model failed to load: {_text(error)}", "model_load_failed"
-        body = error_body(message, "unavailable_error", code=code)
-        return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
+        retry = {"Retry-After": "1"}
+        return error_response(APIError(503, message, "unavailable_error", code=code, headers=retry))
 
     async def _lifespan(self, receive, send) -> None:
         while True:

@@ -199,10 +199,11 @@ def _k_loop(
 ):
     """acc + the tile's products over values k_base .. k_base + k_len of K: per BLOCK_K step the
     x tile (bf16, or fp32 when EXACT) and the weight tile dequantized in registers, multiplied
-    by _dot in SWAP_AB's order. AHEAD: each step's weight loads are issued one step early (the
-    weight goes to registers, which Triton's pipeliner does not stage: without it every step
-    waits for its loads), the last step fetching itself again. Shared by the dense GEMM and the
-    grouped one (triton/moe.py)."""
+    by _dot in SWAP_AB's order. AHEAD: each step's weight loads are issued one step early, into
+    registers, the last step fetching itself again. Without it Triton's pipeliner stages some of
+    them through shared memory (on sm_90 the Q4_K quants at 16 x 64 x 64, in 3 stages) and
+    leaves the others (scales) in their step. Shared by the dense GEMM and the grouped one
+    (triton/moe.py)."""
     # Triton 3.6's interpreter holds a scalar argument as a 1-element array, which numpy >= 2.4
     # refuses to turn into a Python int for range(); there the launcher passes k_len as a
     # constexpr. Compiled kernels keep it a runtime value, so one binary serves every K.

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
+import threading
 import time
 import uuid
 from typing import Any
@@ -45,6 +47,37 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.type = status, message, type
         self.param, self.code, self.headers = param, code, headers
+
+
+class EventBridge:
+    """Events from the scheduler thread into the event loop's request queues, with one wake-up
+    of the loop per burst: a decode step emits one event per running request, and a
+    call_soon_threadsafe for each would write to the loop's self-pipe (a system call and a GIL
+    hand-off) once per request and token instead of once per step."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue, Event]] = []
+
+    def put(self, queue: asyncio.Queue, event: Event) -> None:
+        """Any thread: queue.put_nowait(event) on the loop, soon."""
+        with self._lock:
+            self._pending.append((queue, event))
+            if len(self._pending) > 1:
+                return  # a drain is scheduled and has not run yet: it takes this one too
+        try:
+            self.loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # the loop is closed: nobody reads these queues any more
+            with self._lock:
+                self._pending.clear()
+            raise
+
+    def _drain(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for queue, event in pending:
+            queue.put_nowait(event)
 
 
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None):
@@ -179,15 +212,14 @@ def create_app(
         except KilnError as e:
             raise APIError(400, str(e), param=param) from None
 
+    bridges: dict[asyncio.AbstractEventLoop, EventBridge] = {}
+
     def start(ids, params, logprobs):
         loop = asyncio.get_running_loop()
+        bridge = bridges.get(loop) or bridges.setdefault(loop, EventBridge(loop))
         queue: asyncio.Queue[Event] = asyncio.Queue()
-
-        def on_event(event: Event) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, event)
-
         try:
-            handle = scheduler.submit(ids, params, on_event, logprobs)
+            handle = scheduler.submit(ids, params, functools.partial(bridge.put, queue), logprobs)
         except QueueFull as e:
             raise APIError(
                 429, str(e), "rate_limit_error", code="queue_full", headers={"Retry-After": "1"}
@@ -257,9 +289,12 @@ def create_app(
         a request still queued or held back sends nothing that would notice)."""
         while True:
             try:
-                event = await asyncio.wait_for(queue.get(), 0.1)
-            except asyncio.TimeoutError:
-                event = None
+                event = queue.get_nowait()  # under load the event is usually there already
+            except asyncio.QueueEmpty:
+                try:
+                    event = await asyncio.wait_for(queue.get(), 0.1)
+                except asyncio.TimeoutError:
+                    event = None
             if time.monotonic() - checked[0] > 0.1:
                 checked[0] = time.monotonic()
                 if await request.is_disconnected():

@@ -11,7 +11,9 @@ Methods (each where it reads the format and the row count):
 - matmul_q8: the int8 tensor-core GEMM over q8_1 x (kernels/matmul_q8.py), its default config;
 - exact: the GEMM with fp32 tiles (tf32x3), kernels/matmul.py EXACT_CONFIG, split-K auto;
 - gemm: the bf16 GEMM at its default (or tuned) config, split-K auto; gemm/1: without split-K;
-- dequant: the weight dequantized to bf16, then cuBLAS (kernels/matmul.py dequant_matmul).
+- dequant: the weight dequantized to bf16, then cuBLAS (kernels/matmul.py dequant_matmul);
+- quants: the GEMM in the quant domain (MatmulConfig.quants, block formats): QUANTS_CONFIG's
+  tile with the row tile fitted to M, split-K auto (the group sums of x included).
 --sweep instead times launch configs of the two exact kernels of batched decode (the float
 mat-vec's byte kernel is not swept): matvec_q8 over SWEEP_MATVEC and the exact GEMM over
 SWEEP_EXACT, at each M, and prints the fastest with the default's time.
@@ -45,7 +47,11 @@ SHAPES = (
     "Q4_K:6144x4096,Q4_K:4096x4096,Q4_K:24576x4096,Q6_K:4096x12288,"
     "Q8_0:4096x1024,Q8_0:1024x2048,Q8_0:6144x1024,Q8_0:1024x3072"
 )
-METHODS = ("matvec", "matvec_q8", "matmul_q8", "exact", "gemm", "gemm/1", "dequant")
+METHODS = ("matvec", "matvec_q8", "matmul_q8", "exact", "gemm", "gemm/1", "dequant", "quants")
+# The quant domain's tile here: 64 weight rows, a super-block a step, 4 warps, 3 stages (its
+# sm_90 compile: Q4_K 7.3 instructions a weight value and thread against 11.1 for the value
+# domain's 16 x 64 x 64; tests/kernels/test_matmul.py compiles it for every format).
+QUANTS_CONFIG = mm.MatmulConfig(16, 64, 256, 1, 4, 3, quants=True)
 
 
 def launches(qtype, n: int, k: int, m: int) -> tuple[int, dict[str, list]]:
@@ -69,6 +75,10 @@ def launches(qtype, n: int, k: int, m: int) -> tuple[int, dict[str, list]]:
     out["gemm"] = [lambda _, w=w: mm.matmul(x, w, cfg) for w in weights]
     out["gemm/1"] = [lambda _, w=w: mm.matmul(x, w, one) for w in weights]
     out["dequant"] = [lambda _, w=w: mm.dequant_matmul(x, w) for w in weights]
+    if quant.get_format(qtype.name).block_size > 1 and m > 1:
+        rows = min(128, max(16, 1 << (m - 1).bit_length()))  # the row tile: M's power of two
+        qd = dataclasses.replace(QUANTS_CONFIG, block_m=rows)
+        out["quants"] = [lambda _, w=w: mm.matmul(x, w, qd) for w in weights]
     return w.raw.numel(), out
 
 

@@ -14,7 +14,7 @@ graph replays over copies of the weight that overflow L2; see time_us), and reco
 kiln.kernels.config_name, read by kiln.kernels.matmul.tuned_configs), with the times that decided
 them: {"Q4_K": {"4096x4096": {"512": {"method": "triton", "block_m": 128, ..., "us": ...,
 "triton_us": ..., "dequant_us": ..., "default_us": ...}}}}. Needs a CUDA GPU; not run by CI.
-Every shape and bucket is 20 shapes x 10 buckets x up to 18 configs: restrict a run with
+Every shape and bucket is 20 shapes x 10 buckets x up to 38 configs: restrict a run with
 --formats, --shapes and --buckets (the table keeps what other runs measured).
 """
 
@@ -49,7 +49,7 @@ SHAPES = {
 }
 
 
-def candidates(bucket: int) -> list[mm.MatmulConfig]:
+def candidates(bucket: int, qtype: GGMLQuantizationType | None = None) -> list[mm.MatmulConfig]:
     """The Triton configs tried for an M bucket: the two largest row tiles that fit it (of 16..256),
     64..256 weight rows, both dot orders (x @ W^T from 64 rows, where wgmma takes it); 8 warps
     where the left operand has 128 rows (two warpgroups), else 4; GROUP_M 8, 3 stages (4 for tiles
@@ -57,7 +57,9 @@ def candidates(bucket: int) -> list[mm.MatmulConfig]:
     (256 x 256 tiles: 465-1248 spill stores in the loop), and BLOCK_K 128 spills from 128 on:
     BLOCK_K 128 only up to 64 accumulator registers. Up to 64 rows (decode-sized launches, where
     a step's work is too small to hide its weight loads) each also with the loads issued a step
-    ahead (MatmulConfig.ahead). At most 34 a bucket."""
+    ahead (MatmulConfig.ahead). For a block format (qtype) up to 256 rows also the quant domain
+    (MatmulConfig.quants: a step of 256 values, 64 or 128 weight rows, the two row tiles; at most
+    4 more). At most 38 a bucket."""
     top = min(256, max(16, bucket))
     out = []
     for bm in (top, top // 2) if top > 16 else (16,):
@@ -74,6 +76,10 @@ def candidates(bucket: int) -> list[mm.MatmulConfig]:
                         out.append(mm.MatmulConfig(bm, bn, bk, 8, warps, stages, swap_ab))
     if bucket <= 64:
         out += [dataclasses.replace(c, ahead=True) for c in out]
+    if qtype is not None and quant.get_format(qtype.name).block_size > 1 and bucket <= 256:
+        for bm in dict.fromkeys((min(top, 128), max(16, min(top, 128) // 2))):
+            for bn, warps in ((64, 4), (128, 8)):
+                out.append(mm.MatmulConfig(bm, bn, 256, 8, warps, 3, quants=True))
     return out
 
 
@@ -152,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                 gemm, dequant = shape_launches(qtype, n, k, bucket)
                 default = mm.default_config(qtype, n, k, bucket, tuned=False)
                 times = {default: time_us(gemm, default)}
-                for cfg in candidates(bucket):
+                for cfg in candidates(bucket, qtype):
                     if cfg in times:
                         continue
                     try:
@@ -165,9 +171,11 @@ def main(argv: list[str] | None = None) -> int:
                 dequant_us = time_us(dequant, None)
                 mm.release_buffers()
                 c = best
+                tags = ("" if c.swap_ab else "/xW") + ("/ahead" if c.ahead else "")
+                tags += "/quants" if c.quants else ""
                 print(f"| {fmt} | {shape} | {bucket} | {times[default]:.1f} | {times[best]:.1f} | "
-                      f"{c.block_m}/{c.block_n}/{c.block_k}/{c.num_warps}/{c.num_stages}"
-                      f"{'' if c.swap_ab else '/xW'} | {dequant_us:.1f} |", flush=True)  # fmt: skip
+                      f"{c.block_m}/{c.block_n}/{c.block_k}/{c.num_warps}/{c.num_stages}{tags}"
+                      f" | {dequant_us:.1f} |", flush=True)  # fmt: skip
                 e = entry(best, times[best], dequant_us, times[default])
                 merge(path, {fmt: {shape: {str(bucket): e}}})  # a run cut short keeps its data
                 del gemm, dequant

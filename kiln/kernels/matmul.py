@@ -9,7 +9,10 @@ the grid.
 Both round x and the weight to bf16 and accumulate in fp32: their reference is
 kiln.ops.reference.linear(x.float(), weight) within the bf16 bound of tests/kernels/tolerances.py
 (MATMUL). matmul(..., exact=True) keeps x and the weight tiles in fp32 (tf32x3 products): within
-a few fp32 ulps of the reference, for batched decode. Which of the two runs for a shape is data:
+a few fp32 ulps of the reference, for batched decode. A config with quants=True runs the kernel
+in the quant domain (the weight's integer quants on the tensor cores, its scales applied per
+group: triton/matmul.py): only x is rounded, so it is within tolerances.QUANTS_REL of the
+reference of the bf16 x. Which of the two runs for a shape is data:
 `method` reads the table that scripts/tune_matmul.py measured on this GPU
 (kernels/configs/matmul,device=<gpu>.json, named by kiln.kernels.config_name); without an entry,
 the Triton kernel. kiln/kernels/linear.py is the one dispatch by M (the mat-vec up to
@@ -51,6 +54,9 @@ class MatmulConfig:
     splits: int | None = None  # K ranges run by programs of their own; None: auto_splits
     # the weight tile's loads issued a step early, in registers (triton/matmul.py _k_loop)
     ahead: bool = False
+    # the quant domain (triton/matmul.py _k_loop_quants): the weight's integer quants on the
+    # tensor cores, its scales applied per group of values; block formats, swap_ab, not ahead
+    quants: bool = False
 
 
 # Programs a launch aims at with split-K (auto_splits): about 4 an SM of an H100.
@@ -211,6 +217,21 @@ def _tile_args(qtype: GGMLQuantizationType, k: int, block_k: int, k_split: int =
     }
 
 
+def _group_sums(
+    xb: torch.Tensor, qtype: GGMLQuantizationType, cfg: MatmulConfig
+) -> tuple[torch.Tensor, int]:
+    """The quant domain's (MatmulConfig.quants) per-group sums of the bf16 x rows, fp32
+    [M, K // group], and the group: 16 values for Q6_K (its scales' span), else 32."""
+    assert GGML_QUANT_SIZES[qtype][0] > 1, f"quants: {qtype.name} is not a block format"
+    assert cfg.swap_ab and not cfg.ahead, "quants: swap_ab, without ahead"
+    assert GGML_QUANT_SIZES[qtype][0] == 32 or cfg.block_k % 256 == 0, (
+        f"quants: a {qtype.name} step is whole super-blocks (block_k a multiple of 256)"
+    )
+    group = 16 if qtype == GGMLQuantizationType.Q6_K else 32
+    m, k = xb.shape
+    return xb.view(m, k // group, group).sum(dim=-1, dtype=torch.float32), group
+
+
 def matmul(
     x: torch.Tensor,
     weight: Weight,
@@ -231,6 +252,7 @@ def matmul(
     cfg = config or (EXACT_CONFIG if exact else default_config(weight.qtype, n, k, m, x.device))
     xb = x.float().contiguous() if exact else _bf16(x)
     w = _weight_view(weight)
+    xs, group = _group_sums(xb, weight.qtype, cfg) if cfg.quants else (xb, 32)
     # Split-K: each split's partial sums in fp32, added in split order by torch (deterministic:
     # no atomics). The splits are whole BLOCK_K steps; the last one may run past K (zeros).
     k_split = triton.cdiv(triton.cdiv(k, auto_splits(m, n, k, cfg)), cfg.block_k) * cfg.block_k
@@ -243,6 +265,7 @@ def matmul(
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), splits)
     _k._matmul_kernel[grid](
         xb,
+        xs,
         w,
         part,
         m,
@@ -261,6 +284,8 @@ def matmul(
         **_tile_args(weight.qtype, k, cfg.block_k, k_split),
         EXACT=exact,
         AHEAD=cfg.ahead,
+        QUANTS=cfg.quants,
+        GROUP_VALUES=group,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         **pdl_launch(pdl),

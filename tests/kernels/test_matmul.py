@@ -26,7 +26,7 @@ from kiln.weight import Weight
 from tests.kernels.sm90 import run_compile_check
 from tests.kernels.test_matvec import CAPTURE_PTX, _check, record_launches
 from tests.kernels.test_router import _PoisonedTorch
-from tests.kernels.tolerances import MATMUL
+from tests.kernels.tolerances import MATMUL, QUANTS_REL
 
 CUDA = torch.cuda.is_available()
 ROOT = Path(__file__).resolve().parents[2]
@@ -197,6 +197,60 @@ def test_loads_ahead_give_the_same_bits(case, mm) -> None:
     ahead = mm.matmul(x, w, dataclasses.replace(cfg, ahead=True))
     assert torch.equal(base, ahead), f"{fmt} M={m} N={n} K={k} {cfg}"
     check_matmul(ahead, x, w, f"ahead {fmt} M={m} N={n} K={k} {cfg}")
+
+
+# The quant domain (MatmulConfig.quants) for every block format: one row tile (M = 9), three
+# (M = 33), a ragged last step (legacy K = 3 blocks in steps of 64; K-quants 768 in 512), split-K
+# into 2 and 3 ranges; on a GPU also M = 16, 32, 64 on qwen3-8b's gate/up and down shapes.
+BLOCK_FORMATS = [f for f in FORMATS if _block(f) > 1]
+
+
+def _quants_cases() -> list[tuple]:
+    cases = []
+    for fmt in BLOCK_FORMATS:
+        kq = _block(fmt) == 256
+        step = 256 if kq else 64
+        cases += [
+            (fmt, 9, 33, 768 if kq else 96, (16, 64, step, 1, 4, 2)),
+            (fmt, 33, 97, 512, (16, 64, step, 2, 4, 2, True, 2)),
+            (fmt, 5, 64, 768 if kq else 96, (16, 32, 512 if kq else 64, 1, 4, 1, True, 3)),
+        ]
+        if CUDA:
+            for m in (16, 32, 64):
+                cases += [(fmt, m, 24576, 4096, (m, 64, 256, 1, 4, 3, True, 2))]
+                cases += [(fmt, m, 4096, 12288, (m, 64, 256, 1, 4, 3, True, 4))]
+    return cases
+
+
+@pytest.mark.parametrize(
+    "case", _quants_cases(), ids=lambda c: f"{c[0]}_M{c[1]}_N{c[2]}_K{c[3]}_{c[4][2]}"
+)
+def test_quant_domain_matches_reference(case, mm) -> None:
+    """The quant domain against the reference of the bf16-rounded x, in float64, within
+    tolerances.QUANTS_REL (its weight values are exact: far tighter than MATMUL's bound); the
+    standard bound too; two launches give the same bits."""
+    fmt, m, n, k, fields = case
+    cfg = mm.MatmulConfig(*fields, quants=True) if len(fields) > 6 else None
+    cfg = cfg or mm.MatmulConfig(*fields, swap_ab=True, quants=True)
+    gen = _gen(m + 3 * n + k)
+    w = _weight(fmt, n, k, gen)
+    x = torch.randn(m, k, generator=gen, device=DEVICE)
+    y = mm.matmul(x, w, cfg)
+    assert torch.equal(y, mm.matmul(x, w, cfg))
+    what = f"quants {fmt} M={m} N={n} K={k} {cfg}"
+    check_matmul(y, x, w, what)
+    xb, dense = x.to(torch.bfloat16).double(), w.dense().double()
+    bound = 1e-6 + QUANTS_REL * (xb.abs() @ dense.abs().T)
+    _check(y, (xb @ dense.T).float(), bound.float(), what)
+
+
+def test_quant_domain_refuses_what_it_cannot_run(mm) -> None:
+    gen = _gen(5)
+    x = torch.randn(16, 512, generator=gen, device=DEVICE)
+    for fmt, fields in (("F16", {}), ("Q4_K", {"block_k": 128}), ("Q8_0", {"swap_ab": False})):
+        cfg = dataclasses.replace(mm.MatmulConfig(16, 64, 256, 1, 4, 2, quants=True), **fields)
+        with pytest.raises(AssertionError, match="quants"):
+            mm.matmul(x, _weight(fmt, 64, 512, gen), cfg)
 
 
 # (format, M, N, K, MatmulConfig fields with splits): split-K's K ranges. Whole ranges (Q4_K:
@@ -423,6 +477,9 @@ def test_tune_script_writes_what_the_launcher_reads(tmp_path, monkeypatch, capsy
     if not CUDA:
         assert script.main([]) == 1 and "needs a CUDA GPU" in capsys.readouterr().err
     assert all(script.candidates(b) for b in mm.M_BUCKETS)
+    quants = [c for c in script.candidates(64, _T.Q4_K) if c.quants]
+    assert quants and all(c.block_k % 256 == 0 and c.swap_ab and not c.ahead for c in quants)
+    assert not any(c.quants for c in script.candidates(64, _T.F16) + script.candidates(512))
 
     name = "NVIDIA Test GPU"
     path = tmp_path / config_name("matmul", name)
@@ -443,7 +500,8 @@ def test_tune_script_writes_what_the_launcher_reads(tmp_path, monkeypatch, capsy
 
 
 # Every format through the GEMM at its default configs for M = 16, 512 and 2048 (16, 128 and 256
-# rows a program), the x @ W^T order at M = 512, and the dequantization kernel: for an H100
+# rows a program), the x @ W^T order at M = 512, the quant domain of every block format at M = 16
+# and 64, and the dequantization kernel: for an H100
 # (sm_90), with the tensor-core instructions of the PTX and the shared memory.
 _COMPILE = CAPTURE_PTX + textwrap.dedent(
     """
@@ -467,6 +525,9 @@ _COMPILE = CAPTURE_PTX + textwrap.dedent(
         runs += [(q, 16, None), (q, 512, None), (q, 2048, None), (q, 0, None)]
     for q in (T.Q4_0, T.Q4_K, T.Q6_K, T.F16):
         runs += [(q, 512, matmul.MatmulConfig(128, 128, 64, 8, 8, 3, swap_ab=False))]
+    for q in (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K):
+        for m in (16, 64):
+            runs += [(q, m, matmul.MatmulConfig(m, 64, 256, 1, 4, 3, splits=2, quants=True))]
     with compile_only() as done:
         capture_ptx()
         for q, m, cfg in runs:
@@ -476,7 +537,8 @@ _COMPILE = CAPTURE_PTX + textwrap.dedent(
             else:
                 matmul.matmul(torch.empty(m, 4096, dtype=torch.bfloat16), w, cfg)
             c = done[-1]
-            print(q.name, m, cfg is None, c.kernel, c.shared_bytes, mma())
+            kind = "default" if cfg is None else "quants" if cfg.quants else "xW"
+            print(q.name, m, kind, c.kernel, c.shared_bytes, mma())
     """
 )
 SMEM_LIMIT = 227 * 1024  # an H100's shared memory per block
@@ -484,9 +546,9 @@ SMEM_LIMIT = 227 * 1024  # an H100's shared memory per block
 
 def test_matmul_compiles_for_sm90() -> None:
     lines = [line.split() for line in run_compile_check(_COMPILE).splitlines()]
-    assert len(lines) == 4 * len(FORMATS) + 4, lines
-    for fmt, m, default, kernel, shared, mma in lines:
-        what = f"{fmt} M={m} {'default' if default == 'True' else 'x @ W^T'}"
+    assert len(lines) == 4 * len(FORMATS) + 4 + 2 * len(BLOCK_FORMATS), lines
+    for fmt, m, kind, kernel, shared, mma in lines:
+        what = f"{fmt} M={m} {kind}"
         assert int(shared) <= SMEM_LIMIT, f"{what}: {shared} B of shared memory"
         if m == "0":
             assert kernel == "_dequant_kernel" and mma == "none", (what, kernel, mma)

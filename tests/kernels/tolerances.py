@@ -183,6 +183,15 @@ MATMUL: dict[str, tuple[float, float, float, str]] = {
     fmt: (8 * _BF16_U, 2e-5, 1e-6, reason) for fmt, reason in _MATMUL_REASONS.items()
 }
 
+# The GEMM in the quant domain (MatmulConfig.quants): the weight's quants are exact in bf16 and
+# only x is rounded, so it is compared with the reference of the bf16-rounded x, in float64.
+# What is left is fp32 arithmetic: each group's dot of (128 + q) with x and the group sum of x,
+# whose offset cancels against coef * sum(x) (a 4-bit quant's 128 + q is 8-16x its value), and
+# the scaling. Bound: QUANTS_REL * (|x| @ |W|^T) + 1e-6; measured under the interpreter (M = 5..33,
+# K = 512..768) at most 6.4e-7 (Q4_0) relative, 1.4e-7 Q6_K, 2.6e-8 Q8_0. 2^-16 keeps a 24x margin
+# and stays below what rounding the weight to bf16 costs (about 2^-9 / sqrt(K) of |x| @ |W|).
+QUANTS_REL = 2.0**-16
+
 # Prompt flash attention (kiln/kernels/flash_attention.py), by cache dtype: (rtol, atol, reason).
 # An output of query t, head h passes when |y - r| <= atol + rtol * (1 + S) * sum_j w_j |v_j|
 # (tests/kernels/test_flash_attention.py), S = max_j scale * sum_d |q_d k_jd| over the keys t sees

@@ -173,3 +173,100 @@ def _dequant_k(blk, s, j, FMT: tl.constexpr):
     """blk: byte pointers [BLOCK_N, 1, 1] to super-block starts; s: [1, 8, 1] sub-block of 32;
     j: [1, 1, 32] -> fp32 [BLOCK_N, 8, 32] (value 32 * s + j)."""
     return _decode_k(_fetch_k(blk, s, j, FMT), s, j, FMT)
+
+
+# The quant domain (the GEMM's MatmulConfig.quants): a group of values (32; Q6_K: 16, its scale's
+# span) as integers exact in bf16 and two per-row factors, value = ds * Q - coef: the GEMM
+# multiplies Q on tensor cores and applies ds and coef to the group's partial sums (coef times
+# the group's sum of x), so no value is scaled or rounded one by one. The 4- to 6-bit quants
+# become Q = 128 + q by their bits (_magic_bf16: no int -> float convert); Q8_0's signed quants
+# are converted (|q| <= 128 is exact in bf16) and need no coef.
+
+
+@triton.jit
+def _magic_bf16(q):
+    """128 + q as bf16 for integers q in 0..127: 0x4300 is 128.0, whose 7 mantissa bits are q."""
+    return (q.to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _k4_scale_min(blk, s: tl.constexpr):
+    """Q4_K/Q5_K 6-bit (scale, min) of group s (a constant) of the super-blocks at blk, fp32."""
+    if s < 4:
+        sc = tl.load(blk + 4 + s) & 63
+        mn = tl.load(blk + 8 + s) & 63
+    else:
+        a = tl.load(blk + 4 + s)  # scales[s]
+        b = tl.load(blk + 8 + s)  # scales[s + 4]
+        sc = (b & 15) | ((tl.load(blk + s) >> 6) << 4)  # scales[s - 4] at byte 4 + s - 4
+        mn = (b >> 4) | ((a >> 6) << 4)
+    return sc.to(tl.float32), mn.to(tl.float32)
+
+
+@triton.jit
+def _quants_of_pair(blk, pair: tl.constexpr, d, dmin, qh, FMT: tl.constexpr):
+    """Q4_K/Q5_K groups 2 pair and 2 pair + 1 of the super-blocks at blk (byte pointers
+    [BLOCK_N, 1]; d, dmin: their f16 factors as fp32; qh: Q5_K's 32 high-bit bytes, else
+    unused), which share their 32 quant bytes (low and high nibbles), in the quant domain:
+    (Q, ds, coef) of the first, then of the second (see _quants_of_group)."""
+    j = tl.arange(0, 32)[None, :]
+    byte = tl.load(blk + (16 if FMT == Q4_K else 48) + 32 * pair + j)
+    lo = byte & 0x0F
+    hi = byte >> 4
+    if FMT == Q5_K:
+        lo = lo | (((qh >> (2 * pair)) & 1) << 4)
+        hi = hi | (((qh >> (2 * pair + 1)) & 1) << 4)
+    sc0, mn0 = _k4_scale_min(blk, 2 * pair)
+    sc1, mn1 = _k4_scale_min(blk, 2 * pair + 1)
+    ds0 = d * sc0
+    ds1 = d * sc1
+    return (
+        _magic_bf16(lo), ds0, 128.0 * ds0 + dmin * mn0,
+        _magic_bf16(hi), ds1, 128.0 * ds1 + dmin * mn1,
+    )  # fmt: skip
+
+
+@triton.jit
+def _quants_of_group(blk, s: tl.constexpr, FMT: tl.constexpr):
+    """One group of the rows in the quant domain -> (Q bf16, ds, coef fp32 [BLOCK_N, 1]) with
+    value (the reference's) = ds * Q - coef. blk: byte pointers [BLOCK_N, 1] to the group's
+    block (a K-quant's super-block); s: the group in the super-block (Q4_K/Q5_K: 0..7 of 32
+    values; Q6_K: 0..15 of 16; legacy formats: 0, the block itself; Q4_K and Q5_K go by pairs:
+    _quants_of_pair). Q is [BLOCK_N, 32]
+    (Q6_K: [BLOCK_N, 16]); a legacy format's [BLOCK_N, 2, 16] (values i and 16 + i share byte i)
+    reshaped."""
+    if FMT == Q6_K:
+        i = tl.arange(0, 16)[None, :]
+        jj = 16 * (s % 2) + i  # in the group of 32
+        qq = (s // 2) % 4
+        ql = tl.load(blk + 64 * (s // 8) + 32 * (qq % 2) + jj)
+        qh = tl.load(blk + 128 + 32 * (s // 8) + jj)
+        q = ((ql >> ((qq // 2) * 4)) & 0x0F) | (((qh >> (2 * qq)) & 3) << 4)
+        ds = _f16_at(blk + 208) * tl.load(blk + 192 + s).to(tl.int8, bitcast=True).to(tl.float32)
+        return _magic_bf16(q), ds, 160.0 * ds  # value = ds * (q - 32)
+    else:
+        blk3 = tl.expand_dims(blk, 2)  # [BLOCK_N, 1, 1]
+        h = tl.arange(0, 2)[None, :, None]  # [1, 2, 1]: the nibble
+        i = tl.arange(0, 16)[None, None, :]  # [1, 1, 16]: the byte
+        d = _f16_at(blk)
+        if FMT == Q8_0:
+            q8 = tl.load(blk3 + 2 + 16 * h + i).to(tl.int8, bitcast=True)
+            q = q8.to(tl.float32).to(tl.bfloat16)
+            coef = 0.0 * d
+        elif FMT == Q4_0:
+            q = _magic_bf16((tl.load(blk3 + 2 + i) >> (4 * h)) & 0x0F)
+            coef = 136.0 * d  # value = d * (q - 8)
+        elif FMT == Q4_1:
+            q = _magic_bf16((tl.load(blk3 + 4 + i) >> (4 * h)) & 0x0F)
+            coef = 128.0 * d - _f16_at(blk + 2)  # value = d * q + m
+        elif FMT == Q5_0:
+            j = 16 * h + i
+            hb = (tl.load(blk3 + 2 + j // 8) >> (j % 8)) & 1
+            q = _magic_bf16(((tl.load(blk3 + 6 + i) >> (4 * h)) & 0x0F) | (hb << 4))
+            coef = 144.0 * d  # value = d * (q - 16)
+        else:  # Q5_1
+            j = 16 * h + i
+            hb = (tl.load(blk3 + 4 + j // 8) >> (j % 8)) & 1
+            q = _magic_bf16(((tl.load(blk3 + 8 + i) >> (4 * h)) & 0x0F) | (hb << 4))
+            coef = 128.0 * d - _f16_at(blk + 2)
+        return tl.reshape(q, (blk.shape[0], 32)), d, coef

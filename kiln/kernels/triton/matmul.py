@@ -38,6 +38,20 @@ launcher adds them in split order (no atomics: the result does not depend on the
 Programs run in grouped order (GROUP_M row tiles per column sweep), so the weight
 tiles a group reads stay in L2 while its GROUP_M row tiles use them.
 
+The quant domain (QUANTS, MatmulConfig.quants; block formats, SWAP_AB): instead of dequantizing
+each value, a group of values (32; Q6_K 16, the span of its scales) enters the tensor cores as its
+integer quants, exact in bf16 (the 4- to 6-bit ones as 128 + q, made by OR-ing the bits into
+128.0: no convert), and the group's two per-row factors are applied to its [BLOCK_N, BLOCK_M]
+partial sums: value = ds * Q - coef, so acc += ds * (Q . x) - coef * sum(x), with the group sums
+of x computed by the launcher. No weight value is rounded to bf16 (only x is), and a value costs
+no scale FMA or convert: in the sm_90 SASS of the K loop at 16 x 64 x 256 (4 warps) Q4_K takes
+7.3 instructions a value and thread against 11.1 for the value domain's 16 x 64 x 64, Q5_K 9.4
+/ 15.1, Q4_0 7.9 / 9.4; Q8_0 8.2 / 8.0 and Q6_K 19.3 / 21.3 gain little (a convert each; a group
+of 16). The epilogue grows with BLOCK_M (2 FMAs an output and group), so it serves small M.
+Q4_K and Q5_K take their groups in pairs that share the quant bytes; a K-quant step is whole
+super-blocks, so each group's scale bytes are at constant offsets. Not timed on a GPU yet: the
+tuned table (scripts/tune_matmul.py tries it) decides where it runs.
+
 `_dequant_kernel` writes the same bf16 tiles to memory: the first half of dequant_matmul
 (kiln/kernels/matmul.py), whose second half is torch's bf16 matmul (cuBLAS).
 
@@ -49,7 +63,17 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kiln.kernels.triton.dequant import _decode_k, _decode_legacy, _fetch_k, _fetch_legacy
+from kiln.kernels.triton.dequant import (
+    Q4_K,
+    Q5_K,
+    _decode_k,
+    _decode_legacy,
+    _f16_at,
+    _fetch_k,
+    _fetch_legacy,
+    _quants_of_group,
+    _quants_of_pair,
+)
 from kiln.kernels.triton.pdl import wait_for_inputs
 
 
@@ -246,8 +270,98 @@ def _k_loop(
 
 
 @triton.jit
+def _group_acc(
+    acc,
+    q,
+    ds,
+    coef,
+    x_rows,
+    xs_rows,
+    g,
+    K,
+    GROUP_VALUES: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+):
+    """acc + group g's products: ds * (Q . x) - coef * sum(x) (_k_loop_quants); past K (EVEN_K
+    off) x and its sum are zeros."""
+    kx = g * GROUP_VALUES + tl.arange(0, GROUP_VALUES)[None, :]
+    if EVEN_K:
+        xg = tl.load(x_rows + kx)
+        xs = tl.load(xs_rows + g)
+    else:
+        xg = tl.load(x_rows + kx, mask=kx < K, other=0.0)
+        xs = tl.load(xs_rows + g, mask=g < K // GROUP_VALUES, other=0.0)
+    p = _dot(q, tl.trans(xg), tl.zeros_like(acc), False, INTERPRETED)
+    return acc + ds * p - coef * xs[None, :]
+
+
+@triton.jit
+def _k_loop_quants(
+    acc,  # [BLOCK_N, BLOCK_M] fp32 (out^T)
+    x_rows,  # [BLOCK_M, 1] pointers to the bf16 x rows of the tile
+    xs_rows,  # [BLOCK_M] pointers to the rows' group sums of x (fp32 [M, K // GROUP_VALUES])
+    w_rows,  # [BLOCK_N, 1] byte pointers to the weight rows of the tile
+    k_base,
+    k_len,
+    K,
+    K_INTERP: tl.constexpr,
+    FMT: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    TYPE_SIZE: tl.constexpr,
+    BLOCK_VALUES: tl.constexpr,
+    GROUP_VALUES: tl.constexpr,  # 32; Q6_K 16 (dequant.py _quants_of_group)
+    EVEN_K: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+):
+    """_k_loop in the quant domain (MatmulConfig.quants): per group of GROUP_VALUES values, the
+    weight's integer quants Q (exact in bf16) times the x group on tensor cores, then
+    acc += ds * (Q . x) - coef * sum(x) with the group's per-row ds and coef (value = ds * Q -
+    coef). No weight value is scaled or rounded to bf16: the products are exact, only x is
+    rounded (to bf16, as in _k_loop). A group past K (EVEN_K off) reads group 0 of the row
+    against zeros of x and a zero sum."""
+    # A K-quant step is whole super-blocks (the launcher asks BLOCK_K % 256 == 0): each
+    # group's place in its super-block is then a constant.
+    GROUPS_A_BLOCK: tl.constexpr = 1 if BLOCK_VALUES == 32 else 256 // GROUP_VALUES
+    for kk in range(0, K_INTERP if K_INTERP > 0 else k_len, BLOCK_K):
+        g0 = (k_base + kk) // GROUP_VALUES  # the step's first group of the row
+        if FMT == Q4_K or FMT == Q5_K:
+            for sb in tl.static_range(BLOCK_K // 256):  # the super-blocks of the step
+                b = g0 // 8 + sb
+                if not EVEN_K:
+                    b = tl.where(b < K // 256, b, 0)
+                blk = w_rows + b * TYPE_SIZE
+                d = _f16_at(blk)
+                dmin = _f16_at(blk + 2)
+                qh = blk  # unused by Q4_K
+                if FMT == Q5_K:
+                    qh = tl.load(blk + 16 + tl.arange(0, 32)[None, :])
+                for pair in tl.static_range(4):
+                    q0, ds0, c0, q1, ds1, c1 = _quants_of_pair(blk, pair, d, dmin, qh, FMT)
+                    g = g0 + 8 * sb + 2 * pair
+                    acc = _group_acc(
+                        acc, q0, ds0, c0, x_rows, xs_rows, g, K, 32, EVEN_K, INTERPRETED
+                    )
+                    acc = _group_acc(
+                        acc, q1, ds1, c1, x_rows, xs_rows, g + 1, K, 32, EVEN_K, INTERPRETED
+                    )
+        else:
+            for gi in tl.static_range(BLOCK_K // GROUP_VALUES):
+                g = g0 + gi
+                b = g // GROUPS_A_BLOCK  # the group's block (super-block)
+                if not EVEN_K:
+                    b = tl.where(g < K // GROUP_VALUES, b, 0)
+                q, ds, coef = _quants_of_group(w_rows + b * TYPE_SIZE, gi % GROUPS_A_BLOCK, FMT)
+                acc = _group_acc(
+                    acc, q, ds, coef, x_rows, xs_rows, g, K, GROUP_VALUES, EVEN_K, INTERPRETED
+                )
+    return acc
+
+
+@triton.jit
 def _matmul_kernel(
     x_ptr,  # bf16 (EXACT: f32) [M, K], row stride stride_xm, unit stride along K
+    xs_ptr,  # QUANTS: fp32 [M, K // GROUP_VALUES] group sums of x (bf16 values); else unused
     w_ptr,  # float formats: typed [N, K]; block formats: uint8 [N, row_bytes]
     out_ptr,  # f32 or bf16 [M, N], row stride stride_om, unit stride along N
     M,
@@ -272,6 +386,8 @@ def _matmul_kernel(
     EXACT: tl.constexpr = False,  # fp32 x and weight tiles, tf32x3 products (_dot)
     PDL: tl.constexpr = False,  # programmatic dependent launch (pdl.py)
     AHEAD: tl.constexpr = False,  # weight loads issued a step early (_k_loop)
+    QUANTS: tl.constexpr = False,  # the quant domain (_k_loop_quants; SWAP_AB, block formats)
+    GROUP_VALUES: tl.constexpr = 32,  # QUANTS: values a group (Q6_K 16)
 ):
     if PDL:
         wait_for_inputs()
@@ -296,10 +412,17 @@ def _matmul_kernel(
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     pid_k = tl.program_id(1)
-    acc = _k_loop(
-        acc, x_rows, w_rows, pid_k * k_split, k_split, K, K_INTERP, FMT, BLOCK_N, BLOCK_K,
-        TYPE_SIZE, BLOCK_VALUES, EVEN_K, INTERPRETED, EXACT, SWAP_AB, AHEAD,
-    )  # fmt: skip
+    if QUANTS:
+        xs_rows = xs_ptr + tl.minimum(rm, M - 1).to(tl.int64) * (K // GROUP_VALUES)
+        acc = _k_loop_quants(
+            acc, x_rows, xs_rows, w_rows, pid_k * k_split, k_split, K, K_INTERP, FMT, BLOCK_K,
+            TYPE_SIZE, BLOCK_VALUES, GROUP_VALUES, EVEN_K, INTERPRETED,
+        )  # fmt: skip
+    else:
+        acc = _k_loop(
+            acc, x_rows, w_rows, pid_k * k_split, k_split, K, K_INTERP, FMT, BLOCK_N, BLOCK_K,
+            TYPE_SIZE, BLOCK_VALUES, EVEN_K, INTERPRETED, EXACT, SWAP_AB, AHEAD,
+        )  # fmt: skip
     out_type = out_ptr.dtype.element_ty
     out_ptr += pid_k.to(tl.int64) * stride_os
     if SWAP_AB:

@@ -292,8 +292,9 @@ def create_app(
                 event = queue.get_nowait()  # under load the event is usually there already
             except asyncio.QueueEmpty:
                 try:
-                    event = await asyncio.wait_for(queue.get(), 0.1)
-                except asyncio.TimeoutError:
+                    async with asyncio.timeout(0.1):  # a timer, not wait_for's task a token
+                        event = await queue.get()
+                except TimeoutError:
                     event = None
             if time.monotonic() - checked[0] > 0.1:
                 checked[0] = time.monotonic()

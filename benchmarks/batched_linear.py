@@ -13,7 +13,8 @@ Methods (each where it reads the format and the row count):
 - gemm: the bf16 GEMM at its default (or tuned) config, split-K auto; gemm/1: without split-K;
 - dequant: the weight dequantized to bf16, then cuBLAS (kernels/matmul.py dequant_matmul);
 - quants: the GEMM in the quant domain (MatmulConfig.quants, block formats): QUANTS_CONFIG's
-  tile with the row tile fitted to M, split-K auto (the group sums of x included).
+  tile with the row tile fitted to M, split-K auto (the group sums of x included);
+- exact/quants: the same with exact=True (x as three bf16 parts: the exact GEMM's contract).
 --sweep instead times launch configs of the two exact kernels of batched decode (the float
 mat-vec's byte kernel is not swept): matvec_q8 over SWEEP_MATVEC and the exact GEMM over
 SWEEP_EXACT, at each M, and prints the fastest with the default's time.
@@ -47,10 +48,14 @@ SHAPES = (
     "Q4_K:6144x4096,Q4_K:4096x4096,Q4_K:24576x4096,Q6_K:4096x12288,"
     "Q8_0:4096x1024,Q8_0:1024x2048,Q8_0:6144x1024,Q8_0:1024x3072"
 )
-METHODS = ("matvec", "matvec_q8", "matmul_q8", "exact", "gemm", "gemm/1", "dequant", "quants")
+METHODS = (
+    "matvec", "matvec_q8", "matmul_q8", "exact", "gemm", "gemm/1", "dequant", "quants",
+    "exact/quants",
+)  # fmt: skip
 # The quant domain's tile here: 64 weight rows, a super-block a step, 4 warps, 3 stages (its
 # sm_90 compile: Q4_K 7.3 instructions a weight value and thread against 11.1 for the value
-# domain's 16 x 64 x 64; tests/kernels/test_matmul.py compiles it for every format).
+# domain's 16 x 64 x 64; exact 9.1 against EXACT_CONFIG's 18.3; tests/kernels/test_matmul.py
+# compiles it for every format).
 QUANTS_CONFIG = mm.MatmulConfig(16, 64, 256, 1, 4, 3, quants=True)
 
 
@@ -79,6 +84,7 @@ def launches(qtype, n: int, k: int, m: int) -> tuple[int, dict[str, list]]:
         rows = min(128, max(16, 1 << (m - 1).bit_length()))  # the row tile: M's power of two
         qd = dataclasses.replace(QUANTS_CONFIG, block_m=rows)
         out["quants"] = [lambda _, w=w: mm.matmul(x, w, qd) for w in weights]
+        out["exact/quants"] = [lambda _, w=w: mm.matmul(x, w, qd, exact=True) for w in weights]
     return w.raw.numel(), out
 
 

@@ -12,7 +12,8 @@ kiln.ops.reference.linear(x.float(), weight) within the bf16 bound of tests/kern
 a few fp32 ulps of the reference, for batched decode. A config with quants=True runs the kernel
 in the quant domain (the weight's integer quants on the tensor cores, its scales applied per
 group: triton/matmul.py): only x is rounded, so it is within tolerances.QUANTS_REL of the
-reference of the bf16 x. Which of the two runs for a shape is data:
+reference of the bf16 x; with exact=True x enters as three bf16 parts and is not rounded either
+(within the exact GEMM's bound). Which of the two runs for a shape is data:
 `method` reads the table that scripts/tune_matmul.py measured on this GPU
 (kernels/configs/matmul,device=<gpu>.json, named by kiln.kernels.config_name); without an entry,
 the Triton kernel. kiln/kernels/linear.py is the one dispatch by M (the mat-vec up to
@@ -217,19 +218,28 @@ def _tile_args(qtype: GGMLQuantizationType, k: int, block_k: int, k_split: int =
     }
 
 
-def _group_sums(
-    xb: torch.Tensor, qtype: GGMLQuantizationType, cfg: MatmulConfig
-) -> tuple[torch.Tensor, int]:
-    """The quant domain's (MatmulConfig.quants) per-group sums of the bf16 x rows, fp32
-    [M, K // group], and the group: 16 values for Q6_K (its scales' span), else 32."""
+def _quants_x(
+    x: torch.Tensor, qtype: GGMLQuantizationType, cfg: MatmulConfig, exact: bool
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The quant domain's (MatmulConfig.quants) x: (x in bf16 [M, K], or exact: fp32 x as the
+    three bf16 parts that add up to it [3, M, K]; the per-group sums of x's values, fp32
+    [M, K // group]; the group: 16 values for Q6_K, its scales' span, else 32)."""
     assert GGML_QUANT_SIZES[qtype][0] > 1, f"quants: {qtype.name} is not a block format"
     assert cfg.swap_ab and not cfg.ahead, "quants: swap_ab, without ahead"
     assert GGML_QUANT_SIZES[qtype][0] == 32 or cfg.block_k % 256 == 0, (
         f"quants: a {qtype.name} step is whole super-blocks (block_k a multiple of 256)"
     )
     group = 16 if qtype == GGMLQuantizationType.Q6_K else 32
-    m, k = xb.shape
-    return xb.view(m, k // group, group).sum(dim=-1, dtype=torch.float32), group
+    m, k = x.shape
+    if exact:  # hi + mid + lo == x: 3 x 8 significant bits hold fp32's 24
+        x32 = x.float()
+        hi = x32.to(torch.bfloat16)
+        rest = x32 - hi.float()
+        mid = rest.to(torch.bfloat16)
+        xb = torch.stack([hi, mid, (rest - mid.float()).to(torch.bfloat16)])
+        return xb, x32.view(m, k // group, group).sum(dim=-1), group
+    xb = _bf16(x)
+    return xb, xb.view(m, k // group, group).sum(dim=-1, dtype=torch.float32), group
 
 
 def matmul(
@@ -250,9 +260,12 @@ def matmul(
     if k == 0:
         return out.zero_()
     cfg = config or (EXACT_CONFIG if exact else default_config(weight.qtype, n, k, m, x.device))
-    xb = x.float().contiguous() if exact else _bf16(x)
     w = _weight_view(weight)
-    xs, group = _group_sums(xb, weight.qtype, cfg) if cfg.quants else (xb, 32)
+    if cfg.quants:
+        xb, xs, group = _quants_x(x, weight.qtype, cfg, exact)
+    else:
+        xb = x.float().contiguous() if exact else _bf16(x)
+        xs, group = xb, 32
     # Split-K: each split's partial sums in fp32, added in split order by torch (deterministic:
     # no atomics). The splits are whole BLOCK_K steps; the last one may run past K (zeros).
     k_split = triton.cdiv(triton.cdiv(k, auto_splits(m, n, k, cfg)), cfg.block_k) * cfg.block_k
@@ -271,7 +284,7 @@ def matmul(
         m,
         n,
         k,
-        xb.stride(0),
+        xb.stride(-2),  # a row (exact quants: of each part)
         w.stride(0),
         n if splits > 1 else out.stride(0),
         k_split,

@@ -244,6 +244,26 @@ def test_quant_domain_matches_reference(case, mm) -> None:
     _check(y, (xb @ dense.T).float(), bound.float(), what)
 
 
+@pytest.mark.parametrize(
+    "case", _quants_cases(), ids=lambda c: f"{c[0]}_M{c[1]}_N{c[2]}_K{c[3]}_{c[4][2]}"
+)
+def test_exact_quant_domain_matches_reference(case, mm) -> None:
+    """exact=True in the quant domain (x as three bf16 parts): within the exact GEMM's bound of
+    the float32 reference (test_split_k's), x not rounded."""
+    fmt, m, n, k, fields = case
+    if len(fields) > 6:
+        cfg = mm.MatmulConfig(*fields, quants=True)
+    else:
+        cfg = mm.MatmulConfig(*fields, swap_ab=True, quants=True)
+    gen = _gen(m + 5 * n + k)
+    w = _weight(fmt, n, k, gen)
+    x = torch.randn(m, k, generator=gen, device=DEVICE)
+    y = mm.matmul(x, w, cfg, exact=True)
+    xf, dense = x.double(), w.dense().double()
+    bound = 1e-6 + 4e-6 * (xf.abs() @ dense.abs().T)
+    _check(y, (xf @ dense.T).float(), bound.float(), f"exact quants {fmt} M={m} N={n} K={k} {cfg}")
+
+
 def test_quant_domain_refuses_what_it_cannot_run(mm) -> None:
     gen = _gen(5)
     x = torch.randn(16, 512, generator=gen, device=DEVICE)
@@ -501,7 +521,7 @@ def test_tune_script_writes_what_the_launcher_reads(tmp_path, monkeypatch, capsy
 
 # Every format through the GEMM at its default configs for M = 16, 512 and 2048 (16, 128 and 256
 # rows a program), the x @ W^T order at M = 512, the quant domain of every block format at M = 16
-# and 64, and the dequantization kernel: for an H100
+# and 64 (and exact at M = 8 for three), and the dequantization kernel: for an H100
 # (sm_90), with the tensor-core instructions of the PTX and the shared memory.
 _COMPILE = CAPTURE_PTX + textwrap.dedent(
     """
@@ -528,6 +548,8 @@ _COMPILE = CAPTURE_PTX + textwrap.dedent(
     for q in (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K):
         for m in (16, 64):
             runs += [(q, m, matmul.MatmulConfig(m, 64, 256, 1, 4, 3, splits=2, quants=True))]
+    for q in (T.Q8_0, T.Q4_K, T.Q6_K):  # exact: x in three bf16 parts
+        runs += [(q, -8, matmul.MatmulConfig(16, 64, 256, 1, 4, 3, splits=2, quants=True))]
     with compile_only() as done:
         capture_ptx()
         for q, m, cfg in runs:
@@ -535,9 +557,11 @@ _COMPILE = CAPTURE_PTX + textwrap.dedent(
             if m == 0:
                 matmul.dequantize(w)
             else:
-                matmul.matmul(torch.empty(m, 4096, dtype=torch.bfloat16), w, cfg)
+                x = torch.empty(abs(m), 4096, dtype=torch.bfloat16)
+                matmul.matmul(x, w, cfg, exact=m < 0)
             c = done[-1]
             kind = "default" if cfg is None else "quants" if cfg.quants else "xW"
+            kind += "-exact" if m < 0 else ""
             print(q.name, m, kind, c.kernel, c.shared_bytes, mma())
     """
 )
@@ -546,7 +570,7 @@ SMEM_LIMIT = 227 * 1024  # an H100's shared memory per block
 
 def test_matmul_compiles_for_sm90() -> None:
     lines = [line.split() for line in run_compile_check(_COMPILE).splitlines()]
-    assert len(lines) == 4 * len(FORMATS) + 4 + 2 * len(BLOCK_FORMATS), lines
+    assert len(lines) == 4 * len(FORMATS) + 4 + 2 * len(BLOCK_FORMATS) + 3, lines
     for fmt, m, kind, kernel, shared, mma in lines:
         what = f"{fmt} M={m} {kind}"
         assert int(shared) <= SMEM_LIMIT, f"{what}: {shared} B of shared memory"

@@ -49,8 +49,11 @@ no scale FMA or convert: in the sm_90 SASS of the K loop at 16 x 64 x 256 (4 war
 / 15.1, Q4_0 7.9 / 9.4; Q8_0 8.2 / 8.0 and Q6_K 19.3 / 21.3 gain little (a convert each; a group
 of 16). The epilogue grows with BLOCK_M (2 FMAs an output and group), so it serves small M.
 Q4_K and Q5_K take their groups in pairs that share the quant bytes; a K-quant step is whole
-super-blocks, so each group's scale bytes are at constant offsets. Not timed on a GPU yet: the
-tuned table (scripts/tune_matmul.py tries it) decides where it runs.
+super-blocks, so each group's scale bytes are at constant offsets. With EXACT, x comes as three
+bf16 parts whose sum is the fp32 x (3 x 8 significant bits), each multiplied by the exact Q:
+nothing is rounded but the fp32 sums, for batched decode (Q4_K 9.1 instructions a value against
+the tf32x3 tiles' 18.3 at EXACT_CONFIG). Not timed on a GPU yet: the tuned table
+(scripts/tune_matmul.py tries it) decides where it runs.
 
 `_dequant_kernel` writes the same bf16 tiles to memory: the first half of dequant_matmul
 (kiln/kernels/matmul.py), whose second half is torch's bf16 matmul (cuBLAS).
@@ -279,20 +282,27 @@ def _group_acc(
     xs_rows,
     g,
     K,
+    x_part,  # EXACT: elements between the bf16 parts of x (hi, mid, lo)
     GROUP_VALUES: tl.constexpr,
     EVEN_K: tl.constexpr,
     INTERPRETED: tl.constexpr,
+    EXACT: tl.constexpr,
 ):
     """acc + group g's products: ds * (Q . x) - coef * sum(x) (_k_loop_quants); past K (EVEN_K
-    off) x and its sum are zeros."""
+    off) x and its sum are zeros. EXACT: x is fp32 as three bf16 parts whose sum it is, each
+    multiplied on the tensor cores (the products of exact Q are exact), so x is not rounded."""
     kx = g * GROUP_VALUES + tl.arange(0, GROUP_VALUES)[None, :]
     if EVEN_K:
-        xg = tl.load(x_rows + kx)
         xs = tl.load(xs_rows + g)
     else:
-        xg = tl.load(x_rows + kx, mask=kx < K, other=0.0)
         xs = tl.load(xs_rows + g, mask=g < K // GROUP_VALUES, other=0.0)
-    p = _dot(q, tl.trans(xg), tl.zeros_like(acc), False, INTERPRETED)
+    p = tl.zeros_like(acc)
+    for part in tl.static_range(3 if EXACT else 1):
+        if EVEN_K:
+            xg = tl.load(x_rows + part * x_part + kx)
+        else:
+            xg = tl.load(x_rows + part * x_part + kx, mask=kx < K, other=0.0)
+        p = _dot(q, tl.trans(xg), p, False, INTERPRETED)
     return acc + ds * p - coef * xs[None, :]
 
 
@@ -305,6 +315,7 @@ def _k_loop_quants(
     k_base,
     k_len,
     K,
+    x_part,  # EXACT: elements between x's bf16 parts
     K_INTERP: tl.constexpr,
     FMT: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -313,13 +324,14 @@ def _k_loop_quants(
     GROUP_VALUES: tl.constexpr,  # 32; Q6_K 16 (dequant.py _quants_of_group)
     EVEN_K: tl.constexpr,
     INTERPRETED: tl.constexpr,
+    EXACT: tl.constexpr,  # x as three bf16 parts (hi, mid, lo): not rounded
 ):
     """_k_loop in the quant domain (MatmulConfig.quants): per group of GROUP_VALUES values, the
     weight's integer quants Q (exact in bf16) times the x group on tensor cores, then
     acc += ds * (Q . x) - coef * sum(x) with the group's per-row ds and coef (value = ds * Q -
     coef). No weight value is scaled or rounded to bf16: the products are exact, only x is
-    rounded (to bf16, as in _k_loop). A group past K (EVEN_K off) reads group 0 of the row
-    against zeros of x and a zero sum."""
+    rounded (to bf16, as in _k_loop; EXACT: not at all, see _group_acc). A group past K (EVEN_K
+    off) reads group 0 of the row against zeros of x and a zero sum."""
     # A K-quant step is whole super-blocks (the launcher asks BLOCK_K % 256 == 0): each
     # group's place in its super-block is then a constant.
     GROUPS_A_BLOCK: tl.constexpr = 1 if BLOCK_VALUES == 32 else 256 // GROUP_VALUES
@@ -340,11 +352,13 @@ def _k_loop_quants(
                     q0, ds0, c0, q1, ds1, c1 = _quants_of_pair(blk, pair, d, dmin, qh, FMT)
                     g = g0 + 8 * sb + 2 * pair
                     acc = _group_acc(
-                        acc, q0, ds0, c0, x_rows, xs_rows, g, K, 32, EVEN_K, INTERPRETED
-                    )
+                        acc, q0, ds0, c0, x_rows, xs_rows, g, K, x_part, 32, EVEN_K,
+                        INTERPRETED, EXACT,
+                    )  # fmt: skip
                     acc = _group_acc(
-                        acc, q1, ds1, c1, x_rows, xs_rows, g + 1, K, 32, EVEN_K, INTERPRETED
-                    )
+                        acc, q1, ds1, c1, x_rows, xs_rows, g + 1, K, x_part, 32, EVEN_K,
+                        INTERPRETED, EXACT,
+                    )  # fmt: skip
         else:
             for gi in tl.static_range(BLOCK_K // GROUP_VALUES):
                 g = g0 + gi
@@ -353,14 +367,15 @@ def _k_loop_quants(
                     b = tl.where(g < K // GROUP_VALUES, b, 0)
                 q, ds, coef = _quants_of_group(w_rows + b * TYPE_SIZE, gi % GROUPS_A_BLOCK, FMT)
                 acc = _group_acc(
-                    acc, q, ds, coef, x_rows, xs_rows, g, K, GROUP_VALUES, EVEN_K, INTERPRETED
-                )
+                    acc, q, ds, coef, x_rows, xs_rows, g, K, x_part, GROUP_VALUES, EVEN_K,
+                    INTERPRETED, EXACT,
+                )  # fmt: skip
     return acc
 
 
 @triton.jit
 def _matmul_kernel(
-    x_ptr,  # bf16 (EXACT: f32) [M, K], row stride stride_xm, unit stride along K
+    x_ptr,  # bf16 (EXACT: f32; EXACT and QUANTS: bf16 [3, M, K]) [M, K], row stride stride_xm
     xs_ptr,  # QUANTS: fp32 [M, K // GROUP_VALUES] group sums of x (bf16 values); else unused
     w_ptr,  # float formats: typed [N, K]; block formats: uint8 [N, row_bytes]
     out_ptr,  # f32 or bf16 [M, N], row stride stride_om, unit stride along N
@@ -415,8 +430,8 @@ def _matmul_kernel(
     if QUANTS:
         xs_rows = xs_ptr + tl.minimum(rm, M - 1).to(tl.int64) * (K // GROUP_VALUES)
         acc = _k_loop_quants(
-            acc, x_rows, xs_rows, w_rows, pid_k * k_split, k_split, K, K_INTERP, FMT, BLOCK_K,
-            TYPE_SIZE, BLOCK_VALUES, GROUP_VALUES, EVEN_K, INTERPRETED,
+            acc, x_rows, xs_rows, w_rows, pid_k * k_split, k_split, K, M * stride_xm, K_INTERP,
+            FMT, BLOCK_K, TYPE_SIZE, BLOCK_VALUES, GROUP_VALUES, EVEN_K, INTERPRETED, EXACT,
         )  # fmt: skip
     else:
         acc = _k_loop(

@@ -227,12 +227,36 @@ def _quants_of_pair(blk, pair: tl.constexpr, d, dmin, qh, FMT: tl.constexpr):
 
 
 @triton.jit
+def _q6k_quad(blk, h: tl.constexpr, half: tl.constexpr, d):
+    """Q6_K's four 16-value groups 2 (4 h + qq) + half, qq = 0..3, of the super-blocks at blk
+    (byte pointers [BLOCK_N, 1]; d: their f16 factor as fp32), which share their low-bit and
+    high-bit bytes, in the quant domain: (Q, ds, coef) of each in qq order."""
+    i = 16 * half + tl.arange(0, 16)[None, :]
+    ql_a = tl.load(blk + 64 * h + i)  # qq 0 (low nibbles) and 2 (high)
+    ql_b = tl.load(blk + 64 * h + 32 + i)  # qq 1 and 3
+    qh = tl.load(blk + 128 + 32 * h + i)  # 2 bits of each qq
+    q0 = (ql_a & 0x0F) | ((qh & 3) << 4)
+    q1 = (ql_b & 0x0F) | (((qh >> 2) & 3) << 4)
+    q2 = (ql_a >> 4) | (((qh >> 4) & 3) << 4)
+    q3 = (ql_b >> 4) | ((qh >> 6) << 4)
+    t = 8 * h + half  # the scale of qq is at 192 + t + 2 qq
+    ds0 = d * tl.load(blk + 192 + t).to(tl.int8, bitcast=True).to(tl.float32)
+    ds1 = d * tl.load(blk + 194 + t).to(tl.int8, bitcast=True).to(tl.float32)
+    ds2 = d * tl.load(blk + 196 + t).to(tl.int8, bitcast=True).to(tl.float32)
+    ds3 = d * tl.load(blk + 198 + t).to(tl.int8, bitcast=True).to(tl.float32)
+    return (
+        _magic_bf16(q0), ds0, 160.0 * ds0, _magic_bf16(q1), ds1, 160.0 * ds1,
+        _magic_bf16(q2), ds2, 160.0 * ds2, _magic_bf16(q3), ds3, 160.0 * ds3,
+    )  # fmt: skip
+
+
+@triton.jit
 def _quants_of_group(blk, s: tl.constexpr, FMT: tl.constexpr):
     """One group of the rows in the quant domain -> (Q bf16, ds, coef fp32 [BLOCK_N, 1]) with
     value (the reference's) = ds * Q - coef. blk: byte pointers [BLOCK_N, 1] to the group's
     block (a K-quant's super-block); s: the group in the super-block (Q4_K/Q5_K: 0..7 of 32
-    values; Q6_K: 0..15 of 16; legacy formats: 0, the block itself; Q4_K and Q5_K go by pairs:
-    _quants_of_pair). Q is [BLOCK_N, 32]
+    values; Q6_K: 0..15 of 16; legacy formats: 0, the block itself; the GEMM takes Q4_K and Q5_K
+    by pairs, _quants_of_pair, and Q6_K by fours, _q6k_quad). Q is [BLOCK_N, 32]
     (Q6_K: [BLOCK_N, 16]); a legacy format's [BLOCK_N, 2, 16] (values i and 16 + i share byte i)
     reshaped."""
     if FMT == Q6_K:

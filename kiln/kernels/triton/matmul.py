@@ -46,13 +46,14 @@ partial sums: value = ds * Q - coef, so acc += ds * (Q . x) - coef * sum(x), wit
 of x computed by the launcher. No weight value is rounded to bf16 (only x is), and a value costs
 no scale FMA or convert: in the sm_90 SASS of the K loop at 16 x 64 x 256 (4 warps) Q4_K takes
 7.3 instructions a value and thread against 11.1 for the value domain's 16 x 64 x 64, Q5_K 9.4
-/ 15.1, Q4_0 7.9 / 9.4; Q8_0 8.2 / 8.0 and Q6_K 19.3 / 21.3 gain little (a convert each; a group
-of 16). The epilogue grows with BLOCK_M (2 FMAs an output and group), so it serves small M.
-Q4_K and Q5_K take their groups in pairs that share the quant bytes; a K-quant step is whole
-super-blocks, so each group's scale bytes are at constant offsets. With EXACT, x comes as three
+/ 15.1, Q6_K 12.2 / 21.3, Q4_0 7.9 / 9.4; Q8_0 8.2 / 8.0 gains nothing (a convert a value). The
+epilogue grows with BLOCK_M (2 FMAs an output and group; Q6_K's groups are 16 values), so it
+serves small M. Q4_K and Q5_K take their groups in pairs that share the quant bytes, Q6_K in
+fours that share theirs; a K-quant step is whole super-blocks, so each group's scale bytes are
+at constant offsets. With EXACT, x comes as three
 bf16 parts whose sum is the fp32 x (3 x 8 significant bits), each multiplied by the exact Q:
 nothing is rounded but the fp32 sums, for batched decode (Q4_K 9.1 instructions a value against
-the tf32x3 tiles' 18.3 at EXACT_CONFIG). Not timed on a GPU yet: the tuned table
+the tf32x3 tiles' 18.3 at EXACT_CONFIG; Q6_K 14.6 / 25.2). Not timed on a GPU yet: the tuned table
 (scripts/tune_matmul.py tries it) decides where it runs.
 
 `_dequant_kernel` writes the same bf16 tiles to memory: the first half of dequant_matmul
@@ -69,11 +70,13 @@ import triton.language as tl
 from kiln.kernels.triton.dequant import (
     Q4_K,
     Q5_K,
+    Q6_K,
     _decode_k,
     _decode_legacy,
     _f16_at,
     _fetch_k,
     _fetch_legacy,
+    _q6k_quad,
     _quants_of_group,
     _quants_of_pair,
 )
@@ -359,6 +362,21 @@ def _k_loop_quants(
                         acc, q1, ds1, c1, x_rows, xs_rows, g + 1, K, x_part, 32, EVEN_K,
                         INTERPRETED, EXACT,
                     )  # fmt: skip
+        elif FMT == Q6_K:
+            for sb in tl.static_range(BLOCK_K // 256):  # the super-blocks of the step
+                b = g0 // 16 + sb
+                if not EVEN_K:
+                    b = tl.where(b < K // 256, b, 0)
+                blk = w_rows + b * TYPE_SIZE
+                d = _f16_at(blk + 208)
+                for hh in tl.static_range(4):  # (h, half): four groups sharing their bytes
+                    quad = _q6k_quad(blk, hh // 2, hh % 2, d)
+                    for qq in tl.static_range(4):
+                        g = g0 + 16 * sb + 2 * (4 * (hh // 2) + qq) + hh % 2
+                        acc = _group_acc(
+                            acc, quad[3 * qq], quad[3 * qq + 1], quad[3 * qq + 2], x_rows,
+                            xs_rows, g, K, x_part, 16, EVEN_K, INTERPRETED, EXACT,
+                        )  # fmt: skip
         else:
             for gi in tl.static_range(BLOCK_K // GROUP_VALUES):
                 g = g0 + gi

@@ -194,12 +194,15 @@ def grouped_expert_linear(
     only_expert: int = -1,
     out: torch.Tensor | None = None,
     pdl: bool = False,
+    config: _mm.MatmulConfig | None = None,
 ) -> torch.Tensor:
     """x: [T, K] (every expert of token t reads row t: gate/up) or [T * k, K] (slot s reads row
     s: down) -> [T * k, N] float32 in slot order, row t * k + j = x[t or s] @ W[ids[t, j]].T,
     as kiln.ops.reference.expert_linear, with x and the weight in bf16 (the dense GEMM's
     arithmetic). only_expert >= 0 computes only that expert's rows into `out` (the unfused
-    form: one launch per expert over the same plan)."""
+    form: one launch per expert over the same plan). config: the tile (default
+    grouped_config(block_m)); its block_m must be the plan's; quants=True runs the quant
+    domain (kernels/matmul.py)."""
     assert x.dim() == 2, f"x must be a [T or T*k, K]; got {tuple(x.shape)}"
     assert len(weight.shape) == 3, f"need a [n_expert, N, K] weight; got {weight.shape}"
     assert weight.qtype in SUPPORT["matmul"], f"the grouped GEMM does not read {weight.qtype.name}"
@@ -219,13 +222,19 @@ def grouped_expert_linear(
         out = torch.empty((slots, n), dtype=torch.float32, device=x.device)
     if slots == 0 or n == 0:
         return out
-    cfg = grouped_config(grouped.block_m)
-    xb = _mm._bf16(x)
+    cfg = config or grouped_config(grouped.block_m)
+    assert cfg.block_m == grouped.block_m, f"config block_m {cfg.block_m}, plan {grouped.block_m}"
+    if cfg.quants:
+        xb, xs, group = _mm._quants_x(x, weight.qtype, cfg, exact=False)
+    else:
+        xb = _mm._bf16(x)
+        xs, group = xb, 32
     w = _mm._weight_view(weight)
     per_x = grouped.k if x.shape[0] * grouped.k == slots and grouped.k > 1 else 1
     grid = (grouped.block_expert.shape[0], triton.cdiv(n, cfg.block_n))
     _k._grouped_matmul_kernel[grid](
         xb,
+        xs,
         w,
         out,
         grouped.sorted_slots,
@@ -244,6 +253,8 @@ def grouped_expert_linear(
         BLOCK_N=cfg.block_n,
         **_mm._tile_args(weight.qtype, k, cfg.block_k),
         AHEAD=cfg.ahead,
+        QUANTS=cfg.quants,
+        GROUP_VALUES=group,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         **pdl_launch(pdl),
@@ -252,11 +263,15 @@ def grouped_expert_linear(
 
 
 def per_expert_linear(
-    x: torch.Tensor, grouped: GroupedPlan, weight: Weight, pdl: bool = False
+    x: torch.Tensor,
+    grouped: GroupedPlan,
+    weight: Weight,
+    pdl: bool = False,
+    config: _mm.MatmulConfig | None = None,
 ) -> torch.Tensor:
     """The unfused form of grouped_expert_linear: one launch per expert over the same plan
     (the same tiles and arithmetic, so the same bits)."""
     out = torch.empty((grouped.n_slots, weight.shape[1]), dtype=torch.float32, device=x.device)
     for e in range(grouped.n_expert):
-        grouped_expert_linear(x, grouped, weight, only_expert=e, out=out, pdl=pdl)
+        grouped_expert_linear(x, grouped, weight, e, out, pdl, config)
     return out

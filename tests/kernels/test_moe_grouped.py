@@ -12,6 +12,7 @@ Qwen3-30B-A3B's expert shapes at 512 tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import textwrap
 
 import pytest
@@ -24,7 +25,7 @@ from tests.kernels.test_matmul import FORMATS, SMEM_LIMIT
 from tests.kernels.test_matvec import CAPTURE_PTX, _check, record_launches
 from tests.kernels.test_moe import _experts
 from tests.kernels.test_router import _PoisonedTorch
-from tests.kernels.tolerances import MATMUL
+from tests.kernels.tolerances import MATMUL, QUANTS_REL
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -109,6 +110,38 @@ def test_grouped_matches_reference(fmt: str, shared_x: bool, moe, monkeypatch) -
             assert torch.equal(moe.per_expert_linear(x, p, w), y), f"{what}: unfused differs"
 
 
+@pytest.mark.parametrize("shared_x", (True, False), ids=("x_per_token", "x_per_slot"))
+@pytest.mark.parametrize("fmt", ("Q8_0", "Q4_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"))
+def test_grouped_quant_domain(fmt: str, shared_x: bool, moe) -> None:
+    """The grouped GEMM in the quant domain (MatmulConfig.quants) against the reference of the
+    bf16-rounded x within tolerances.QUANTS_REL (as the dense GEMM's); the unfused form gives
+    the same bits."""
+    block = quant.get_format(fmt).block_size
+    gen = torch.Generator().manual_seed(11)
+    k_dim = 2 * block if block > 32 else 96
+    cases = [(5, 33, 9, 2, "uniform"), (6, 40, 70, 4, "skewed")]
+    if CUDA:
+        cases.append((128, 768, 512, 8, "uniform"))
+    for n_expert, n, t, k, kind in cases:
+        kk = 2048 if n_expert > 8 else k_dim
+        wgen = gen if n_expert <= 8 else torch.Generator(DEVICE).manual_seed(n)
+        w = _experts(fmt, n_expert, n, kk, wgen)
+        ids = _routing(kind, t, k, n_expert, gen)
+        x = torch.randn(t if shared_x else t * k, kk, generator=gen).to(DEVICE)
+        p = moe.plan(ids, n_expert)
+        cfg = dataclasses.replace(moe.grouped_config(p.block_m), block_k=256, quants=True)
+        y = moe.grouped_expert_linear(x, p, w, config=cfg)
+        what = f"quants {fmt} E={n_expert} N={n} K={kk} T={t} k={k} {kind} block_m={p.block_m}"
+        xb = x.to(torch.bfloat16).float()
+        xs = xb if x.shape[0] == t * k else xb.repeat_interleave(k, dim=0)
+        dense = torch.stack([w.expert(int(e)) for e in ids.flatten().tolist()]).double()
+        ref = torch.einsum("sk,snk->sn", xs.double(), dense)
+        bound = 1e-6 + QUANTS_REL * torch.einsum("sk,snk->sn", xs.abs().double(), dense.abs())
+        _check(y, ref.float(), bound.float(), what)
+        if n_expert <= 8:
+            assert torch.equal(moe.per_expert_linear(x, p, w, config=cfg), y), what
+
+
 @pytest.mark.parametrize("block_m", (16, 32, 64, 128))
 def test_block_sizes(moe, block_m) -> None:
     gen = torch.Generator().manual_seed(block_m)
@@ -120,8 +153,9 @@ def test_block_sizes(moe, block_m) -> None:
     _check(y, reference.expert_linear(x, ids, w), _bound(x, ids, w), f"block_m {block_m}")
 
 
-# The grouped GEMM of every format at each block size, and the exact GEMM (batched decode): for
-# an H100 (sm_90), with the tensor-core instructions of the PTX and the shared memory.
+# The grouped GEMM of every format at each block size (and three in the quant domain), and the
+# exact GEMM (batched decode): for an H100 (sm_90), with the tensor-core instructions of the PTX
+# and the shared memory.
 _COMPILE = CAPTURE_PTX + textwrap.dedent(
     """
     import re
@@ -155,15 +189,24 @@ _COMPILE = CAPTURE_PTX + textwrap.dedent(
             matmul.matmul(torch.empty(8, 4096), weight(q, 0, 4096, 4096), exact=True)
             c = done[-1]
             print("exact", q.name, 8, c.kernel, c.shared_bytes, mma())
+        for q in (T.Q4_K, T.Q6_K, T.Q4_0):  # the quant domain at 16 slots a block
+            slots = torch.zeros(1024, dtype=torch.int32)
+            plan = moe.GroupedPlan(slots, torch.zeros(64, dtype=torch.int32), 512, 8, 128, 16)
+            cfg = matmul.MatmulConfig(16, 64, 256, 1, 4, 3, quants=True)
+            moe.grouped_expert_linear(
+                torch.empty(64, 2048), plan, weight(q, 128, 768, 2048), config=cfg
+            )
+            c = done[-1]
+            print("grouped-quants", q.name, 16, c.kernel, c.shared_bytes, mma())
     """
 )
 
 
 def test_grouped_and_exact_gemm_compile_for_sm90() -> None:
     lines = [line.split() for line in run_compile_check(_COMPILE).splitlines()]
-    assert len(lines) == 3 * len(FORMATS), lines
+    assert len(lines) == 3 * len(FORMATS) + 3, lines
     for what, fmt, m, kernel, shared, mma in lines:
         assert int(shared) <= SMEM_LIMIT, f"{what} {fmt} {m}: {shared} B of shared memory"
-        want = "_grouped_matmul_kernel" if what == "grouped" else "_matmul_kernel"
+        want = "_grouped_matmul_kernel" if what.startswith("grouped") else "_matmul_kernel"
         assert kernel == want, (what, fmt, kernel)
         assert mma == "wgmma.mma_async", f"{what} {fmt} {m}: tensor-core instructions {mma}"

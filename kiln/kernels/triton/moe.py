@@ -6,7 +6,8 @@ the unused blocks past the last expert). Program (b, j) owns block b of the sort
 weight rows j * BLOCK_N..: it reads its expert id on the device, gathers the x rows of its slots
 (slot s = t * k + i reads x row s // SLOTS_PER_X: a token's row for gate/up, the slot's own row
 for down), walks K as the dense GEMM does (kernels/triton/matmul.py: the weight tile dequantized
-in registers to bf16, tensor cores with fp32 accumulation, the weight as the left operand) and
+in registers to bf16, tensor cores with fp32 accumulation, the weight as the left operand; or in
+the quant domain, QUANTS, with the group sums of the x rows gathered alike) and
 writes each slot's output row in slot order, so the result is the per-slot layout of
 kiln.ops.reference.expert_linear and the combine that follows sums a token's k rows in a fixed
 order: no atomics, the same bits at every SM count.
@@ -19,13 +20,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kiln.kernels.triton.matmul import _k_loop
+from kiln.kernels.triton.matmul import _k_loop, _k_loop_quants
 from kiln.kernels.triton.pdl import wait_for_inputs
 
 
 @triton.jit
 def _grouped_matmul_kernel(
     x_ptr,  # bf16 [rows, K], row stride stride_xm, unit stride along K
+    xs_ptr,  # QUANTS: fp32 [rows, K // GROUP_VALUES] group sums of x; else unused
     w_ptr,  # uint8 [n_expert, N, row_bytes] (float formats: typed [n_expert, N, K])
     out_ptr,  # f32 [n_slots, N], row stride stride_om
     sorted_ptr,  # int32 [n_blocks * BLOCK_M]: slots sorted by expert; n_slots marks padding
@@ -50,6 +52,8 @@ def _grouped_matmul_kernel(
     INTERPRETED: tl.constexpr,
     PDL: tl.constexpr = False,
     AHEAD: tl.constexpr = False,  # weight loads issued a step early (matmul.py _k_loop)
+    QUANTS: tl.constexpr = False,  # the quant domain (matmul.py _k_loop_quants)
+    GROUP_VALUES: tl.constexpr = 32,  # QUANTS: values a group (Q6_K 16)
 ):
     if PDL:
         wait_for_inputs()
@@ -65,9 +69,16 @@ def _grouped_matmul_kernel(
         w_base = w_ptr + expert.to(tl.int64) * stride_we
         w_rows = w_base + tl.minimum(rn, N - 1).to(tl.int64)[:, None] * stride_wn
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # out^T: the weight rows lead
-        acc = _k_loop(
-            acc, x_rows, w_rows, 0, K, K, K_INTERP, FMT, BLOCK_N, BLOCK_K, TYPE_SIZE, BLOCK_VALUES,
-            EVEN_K, INTERPRETED, False, True, AHEAD,
-        )  # fmt: skip
+        if QUANTS:
+            xs_rows = xs_ptr + x_row * (K // GROUP_VALUES)  # [BLOCK_M]
+            acc = _k_loop_quants(
+                acc, x_rows, xs_rows, w_rows, 0, K, K, 0, K_INTERP, FMT, BLOCK_K, TYPE_SIZE,
+                BLOCK_VALUES, GROUP_VALUES, EVEN_K, INTERPRETED, False,
+            )  # fmt: skip
+        else:
+            acc = _k_loop(
+                acc, x_rows, w_rows, 0, K, K, K_INTERP, FMT, BLOCK_N, BLOCK_K, TYPE_SIZE,
+                BLOCK_VALUES, EVEN_K, INTERPRETED, False, True, AHEAD,
+            )  # fmt: skip
         out = out_ptr + slots.to(tl.int64)[None, :] * stride_om + rn[:, None]
         tl.store(out, acc, mask=slot_ok[None, :] & (rn[:, None] < N))

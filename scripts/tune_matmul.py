@@ -14,7 +14,7 @@ graph replays over copies of the weight that overflow L2; see time_us), and reco
 kiln.kernels.config_name, read by kiln.kernels.matmul.tuned_configs), with the times that decided
 them: {"Q4_K": {"4096x4096": {"512": {"method": "triton", "block_m": 128, ..., "us": ...,
 "triton_us": ..., "dequant_us": ..., "default_us": ...}}}}. Needs a CUDA GPU; not run by CI.
-Every shape and bucket is 20 shapes x 10 buckets x up to 38 configs: restrict a run with
+Every shape and bucket is 20 shapes x 10 buckets x up to 42 configs: restrict a run with
 --formats, --shapes and --buckets (the table keeps what other runs measured).
 """
 
@@ -58,8 +58,8 @@ def candidates(bucket: int, qtype: GGMLQuantizationType | None = None) -> list[m
     BLOCK_K 128 only up to 64 accumulator registers. Up to 64 rows (decode-sized launches, where
     a step's work is too small to hide its weight loads) each also with the loads issued a step
     ahead (MatmulConfig.ahead). For a block format (qtype) up to 256 rows also the quant domain
-    (MatmulConfig.quants: a step of 256 values, 64 or 128 weight rows, the two row tiles; at most
-    4 more). At most 38 a bucket."""
+    (MatmulConfig.quants: a step of 256 values, 64 or 128 weight rows, the two row tiles; Q4_K
+    and Q5_K up to 64 rows also with ahead; at most 8 more). At most 42 a bucket."""
     top = min(256, max(16, bucket))
     out = []
     for bm in (top, top // 2) if top > 16 else (16,):
@@ -80,6 +80,8 @@ def candidates(bucket: int, qtype: GGMLQuantizationType | None = None) -> list[m
         for bm in dict.fromkeys((min(top, 128), max(16, min(top, 128) // 2))):
             for bn, warps in ((64, 4), (128, 8)):
                 out.append(mm.MatmulConfig(bm, bn, 256, 8, warps, 3, quants=True))
+                if qtype.name in ("Q4_K", "Q5_K") and bucket <= 64:
+                    out.append(mm.MatmulConfig(bm, bn, 256, 8, warps, 3, quants=True, ahead=True))
     return out
 
 

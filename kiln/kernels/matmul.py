@@ -56,7 +56,8 @@ class MatmulConfig:
     # the weight tile's loads issued a step early, in registers (triton/matmul.py _k_loop)
     ahead: bool = False
     # the quant domain (triton/matmul.py _k_loop_quants): the weight's integer quants on the
-    # tensor cores, its scales applied per group of values; block formats, swap_ab, not ahead
+    # tensor cores, its scales applied per group of values; block formats, swap_ab (ahead:
+    # Q4_K and Q5_K at block_k 256)
     quants: bool = False
 
 
@@ -218,6 +219,9 @@ def _tile_args(qtype: GGMLQuantizationType, k: int, block_k: int, k_split: int =
     }
 
 
+_K4 = (GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K)
+
+
 def _quants_x(
     x: torch.Tensor, qtype: GGMLQuantizationType, cfg: MatmulConfig, exact: bool
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -225,7 +229,10 @@ def _quants_x(
     three bf16 parts that add up to it [3, M, K]; the per-group sums of x's values, fp32
     [M, K // group]; the group: 16 values for Q6_K, its scales' span, else 32)."""
     assert GGML_QUANT_SIZES[qtype][0] > 1, f"quants: {qtype.name} is not a block format"
-    assert cfg.swap_ab and not cfg.ahead, "quants: swap_ab, without ahead"
+    assert cfg.swap_ab, "quants: swap_ab"
+    assert not cfg.ahead or (qtype in _K4 and cfg.block_k == 256), (
+        "quants: ahead serves Q4_K and Q5_K at block_k 256 (one super-block a step)"
+    )
     assert GGML_QUANT_SIZES[qtype][0] == 32 or cfg.block_k % 256 == 0, (
         f"quants: a {qtype.name} step is whole super-blocks (block_k a multiple of 256)"
     )

@@ -264,10 +264,35 @@ def test_exact_quant_domain_matches_reference(case, mm) -> None:
     _check(y, (xf @ dense.T).float(), bound.float(), f"exact quants {fmt} M={m} N={n} K={k} {cfg}")
 
 
+@pytest.mark.parametrize("exact", (False, True), ids=("bf16", "exact"))
+@pytest.mark.parametrize(
+    "case",
+    [c for c in _quants_cases() if c[0] in ("Q4_K", "Q5_K") and c[4][2] == 256],
+    ids=lambda c: f"{c[0]}_M{c[1]}_N{c[2]}_K{c[3]}",
+)
+def test_quant_domain_ahead_gives_the_same_bits(case, exact: bool, mm) -> None:
+    """ahead only fetches each super-block's bytes a step earlier: the same bits."""
+    fmt, m, n, k, fields = case
+    cfg = mm.MatmulConfig(*fields, quants=True) if len(fields) > 6 else None
+    cfg = cfg or mm.MatmulConfig(*fields, swap_ab=True, quants=True)
+    gen = _gen(m + 7 * n + k)
+    w = _weight(fmt, n, k, gen)
+    x = torch.randn(m, k, generator=gen, device=DEVICE)
+    base = mm.matmul(x, w, cfg, exact=exact)
+    ahead = mm.matmul(x, w, dataclasses.replace(cfg, ahead=True), exact=exact)
+    assert torch.equal(base, ahead), f"{fmt} M={m} N={n} K={k} {cfg}"
+
+
 def test_quant_domain_refuses_what_it_cannot_run(mm) -> None:
     gen = _gen(5)
     x = torch.randn(16, 512, generator=gen, device=DEVICE)
-    for fmt, fields in (("F16", {}), ("Q4_K", {"block_k": 128}), ("Q8_0", {"swap_ab": False})):
+    for fmt, fields in (
+        ("F16", {}),
+        ("Q4_K", {"block_k": 128}),
+        ("Q8_0", {"swap_ab": False}),
+        ("Q6_K", {"ahead": True}),
+        ("Q4_K", {"ahead": True, "block_k": 512}),
+    ):
         cfg = dataclasses.replace(mm.MatmulConfig(16, 64, 256, 1, 4, 2, quants=True), **fields)
         with pytest.raises(AssertionError, match="quants"):
             mm.matmul(x, _weight(fmt, 64, 512, gen), cfg)
@@ -498,7 +523,9 @@ def test_tune_script_writes_what_the_launcher_reads(tmp_path, monkeypatch, capsy
         assert script.main([]) == 1 and "needs a CUDA GPU" in capsys.readouterr().err
     assert all(script.candidates(b) for b in mm.M_BUCKETS)
     quants = [c for c in script.candidates(64, _T.Q4_K) if c.quants]
-    assert quants and all(c.block_k % 256 == 0 and c.swap_ab and not c.ahead for c in quants)
+    assert quants and all(c.block_k == 256 and c.swap_ab for c in quants)
+    assert any(c.ahead for c in quants)
+    assert not any(c.ahead for c in script.candidates(64, _T.Q6_K) if c.quants)
     assert not any(c.quants for c in script.candidates(64, _T.F16) + script.candidates(512))
 
     name = "NVIDIA Test GPU"

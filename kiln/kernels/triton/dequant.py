@@ -190,34 +190,56 @@ def _magic_bf16(q):
 
 
 @triton.jit
-def _k4_scale_min(blk, s: tl.constexpr):
-    """Q4_K/Q5_K 6-bit (scale, min) of group s (a constant) of the super-blocks at blk, fp32."""
+def _k4_fetch(blk, FMT: tl.constexpr):
+    """The bytes of the Q4_K/Q5_K super-blocks at blk (byte pointers [BLOCK_N, 1]) that the
+    quant domain reads, as loaded (no use of them: a kernel may fetch the next super-block
+    before it decodes this one, _k4_pair): the 16 header bytes (d, dmin, the 12 bytes of 6-bit
+    scales and mins) [BLOCK_N, 1] each, the 4 x 32 quant bytes [BLOCK_N, 32] and Q5_K's 32
+    high-bit bytes (Q4_K: the first quant bytes again, no load)."""
+    j = tl.arange(0, 32)[None, :]
+    qs = blk + (16 if FMT == Q4_K else 48) + j
+    q0 = tl.load(qs)
+    qh = q0
+    if FMT == Q5_K:
+        qh = tl.load(blk + 16 + j)
+    return (
+        tl.load(blk), tl.load(blk + 1), tl.load(blk + 2), tl.load(blk + 3),
+        tl.load(blk + 4), tl.load(blk + 5), tl.load(blk + 6), tl.load(blk + 7),
+        tl.load(blk + 8), tl.load(blk + 9), tl.load(blk + 10), tl.load(blk + 11),
+        tl.load(blk + 12), tl.load(blk + 13), tl.load(blk + 14), tl.load(blk + 15),
+        q0, tl.load(qs + 32), tl.load(qs + 64), tl.load(qs + 96), qh,
+    )  # fmt: skip
+
+
+@triton.jit
+def _k4_scale_min_of(raw, s: tl.constexpr):
+    """(scale, min) of group s (a constant) from _k4_fetch's header bytes, fp32."""
     if s < 4:
-        sc = tl.load(blk + 4 + s) & 63
-        mn = tl.load(blk + 8 + s) & 63
+        sc = raw[4 + s] & 63
+        mn = raw[8 + s] & 63
     else:
-        a = tl.load(blk + 4 + s)  # scales[s]
-        b = tl.load(blk + 8 + s)  # scales[s + 4]
-        sc = (b & 15) | ((tl.load(blk + s) >> 6) << 4)  # scales[s - 4] at byte 4 + s - 4
+        a = raw[4 + s]  # scales[s]
+        b = raw[8 + s]  # scales[s + 4]
+        sc = (b & 15) | ((raw[s] >> 6) << 4)  # raw[s] = scales[s - 4]
         mn = (b >> 4) | ((a >> 6) << 4)
     return sc.to(tl.float32), mn.to(tl.float32)
 
 
 @triton.jit
-def _quants_of_pair(blk, pair: tl.constexpr, d, dmin, qh, FMT: tl.constexpr):
-    """Q4_K/Q5_K groups 2 pair and 2 pair + 1 of the super-blocks at blk (byte pointers
-    [BLOCK_N, 1]; d, dmin: their f16 factors as fp32; qh: Q5_K's 32 high-bit bytes, else
-    unused), which share their 32 quant bytes (low and high nibbles), in the quant domain:
-    (Q, ds, coef) of the first, then of the second (see _quants_of_group)."""
-    j = tl.arange(0, 32)[None, :]
-    byte = tl.load(blk + (16 if FMT == Q4_K else 48) + 32 * pair + j)
+def _k4_pair(raw, pair: tl.constexpr, FMT: tl.constexpr):
+    """Q4_K/Q5_K groups 2 pair and 2 pair + 1 of _k4_fetch's super-blocks, which share their 32
+    quant bytes (low and high nibbles), in the quant domain: (Q, ds, coef) of the first, then
+    of the second (see _quants_of_group)."""
+    d = _f16_of(raw[0], raw[1])
+    dmin = _f16_of(raw[2], raw[3])
+    byte = raw[16 + pair]
     lo = byte & 0x0F
     hi = byte >> 4
     if FMT == Q5_K:
-        lo = lo | (((qh >> (2 * pair)) & 1) << 4)
-        hi = hi | (((qh >> (2 * pair + 1)) & 1) << 4)
-    sc0, mn0 = _k4_scale_min(blk, 2 * pair)
-    sc1, mn1 = _k4_scale_min(blk, 2 * pair + 1)
+        lo = lo | (((raw[20] >> (2 * pair)) & 1) << 4)
+        hi = hi | (((raw[20] >> (2 * pair + 1)) & 1) << 4)
+    sc0, mn0 = _k4_scale_min_of(raw, 2 * pair)
+    sc1, mn1 = _k4_scale_min_of(raw, 2 * pair + 1)
     ds0 = d * sc0
     ds1 = d * sc1
     return (
@@ -256,7 +278,7 @@ def _quants_of_group(blk, s: tl.constexpr, FMT: tl.constexpr):
     value (the reference's) = ds * Q - coef. blk: byte pointers [BLOCK_N, 1] to the group's
     block (a K-quant's super-block); s: the group in the super-block (Q4_K/Q5_K: 0..7 of 32
     values; Q6_K: 0..15 of 16; legacy formats: 0, the block itself; the GEMM takes Q4_K and Q5_K
-    by pairs, _quants_of_pair, and Q6_K by fours, _q6k_quad). Q is [BLOCK_N, 32]
+    by pairs, _k4_pair, and Q6_K by fours, _q6k_quad). Q is [BLOCK_N, 32]
     (Q6_K: [BLOCK_N, 16]); a legacy format's [BLOCK_N, 2, 16] (values i and 16 + i share byte i)
     reshaped."""
     if FMT == Q6_K:

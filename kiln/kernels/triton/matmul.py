@@ -50,7 +50,9 @@ no scale FMA or convert: in the sm_90 SASS of the K loop at 16 x 64 x 256 (4 war
 epilogue grows with BLOCK_M (2 FMAs an output and group; Q6_K's groups are 16 values), so it
 serves small M. Q4_K and Q5_K take their groups in pairs that share the quant bytes, Q6_K in
 fours that share theirs; a K-quant step is whole super-blocks, so each group's scale bytes are
-at constant offsets. With EXACT, x comes as three
+at constant offsets. AHEAD (Q4_K and Q5_K, a super-block a step) fetches the next step's bytes
+before this step's groups run (_k4_fetch, _k4_pair); Triton holds a byte a register, so at 64
+weight rows and 4 warps that spills (Q4_K 255 registers, 40 bytes) in the sm_90 compile. With EXACT, x comes as three
 bf16 parts whose sum is the fp32 x (3 x 8 significant bits), each multiplied by the exact Q:
 nothing is rounded but the fp32 sums, for batched decode (Q4_K 9.1 instructions a value against
 the tf32x3 tiles' 18.3 at EXACT_CONFIG; Q6_K 14.6 / 25.2). Not timed on a GPU yet: the tuned table
@@ -76,9 +78,10 @@ from kiln.kernels.triton.dequant import (
     _f16_at,
     _fetch_k,
     _fetch_legacy,
+    _k4_fetch,
+    _k4_pair,
     _q6k_quad,
     _quants_of_group,
-    _quants_of_pair,
 )
 from kiln.kernels.triton.pdl import wait_for_inputs
 
@@ -328,6 +331,7 @@ def _k_loop_quants(
     EVEN_K: tl.constexpr,
     INTERPRETED: tl.constexpr,
     EXACT: tl.constexpr,  # x as three bf16 parts (hi, mid, lo): not rounded
+    AHEAD: tl.constexpr = False,  # Q4_K/Q5_K, BLOCK_K 256: the weight bytes a step early
 ):
     """_k_loop in the quant domain (MatmulConfig.quants): per group of GROUP_VALUES values, the
     weight's integer quants Q (exact in bf16) times the x group on tensor cores, then
@@ -338,21 +342,24 @@ def _k_loop_quants(
     # A K-quant step is whole super-blocks (the launcher asks BLOCK_K % 256 == 0): each
     # group's place in its super-block is then a constant.
     GROUPS_A_BLOCK: tl.constexpr = 1 if BLOCK_VALUES == 32 else 256 // GROUP_VALUES
+    if AHEAD:  # Q4_K/Q5_K: each step's bytes fetched one step early, in registers
+        last_block = (k_base + (K_INTERP if K_INTERP > 0 else k_len) - 1) // 256
+        last_block = tl.minimum(last_block, K // 256 - 1)
+        raw = _k4_fetch(w_rows + (k_base // 256) * TYPE_SIZE, FMT)
     for kk in range(0, K_INTERP if K_INTERP > 0 else k_len, BLOCK_K):
         g0 = (k_base + kk) // GROUP_VALUES  # the step's first group of the row
         if FMT == Q4_K or FMT == Q5_K:
             for sb in tl.static_range(BLOCK_K // 256):  # the super-blocks of the step
                 b = g0 // 8 + sb
-                if not EVEN_K:
-                    b = tl.where(b < K // 256, b, 0)
-                blk = w_rows + b * TYPE_SIZE
-                d = _f16_at(blk)
-                dmin = _f16_at(blk + 2)
-                qh = blk  # unused by Q4_K
-                if FMT == Q5_K:
-                    qh = tl.load(blk + 16 + tl.arange(0, 32)[None, :])
+                if AHEAD:  # a step is one super-block (the launcher asks BLOCK_K == 256)
+                    b_next = tl.minimum(b + 1, last_block)
+                    nxt = _k4_fetch(w_rows + b_next * TYPE_SIZE, FMT)
+                else:
+                    if not EVEN_K:
+                        b = tl.where(b < K // 256, b, 0)
+                    raw = _k4_fetch(w_rows + b * TYPE_SIZE, FMT)
                 for pair in tl.static_range(4):
-                    q0, ds0, c0, q1, ds1, c1 = _quants_of_pair(blk, pair, d, dmin, qh, FMT)
+                    q0, ds0, c0, q1, ds1, c1 = _k4_pair(raw, pair, FMT)
                     g = g0 + 8 * sb + 2 * pair
                     acc = _group_acc(
                         acc, q0, ds0, c0, x_rows, xs_rows, g, K, x_part, 32, EVEN_K,
@@ -362,6 +369,8 @@ def _k_loop_quants(
                         acc, q1, ds1, c1, x_rows, xs_rows, g + 1, K, x_part, 32, EVEN_K,
                         INTERPRETED, EXACT,
                     )  # fmt: skip
+                if AHEAD:
+                    raw = nxt
         elif FMT == Q6_K:
             for sb in tl.static_range(BLOCK_K // 256):  # the super-blocks of the step
                 b = g0 // 16 + sb
@@ -450,6 +459,7 @@ def _matmul_kernel(
         acc = _k_loop_quants(
             acc, x_rows, xs_rows, w_rows, pid_k * k_split, k_split, K, M * stride_xm, K_INTERP,
             FMT, BLOCK_K, TYPE_SIZE, BLOCK_VALUES, GROUP_VALUES, EVEN_K, INTERPRETED, EXACT,
+            AHEAD,
         )  # fmt: skip
     else:
         acc = _k_loop(

@@ -9,7 +9,9 @@ has about 0.8 ms of GPU time on an H100, and the host work of a token must fit u
 Two measures per level: "scheduler" (requests submitted straight to the Scheduler, events read
 by a Python thread: no HTTP) and "http" (the app on uvicorn in this process, streamed
 completions read by httpx in a second process, as scripts/bench_serve.py reads them). Each
-prints the tokens/s of the level (all streams together) and the host microseconds a token.
+prints the tokens/s of the level (all streams together), the wall microseconds a token, and
+for http the server process's CPU microseconds a token (every thread; the client's excluded):
+the work a token costs the host whatever the cores.
 --step-ms and --token-us emulate the device: a forward then keeps a device busy for that long,
 and a step's ids are read when it is done (a sleep without the GIL, as a CUDA event wait), so
 the levels show how much of the device's time the host work leaves on the table (e.g. --step-ms
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import queue
 import socket
 import statistics
@@ -42,6 +45,7 @@ from kiln.runtime.sampler import PendingChoices, SamplingParams  # noqa: E402
 from kiln.runtime.scheduler import Scheduler  # noqa: E402
 
 STORIES = ROOT.parent / "shared" / "models" / "stories260K.gguf"
+CPU_US: list[float] = []  # the server's CPU us a token of each http run
 PROMPT = [1, 2, 3, 4, 5, 6, 7, 8]
 
 
@@ -129,8 +133,15 @@ asyncio.run(main())
 """
 
 
+def cpu_seconds() -> float:
+    """This process's CPU time (every thread: the server's), user + system."""
+    t = os.times()
+    return t.user + t.system
+
+
 def http_level(llm, clients: int, tokens: int) -> float:
-    """tokens/s of `clients` streamed completions through the app on uvicorn."""
+    """tokens/s of `clients` streamed completions through the app on uvicorn (and the server's
+    CPU microseconds a token, in CPU_US)."""
     import uvicorn
 
     from kiln.server.app import create_app
@@ -145,12 +156,14 @@ def http_level(llm, clients: int, tokens: int) -> float:
     try:
         while not server.started:
             time.sleep(0.01)
+        cpu = cpu_seconds()
         out = subprocess.run(
             [sys.executable, "-c", CLIENT, url, str(clients), str(tokens)],
             capture_output=True, text=True, timeout=900,
         )  # fmt: skip
         if out.returncode:
             raise SystemExit(f"serve_host: the client failed:\n{out.stdout}{out.stderr[-2000:]}")
+        CPU_US.append((cpu_seconds() - cpu) * 1e6 / ((clients + 1) * tokens))  # + the warm-up
         return float(out.stdout.split()[-1])
     finally:
         server.should_exit = True
@@ -183,12 +196,16 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     emulated = f"{args.step_ms} ms + {args.token_us} us a token" if args.step_ms else "none"
     print(f"device time: {emulated}; switch interval {sys.getswitchinterval() * 1e3:.2f} ms")
-    print("| clients | path | t/s | us a token |\n|---:|---|---:|---:|")
+    print("| clients | path | t/s | us a token | server CPU us a token |")
+    print("|---:|---|---:|---:|---:|")
     for clients in (int(c) for c in args.clients.split(",")):
         for path, fn in (("scheduler", scheduler_level), ("http", http_level)):
+            CPU_US.clear()
             rate = statistics.median(fn(llm, clients, args.tokens) for _ in range(args.repeat))
-            rows.append({"clients": clients, "path": path, "tps": rate})
-            print(f"| {clients} | {path} | {rate:.1f} | {1e6 / rate:.1f} |", flush=True)
+            cpu = statistics.median(CPU_US) if CPU_US else None
+            rows.append({"clients": clients, "path": path, "tps": rate, "server_cpu_us": cpu})
+            cell = f"{cpu:.1f}" if cpu is not None else "-"
+            print(f"| {clients} | {path} | {rate:.1f} | {1e6 / rate:.1f} | {cell} |", flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
     return 0

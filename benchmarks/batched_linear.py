@@ -53,8 +53,8 @@ METHODS = (
     "exact/quants",
 )  # fmt: skip
 # The quant domain's tile here: 64 weight rows, a super-block a step, 4 warps, 3 stages (its
-# sm_90 compile: Q4_K 7.3 instructions a weight value and thread against 11.1 for the value
-# domain's 16 x 64 x 64; exact 9.1 against EXACT_CONFIG's 18.3; tests/kernels/test_matmul.py
+# sm_90 compile: Q4_K 6.6 instructions a weight value and thread against 11.1 for the value
+# domain's 16 x 64 x 64; exact 8.2 against EXACT_CONFIG's 18.3; tests/kernels/test_matmul.py
 # compiles it for every format).
 QUANTS_CONFIG = mm.MatmulConfig(16, 64, 256, 1, 4, 3, quants=True)
 

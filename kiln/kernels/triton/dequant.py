@@ -190,24 +190,64 @@ def _magic_bf16(q):
 
 
 @triton.jit
-def _k4_fetch(blk, FMT: tl.constexpr):
+def _nibbles_of_words(words):
+    """uint32 [BLOCK_N, 8] (32 quant bytes, little-endian) -> (128 + the low nibbles, 128 + the
+    high nibbles) as bf16 [BLOCK_N, 32] each, in byte order: two PRMTs and six bit operations a
+    word by inline PTX (Triton holds a uint8 tensor one byte a register and would unpack and
+    repack them). Compiled kernels only: the interpreter runs _magic_bf16 on the bytes."""
+    v0, v1, v2, v3, h0, h1, h2, h3 = tl.inline_asm_elementwise(
+        """{
+        .reg .b32 a, b, c;
+        prmt.b32 a, $8, 0, 0x4140;
+        prmt.b32 b, $8, 0, 0x4342;
+        lop3.b32 c, a, 0x000F000F, 0x43004300, 0xEA;
+        mov.b32 {$0, $1}, c;
+        lop3.b32 c, b, 0x000F000F, 0x43004300, 0xEA;
+        mov.b32 {$2, $3}, c;
+        shr.u32 a, a, 4;
+        shr.u32 b, b, 4;
+        lop3.b32 c, a, 0x000F000F, 0x43004300, 0xEA;
+        mov.b32 {$4, $5}, c;
+        lop3.b32 c, b, 0x000F000F, 0x43004300, 0xEA;
+        mov.b32 {$6, $7}, c;
+        }""",
+        "=h,=h,=h,=h,=h,=h,=h,=h,r",
+        [words],
+        dtype=(tl.bfloat16,) * 8,
+        is_pure=True,
+        pack=1,
+    )
+    n: tl.constexpr = words.shape[0]
+    # join(join(v0, v2), join(v1, v3))[w, p, q] is byte 4 w + 2 p + q
+    lo = tl.reshape(tl.join(tl.join(v0, v2), tl.join(v1, v3)), (n, 32))
+    hi = tl.reshape(tl.join(tl.join(h0, h2), tl.join(h1, h3)), (n, 32))
+    return lo, hi
+
+
+@triton.jit
+def _k4_fetch(blk, FMT: tl.constexpr, WORDS: tl.constexpr = False):
     """The bytes of the Q4_K/Q5_K super-blocks at blk (byte pointers [BLOCK_N, 1]) that the
     quant domain reads, as loaded (no use of them: a kernel may fetch the next super-block
     before it decodes this one, _k4_pair): the 16 header bytes (d, dmin, the 12 bytes of 6-bit
-    scales and mins) [BLOCK_N, 1] each, the 4 x 32 quant bytes [BLOCK_N, 32] and Q5_K's 32
-    high-bit bytes (Q4_K: the first quant bytes again, no load)."""
-    j = tl.arange(0, 32)[None, :]
-    qs = blk + (16 if FMT == Q4_K else 48) + j
+    scales and mins) [BLOCK_N, 1] each, the 4 x 32 quant bytes [BLOCK_N, 32] (WORDS, Q4_K: as
+    4 x 8 uint32 words [BLOCK_N, 8]) and Q5_K's 32 high-bit bytes (Q4_K: the first quant bytes
+    again, no load)."""
+    if WORDS:  # Q4_K: the quant bytes as uint32 words [BLOCK_N, 8] (_nibbles_of_words)
+        qs = (blk + 16).to(tl.pointer_type(tl.uint32)) + tl.arange(0, 8)[None, :]
+        step = 8
+    else:
+        qs = blk + (16 if FMT == Q4_K else 48) + tl.arange(0, 32)[None, :]
+        step = 32
     q0 = tl.load(qs)
     qh = q0
     if FMT == Q5_K:
-        qh = tl.load(blk + 16 + j)
+        qh = tl.load(blk + 16 + tl.arange(0, 32)[None, :])
     return (
         tl.load(blk), tl.load(blk + 1), tl.load(blk + 2), tl.load(blk + 3),
         tl.load(blk + 4), tl.load(blk + 5), tl.load(blk + 6), tl.load(blk + 7),
         tl.load(blk + 8), tl.load(blk + 9), tl.load(blk + 10), tl.load(blk + 11),
         tl.load(blk + 12), tl.load(blk + 13), tl.load(blk + 14), tl.load(blk + 15),
-        q0, tl.load(qs + 32), tl.load(qs + 64), tl.load(qs + 96), qh,
+        q0, tl.load(qs + step), tl.load(qs + 2 * step), tl.load(qs + 3 * step), qh,
     )  # fmt: skip
 
 
@@ -226,26 +266,28 @@ def _k4_scale_min_of(raw, s: tl.constexpr):
 
 
 @triton.jit
-def _k4_pair(raw, pair: tl.constexpr, FMT: tl.constexpr):
+def _k4_pair(raw, pair: tl.constexpr, FMT: tl.constexpr, WORDS: tl.constexpr = False):
     """Q4_K/Q5_K groups 2 pair and 2 pair + 1 of _k4_fetch's super-blocks, which share their 32
     quant bytes (low and high nibbles), in the quant domain: (Q, ds, coef) of the first, then
     of the second (see _quants_of_group)."""
     d = _f16_of(raw[0], raw[1])
     dmin = _f16_of(raw[2], raw[3])
-    byte = raw[16 + pair]
-    lo = byte & 0x0F
-    hi = byte >> 4
-    if FMT == Q5_K:
-        lo = lo | (((raw[20] >> (2 * pair)) & 1) << 4)
-        hi = hi | (((raw[20] >> (2 * pair + 1)) & 1) << 4)
+    if WORDS:
+        q_lo, q_hi = _nibbles_of_words(raw[16 + pair])
+    else:
+        byte = raw[16 + pair]
+        lo = byte & 0x0F
+        hi = byte >> 4
+        if FMT == Q5_K:
+            lo = lo | (((raw[20] >> (2 * pair)) & 1) << 4)
+            hi = hi | (((raw[20] >> (2 * pair + 1)) & 1) << 4)
+        q_lo = _magic_bf16(lo)
+        q_hi = _magic_bf16(hi)
     sc0, mn0 = _k4_scale_min_of(raw, 2 * pair)
     sc1, mn1 = _k4_scale_min_of(raw, 2 * pair + 1)
     ds0 = d * sc0
     ds1 = d * sc1
-    return (
-        _magic_bf16(lo), ds0, 128.0 * ds0 + dmin * mn0,
-        _magic_bf16(hi), ds1, 128.0 * ds1 + dmin * mn1,
-    )  # fmt: skip
+    return q_lo, ds0, 128.0 * ds0 + dmin * mn0, q_hi, ds1, 128.0 * ds1 + dmin * mn1
 
 
 @triton.jit

@@ -44,19 +44,19 @@ integer quants, exact in bf16 (the 4- to 6-bit ones as 128 + q, made by OR-ing t
 128.0: no convert), and the group's two per-row factors are applied to its [BLOCK_N, BLOCK_M]
 partial sums: value = ds * Q - coef, so acc += ds * (Q . x) - coef * sum(x), with the group sums
 of x computed by the launcher. No weight value is rounded to bf16 (only x is), and a value costs
-no scale FMA or convert: in the sm_90 SASS of the K loop at 16 x 64 x 256 (4 warps) Q4_K takes
-7.3 instructions a value and thread against 11.1 for the value domain's 16 x 64 x 64, Q5_K 9.4
-/ 15.1, Q6_K 12.2 / 21.3, Q4_0 7.9 / 9.4; Q8_0 8.2 / 8.0 gains nothing (a convert a value). The
-epilogue grows with BLOCK_M (2 FMAs an output and group; Q6_K's groups are 16 values), so it
-serves small M. Q4_K and Q5_K take their groups in pairs that share the quant bytes, Q6_K in
-fours that share theirs; a K-quant step is whole super-blocks, so each group's scale bytes are
-at constant offsets. AHEAD (Q4_K and Q5_K, a super-block a step) fetches the next step's bytes
-before this step's groups run (_k4_fetch, _k4_pair); Triton holds a byte a register, so at 64
-weight rows and 4 warps that spills (Q4_K 255 registers, 40 bytes) in the sm_90 compile. With EXACT, x comes as three
-bf16 parts whose sum is the fp32 x (3 x 8 significant bits), each multiplied by the exact Q:
-nothing is rounded but the fp32 sums, for batched decode (Q4_K 9.1 instructions a value against
-the tf32x3 tiles' 18.3 at EXACT_CONFIG; Q6_K 14.6 / 25.2). Not timed on a GPU yet: the tuned table
-(scripts/tune_matmul.py tries it) decides where it runs.
+no scale FMA or convert. Q4_K and Q5_K take their groups in pairs that share the quant bytes (the
+compiled Q4_K loads them as uint32 words and unpacks them by inline PTX), Q6_K in fours that
+share theirs; a K-quant step is whole super-blocks, so each group's scale bytes are at constant
+offsets. In the sm_90 SASS of the K loop at 16 x 64 x 256 (4 warps), instructions a value and
+thread against the value domain's 16 x 64 x 64: Q4_K 6.6 / 11.1, Q5_K 9.4 / 15.1, Q6_K 12.2 /
+21.3, Q4_0 7.9 / 9.4; Q8_0 8.2 / 8.0 gains nothing (a convert a value). The epilogue grows with
+BLOCK_M (2 FMAs an output and group), so it serves small M. AHEAD (Q4_K and Q5_K, a super-block a
+step) fetches the next step's bytes before this step's groups run (_k4_fetch, _k4_pair): Q4_K
+at 16 x 64 x 256 on 4 warps then takes 255 registers and spills 8 bytes. With EXACT, x comes as
+three bf16 parts whose sum is the fp32 x (3 x 8 significant bits), each multiplied by the exact
+Q: nothing is rounded but the fp32 sums, for batched decode (Q4_K 8.2 instructions a value
+against the tf32x3 tiles' 18.3 at EXACT_CONFIG; Q6_K 14.6 / 25.2). Not timed on a GPU yet: the
+tuned table (scripts/tune_matmul.py tries it) decides where it runs.
 
 `_dequant_kernel` writes the same bf16 tiles to memory: the first half of dequant_matmul
 (kiln/kernels/matmul.py), whose second half is torch's bf16 matmul (cuBLAS).
@@ -342,10 +342,12 @@ def _k_loop_quants(
     # A K-quant step is whole super-blocks (the launcher asks BLOCK_K % 256 == 0): each
     # group's place in its super-block is then a constant.
     GROUPS_A_BLOCK: tl.constexpr = 1 if BLOCK_VALUES == 32 else 256 // GROUP_VALUES
+    # Q4_K compiled: the quant bytes as uint32 words, unpacked by inline PTX (dequant.py)
+    WORDS: tl.constexpr = FMT == Q4_K and not INTERPRETED
     if AHEAD:  # Q4_K/Q5_K: each step's bytes fetched one step early, in registers
         last_block = (k_base + (K_INTERP if K_INTERP > 0 else k_len) - 1) // 256
         last_block = tl.minimum(last_block, K // 256 - 1)
-        raw = _k4_fetch(w_rows + (k_base // 256) * TYPE_SIZE, FMT)
+        raw = _k4_fetch(w_rows + (k_base // 256) * TYPE_SIZE, FMT, WORDS)
     for kk in range(0, K_INTERP if K_INTERP > 0 else k_len, BLOCK_K):
         g0 = (k_base + kk) // GROUP_VALUES  # the step's first group of the row
         if FMT == Q4_K or FMT == Q5_K:
@@ -353,13 +355,13 @@ def _k_loop_quants(
                 b = g0 // 8 + sb
                 if AHEAD:  # a step is one super-block (the launcher asks BLOCK_K == 256)
                     b_next = tl.minimum(b + 1, last_block)
-                    nxt = _k4_fetch(w_rows + b_next * TYPE_SIZE, FMT)
+                    nxt = _k4_fetch(w_rows + b_next * TYPE_SIZE, FMT, WORDS)
                 else:
                     if not EVEN_K:
                         b = tl.where(b < K // 256, b, 0)
-                    raw = _k4_fetch(w_rows + b * TYPE_SIZE, FMT)
+                    raw = _k4_fetch(w_rows + b * TYPE_SIZE, FMT, WORDS)
                 for pair in tl.static_range(4):
-                    q0, ds0, c0, q1, ds1, c1 = _k4_pair(raw, pair, FMT)
+                    q0, ds0, c0, q1, ds1, c1 = _k4_pair(raw, pair, FMT, WORDS)
                     g = g0 + 8 * sb + 2 * pair
                     acc = _group_acc(
                         acc, q0, ds0, c0, x_rows, xs_rows, g, K, x_part, 32, EVEN_K,

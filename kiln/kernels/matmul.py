@@ -244,9 +244,9 @@ def _quants_x(
         rest = x32 - hi.float()
         mid = rest.to(torch.bfloat16)
         xb = torch.stack([hi, mid, (rest - mid.float()).to(torch.bfloat16)])
-        return xb, x32.view(m, k // group, group).sum(dim=-1), group
+        return xb, x32.reshape(m, k // group, group).sum(dim=-1), group
     xb = _bf16(x)
-    return xb, xb.view(m, k // group, group).sum(dim=-1, dtype=torch.float32), group
+    return xb, xb.reshape(m, k // group, group).sum(dim=-1, dtype=torch.float32), group
 
 
 def matmul(

@@ -22,6 +22,10 @@ The standard set (not run in CI):
   (--backend, default auto: what a user gets) is compared with them
   (kiln.bench.perplexity.kl_divergence).
 
+A speed record on a GPU also carries the GPU's state as its test ended (`gpu_state`: SM clock and
+its maximum, power draw, temperature, from nvidia-smi: kiln.bench.env.gpu_state), so that a
+throttled GPU's slower result is told from a slower commit.
+
 Each result is printed: kiln bench's markdown rows, then a line each for the PPL and the KLD;
 progress goes to stderr. Nothing is written unless --record is given (--no-record, the default, is
 accepted for older command lines): then each result is appended to the history as it comes
@@ -149,17 +153,28 @@ def bench_models(a: argparse.Namespace, models: list[str], device, progress, rec
     printer = B.MarkdownPrinter(sys.stdout, B.md_columns(params, device))
     printer.header()
     failed = []
+    states: list[dict | None] = []  # the GPU's clock, power and heat as each test ended
+
+    def row(result) -> None:
+        states.append(env.gpu_state(device))
+        printer.row(result)
+
     for model in models:
+        states.clear()
         try:
             tests = tests_of(model, a)
             B.check_tests(tests, device, a.backend)
-            results = B.run_tests(runner, tests, printer.row)
+            results = B.run_tests(runner, tests, row)
         except (KilnError, RuntimeError) as e:  # out of memory and the like: go on with the next
             runner.progress.clear()
             print(f"bench_standard: {model} failed: {e}", file=sys.stderr)
             failed.append(model)
             continue
-        record([r.fields(samples=True) for r in results])
+        fields = [r.fields(samples=True) for r in results]
+        for f, state in zip(fields, states):
+            if state:
+                f["gpu_state"] = state
+        record(fields)
     B.free_memory(device)
     printer.footer(runner)
     return failed

@@ -118,6 +118,38 @@ def driver(device: torch.device) -> str:
     return ", ".join(parts) or UNKNOWN
 
 
+# What nvidia-smi says of a GPU's state (gpu_state): the fields a throttled GPU shows.
+_GPU_STATE = (
+    ("sm_mhz", "clocks.sm", int),
+    ("sm_max_mhz", "clocks.max.sm", int),
+    ("power_w", "power.draw", float),
+    ("temp_c", "temperature.gpu", int),
+)
+
+
+def gpu_state(device: torch.device) -> dict[str, int | float] | None:
+    """The GPU's SM clock (and its maximum), power draw and temperature now, from nvidia-smi: a
+    speed record carries them so that a slower result of a throttled GPU (power or heat) is told
+    from a slower commit. None on the CPU or when nvidia-smi cannot say; a field it cannot read
+    ("[N/A]") is left out."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    query = ",".join(q for _, q, _ in _GPU_STATE)
+    out = _output(
+        ["nvidia-smi", f"--id={index}", f"--query-gpu={query}", "--format=csv,noheader,nounits"]
+    )
+    if not out:
+        return None
+    state = {}
+    for (name, _, kind), value in zip(_GPU_STATE, out.splitlines()[0].split(",")):
+        try:
+            state[name] = kind(float(value.strip()))
+        except ValueError:
+            continue
+    return state or None
+
+
 def triton_version() -> str:
     """From the installed package's metadata: importing triton costs a second and can fail."""
     from importlib.metadata import PackageNotFoundError, version

@@ -28,11 +28,9 @@ import argparse
 import json
 import os
 import queue
-import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -142,20 +140,13 @@ def cpu_seconds() -> float:
 def http_level(llm, clients: int, tokens: int) -> float:
     """tokens/s of `clients` streamed completions through the app on uvicorn (and the server's
     CPU microseconds a token, in CPU_US)."""
-    import uvicorn
-
     from kiln.server.app import create_app
+    from kiln.server.threaded import serve_in_thread
 
     app = create_app(llm)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server = uvicorn.Server(uvicorn.Config(app, log_level="error", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]})
-    thread.start()
+    served = serve_in_thread(app)
+    url = served.url
     try:
-        while not server.started:
-            time.sleep(0.01)
         cpu = cpu_seconds()
         out = subprocess.run(
             [sys.executable, "-c", CLIENT, url, str(clients), str(tokens)],
@@ -166,8 +157,7 @@ def http_level(llm, clients: int, tokens: int) -> float:
         CPU_US.append((cpu_seconds() - cpu) * 1e6 / ((clients + 1) * tokens))  # + the warm-up
         return float(out.stdout.split()[-1])
     finally:
-        server.should_exit = True
-        thread.join()
+        served.stop()
         app.state.scheduler.close()
 
 

@@ -32,9 +32,7 @@ import contextlib
 import json
 import random
 import re
-import socket
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,11 +84,10 @@ def start_server(args, max_queue: int | None = None) -> Server:
     """`kiln serve` in this process: uvicorn in a thread on a free loopback port (args: model,
     device, backend, ctx, ubatch, parallel, and optional chat_template; the queue holds
     max_queue requests, by default args.requests)."""
-    import uvicorn
-
     import kiln
     from kiln.errors import KilnError
     from kiln.server import create_app
+    from kiln.server.threaded import serve_in_thread
 
     llm = kiln.LLM(
         args.model, device=args.device, backend=args.backend, n_ctx=args.ctx,
@@ -104,23 +101,8 @@ def start_server(args, max_queue: int | None = None) -> Server:
             template = PLAIN_TEMPLATE
     max_queue = max(args.requests if max_queue is None else max_queue, 1)
     app = create_app(llm, max_queue=max_queue, chat_template=template)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server = uvicorn.Server(uvicorn.Config(app, log_level="error", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not server.started:
-        if time.time() > deadline or not thread.is_alive():
-            raise RuntimeError("the in-process server did not start")
-        time.sleep(0.02)
-
-    def stop() -> None:
-        server.should_exit = True
-        thread.join(30)
-
-    return Server(url, app.state.scheduler, stop, llm.n_ctx)
+    served = serve_in_thread(app, daemon=True)
+    return Server(served.url, app.state.scheduler, served.stop, llm.n_ctx)
 
 
 def plan(args, n_ctx: int | None) -> list[dict]:

@@ -16,12 +16,13 @@ import openai
 import kiln
 from kiln.server import create_app
 from kiln.server.loading import LoadingApp
-from tests.server.test_server import serve_in_thread
+from kiln.server.threaded import serve_in_thread
 
 
 class Running:
     def __init__(self, app):
-        self.url, self.server, self.thread = serve_in_thread(app)
+        served = serve_in_thread(app, timeout=20)
+        self.url, self.server, self.thread = served.url, served.server, served.thread
 
     def stop(self) -> None:
         self.server.should_exit = True

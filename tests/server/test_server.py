@@ -16,11 +16,11 @@ import time
 import httpx
 import openai
 import pytest
-import uvicorn
 
 import kiln
 from kiln.cli import main
 from kiln.server import create_app
+from kiln.server.threaded import serve_in_thread
 
 CTX = 1024
 TEMPLATE = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:"
@@ -32,26 +32,11 @@ def _llm(path, n_seq=4, n_ctx=CTX):
     return kiln.LLM(path, backend="torch", n_ctx=n_ctx, ubatch=16, n_seq=n_seq, verbose=False)
 
 
-def serve_in_thread(app) -> tuple[str, uvicorn.Server, threading.Thread]:
-    """uvicorn serving `app` in a thread on a free loopback port, started -> (url, server,
-    thread): stop it with server.should_exit = True and thread.join()."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server = uvicorn.Server(uvicorn.Config(app, log_level="error", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]})
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started:
-        assert time.time() < deadline, "the server did not start"
-        time.sleep(0.02)
-    return url, server, thread
-
-
 class Server:
     def __init__(self, app):
         self.app = app
-        self.url, self.server, self.thread = serve_in_thread(app)
+        served = serve_in_thread(app, timeout=20)
+        self.url, self.server, self.thread = served.url, served.server, served.thread
         self.scheduler = app.state.scheduler
         self.pool = self.scheduler.engine.pool
 

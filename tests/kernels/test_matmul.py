@@ -206,32 +206,38 @@ BLOCK_FORMATS = [f for f in FORMATS if _block(f) > 1]
 
 
 def _quants_cases() -> list[tuple]:
+    """(format, M, N, K, MatmulConfig fields in the quant domain)."""
+
+    def tile(bm, bn, bk, group_m, warps, stages, splits=None) -> dict:
+        return dict(zip(_C, (bm, bn, bk, group_m, warps, stages, True)), splits=splits, quants=True)
+
     cases = []
     for fmt in BLOCK_FORMATS:
         kq = _block(fmt) == 256
         step = 256 if kq else 64
         cases += [
-            (fmt, 9, 33, 768 if kq else 96, (16, 64, step, 1, 4, 2)),
-            (fmt, 33, 97, 512, (16, 64, step, 2, 4, 2, True, 2)),
-            (fmt, 5, 64, 768 if kq else 96, (16, 32, 512 if kq else 64, 1, 4, 1, True, 3)),
+            (fmt, 9, 33, 768 if kq else 96, tile(16, 64, step, 1, 4, 2)),
+            (fmt, 33, 97, 512, tile(16, 64, step, 2, 4, 2, 2)),
+            (fmt, 5, 64, 768 if kq else 96, tile(16, 32, 512 if kq else 64, 1, 4, 1, 3)),
         ]
         if CUDA:
             for m in (16, 32, 64):
-                cases += [(fmt, m, 24576, 4096, (m, 64, 256, 1, 4, 3, True, 2))]
-                cases += [(fmt, m, 4096, 12288, (m, 64, 256, 1, 4, 3, True, 4))]
+                cases += [(fmt, m, 24576, 4096, tile(m, 64, 256, 1, 4, 3, 2))]
+                cases += [(fmt, m, 4096, 12288, tile(m, 64, 256, 1, 4, 3, 4))]
     return cases
 
 
-@pytest.mark.parametrize(
-    "case", _quants_cases(), ids=lambda c: f"{c[0]}_M{c[1]}_N{c[2]}_K{c[3]}_{c[4][2]}"
-)
+def _quants_id(case) -> str:
+    return f"{case[0]}_M{case[1]}_N{case[2]}_K{case[3]}_{case[4]['block_k']}"
+
+
+@pytest.mark.parametrize("case", _quants_cases(), ids=_quants_id)
 def test_quant_domain_matches_reference(case, mm) -> None:
     """The quant domain against the reference of the bf16-rounded x, in float64, within
     tolerances.QUANTS_REL (its weight values are exact: far tighter than MATMUL's bound); the
     standard bound too; two launches give the same bits."""
     fmt, m, n, k, fields = case
-    cfg = mm.MatmulConfig(*fields, quants=True) if len(fields) > 6 else None
-    cfg = cfg or mm.MatmulConfig(*fields, swap_ab=True, quants=True)
+    cfg = mm.MatmulConfig(**fields)
     gen = _gen(m + 3 * n + k)
     w = _weight(fmt, n, k, gen)
     x = torch.randn(m, k, generator=gen, device=DEVICE)
@@ -244,17 +250,12 @@ def test_quant_domain_matches_reference(case, mm) -> None:
     _check(y, (xb @ dense.T).float(), bound.float(), what)
 
 
-@pytest.mark.parametrize(
-    "case", _quants_cases(), ids=lambda c: f"{c[0]}_M{c[1]}_N{c[2]}_K{c[3]}_{c[4][2]}"
-)
+@pytest.mark.parametrize("case", _quants_cases(), ids=_quants_id)
 def test_exact_quant_domain_matches_reference(case, mm) -> None:
     """exact=True in the quant domain (x as three bf16 parts): within the exact GEMM's bound of
     the float32 reference (test_split_k's), x not rounded."""
     fmt, m, n, k, fields = case
-    if len(fields) > 6:
-        cfg = mm.MatmulConfig(*fields, quants=True)
-    else:
-        cfg = mm.MatmulConfig(*fields, swap_ab=True, quants=True)
+    cfg = mm.MatmulConfig(**fields)
     gen = _gen(m + 5 * n + k)
     w = _weight(fmt, n, k, gen)
     x = torch.randn(m, k, generator=gen, device=DEVICE)
@@ -267,14 +268,13 @@ def test_exact_quant_domain_matches_reference(case, mm) -> None:
 @pytest.mark.parametrize("exact", (False, True), ids=("bf16", "exact"))
 @pytest.mark.parametrize(
     "case",
-    [c for c in _quants_cases() if c[0] in ("Q4_K", "Q5_K") and c[4][2] == 256],
-    ids=lambda c: f"{c[0]}_M{c[1]}_N{c[2]}_K{c[3]}",
+    [c for c in _quants_cases() if c[0] in ("Q4_K", "Q5_K") and c[4]["block_k"] == 256],
+    ids=_quants_id,
 )
 def test_quant_domain_ahead_gives_the_same_bits(case, exact: bool, mm) -> None:
     """ahead only fetches each super-block's bytes a step earlier: the same bits."""
     fmt, m, n, k, fields = case
-    cfg = mm.MatmulConfig(*fields, quants=True) if len(fields) > 6 else None
-    cfg = cfg or mm.MatmulConfig(*fields, swap_ab=True, quants=True)
+    cfg = mm.MatmulConfig(**fields)
     gen = _gen(m + 7 * n + k)
     w = _weight(fmt, n, k, gen)
     x = torch.randn(m, k, generator=gen, device=DEVICE)

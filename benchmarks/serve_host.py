@@ -15,7 +15,11 @@ the work a token costs the host whatever the cores.
 --step-ms and --token-us emulate the device: a forward then keeps a device busy for that long,
 and a step's ids are read when it is done (a sleep without the GIL, as a CUDA event wait), so
 the levels show how much of the device's time the host work leaves on the table (e.g. --step-ms
-0.8 --token-us 30: qwen3-0.6b Q8_0's decode step on an H100 is about 0.81 ms at one row).
+0.8 --token-us 30: qwen3-0.6b Q8_0's decode step on an H100 is about 0.81 ms at one row), and
+--host-us the Python a real launch holds the GIL for. The scheduler thread's and the HTTP side's
+host work add up under the GIL: with the device emulated at 0.8 ms, one stream over HTTP keeps
+97% of the device's rate at 0 us, 92% at 300 us and 71% at 600 us of host work a launch (this
+2-core CPU), the scheduler alone 99% at each.
 Runs on the CPU; a small vocabulary (the default: ../shared's stories260K, else the demo model)
 keeps the sampler's arithmetic out of the measure. The client runs in its own process: on a
 machine with few cores (2 here) it competes with the server for them, so levels of many clients
@@ -52,11 +56,17 @@ class Device:
     is free, and a step's sampled ids can be read once it is done (PendingChoices.collect sleeps
     until then, without the GIL, as a CUDA event wait does). step_ms 0: no device time."""
 
-    def __init__(self, step_ms: float, token_us: float):
-        self.step, self.token = step_ms / 1e3, token_us / 1e6
+    def __init__(self, step_ms: float, token_us: float, host_us: float = 0.0):
+        self.step, self.token, self.host = step_ms / 1e3, token_us / 1e6, host_us / 1e6
         self.free_at = 0.0
 
     def run(self, tokens: int) -> None:
+        """A forward's launch: host_us of Python holding the GIL (what launching a real step
+        costs the host: input copies, the graph replay, the sampler's kernels), then the device
+        busy for its time."""
+        end = time.perf_counter() + self.host
+        while time.perf_counter() < end:
+            pass
         if self.step or self.token:
             self.free_at = max(self.free_at, time.perf_counter()) + self.step + tokens * self.token
 
@@ -175,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--token-us", type=float, default=0.0, help="emulated device time a token, us (e.g. 30)"
     )
+    ap.add_argument(
+        "--host-us", type=float, default=0.0,
+        help="emulated host work a forward launch holds the GIL for, us (default 0)",
+    )  # fmt: skip
     ap.add_argument("--switch-ms", type=float, help="sys.setswitchinterval (default: Python's)")
     args = ap.parse_args(argv)
     from kiln.llm import LLM
@@ -182,9 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.switch_ms:
         sys.setswitchinterval(args.switch_ms / 1e3)
     llm = LLM(args.model, device="cpu", n_ctx=args.tokens + 64, n_seq=64, verbose=False)
-    null_forward(llm, Device(args.step_ms, args.token_us))
+    null_forward(llm, Device(args.step_ms, args.token_us, args.host_us))
     rows = []
     emulated = f"{args.step_ms} ms + {args.token_us} us a token" if args.step_ms else "none"
+    emulated += f", {args.host_us} us of host work a launch" if args.host_us else ""
     print(f"device time: {emulated}; switch interval {sys.getswitchinterval() * 1e3:.2f} ms")
     print("| clients | path | t/s | us a token | server CPU us a token |")
     print("|---:|---|---:|---:|---:|")

@@ -199,7 +199,15 @@ class _Step:
             else:  # padded with token 0 under neutral penalties: its value written back as is
                 row += [1.0, 0.0, 0.0, u] + [0] * (2 * self.recent)
             rows.append(row)
-        self.table = to_device(rows, torch.float64, device)
+        self._rows, self._device, self._table = rows, device, None
+
+    @property
+    def table(self) -> torch.Tensor:
+        """The rows on the device, sent at the first use: a batch of greedy rows without
+        penalties reads none of it (argmax only), and then saves the copy."""
+        if self._table is None:
+            self._table = to_device(self._rows, torch.float64, self._device)
+        return self._table
 
     def column(self, i: int) -> torch.Tensor:
         """[B, 1]"""
@@ -472,9 +480,11 @@ def launch_batch(
     step = _Step([s.params for s in samplers], histories, uniforms, n_vocab, logits.device)
     logits = logits.float()
     finite = (logits * 0 == 0).all(-1)  # x * 0 is NaN for NaN and +-inf (isfinite: 4 kernels)
-    # a broken row is replaced by zeros so that the stages below stay valid for every row (a
-    # CUDA multinomial over NaN asserted on the device); its id is then thrown away
-    logits = torch.where(finite[:, None], logits, 0.0)
+    if step.recent or not all(step.greedy) or any(n is not None for n in asked):
+        # a broken row is replaced by zeros so that the stages below stay valid for every row
+        # (a CUDA multinomial over NaN asserted on the device); its id is then thrown away.
+        # An argmax alone takes any row: its id is thrown away all the same.
+        logits = torch.where(finite[:, None], logits, 0.0)
     logits = _penalize(logits, step)
     token = torch.where(finite, _select(logits, step), -1)
     if not any(n is not None for n in asked):

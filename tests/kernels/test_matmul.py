@@ -231,19 +231,25 @@ def _quants_id(case) -> str:
     return f"{case[0]}_M{case[1]}_N{case[2]}_K{case[3]}_{case[4]['block_k']}"
 
 
+def _quants_inputs(mm, case, salt: int):
+    """A quant-domain case's (config, weight, x, its name); salt varies the random data."""
+    fmt, m, n, k, fields = case
+    cfg = mm.MatmulConfig(**fields)
+    gen = _gen(m + salt * n + k)
+    w = _weight(fmt, n, k, gen)
+    x = torch.randn(m, k, generator=gen, device=DEVICE)
+    return cfg, w, x, f"{fmt} M={m} N={n} K={k} {cfg}"
+
+
 @pytest.mark.parametrize("case", _quants_cases(), ids=_quants_id)
 def test_quant_domain_matches_reference(case, mm) -> None:
     """The quant domain against the reference of the bf16-rounded x, in float64, within
     tolerances.QUANTS_REL (its weight values are exact: far tighter than MATMUL's bound); the
     standard bound too; two launches give the same bits."""
-    fmt, m, n, k, fields = case
-    cfg = mm.MatmulConfig(**fields)
-    gen = _gen(m + 3 * n + k)
-    w = _weight(fmt, n, k, gen)
-    x = torch.randn(m, k, generator=gen, device=DEVICE)
+    cfg, w, x, what = _quants_inputs(mm, case, 3)
     y = mm.matmul(x, w, cfg)
     assert torch.equal(y, mm.matmul(x, w, cfg))
-    what = f"quants {fmt} M={m} N={n} K={k} {cfg}"
+    what = f"quants {what}"
     check_matmul(y, x, w, what)
     xb, dense = x.to(torch.bfloat16).double(), w.dense().double()
     bound = 1e-6 + QUANTS_REL * (xb.abs() @ dense.abs().T)
@@ -254,15 +260,11 @@ def test_quant_domain_matches_reference(case, mm) -> None:
 def test_exact_quant_domain_matches_reference(case, mm) -> None:
     """exact=True in the quant domain (x as three bf16 parts): within the exact GEMM's bound of
     the float32 reference (test_split_k's), x not rounded."""
-    fmt, m, n, k, fields = case
-    cfg = mm.MatmulConfig(**fields)
-    gen = _gen(m + 5 * n + k)
-    w = _weight(fmt, n, k, gen)
-    x = torch.randn(m, k, generator=gen, device=DEVICE)
+    cfg, w, x, what = _quants_inputs(mm, case, 5)
     y = mm.matmul(x, w, cfg, exact=True)
     xf, dense = x.double(), w.dense().double()
     bound = 1e-6 + 4e-6 * (xf.abs() @ dense.abs().T)
-    _check(y, (xf @ dense.T).float(), bound.float(), f"exact quants {fmt} M={m} N={n} K={k} {cfg}")
+    _check(y, (xf @ dense.T).float(), bound.float(), f"exact quants {what}")
 
 
 @pytest.mark.parametrize("exact", (False, True), ids=("bf16", "exact"))
@@ -273,14 +275,10 @@ def test_exact_quant_domain_matches_reference(case, mm) -> None:
 )
 def test_quant_domain_ahead_gives_the_same_bits(case, exact: bool, mm) -> None:
     """ahead only fetches each super-block's bytes a step earlier: the same bits."""
-    fmt, m, n, k, fields = case
-    cfg = mm.MatmulConfig(**fields)
-    gen = _gen(m + 7 * n + k)
-    w = _weight(fmt, n, k, gen)
-    x = torch.randn(m, k, generator=gen, device=DEVICE)
+    cfg, w, x, what = _quants_inputs(mm, case, 7)
     base = mm.matmul(x, w, cfg, exact=exact)
     ahead = mm.matmul(x, w, dataclasses.replace(cfg, ahead=True), exact=exact)
-    assert torch.equal(base, ahead), f"{fmt} M={m} N={n} K={k} {cfg}"
+    assert torch.equal(base, ahead), what
 
 
 def test_quant_domain_refuses_what_it_cannot_run(mm) -> None:

@@ -269,7 +269,7 @@ def _k4_scale_min_of(raw, s: tl.constexpr):
 def _k4_pair(raw, pair: tl.constexpr, FMT: tl.constexpr, WORDS: tl.constexpr = False):
     """Q4_K/Q5_K groups 2 pair and 2 pair + 1 of _k4_fetch's super-blocks, which share their 32
     quant bytes (low and high nibbles), in the quant domain: (Q, ds, coef) of the first, then
-    of the second (see _quants_of_group)."""
+    of the second (see _legacy_quants)."""
     d = _f16_of(raw[0], raw[1])
     dmin = _f16_of(raw[2], raw[3])
     if WORDS:
@@ -294,7 +294,7 @@ def _k4_pair(raw, pair: tl.constexpr, FMT: tl.constexpr, WORDS: tl.constexpr = F
 def _q6k_quad(blk, h: tl.constexpr, half: tl.constexpr, d):
     """Q6_K's four 16-value groups 2 (4 h + qq) + half, qq = 0..3, of the super-blocks at blk
     (byte pointers [BLOCK_N, 1]; d: their f16 factor as fp32), which share their low-bit and
-    high-bit bytes, in the quant domain: (Q, ds, coef) of each in qq order."""
+    high-bit bytes, in the quant domain: (Q, ds, coef) of each in qq order (see _legacy_quants)."""
     i = 16 * half + tl.arange(0, 16)[None, :]
     ql_a = tl.load(blk + 64 * h + i)  # qq 0 (low nibbles) and 2 (high)
     ql_b = tl.load(blk + 64 * h + 32 + i)  # qq 1 and 3
@@ -315,46 +315,33 @@ def _q6k_quad(blk, h: tl.constexpr, half: tl.constexpr, d):
 
 
 @triton.jit
-def _quants_of_group(blk, s: tl.constexpr, FMT: tl.constexpr):
-    """One group of the rows in the quant domain -> (Q bf16, ds, coef fp32 [BLOCK_N, 1]) with
-    value (the reference's) = ds * Q - coef. blk: byte pointers [BLOCK_N, 1] to the group's
-    block (a K-quant's super-block); s: the group in the super-block (Q4_K/Q5_K: 0..7 of 32
-    values; Q6_K: 0..15 of 16; legacy formats: 0, the block itself; the GEMM takes Q4_K and Q5_K
-    by pairs, _k4_pair, and Q6_K by fours, _q6k_quad). Q is [BLOCK_N, 32]
-    (Q6_K: [BLOCK_N, 16]); a legacy format's [BLOCK_N, 2, 16] (values i and 16 + i share byte i)
-    reshaped."""
-    if FMT == Q6_K:
-        i = tl.arange(0, 16)[None, :]
-        jj = 16 * (s % 2) + i  # in the group of 32
-        qq = (s // 2) % 4
-        ql = tl.load(blk + 64 * (s // 8) + 32 * (qq % 2) + jj)
-        qh = tl.load(blk + 128 + 32 * (s // 8) + jj)
-        q = ((ql >> ((qq // 2) * 4)) & 0x0F) | (((qh >> (2 * qq)) & 3) << 4)
-        ds = _f16_at(blk + 208) * tl.load(blk + 192 + s).to(tl.int8, bitcast=True).to(tl.float32)
-        return _magic_bf16(q), ds, 160.0 * ds  # value = ds * (q - 32)
-    else:
-        blk3 = tl.expand_dims(blk, 2)  # [BLOCK_N, 1, 1]
-        h = tl.arange(0, 2)[None, :, None]  # [1, 2, 1]: the nibble
-        i = tl.arange(0, 16)[None, None, :]  # [1, 1, 16]: the byte
-        d = _f16_at(blk)
-        if FMT == Q8_0:
-            q8 = tl.load(blk3 + 2 + 16 * h + i).to(tl.int8, bitcast=True)
-            q = q8.to(tl.float32).to(tl.bfloat16)
-            coef = 0.0 * d
-        elif FMT == Q4_0:
-            q = _magic_bf16((tl.load(blk3 + 2 + i) >> (4 * h)) & 0x0F)
-            coef = 136.0 * d  # value = d * (q - 8)
-        elif FMT == Q4_1:
-            q = _magic_bf16((tl.load(blk3 + 4 + i) >> (4 * h)) & 0x0F)
-            coef = 128.0 * d - _f16_at(blk + 2)  # value = d * q + m
-        elif FMT == Q5_0:
-            j = 16 * h + i
-            hb = (tl.load(blk3 + 2 + j // 8) >> (j % 8)) & 1
-            q = _magic_bf16(((tl.load(blk3 + 6 + i) >> (4 * h)) & 0x0F) | (hb << 4))
-            coef = 144.0 * d  # value = d * (q - 16)
-        else:  # Q5_1
-            j = 16 * h + i
-            hb = (tl.load(blk3 + 4 + j // 8) >> (j % 8)) & 1
-            q = _magic_bf16(((tl.load(blk3 + 8 + i) >> (4 * h)) & 0x0F) | (hb << 4))
-            coef = 128.0 * d - _f16_at(blk + 2)
-        return tl.reshape(q, (blk.shape[0], 32)), d, coef
+def _legacy_quants(blk, FMT: tl.constexpr):
+    """A legacy block (32 values) of the rows in the quant domain -> (Q bf16 [BLOCK_N, 32], ds,
+    coef fp32 [BLOCK_N, 1]) with value (the reference's) = ds * Q - coef. blk: byte pointers
+    [BLOCK_N, 1] to the block; Q is read as [BLOCK_N, 2, 16] (values i and 16 + i share byte i)
+    and reshaped. The K-quants go by _k4_pair and _q6k_quad."""
+    blk3 = tl.expand_dims(blk, 2)  # [BLOCK_N, 1, 1]
+    h = tl.arange(0, 2)[None, :, None]  # [1, 2, 1]: the nibble
+    i = tl.arange(0, 16)[None, None, :]  # [1, 1, 16]: the byte
+    d = _f16_at(blk)
+    if FMT == Q8_0:
+        q8 = tl.load(blk3 + 2 + 16 * h + i).to(tl.int8, bitcast=True)
+        q = q8.to(tl.float32).to(tl.bfloat16)
+        coef = 0.0 * d
+    elif FMT == Q4_0:
+        q = _magic_bf16((tl.load(blk3 + 2 + i) >> (4 * h)) & 0x0F)
+        coef = 136.0 * d  # value = d * (q - 8)
+    elif FMT == Q4_1:
+        q = _magic_bf16((tl.load(blk3 + 4 + i) >> (4 * h)) & 0x0F)
+        coef = 128.0 * d - _f16_at(blk + 2)  # value = d * q + m
+    elif FMT == Q5_0:
+        j = 16 * h + i
+        hb = (tl.load(blk3 + 2 + j // 8) >> (j % 8)) & 1
+        q = _magic_bf16(((tl.load(blk3 + 6 + i) >> (4 * h)) & 0x0F) | (hb << 4))
+        coef = 144.0 * d  # value = d * (q - 16)
+    else:  # Q5_1
+        j = 16 * h + i
+        hb = (tl.load(blk3 + 4 + j // 8) >> (j % 8)) & 1
+        q = _magic_bf16(((tl.load(blk3 + 8 + i) >> (4 * h)) & 0x0F) | (hb << 4))
+        coef = 128.0 * d - _f16_at(blk + 2)
+    return tl.reshape(q, (blk.shape[0], 32)), d, coef

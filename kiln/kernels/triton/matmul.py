@@ -80,8 +80,8 @@ from kiln.kernels.triton.dequant import (
     _fetch_legacy,
     _k4_fetch,
     _k4_pair,
+    _legacy_quants,
     _q6k_quad,
-    _quants_of_group,
 )
 from kiln.kernels.triton.pdl import wait_for_inputs
 
@@ -326,8 +326,7 @@ def _k_loop_quants(
     FMT: tl.constexpr,
     BLOCK_K: tl.constexpr,
     TYPE_SIZE: tl.constexpr,
-    BLOCK_VALUES: tl.constexpr,
-    GROUP_VALUES: tl.constexpr,  # 32; Q6_K 16 (dequant.py _quants_of_group)
+    GROUP_VALUES: tl.constexpr,  # 32; Q6_K 16 (the span of its scales)
     EVEN_K: tl.constexpr,
     INTERPRETED: tl.constexpr,
     EXACT: tl.constexpr,  # x as three bf16 parts (hi, mid, lo): not rounded
@@ -341,7 +340,6 @@ def _k_loop_quants(
     off) reads group 0 of the row against zeros of x and a zero sum."""
     # A K-quant step is whole super-blocks (the launcher asks BLOCK_K % 256 == 0): each
     # group's place in its super-block is then a constant.
-    GROUPS_A_BLOCK: tl.constexpr = 1 if BLOCK_VALUES == 32 else 256 // GROUP_VALUES
     # Q4_K compiled: the quant bytes as uint32 words, unpacked by inline PTX (dequant.py)
     WORDS: tl.constexpr = FMT == Q4_K and not INTERPRETED
     if AHEAD:  # Q4_K/Q5_K: each step's bytes fetched one step early, in registers
@@ -388,15 +386,14 @@ def _k_loop_quants(
                             acc, quad[3 * qq], quad[3 * qq + 1], quad[3 * qq + 2], x_rows,
                             xs_rows, g, K, x_part, 16, EVEN_K, INTERPRETED, EXACT,
                         )  # fmt: skip
-        else:
-            for gi in tl.static_range(BLOCK_K // GROUP_VALUES):
-                g = g0 + gi
-                b = g // GROUPS_A_BLOCK  # the group's block (super-block)
+        else:  # a legacy block is one group
+            for gi in tl.static_range(BLOCK_K // 32):
+                b = g0 + gi
                 if not EVEN_K:
-                    b = tl.where(g < K // GROUP_VALUES, b, 0)
-                q, ds, coef = _quants_of_group(w_rows + b * TYPE_SIZE, gi % GROUPS_A_BLOCK, FMT)
+                    b = tl.where(b < K // 32, b, 0)
+                q, ds, coef = _legacy_quants(w_rows + b * TYPE_SIZE, FMT)
                 acc = _group_acc(
-                    acc, q, ds, coef, x_rows, xs_rows, g, K, x_part, GROUP_VALUES, EVEN_K,
+                    acc, q, ds, coef, x_rows, xs_rows, g0 + gi, K, x_part, 32, EVEN_K,
                     INTERPRETED, EXACT,
                 )  # fmt: skip
     return acc
@@ -460,8 +457,7 @@ def _matmul_kernel(
         xs_rows = xs_ptr + tl.minimum(rm, M - 1).to(tl.int64) * (K // GROUP_VALUES)
         acc = _k_loop_quants(
             acc, x_rows, xs_rows, w_rows, pid_k * k_split, k_split, K, M * stride_xm, K_INTERP,
-            FMT, BLOCK_K, TYPE_SIZE, BLOCK_VALUES, GROUP_VALUES, EVEN_K, INTERPRETED, EXACT,
-            AHEAD,
+            FMT, BLOCK_K, TYPE_SIZE, GROUP_VALUES, EVEN_K, INTERPRETED, EXACT, AHEAD,
         )  # fmt: skip
     else:
         acc = _k_loop(

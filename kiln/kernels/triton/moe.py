@@ -73,7 +73,7 @@ def _grouped_matmul_kernel(
             xs_rows = xs_ptr + x_row * (K // GROUP_VALUES)  # [BLOCK_M]
             acc = _k_loop_quants(
                 acc, x_rows, xs_rows, w_rows, 0, K, K, 0, K_INTERP, FMT, BLOCK_K, TYPE_SIZE,
-                BLOCK_VALUES, GROUP_VALUES, EVEN_K, INTERPRETED, False,
+                GROUP_VALUES, EVEN_K, INTERPRETED, False,
             )  # fmt: skip
         else:
             acc = _k_loop(

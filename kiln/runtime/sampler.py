@@ -480,14 +480,15 @@ def launch_batch(
     step = _Step([s.params for s in samplers], histories, uniforms, n_vocab, logits.device)
     logits = logits.float()
     finite = (logits * 0 == 0).all(-1)  # x * 0 is NaN for NaN and +-inf (isfinite: 4 kernels)
-    if step.recent or not all(step.greedy) or any(n is not None for n in asked):
+    with_logprobs = any(n is not None for n in asked)
+    if step.recent or not all(step.greedy) or with_logprobs:
         # a broken row is replaced by zeros so that the stages below stay valid for every row
         # (a CUDA multinomial over NaN asserted on the device); its id is then thrown away.
         # An argmax alone takes any row: its id is thrown away all the same.
         logits = torch.where(finite[:, None], logits, 0.0)
     logits = _penalize(logits, step)
     token = torch.where(finite, _select(logits, step), -1)
-    if not any(n is not None for n in asked):
+    if not with_logprobs:
         out = token[:, None]
     else:
         lp = torch.log_softmax(logits, -1)

@@ -321,8 +321,11 @@ def create_app(
 
     async def stream(request, handle, queue, chunk, finish_chunk, include_usage, path, base):
         """SSE: chunk(text, choices) per piece, then finish_chunk(reason), the usage chunk when
-        asked, then [DONE]; a client gone mid-stream cancels the request."""
+        asked, then [DONE]; a client gone mid-stream cancels the request. The events of the
+        pieces already queued go out in one write (one SSE event each): when the loop falls
+        behind the scheduler, a stream's send costs it once a wake-up, not once a token."""
         timing, done, pending, checked = Timing(), False, [], [time.monotonic()]
+        out: list[str] = []
         try:
             while not done:
                 event = await next_event(request, queue, checked)
@@ -332,24 +335,28 @@ def create_app(
                     done = True
                     count(path, event)
                     err = error_body(f"generation failed: {event.error}", "server_error")
-                    yield f"data: {json.dumps(err)}\n\n"
+                    out.append(f"data: {json.dumps(err)}\n\n")
                     break
                 if event.choice is not None:
                     timing.token()
                     if event.choice.logprob is not None:
                         pending.append(event.choice)
                 if event.text or (pending and not event.done):
-                    yield f"data: {json.dumps(chunk(event.text, pending))}\n\n"
+                    out.append(f"data: {json.dumps(chunk(event.text, pending))}\n\n")
                     pending = []
                 if event.done:
                     done = True
                     count(path, event)
                     reason = FINISH[event.result.finish_reason]
-                    yield f"data: {json.dumps(finish_chunk(reason, pending))}\n\n"
+                    out.append(f"data: {json.dumps(finish_chunk(reason, pending))}\n\n")
                     if include_usage:
                         last = {**base, "choices": [], "usage": usage(event.result)}
-                        yield f"data: {json.dumps(last)}\n\n"
-            yield "data: [DONE]\n\n"
+                        out.append(f"data: {json.dumps(last)}\n\n")
+                elif out and queue.empty():
+                    yield "".join(out)
+                    out = []
+            out.append("data: [DONE]\n\n")
+            yield "".join(out)
         finally:
             if not done:  # the client went away (or the server is stopping)
                 handle.cancel()

@@ -17,6 +17,17 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) of host ints: triton.cdiv is a constexpr function whose every call from the
+    host unwraps its arguments (about 4 us: launchers call it on every launch)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (0 for n <= 0), as triton.next_power_of_2, at host cost."""
+    return 0 if n <= 0 else 1 << (n - 1).bit_length()
+
+
 def config_name(what: str, device_name: str) -> str:
     """e.g. ("matvec", "NVIDIA H100 80GB HBM3") -> "matvec,device=NVIDIA_H100_80GB_HBM3.json"."""
     safe = "".join(c if c.isalnum() or c in "-." else "_" for c in device_name)

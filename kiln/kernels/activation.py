@@ -11,9 +11,8 @@ launch parameters from shapes only (CUDA-graph safe).
 from __future__ import annotations
 
 import torch
-import triton
 
-from kiln.kernels import pdl_launch
+from kiln.kernels import cdiv, next_power_of_2, pdl_launch
 from kiln.kernels.triton import activation as _k
 from kiln.quant.q8_1 import Q8_1, QK
 
@@ -40,8 +39,8 @@ def _launch_shape(gate: torch.Tensor, up: torch.Tensor) -> tuple[tuple[int, int]
     assert gate.shape == up.shape, f"gate {tuple(gate.shape)} vs up {tuple(up.shape)}"
     assert gate.device == up.device, f"gate on {gate.device}, up on {up.device}"
     t, f = gate.shape
-    block = min(BLOCK, triton.next_power_of_2(max(f, 1)))
-    return (t, triton.cdiv(f, block)), {"BLOCK": block, "num_warps": max(1, min(4, block // 256))}
+    block = min(BLOCK, next_power_of_2(max(f, 1)))
+    return (t, cdiv(f, block)), {"BLOCK": block, "num_warps": max(1, min(4, block // 256))}
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, pdl: bool = False) -> torch.Tensor:

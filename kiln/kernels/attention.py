@@ -47,10 +47,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-import triton
 import triton.language as tl
 
-from kiln.kernels import pdl_launch
+from kiln.kernels import cdiv, next_power_of_2, pdl_launch
 from kiln.kernels.kv_cache import FLOAT_DTYPES, KV_FLOAT, kv_operand
 from kiln.kernels.triton import attention as _k
 
@@ -101,7 +100,7 @@ def sm_count(device: torch.device) -> int:
 def n_slices(capacity: int, n_kv: int, config: AttentionConfig) -> int:
     """P, the programs per KV head and row (grid axis 1), from the shapes only; capacity is a
     table row's C = NB * block_size."""
-    return max(1, min(triton.cdiv(capacity, config.min_slice), triton.cdiv(config.programs, n_kv)))
+    return max(1, min(cdiv(capacity, config.min_slice), cdiv(config.programs, n_kv)))
 
 
 REGISTERS_PER_SM = 65536  # sm_80 .. sm_90
@@ -110,7 +109,7 @@ REGISTERS_PER_SM = 65536  # sm_80 .. sm_90
 def wave_registers(config: AttentionConfig, sms: int) -> int:
     """Registers a thread may use for config.programs programs of config.num_warps warps to be
     resident on `sms` SMs at once (a multiple of 8, at most 255; at least 64)."""
-    per_sm = triton.cdiv(config.programs, sms)
+    per_sm = cdiv(config.programs, sms)
     regs = REGISTERS_PER_SM // (per_sm * config.num_warps * 32) // 8 * 8
     return max(64, min(255, regs))
 
@@ -274,13 +273,13 @@ def attention_decode(
         return out
     part_o = torch.empty((n_rows, p, n_head, dv), dtype=torch.float32, device=dev)
     part_lse = torch.empty((n_rows, p, n_head), dtype=torch.float32, device=dev)
-    dv_pad = max(16, triton.next_power_of_2(dv))
+    dv_pad = max(16, next_power_of_2(dv))
     # The combine is latency bound: load every active slice in one step where P allows.
-    chunk = min(MAX_COMBINE_CHUNK, triton.next_power_of_2(p))
+    chunk = min(MAX_COMBINE_CHUNK, next_power_of_2(p))
     if _INTERPRETED:  # the largest slice (at length == C); see the kernel's loop
-        per = triton.cdiv(triton.cdiv(capacity, p), block_s) * block_s
+        per = cdiv(cdiv(capacity, p), block_s) * block_s
         interp_slice = max(cfg.min_slice, per)
-        interp_p = triton.cdiv(p, chunk) * chunk
+        interp_p = cdiv(p, chunk) * chunk
     else:
         interp_slice = interp_p = 0
     _k._attention_decode_kernel[(n_kv, p, n_rows)](
@@ -300,9 +299,9 @@ def attention_decode(
         paged.k.stride(0),
         paged.v.stride(0),
         GROUP=group,
-        G_PAD=max(16, triton.next_power_of_2(group)),
+        G_PAD=max(16, next_power_of_2(group)),
         D=head_dim,
-        D_PAD=max(16, triton.next_power_of_2(head_dim)),
+        D_PAD=max(16, next_power_of_2(head_dim)),
         DV=dv,
         DV_PAD=dv_pad,
         BLOCK_S=block_s,

@@ -16,10 +16,9 @@ outside the weight). The engine checks token ids on the host before they reach t
 from __future__ import annotations
 
 import torch
-import triton
 from gguf.constants import GGML_QUANT_SIZES
 
-from kiln.kernels import pdl_launch
+from kiln.kernels import cdiv, next_power_of_2, pdl_launch
 from kiln.kernels.formats import FLOAT_VIEW, FORMAT_IDS, SUPPORT
 from kiln.kernels.triton import embedding as _k
 from kiln.weight import Weight
@@ -65,8 +64,8 @@ def embedding(weight: Weight, ids: torch.Tensor, pdl: bool = False) -> torch.Ten
         w = raw.view(dtype)  # [V, K] typed view of the same bytes
     else:
         w = raw
-    block_v = max(block_values, min(BLOCK_V, triton.next_power_of_2(k)))
-    grid = (t, triton.cdiv(k, block_v))
+    block_v = max(block_values, min(BLOCK_V, next_power_of_2(k)))
+    grid = (t, cdiv(k, block_v))
     _k._embedding_kernel[grid](
         ids,
         w,

@@ -35,9 +35,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-import triton
 
-from kiln.kernels import pdl_launch
+from kiln.kernels import cdiv, next_power_of_2, pdl_launch
 from kiln.kernels.attention import TL_DTYPES, check_paged
 from kiln.kernels.triton import flash_attention as _k
 
@@ -81,7 +80,7 @@ def _triton_stages(num_stages: int) -> int:
 def n_tiles(n_tokens: int, n_seqs: int, group: int, max_query_len: int, block_r: int) -> int:
     """The grid's axis 1: an upper bound of the tiles of block_r rows over all sequences."""
     by_tokens = (n_tokens * group + n_seqs * (block_r - 1)) // block_r
-    return min(by_tokens, n_seqs * triton.cdiv(max_query_len * group, block_r))
+    return min(by_tokens, n_seqs * cdiv(max_query_len * group, block_r))
 
 
 def attention_prefill(
@@ -159,13 +158,13 @@ def attention_prefill(
         paged.v.stride(0),
         GROUP=group,
         D=head_dim,
-        D_PAD=max(16, triton.next_power_of_2(head_dim)),
+        D_PAD=max(16, next_power_of_2(head_dim)),
         DV=dv,
-        DV_PAD=max(16, triton.next_power_of_2(dv)),
+        DV_PAD=max(16, next_power_of_2(dv)),
         BLOCK_R=cfg.block_r,
         BLOCK_N=block_n,
         KV_BLOCK=block_size,
-        B_PAD=max(16, triton.next_power_of_2(n_seq)),
+        B_PAD=max(16, next_power_of_2(n_seq)),
         DT=TL_DTYPES[paged.products_dtype],
         PRECISION=paged.precision,
         K_FMT=paged.k_fmt,

@@ -27,10 +27,9 @@ import json
 from dataclasses import dataclass
 
 import torch
-import triton
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from kiln.kernels import CONFIG_DIR, config_name, interpreting, pdl_launch
+from kiln.kernels import CONFIG_DIR, cdiv, config_name, interpreting, next_power_of_2, pdl_launch
 from kiln.kernels.formats import FLOAT_VIEW, FORMAT_IDS, SUPPORT
 from kiln.kernels.triton import matmul as _k
 from kiln.weight import Weight
@@ -144,9 +143,9 @@ def auto_splits(m: int, n: int, k: int, cfg: MatmulConfig) -> int:
         return cfg.splits
     if m > SPLIT_M_MAX:
         return 1
-    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
-    steps = triton.cdiv(k, cfg.block_k)
-    return max(1, min(triton.cdiv(TARGET_PROGRAMS, tiles), steps // 4))
+    tiles = cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n)
+    steps = cdiv(k, cfg.block_k)
+    return max(1, min(cdiv(TARGET_PROGRAMS, tiles), steps // 4))
 
 
 def method(qtype: GGMLQuantizationType, n: int, k: int, m: int, device=None) -> str:
@@ -275,14 +274,14 @@ def matmul(
         xs, group = xb, 32
     # Split-K: each split's partial sums in fp32, added in split order by torch (deterministic:
     # no atomics). The splits are whole BLOCK_K steps; the last one may run past K (zeros).
-    k_split = triton.cdiv(triton.cdiv(k, auto_splits(m, n, k, cfg)), cfg.block_k) * cfg.block_k
-    splits = triton.cdiv(k, k_split)  # none empty
+    k_split = cdiv(cdiv(k, auto_splits(m, n, k, cfg)), cfg.block_k) * cfg.block_k
+    splits = cdiv(k, k_split)  # none empty
     part = out
     if splits > 1:
         part = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
     else:
         k_split = k
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), splits)
+    grid = (cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n), splits)
     _k._matmul_kernel[grid](
         xb,
         xs,
@@ -335,9 +334,9 @@ def dequantize(weight: Weight, out: torch.Tensor | None = None, pdl: bool = Fals
     if n == 0 or k == 0:
         return out
     block_n, block_k = _DEQUANT_TILE
-    block_k = min(block_k, max(32, triton.next_power_of_2(k)))
+    block_k = min(block_k, max(32, next_power_of_2(k)))
     w = _weight_view(weight)
-    grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
+    grid = (cdiv(n, block_n), cdiv(k, block_k))
     _k._dequant_kernel[grid](
         w,
         out,

@@ -16,10 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import triton
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from kiln.kernels import pdl_launch
+from kiln.kernels import cdiv, pdl_launch
 from kiln.kernels.formats import FORMAT_IDS, SUPPORT
 from kiln.kernels.matvec_q8 import check_dense_input
 from kiln.kernels.triton import matmul_q8 as _k
@@ -49,8 +48,8 @@ def default_config(m: int) -> MatmulQ8Config:
 
 def auto_splits(tiles: int, groups: int, cfg: MatmulQ8Config) -> int:
     """K splits that bring tiles * splits up to TARGET_PROGRAMS, each split at least 4 steps."""
-    steps = triton.cdiv(groups, cfg.groups)
-    want = triton.cdiv(TARGET_PROGRAMS, tiles)
+    steps = cdiv(groups, cfg.groups)
+    want = cdiv(TARGET_PROGRAMS, tiles)
     return max(1, min(want, steps // 4))
 
 
@@ -87,12 +86,12 @@ def launch(
     m, k = x.shape
     n = raw.shape[0]
     groups = k // 32
-    tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_m)
+    tiles = cdiv(n, cfg.block_n) * cdiv(m, cfg.block_m)
     splits = cfg.splits or auto_splits(tiles, groups, cfg)
-    split_groups = triton.cdiv(triton.cdiv(groups, splits), cfg.groups) * cfg.groups
-    splits = triton.cdiv(groups, split_groups)  # none empty
+    split_groups = cdiv(cdiv(groups, splits), cfg.groups) * cfg.groups
+    splits = cdiv(groups, split_groups)  # none empty
     part = out if splits == 1 else torch.empty((splits, m, n), dtype=out.dtype, device=out.device)
-    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), splits)
+    grid = (cdiv(n, cfg.block_n), cdiv(m, cfg.block_m), splits)
     _k._matmul_q8_kernel[grid](
         x.qs,
         x.ds,

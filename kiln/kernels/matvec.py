@@ -16,10 +16,9 @@ import json
 from dataclasses import dataclass
 
 import torch
-import triton
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from kiln.kernels import CONFIG_DIR, config_name, pdl_launch
+from kiln.kernels import CONFIG_DIR, cdiv, config_name, next_power_of_2, pdl_launch
 from kiln.kernels.formats import FLOAT_VIEW, FORMAT_IDS, SUPPORT
 from kiln.kernels.triton import matvec as _k
 from kiln.weight import Weight
@@ -133,7 +132,7 @@ def _rows_config(qtype: GGMLQuantizationType, m: int) -> MatvecConfig:
     BLOCK_N x tile values (kernels/triton/matvec.py): at 4 warps, 64 registers a thread for all
     rows together (BLOCK_N * tile * M_PAD = 8192), so that M = 8 compiles without spills.
     K-quants' tile is one 256-value super-block."""
-    per_row = 8192 // triton.next_power_of_2(m)  # BLOCK_N * tile
+    per_row = 8192 // next_power_of_2(m)  # BLOCK_N * tile
     tile = 256 if GGML_QUANT_SIZES[qtype][0] == 256 else min(512, per_row // 4)
     return MatvecConfig(block_n=per_row // tile, tile_values=tile, num_warps=4)
 
@@ -143,7 +142,7 @@ def _blocks_per_step(k: int, block_values: int, cfg: MatvecConfig) -> int:
     rounded up to a power of two (K = 768: 3 super-blocks pad the last step; the kernels mask
     it)."""
     per_step = max(1, cfg.tile_values // block_values)
-    return min(per_step, triton.next_power_of_2(k // block_values))
+    return min(per_step, next_power_of_2(k // block_values))
 
 
 def _lanes_tiling(
@@ -244,7 +243,7 @@ def launch(
     slots = ids.numel() if experts else 1
     block_values, type_size = GGML_QUANT_SIZES[qtype]
     assert raw.shape[-1] == k // block_values * type_size, "raw row size does not match K"
-    grid = (triton.cdiv(n, cfg.block_n), slots)
+    grid = (cdiv(n, cfg.block_n), slots)
     lanes = _WIDE[qtype] if qtype in SUPPORT["matvec_lanes"] else None
     if USE_WIDE and lanes is not None and m == 1 and _aligned(raw, lanes.view.itemsize):
         w = raw.view(lanes.view)
@@ -273,7 +272,7 @@ def launch(
         s, el = 1, cfg.tile_values
     elif block_values == 32:
         w = raw
-        s, el = max(1, min(cfg.tile_values // 32, triton.next_power_of_2(k // 32))), 32
+        s, el = max(1, min(cfg.tile_values // 32, next_power_of_2(k // 32))), 32
     else:
         w = raw
         s, el = 8, 32
@@ -293,7 +292,7 @@ def launch(
         EXPERTS=experts,
         SLOTS_PER_X=slots_per_x,
         FMT=FORMAT_IDS[qtype],
-        M_PAD=triton.next_power_of_2(m),
+        M_PAD=next_power_of_2(m),
         BLOCK_N=cfg.block_n,
         S=s,
         L=el,

@@ -12,10 +12,9 @@ difference is q8_1's own rounding of x (the quality gate of the norm_quant fusio
 from __future__ import annotations
 
 import torch
-import triton
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from kiln.kernels import interpreting, pdl_launch
+from kiln.kernels import cdiv, interpreting, next_power_of_2, pdl_launch
 from kiln.kernels.formats import FORMAT_IDS, SUPPORT
 from kiln.kernels.matvec import MAX_M, MatvecConfig, _aligned, _lanes_tiling
 from kiln.kernels.triton import matvec_q8 as _k
@@ -182,7 +181,7 @@ def launch(
     experts = ids is not None
     m, k = (1, x.shape[1]) if experts else x.shape
     n = w.shape[-2]
-    grid = (triton.cdiv(n, cfg.block_n), ids.numel() if experts else 1)
+    grid = (cdiv(n, cfg.block_n), ids.numel() if experts else 1)
     _k._matvec_q8_kernel[grid](
         x.qs.view(torch.int32),
         x.ds,
@@ -198,7 +197,7 @@ def launch(
         K_INTERP=k if interpreting() else 0,
         EXPERTS=experts,
         SLOTS_PER_X=slots_per_x,
-        M_PAD=triton.next_power_of_2(m),
+        M_PAD=next_power_of_2(m),
         BLOCK_N=cfg.block_n,
         **_lanes_tiling(k, qtype, cfg, LANES[qtype]),
         FMT=FORMAT_IDS[qtype],

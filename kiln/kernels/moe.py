@@ -25,9 +25,8 @@ import json
 from dataclasses import dataclass
 
 import torch
-import triton
 
-from kiln.kernels import CONFIG_DIR, config_name, interpreting, pdl_launch
+from kiln.kernels import CONFIG_DIR, cdiv, config_name, interpreting, next_power_of_2, pdl_launch
 from kiln.kernels import matmul as _mm
 from kiln.kernels import matvec as _mv
 from kiln.kernels.formats import SUPPORT
@@ -149,7 +148,7 @@ def block_m_for(n_slots: int, n_expert: int) -> int:
     next power of two of n_slots / n_expert, 16..128 (wgmma's smallest tile up to the dense
     GEMM's mid-size one)."""
     per_expert = -(-n_slots // max(1, n_expert))
-    return max(16, min(128, triton.next_power_of_2(per_expert)))
+    return max(16, min(128, next_power_of_2(per_expert)))
 
 
 def plan(ids: torch.Tensor, n_expert: int, block_m: int | None = None) -> GroupedPlan:
@@ -231,7 +230,7 @@ def grouped_expert_linear(
         xs, group = xb, 32
     w = _mm._weight_view(weight)
     per_x = grouped.k if x.shape[0] * grouped.k == slots and grouped.k > 1 else 1
-    grid = (grouped.block_expert.shape[0], triton.cdiv(n, cfg.block_n))
+    grid = (grouped.block_expert.shape[0], cdiv(n, cfg.block_n))
     _k._grouped_matmul_kernel[grid](
         xb,
         xs,

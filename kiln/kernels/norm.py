@@ -15,10 +15,9 @@ Launch parameters depend on shapes only (no host sync), so every launcher is CUD
 from __future__ import annotations
 
 import torch
-import triton
 from gguf.constants import GGMLQuantizationType
 
-from kiln.kernels import pdl_launch
+from kiln.kernels import next_power_of_2, pdl_launch
 from kiln.kernels.triton import norm as _k
 from kiln.quant.q8_1 import Q8_1, QK
 from kiln.weight import Weight
@@ -68,7 +67,7 @@ def rms_norm(x: torch.Tensor, weight: Weight, eps: float, pdl: bool = False) -> 
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     if rows == 0:
         return out
-    block = triton.next_power_of_2(n)
+    block = next_power_of_2(n)
     _k._rms_norm_kernel[(rows,)](
         x2,
         w,
@@ -98,7 +97,7 @@ def add_rms_norm(
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     if rows == 0:
         return h, out
-    block = triton.next_power_of_2(n)
+    block = next_power_of_2(n)
     _k._add_rms_norm_kernel[(rows,)](
         x2,
         r2,
@@ -151,7 +150,7 @@ def qk_norm(
     k_out = torch.empty((t, n_kv, d), dtype=torch.float32, device=q.device)
     if q_out.numel() + k_out.numel() == 0:
         return q_out, k_out
-    block = triton.next_power_of_2(d)
+    block = next_power_of_2(d)
     _k._qk_norm_kernel[(t * (n_head + n_kv),)](
         q,
         k,
@@ -200,7 +199,7 @@ def rms_norm_quant(
     q = Q8_1.empty(rows, n, x.device)
     if rows == 0:
         return h, y, q
-    block = triton.next_power_of_2(n)
+    block = next_power_of_2(n)
     _k._rms_norm_quant_kernel[(rows,)](
         x2,
         r2,

@@ -9,9 +9,8 @@ One program per row, the row in registers (the RMSNorm kernels' size limit and w
 from __future__ import annotations
 
 import torch
-import triton
 
-from kiln.kernels import pdl_launch
+from kiln.kernels import next_power_of_2, pdl_launch
 from kiln.kernels.norm import MAX_N, num_warps_for
 from kiln.kernels.triton import quantize as _k
 from kiln.quant.q8_1 import Q8_1, QK
@@ -32,7 +31,7 @@ def quantize_q8_1(x: torch.Tensor, pdl: bool = False) -> Q8_1:
     out = Q8_1.empty(m, k, x.device)
     if m == 0:
         return out
-    block = triton.next_power_of_2(k)
+    block = next_power_of_2(k)
     _k._quantize_q8_1_kernel[(m,)](
         x, out.qs, out.ds, k, x.stride(0), BLOCK=block, num_warps=num_warps_for(block),
         **pdl_launch(pdl),

@@ -17,9 +17,8 @@ rows are quantized in the kernel, the bytes kiln.quant.kv.write_rows writes.
 from __future__ import annotations
 
 import torch
-import triton
 
-from kiln.kernels import pdl_launch
+from kiln.kernels import next_power_of_2, pdl_launch
 from kiln.kernels.kv_cache import KV_FLOAT, kv_operand
 from kiln.kernels.norm import check_heads, num_warps_for, weight_f32
 from kiln.kernels.triton import rope as _k
@@ -89,7 +88,7 @@ def qkv_norm_rope(
     q_out = torch.empty((t, n_head, d), dtype=torch.float32, device=dev)
     if t == 0:
         return q_out
-    block_d = triton.next_power_of_2(d)
+    block_d = next_power_of_2(d)
     _k._qkv_norm_rope_kernel[(t * (n_head + n_kv),)](
         q,
         k,
@@ -116,12 +115,12 @@ def qkv_norm_rope(
         NEOX=bool(neox),
         HAS_NORM=has_norm,
         BLOCK_D=block_d,
-        BLOCK_DV=triton.next_power_of_2(dv),
+        BLOCK_DV=next_power_of_2(dv),
         K_FMT=k_fmt,
         V_FMT=v_fmt,
         K_ROT=k_rot,
         V_ROT=v_rot,
-        num_warps=num_warps_for(max(block_d, triton.next_power_of_2(dv))),
+        num_warps=num_warps_for(max(block_d, next_power_of_2(dv))),
         **pdl_launch(pdl),
     )
     return q_out

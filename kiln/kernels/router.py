@@ -18,9 +18,8 @@ torch does, so logits a few ulp apart whose probabilities round to the same fp32
 from __future__ import annotations
 
 import torch
-import triton
 
-from kiln.kernels import pdl_launch
+from kiln.kernels import cdiv, next_power_of_2, pdl_launch
 from kiln.kernels.triton import router as _k
 
 # One program holds all E logits in registers: 1024 fp32 over 4 warps is 8 per thread. Real MoE
@@ -51,7 +50,7 @@ def route_topk(
     ids = torch.empty((t, k), dtype=torch.int64, device=logits.device)
     if t == 0:
         return weights, ids
-    block_e = triton.next_power_of_2(e)
+    block_e = next_power_of_2(e)
     # Every step is a reduction over E (2 for the softmax, 1 per round): within one warp they
     # are shuffles only; more warps would add a shared-memory exchange and barrier to each.
     _k._route_topk_kernel[(t,)](
@@ -62,7 +61,7 @@ def route_topk(
         logits.stride(0),
         K=k,
         BLOCK_E=block_e,
-        BLOCK_K=triton.next_power_of_2(k),
+        BLOCK_K=next_power_of_2(k),
         NORMALIZE=bool(normalize),
         num_warps=max(1, block_e // 256),
         **pdl_launch(pdl),
@@ -94,9 +93,9 @@ def combine(down: torch.Tensor, weights: torch.Tensor, pdl: bool = False) -> tor
         return out
     if k == 0:
         return out.zero_()
-    block = min(BLOCK_N, triton.next_power_of_2(n))
+    block = min(BLOCK_N, next_power_of_2(n))
     # Tokens on grid axis 0 (no 65535 limit), column blocks on axis 1.
-    _k._moe_combine_kernel[(t, triton.cdiv(n, block))](
+    _k._moe_combine_kernel[(t, cdiv(n, block))](
         down,
         weights,
         out,

@@ -87,6 +87,15 @@ register(
     "the whole decode step captured once per batch size and replayed",
     needs_gpu_backend=True,
 )
+# Off until an A/B on a device turns it on there (its device default): the same kernels as the
+# eager prompt forward, replayed (kiln/runtime/prompt_graphs.py).
+register(
+    "prompt_graphs",
+    "a prompt's full micro-batches (ubatch tokens of one sequence) captured once and replayed",
+    builtin=False,
+    needs_gpu_backend=True,
+    tuned=True,
+)
 # Off until an A/B on a device turns it on there (its device default), stored with the KLD gate:
 # it rounds the activations of the decode mat-vecs to 8 bits (approximate, unlike the others).
 register(

@@ -7,7 +7,8 @@
     seq.free()
 
 On the triton backend the pool is f16 and starts at one full context (n_ctx tokens), decode
-batches run as CUDA graphs per batch-size bucket when the cuda_graphs fusion is on; the
+batches run as CUDA graphs per batch-size bucket when the cuda_graphs fusion is on, and a
+prompt's full micro-batches as CUDA graphs when the prompt_graphs fusion is on; the
 reference backends keep a float32 pool that grows as needed. cache_type_k / cache_type_v choose
 other K / V cache types (llama.cpp's -ctk / -ctv: f32, f16, bf16, q8_0, q4_0; kiln/quant/kv.py),
 checked against the model's head sizes and what the backend's attention reads. The pool holds
@@ -29,6 +30,7 @@ from kiln.quant.kv import KVCacheType, cache_type
 from kiln.runtime.batch import build_batch
 from kiln.runtime.graphs import GraphRunner, buckets_for
 from kiln.runtime.kv_pool import DEFAULT_BLOCK_SIZE, KVPool, KVPoolFull, Sequence
+from kiln.runtime.prompt_graphs import PromptGraphs
 
 
 def kv_dtype(backend: str) -> torch.dtype:
@@ -87,9 +89,12 @@ class Engine:
             initial_tokens=n_ctx if static else None,
             v_type=self.cache_types[1],
         )
-        graphs = static and model.policy.cuda_graphs and self.device.type == "cuda"
+        on_gpu = static and self.device.type == "cuda"
         buckets = buckets_for(n_seq, self.config.moe)
+        graphs = on_gpu and model.policy.cuda_graphs
         self.graphs = GraphRunner(model, self.pool, buckets) if graphs else None
+        prompt_graphs = on_gpu and model.policy.prompt_graphs
+        self.prompt_graphs = PromptGraphs(model, self.pool, ubatch) if prompt_graphs else None
         self.evictable: list = []  # PromptCaches whose kept sequence may be dropped for room
 
     # -- sequences ---------------------------------------------------------------------------
@@ -135,6 +140,12 @@ class Engine:
             if tokens is None:
                 self.check_ids(ids)
             self.reserve(seq, len(ids))
+        if tokens is None and self.prompt_graphs and self.prompt_graphs.serves(entries, logits):
+            ((seq, ids),) = entries
+            out = self.prompt_graphs(seq, ids, logits)
+            if out is not None:
+                seq.length += len(ids)
+                return out
         batch = build_batch(entries, self.device, logits)
         if tokens is not None:
             batch = dataclasses.replace(batch, tokens=tokens)

@@ -41,6 +41,25 @@ def buckets_for(n_seq: int, moe: bool) -> tuple[int, ...]:
     return tuple(b for b in top if holds is None or b <= holds)
 
 
+def capture(
+    model, batch: ForwardBatch, pool: KVPool, mempool
+) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """model.forward(batch, pool) captured as a CUDA graph in the memory pool `mempool` ->
+    (the graph, its logits buffer). Two forwards on a side stream first compile the kernels and
+    settle the allocator; they write their K/V to the batch's slots like the graph's replays."""
+    device = model.device
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            model.forward(batch, pool)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=mempool):
+        logits = model.forward(batch, pool)
+    return graph, logits
+
+
 class _Bucket:
     def __init__(self, model, pool: KVPool, size: int, mempool) -> None:
         device = model.device
@@ -72,15 +91,7 @@ class _Bucket:
             first_rows=(None,) * size,
             block_size=pool.block_size,
         )
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # compiles the kernels, settles the allocator
-            for _ in range(2):
-                model.forward(self.batch, pool)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=mempool):
-            self.logits = model.forward(self.batch, pool)
+        self.graph, self.logits = capture(model, self.batch, pool, mempool)
 
     def replay(self, tokens: Seq[int] | torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
         # host work here is on every decoded token's critical path (the sampler waits for the

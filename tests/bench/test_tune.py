@@ -52,8 +52,8 @@ def test_a_default_flips_only_on_a_win_on_every_model() -> None:
 
 def test_which_fusions_are_tuned_here() -> None:
     tuned = {n for n, f in FUSIONS.items() if f.tuned}
-    assert tuned == {"qkv_norm_rope", "norm_quant", "pdl"}
-    # on the CPU with the torch backend pdl (CUDA) and norm_quant (triton) cannot run
+    assert tuned == {"qkv_norm_rope", "prompt_graphs", "norm_quant", "pdl"}
+    # on the CPU with the torch backend pdl, prompt_graphs (CUDA) and norm_quant (triton) cannot run
     assert T.tunable(None, CPU, "torch") == ["qkv_norm_rope"]
     with pytest.raises(UsageError, match="no device-dependent default"):
         T.tunable(["swiglu"], CPU, "torch")

@@ -246,10 +246,17 @@ class Engine:
         for t in sizes(min(self.ubatch, per * self.n_seq)):
             if t > 1:  # t tokens in one forward: as many sequences as their context needs
                 seqs = [self.new_sequence() for _ in range(-(-t // per))]
-                self.step([(s, [0] * min(per, t - i * per)) for i, s in enumerate(seqs)], "last")
+                entries = [(s, [0] * min(per, t - i * per)) for i, s in enumerate(seqs)]
+                # one sequence's full micro-batch also without logits (a long prompt's leading
+                # chunks): with prompt_graphs each logits form is a graph of its own
+                forms = ("last", "none") if len(seqs) == 1 and t == self.ubatch else ("last",)
+                for want in forms:
+                    self.step(entries, want)
+                    for s in seqs:
+                        s.truncate(0)
+                    runs += 1
                 for s in seqs:
                     s.free()
-                runs += 1
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return runs

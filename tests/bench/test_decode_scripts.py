@@ -1,6 +1,7 @@
-"""scripts/kernels_per_token.py and scripts/profile_decode.py: they measure on a GPU only, but
-import, parse their flags and drive the engine (Engine.step of B sequences, cut back to the same
-step) on the CPU too, so a runtime change that breaks them fails here."""
+"""scripts/kernels_per_token.py, scripts/profile_decode.py and scripts/profile_prompt.py: they
+measure on a GPU only, but import, parse their flags and drive the engine (Engine.step of B
+sequences, cut back to the same step) on the CPU too, so a runtime change that breaks them fails
+here."""
 
 from __future__ import annotations
 
@@ -63,3 +64,20 @@ def test_profile_decode_profiles_the_same_step_each_time(cpu_model):
     engine, _ = script.filled_engine(cpu_model, 9, 1, "q8_0", "f16")
     assert engine.pool.k[0].type.name == "q8_0" and engine.pool.v[0].dtype == torch.float16
     assert script.parse_args(["--model", "m", "-ctk", "q4_0"]).cache_type_k == "q4_0"
+
+
+def test_profile_prompt_times_the_same_chunk_at_its_depth(cpu_model, capsys):
+    script = _script("profile_prompt")
+    args = script.parse_args(["--model", "m"])
+    assert (args.prompt, args.depth, args.repeats) == (512, 0, 10)
+    with pytest.raises(SystemExit) as e:
+        script.parse_args(["--model", "m", "-p", "1"])
+    assert e.value.code == 2 and "-p must be >= 2" in capsys.readouterr().err
+    step, seq = script.prompt_step(cpu_model, 9, 20)
+    assert seq.length == 20
+    walls = script.wall_ms(step, 2)
+    assert len(walls) == 2 and all(w > 0 for w in walls) and seq.length == 29  # cut back each time
+    assert script.kernel_times(step, torch.device("cpu")) == []  # no CUDA kernel on the CPU
+    if not torch.cuda.is_available():
+        assert script.main(["--model", "m"]) == 1
+        assert "needs a CUDA GPU" in capsys.readouterr().err

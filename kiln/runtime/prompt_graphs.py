@@ -3,8 +3,8 @@ sequence's full micro-batch (T = the engine's ubatch tokens) replays one graph i
 launching its few hundred kernels one by one from Python.
 
 On a small model that launching is the prompt's cost: qwen3-0.6b Q8_0's pp512 forward took
-31.2 ms of wall time for 3.4-4.8 ms of kernels (H100, session 17: torch.profiler over one
-forward). Only full micro-batches are captured: every long prompt is cut into them (Engine.prefill,
+31.2 ms of wall time for 3.4 ms of kernels (H100, session 17; scripts/profile_prompt.py).
+Only full micro-batches are captured: every long prompt is cut into them (Engine.prefill,
 `kiln bench`'s pp, the server's prompt chunks), they need no padding rows, and one graph per
 logits form ("last": the last token's logits; "none": a chunk nobody reads the logits of)
 serves every depth. The tokens, positions, slots, block table and length are the graph's

@@ -10,6 +10,7 @@ import torch
 
 from kiln.gguf.synthetic import build_model as synthetic
 from kiln.models import build_model
+from kiln.quant.kv import QuantizedRows
 from kiln.runtime.engine import Engine
 from kiln.runtime.prompt_graphs import PromptGraphs
 
@@ -49,12 +50,12 @@ def test_only_one_sequences_full_chunks_with_last_or_no_logits_replay():
     assert not graphs.serves([(a, [1] * 8)], "last")
 
 
-def _engine(prompt_graphs: bool, device: str = "cpu") -> Engine:
+def _engine(prompt_graphs: bool, device: str = "cpu", cache: str | None = None) -> Engine:
     gguf = synthetic("tiny-qwen3", "q8_0", device=device)
     on_gpu = device == "cuda"
     fusions = {"prompt_graphs": prompt_graphs} if on_gpu else None
     model = build_model(gguf, device, backend="triton" if on_gpu else "torch", fusions=fusions)
-    return Engine(model, n_ctx=256, ubatch=UBATCH, n_seq=2)
+    return Engine(model, n_ctx=256, ubatch=UBATCH, n_seq=2, cache_type_k=cache, cache_type_v=cache)
 
 
 def test_engine_gives_the_prompt_graphs_full_chunks_and_advances_the_length():
@@ -94,9 +95,16 @@ def _run(engine: Engine, prompts: list[list[int]], steps: int = 16):
     return logits, tokens, (first, second)
 
 
+def _stored(pool, rows: torch.Tensor) -> torch.Tensor:
+    """The stored rows of a layer's pool: floats, or a block type's bytes (QuantizedRows)."""
+    picked = pool[rows]
+    return picked.data if isinstance(picked, QuantizedRows) else picked
+
+
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
-def test_prompt_graphs_give_the_eager_logits_kv_and_tokens():
-    on, off = _engine(True, "cuda"), _engine(False, "cuda")
+@pytest.mark.parametrize("cache", ["f16", "q8_0"])
+def test_prompt_graphs_give_the_eager_logits_kv_and_tokens(cache):
+    on, off = _engine(True, "cuda", cache), _engine(False, "cuda", cache)
     assert on.prompt_graphs is not None and off.prompt_graphs is None
     n = on.config.n_vocab
     prompts = [
@@ -114,4 +122,4 @@ def test_prompt_graphs_give_the_eager_logits_kv_and_tokens():
     rows = torch.tensor([seqs_on[1].slot(p) for p in range(seqs_on[1].length)], device="cuda")
     for layer in range(on.config.n_layer):
         for pool_on, pool_off in ((on.pool.k, off.pool.k), (on.pool.v, off.pool.v)):
-            assert torch.equal(pool_on[layer][rows], pool_off[layer][rows])
+            assert torch.equal(_stored(pool_on[layer], rows), _stored(pool_off[layer], rows))

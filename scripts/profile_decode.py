@@ -56,6 +56,21 @@ def filled_engine(
     return engine, seqs
 
 
+def launched(run, device: torch.device) -> list[tuple[str, float]]:
+    """[(kernel name, device us)] of the CUDA kernels run() launches, in launch order (the
+    host-to-device copies of its inputs left out; [] on a CPU, where nothing is launched)."""
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        run()
+    kernels = [
+        e
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith("Memcpy HtoD")
+    ]
+    kernels.sort(key=lambda e: e.time_range.start)
+    return [(e.name[:60], e.device_time) for e in kernels]
+
+
 def kernel_times(engine: Engine, seqs: list) -> list[tuple[str, float]]:
     """[(kernel name, device us)] of one eager decode step's launches, in launch order."""
     depth = seqs[0].length
@@ -68,18 +83,10 @@ def kernel_times(engine: Engine, seqs: list) -> list[tuple[str, float]]:
 
     for _ in range(2):
         step()
-    cuda = engine.device.type == "cuda"  # elsewhere (a check on the CPU) nothing is launched
-    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
-        step()
+    kernels = launched(step, engine.device)
     for seq in seqs:
         seq.truncate(depth)
-    kernels = [
-        e
-        for e in prof.events()
-        if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith("Memcpy HtoD")
-    ]
-    kernels.sort(key=lambda e: e.time_range.start)
-    return [(e.name[:60], e.device_time) for e in kernels]
+    return kernels
 
 
 def graph_us(engine: Engine, seqs: list, replays: int = 200) -> float | None:

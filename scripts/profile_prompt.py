@@ -27,13 +27,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
 import torch  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from kiln.bench.memory import synchronize  # noqa: E402
 from kiln.bench.models import load_gguf  # noqa: E402
 from kiln.fusion import parse_overrides  # noqa: E402
 from kiln.models import build_model  # noqa: E402
 from kiln.runtime.engine import Engine  # noqa: E402
+from scripts.profile_decode import launched  # noqa: E402
 
 
 def prompt_step(model, tokens: int, depth: int):
@@ -66,20 +66,6 @@ def wall_ms(step, repeats: int) -> list[float]:
     return out
 
 
-def kernel_times(step, device: torch.device) -> list[tuple[str, float]]:
-    """[(kernel name, device us)] of one step's launches in launch order ([] on a CPU)."""
-    cuda = device.type == "cuda"
-    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
-        step()
-    kernels = [
-        e
-        for e in prof.events()
-        if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith("Memcpy HtoD")
-    ]
-    kernels.sort(key=lambda e: e.time_range.start)
-    return [(e.name[:60], e.device_time) for e in kernels]
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", action="append", required=True)
@@ -108,17 +94,17 @@ def main(argv: list[str] | None = None) -> int:
         model = build_model(gguf, device, backend="triton", fusions=fusions)
         step, _ = prompt_step(model, args.prompt, args.depth)
         walls = wall_ms(step, args.repeats)
-        launched = kernel_times(step, device)
+        kernels = launched(step, device)
         median = statistics.median(walls)
-        busy = sum(us for _, us in launched) / 1e3
+        busy = sum(us for _, us in kernels) / 1e3
         print(
             f"\n{name}, {args.prompt} tokens at depth {args.depth} ({model.policy.describe()}): "
             f"wall min {min(walls):.2f} / median {median:.2f} ms ({args.prompt / median * 1e3:.0f}"
-            f" t/s); {len(launched)} kernels, {busy:.2f} ms of kernel time: the GPU busy "
+            f" t/s); {len(kernels)} kernels, {busy:.2f} ms of kernel time: the GPU busy "
             f"{100 * busy / median:.0f}% of the step"
         )
         times: dict[str, list[float]] = defaultdict(list)
-        for kernel, us in launched:
+        for kernel, us in kernels:
             times[kernel].append(us)
         print("| kernel | launches | us | % of kernel time |\n|---|---:|---:|---:|")
         ranked = sorted(times.items(), key=lambda kv: -sum(kv[1]))

@@ -77,7 +77,7 @@ def test_profile_prompt_times_the_same_chunk_at_its_depth(cpu_model, capsys):
     assert seq.length == 20
     walls = script.wall_ms(step, 2)
     assert len(walls) == 2 and all(w > 0 for w in walls) and seq.length == 29  # cut back each time
-    assert script.kernel_times(step, torch.device("cpu")) == []  # no CUDA kernel on the CPU
+    assert script.launched(step, torch.device("cpu")) == []  # no CUDA kernel on the CPU
     if not torch.cuda.is_available():
         assert script.main(["--model", "m"]) == 1
         assert "needs a CUDA GPU" in capsys.readouterr().err

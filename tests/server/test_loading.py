@@ -19,16 +19,6 @@ from kiln.server.loading import LoadingApp
 from kiln.server.threaded import serve_in_thread
 
 
-class Running:
-    def __init__(self, app):
-        served = serve_in_thread(app, timeout=20)
-        self.url, self.server, self.thread = served.url, served.server, served.thread
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(20)
-
-
 def test_the_port_answers_while_the_model_loads(stories_model):
     release, built = threading.Event(), []
 
@@ -41,7 +31,7 @@ def test_the_port_answers_while_the_model_loads(stories_model):
 
     app = LoadingApp(load, api_key="k")
     app.start()
-    srv = Running(app)
+    srv = serve_in_thread(app, timeout=20)
     try:
         health = httpx.get(f"{srv.url}/health", timeout=5)
         assert health.status_code == 503 and health.json() == {"status": "loading"}
@@ -62,7 +52,7 @@ def test_the_port_answers_while_the_model_loads(stories_model):
         assert out.usage.completion_tokens == 3
     finally:
         release.set()
-        srv.stop()
+        srv.stop(20)
     assert built and built[0].state.scheduler._closed  # closed at shutdown
 
 
@@ -73,7 +63,7 @@ def test_a_failed_load_is_said_and_stops(stories_model):
         raise kiln.errors.UsageError("no such model: x.gguf")
 
     app = LoadingApp(load, on_failure=lambda error: stopped.set())
-    srv = Running(app)
+    srv = serve_in_thread(app, timeout=20)
     try:
         app.start()
         assert stopped.wait(10) and isinstance(app.error, kiln.errors.UsageError)
@@ -85,7 +75,7 @@ def test_a_failed_load_is_said_and_stops(stories_model):
             r.status_code == 503 and "failed to load: no such model" in r.json()["error"]["message"]
         )
     finally:
-        srv.stop()
+        srv.stop(20)
 
 
 def test_kiln_serve_with_a_missing_model_exits_with_its_error(tmp_path):

@@ -35,8 +35,8 @@ def _llm(path, n_seq=4, n_ctx=CTX):
 class Server:
     def __init__(self, app):
         self.app = app
-        served = serve_in_thread(app, timeout=20)
-        self.url, self.server, self.thread = served.url, served.server, served.thread
+        self.served = serve_in_thread(app, timeout=20)
+        self.url = self.served.url
         self.scheduler = app.state.scheduler
         self.pool = self.scheduler.engine.pool
 
@@ -44,8 +44,7 @@ class Server:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=30)
 
     def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(20)
+        self.served.stop(20)
 
     def idle_free_blocks(self) -> int:
         """The pool's free blocks once nothing runs and the prefix cache is dropped."""

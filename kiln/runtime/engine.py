@@ -247,9 +247,10 @@ class Engine:
             if t > 1:  # t tokens in one forward: as many sequences as their context needs
                 seqs = [self.new_sequence() for _ in range(-(-t // per))]
                 entries = [(s, [0] * min(per, t - i * per)) for i, s in enumerate(seqs)]
-                # one sequence's full micro-batch also without logits (a long prompt's leading
-                # chunks): with prompt_graphs each logits form is a graph of its own
-                forms = ("last", "none") if len(seqs) == 1 and t == self.ubatch else ("last",)
+                # with prompt_graphs one sequence's full micro-batch also without logits (a long
+                # prompt's leading chunks): each logits form is a graph of its own
+                full = self.prompt_graphs is not None and len(seqs) == 1 and t == self.ubatch
+                forms = ("last", "none") if full else ("last",)
                 for want in forms:
                     self.step(entries, want)
                     for s in seqs:

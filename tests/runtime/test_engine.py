@@ -108,12 +108,11 @@ def test_warm_up_runs_every_batch_shape_and_leaves_no_state(stories_model):
     )
     free = warm.pool.max_blocks - 1  # all but the scratch block
     # decode batches of 1, 2, 3 rows (each once as prompts, once through decode_batch: eager on
-    # the CPU); prompts of 2, 3, 4, 7, 8, 15, 16 and 20 tokens (ubatch), the full micro-batch
-    # also without logits (a long prompt's leading chunks: a prompt graph of its own)
-    assert warm.warm_up(force=True) == 2 * 3 + 9
+    # the CPU); prompts of 2, 3, 4, 7, 8, 15, 16 and 20 tokens (ubatch)
+    assert warm.warm_up(force=True) == 2 * 3 + 8
     assert shapes[:6] == [[1], [1], [1, 1], [1, 1], [1, 1, 1], [1, 1, 1]]
-    assert [s[0] for s in shapes[6:]] == [2, 3, 4, 7, 8, 15, 16, 20, 20]
-    assert forms[6:] == ["last"] * 8 + ["none"]
+    assert [s[0] for s in shapes[6:]] == [2, 3, 4, 7, 8, 15, 16, 20]
+    assert forms[6:] == ["last"] * 8  # no prompt graphs: no forward without logits
     assert warm.pool.n_blocks == warm.pool.max_blocks and warm.pool.free_blocks == free
     # a context smaller than ubatch: a prompt size is spread over sequences of <= n_ctx - 1
     small = Engine(model, n_ctx=16, n_seq=3, ubatch=40)

@@ -69,6 +69,15 @@ def test_engine_gives_the_prompt_graphs_full_chunks_and_advances_the_length():
     assert len(rec.calls) == 2 and seq.length == 3 * UBATCH + 5
 
 
+def test_warm_up_gives_the_prompt_graphs_both_forms_of_a_full_chunk():
+    """Before a server listens: the full micro-batch with the last token's logits and without
+    (a long prompt's leading chunks), so neither graph is captured mid-request."""
+    engine = _engine(False)
+    engine.prompt_graphs = rec = _Recorder(UBATCH, engine.config.n_vocab)
+    engine.warm_up(force=True)
+    assert rec.calls == [(0, UBATCH, "last"), (0, UBATCH, "none")]
+
+
 def test_a_failed_capture_runs_the_chunk_eagerly():
     engine = _engine(False)
     ref = _engine(False)
